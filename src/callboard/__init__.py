@@ -1,0 +1,69 @@
+"""callboard: webhooks in, validated, routed and delivered at least once."""
+
+from callboard.app import Callboard, CallboardApp, build, create_app
+from callboard.brokers.base import Broker, Capabilities, Consumer, Delivery, Start
+from callboard.brokers.memory import MemoryBroker
+from callboard.config import Config, load_config
+from callboard.deadletters import DeadLetter
+from callboard.default_service import DefaultEventsService
+from callboard.delivery import RetryPolicy
+from callboard.errors import (
+    BrokerError,
+    BrokerUnavailable,
+    CallboardError,
+    ConfigError,
+    InvalidTopicError,
+    ModuleError,
+    RequestRejected,
+    ServiceClosedError,
+    SubscriptionError,
+)
+from callboard.events import DELIVERY_ID, Event
+from callboard.extensions import Module, ModuleContext, module
+from callboard.ingress.types import MediaType, Rejection, WebhookRequest
+from callboard.routing import EventRouter, SubTopicEventRouter
+from callboard.service import EventsService, Handler, Subscriber, Subscription
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DELIVERY_ID",
+    "Broker",
+    "BrokerError",
+    "BrokerUnavailable",
+    "Callboard",
+    "CallboardApp",
+    "CallboardError",
+    "Capabilities",
+    "Config",
+    "ConfigError",
+    "Consumer",
+    "DeadLetter",
+    "DefaultEventsService",
+    "Delivery",
+    "Event",
+    "EventRouter",
+    "EventsService",
+    "Handler",
+    "InvalidTopicError",
+    "MediaType",
+    "MemoryBroker",
+    "Module",
+    "ModuleContext",
+    "ModuleError",
+    "Rejection",
+    "RequestRejected",
+    "RetryPolicy",
+    "ServiceClosedError",
+    "Start",
+    "SubTopicEventRouter",
+    "Subscriber",
+    "Subscription",
+    "SubscriptionError",
+    "WebhookRequest",
+    "__version__",
+    "build",
+    "create_app",
+    "load_config",
+    "module",
+]

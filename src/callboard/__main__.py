@@ -1,0 +1,5 @@
+import sys
+
+from callboard.cli import main
+
+sys.exit(main())

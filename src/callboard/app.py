@@ -1,0 +1,227 @@
+"""The composition root: configuration and modules in, a running callboard out.
+
+``build()`` assembles a ``Callboard`` (events service, HTTP ingress, module lifecycle) that can be
+embedded in any ASGI application; ``create_app()`` wraps it in the standalone application that
+``callboard serve`` runs, with ``/healthz``, ``/readyz`` and ``/metrics`` beside the events routes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.types import Receive, Scope, Send
+
+from callboard.brokers import open_broker
+from callboard.brokers.base import Broker
+from callboard.config import Config
+from callboard.default_service import DefaultEventsService
+from callboard.delivery import RetryPolicy
+from callboard.errors import ModuleError
+from callboard.extensions import Module, ModuleContext
+from callboard.ingress.asgi import IngressApp
+from callboard.ingress.types import BodyParser, Ingress
+from callboard.metrics import Metrics
+from callboard.modules import resolve_modules
+from callboard.routing import EventRouter
+
+logger = logging.getLogger("callboard.app")
+
+INGRESS_PREFIX = "/api/events/http"
+
+
+class Callboard:
+    """A configured callboard. Run ``lifespan()`` around serving ``ingress``."""
+
+    def __init__(
+        self,
+        config: Config,
+        contexts: Sequence[ModuleContext],
+        broker: Broker,
+        metrics: Metrics,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.contexts = tuple(contexts)
+        delivery = config.events.delivery
+        self.events = DefaultEventsService(
+            broker,
+            retry=RetryPolicy(
+                attempts=delivery.attempts,
+                initial_delay=delivery.initial_delay_ms / 1000,
+                max_delay=delivery.max_delay_ms / 1000,
+                multiplier=delivery.multiplier,
+            ),
+            metrics=metrics,
+            batch_size=delivery.batch_size,
+            shutdown_timeout=config.events.shutdown_timeout_ms / 1000,
+        )
+        http = config.events.http
+        self.ingress = IngressApp(
+            self.events.publish,
+            _collect_ingresses(config, self.contexts),
+            parsers=_collect_parsers(self.contexts),
+            body_limit=http.body_limit,
+            keep_credentials=http.keep_credential_headers,
+            metrics=metrics,
+        )
+        self.ready = False
+        self._started: list[ModuleContext] = []
+
+    @asynccontextmanager
+    async def lifespan(self, app: object = None) -> AsyncIterator[None]:
+        """Start the service, subscriptions and modules; stop them all on the way out."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        await self.events.start()
+        for context in self.contexts:
+            self._started.append(context)
+            try:
+                for spec in context.subscribers.subscriptions:
+                    await self.events.subscribe(
+                        spec.id, spec.topics, spec.handler, concurrency=spec.concurrency
+                    )
+                for route in context.subscribers.routers:
+                    router = EventRouter(
+                        self.events, id=route.id, topics=route.topics, destination=route.destination
+                    )
+                    await router.subscribe()
+                for hook in context.lifecycle.start_hooks:
+                    await hook(self.events)
+            except Exception as error:
+                logger.error("module %r failed to start: %s", context.name, error)
+                await self.stop()
+                raise ModuleError(context.name, f"failed to start: {error}") from error
+        self.ready = True
+        logger.info(
+            "callboard ready: broker %s, ingress topics %s, modules %s",
+            self.config.events.broker,
+            sorted(self.ingress.ingresses),
+            [c.name for c in self.contexts],
+        )
+
+    async def stop(self) -> None:
+        self.ready = False
+        for context in reversed(self._started):
+            for hook in reversed(context.lifecycle.stop_hooks):
+                try:
+                    await hook()
+                except Exception:
+                    logger.exception("module %r failed to stop cleanly", context.name)
+        self._started.clear()
+        await self.events.close()
+
+
+def build(
+    config: Config | None = None,
+    *,
+    modules: Sequence[Module] = (),
+    broker: Broker | None = None,
+    metrics: Metrics | None = None,
+    use_entry_points: bool = True,
+) -> Callboard:
+    """Assemble a callboard from configuration and modules (registered in order)."""
+    config = config if config is not None else Config()
+    contexts = []
+    for module in resolve_modules(config, modules, use_entry_points=use_entry_points):
+        context = ModuleContext(module.name, config.events.modules.get(module.name, {}))
+        try:
+            module.register(context)
+        except ModuleError:
+            raise
+        except Exception as error:
+            raise ModuleError(module.name, f"failed to register: {error}") from error
+        contexts.append(context)
+    chosen = broker if broker is not None else _module_broker(contexts)
+    if chosen is None:
+        chosen = open_broker(config.events.broker)
+    return Callboard(config, contexts, chosen, metrics if metrics is not None else Metrics())
+
+
+def create_app(config: Config | None = None, **options: Any) -> CallboardApp:
+    """The standalone ASGI application ``callboard serve`` runs."""
+    return CallboardApp(build(config, **options))
+
+
+class CallboardApp:
+    """ASGI app: the ingress on a direct path, everything else through Starlette routing."""
+
+    def __init__(self, board: Callboard) -> None:
+        self.board = board
+        self._ingress_base = INGRESS_PREFIX + "/"
+        self.starlette = Starlette(
+            routes=[
+                Route("/healthz", self._health),
+                Route("/readyz", self._ready),
+                Route("/metrics", self._metrics),
+                Mount(INGRESS_PREFIX, app=board.ingress),
+            ],
+            lifespan=board.lifespan,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            root = scope.get("root_path", "")
+            if scope["path"].startswith(root + self._ingress_base, 0):
+                await self.board.ingress(
+                    {**scope, "root_path": root + INGRESS_PREFIX}, receive, send
+                )
+                return
+        await self.starlette(scope, receive, send)
+
+    async def _health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def _ready(self, request: Request) -> Response:
+        if self.board.ready:
+            return JSONResponse({"status": "ready"})
+        return JSONResponse({"status": "not ready"}, status_code=503)
+
+    async def _metrics(self, request: Request) -> Response:
+        body, content_type = self.board.metrics.exposition()
+        return Response(body, headers={"content-type": content_type})
+
+
+def _module_broker(contexts: Sequence[ModuleContext]) -> Broker | None:
+    setters = [c for c in contexts if c.broker.factory is not None]
+    if len(setters) > 1:
+        raise ModuleError(
+            setters[1].name,
+            f"sets the broker, but module {setters[0].name!r} already does; keep one of them",
+        )
+    if setters and setters[0].broker.factory is not None:
+        return setters[0].broker.factory()
+    return None
+
+
+def _collect_ingresses(config: Config, contexts: Sequence[ModuleContext]) -> list[Ingress]:
+    found: dict[str, tuple[str, Ingress]] = {}
+    for context in contexts:
+        for topic, ingress in context.ingress.ingresses.items():
+            if topic in found:
+                raise ModuleError(
+                    context.name,
+                    f"adds the HTTP ingress {topic!r}, which module {found[topic][0]!r} already added",
+                )
+            found[topic] = (context.name, ingress)
+    ingresses = [ingress for _, ingress in found.values()]
+    ingresses.extend(Ingress(topic) for topic in config.events.http.topics if topic not in found)
+    return ingresses
+
+
+def _collect_parsers(contexts: Sequence[ModuleContext]) -> dict[str, BodyParser]:
+    parsers: dict[str, BodyParser] = {}
+    for context in contexts:
+        parsers.update(context.ingress.parsers)
+    return parsers

@@ -1,0 +1,41 @@
+"""Choosing a broker by URL. Drivers are imported only when their scheme is asked for."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Protocol
+
+from callboard.brokers.base import Broker
+from callboard.errors import ConfigError
+
+#: scheme -> (module, class, extra to install)
+SCHEMES: dict[str, tuple[str, str, str | None]] = {
+    "memory": ("callboard.brokers.memory", "MemoryBroker", None),
+    "sqlite": ("callboard.brokers.sqlite", "SQLiteBroker", None),
+    "postgresql": ("callboard.brokers.postgres", "PostgresBroker", "postgres"),
+    "postgres": ("callboard.brokers.postgres", "PostgresBroker", "postgres"),
+}
+
+
+class _FromUrl(Protocol):
+    def __call__(self, url: str) -> Broker: ...
+
+
+def open_broker(url: str, *, key: str = "events.broker") -> Broker:
+    """The broker for ``url`` (``memory://``, ``sqlite:///var/callboard.db``, ``postgresql://...``)."""
+    scheme, sep, _ = url.partition("://")
+    entry = SCHEMES.get(scheme.lower()) if sep else None
+    if entry is None:
+        raise ConfigError(
+            key,
+            f"unknown broker URL {url!r}; expected one of "
+            + ", ".join(f"{s}://..." for s in SCHEMES),
+        )
+    module_name, class_name, extra = entry
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        hint = f"; install it with: pip install 'callboard[{extra}]'" if extra else ""
+        raise ConfigError(key, f"the {scheme} broker cannot be loaded: {error}{hint}") from error
+    from_url: _FromUrl = getattr(module, class_name).from_url
+    return from_url(url)

@@ -1,0 +1,113 @@
+"""The ``callboard`` command: ``serve`` and ``check-config``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from callboard import __version__
+from callboard.config import Config, load_config
+from callboard.errors import CallboardError
+from callboard.logs import configure_logging
+
+logger = logging.getLogger("callboard.cli")
+
+
+def _config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        "-c",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="YAML configuration file; several merge in order, later wins",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="callboard", description="The callboard events backend.")
+    parser.add_argument("--version", action="version", version=f"callboard {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the events backend")
+    _config_argument(serve)
+    serve.add_argument("--host", help="overrides backend.listen.host")
+    serve.add_argument("--port", type=int, help="overrides backend.listen.port")
+    serve.add_argument("--log-format", choices=["text", "json"], help="overrides logging.format")
+
+    check = commands.add_parser(
+        "check-config", help="validate configuration and modules, then exit"
+    )
+    _config_argument(check)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Config:
+    overrides: dict[str, object] = {}
+    listen: dict[str, object] = {}
+    if getattr(args, "host", None):
+        listen["host"] = args.host
+    if getattr(args, "port", None) is not None:
+        listen["port"] = args.port
+    if listen:
+        overrides["backend"] = {"listen": listen}
+    if getattr(args, "log_format", None):
+        overrides["logging"] = {"format": args.log_format}
+    return load_config(args.config, overrides=overrides)
+
+
+def serve(config: Config) -> int:
+    import uvicorn
+
+    from callboard.app import create_app
+
+    app = create_app(config)
+    listen = config.backend.listen
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=listen.host,
+            port=listen.port,
+            lifespan="on",
+            access_log=False,
+            log_config=None,
+            timeout_graceful_shutdown=int(config.events.shutdown_timeout_ms / 1000) + 1,
+        )
+    )
+    logger.info("callboard %s listening on http://%s:%d", __version__, listen.host, listen.port)
+    server.run()
+    return 0 if server.started else 1
+
+
+def check_config(config: Config) -> int:
+    from callboard.app import build
+
+    board = build(config)
+    print(
+        "configuration OK\n"
+        f"  listen:  {config.backend.listen.host}:{config.backend.listen.port}\n"
+        f"  broker:  {config.events.broker}\n"
+        f"  topics:  {', '.join(sorted(board.ingress.ingresses)) or '(none)'}\n"
+        f"  modules: {', '.join(c.name for c in board.contexts) or '(none)'}"
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = _load(args)
+        configure_logging(config.logging.level, config.logging.format)
+        if args.command == "serve":
+            return serve(config)
+        return check_config(config)
+    except CallboardError as error:
+        print(f"callboard: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

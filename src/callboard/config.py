@@ -1,0 +1,164 @@
+"""callboard's configuration: YAML files merged in order, ``${VAR}`` from the environment.
+
+Key names follow Backstage's ``app-config.yaml`` where Backstage has them, so one file can serve
+both. Sections callboard does not own (``app``, ``catalog``, ``backend.database``, ...) are left
+alone; inside the sections it owns, every key is checked and a wrong one stops the start with a
+message naming its path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ConfigDict, Field, field_validator
+
+from callboard.errors import ConfigError
+from callboard.settings import Section, validate_section
+
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|mb|gb)?\s*$", re.IGNORECASE)
+_UNITS = {None: 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
+_VAR = re.compile(r"\$(\$)?\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class Listen(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(default=7007, ge=0, le=65535)
+
+
+class Backend(Section):
+    # Backstage's backend section holds much else (baseUrl, database, auth, cors).
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+    listen: Listen = Listen()
+
+
+class Http(Section):
+    topics: tuple[str, ...] = ()
+    body_limit: int = Field(default=5 * 1024 * 1024, alias="bodyLimit", gt=0)
+    keep_credential_headers: bool = Field(default=False, alias="keepCredentialHeaders")
+
+    @field_validator("body_limit", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            match = _SIZE.match(value)
+            if match is None:
+                raise ValueError("expected a size in bytes, such as 5242880 or '5mb'")
+            return int(match.group(1)) * _UNITS[match.group(2) and match.group(2).lower()]
+        return value
+
+
+class Delivery(Section):
+    attempts: int = Field(default=5, ge=1)
+    initial_delay_ms: float = Field(default=200, alias="initialDelayMs", ge=0)
+    max_delay_ms: float = Field(default=30_000, alias="maxDelayMs", ge=0)
+    multiplier: float = Field(default=2.0, ge=1)
+    batch_size: int = Field(default=32, alias="batchSize", ge=1, le=10_000)
+
+
+class Events(Section):
+    broker: str = "memory://"
+    http: Http = Http()
+    delivery: Delivery = Delivery()
+    shutdown_timeout_ms: float = Field(default=10_000, alias="shutdownTimeoutMs", ge=0)
+    notify_timeout_ms: float = Field(default=55_000, alias="notifyTimeoutMs", gt=0)
+    use_event_bus: Literal["never", "always", "auto"] = Field(default="auto", alias="useEventBus")
+    load: tuple[str, ...] = ()
+    modules: dict[str, dict[str, Any]] = {}
+
+    @field_validator("modules", mode="before")
+    @classmethod
+    def _module_sections(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            # ``github:`` with nothing under it switches the module on with its defaults.
+            return {name: {} if section is None else section for name, section in value.items()}
+        return value
+
+
+class Logging(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class Config(Section):
+    """The whole configuration callboard reads."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+    backend: Backend = Backend()
+    events: Events = Events()
+    logging: Logging = Logging()
+
+
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge two mappings; the later one wins, lists are replaced whole."""
+    merged = dict(base)
+    for key, value in override.items():
+        known = merged.get(key)
+        if isinstance(known, Mapping) and isinstance(value, Mapping):
+            merged[key] = merge(known, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def substitute(value: Any, env: Mapping[str, str], path: str = "") -> Any:
+    """Replace ``${VAR}`` in every string by the variable's value; ``$${VAR}`` stays literal."""
+    if isinstance(value, str):
+
+        def replace(match: re.Match[str]) -> str:
+            if match.group(1):
+                return "${" + match.group(2) + "}"
+            name = match.group(2)
+            if name not in env:
+                raise ConfigError(path, f"environment variable {name} is not set")
+            return env[name]
+
+        return _VAR.sub(replace, value)
+    if isinstance(value, Mapping):
+        return {k: substitute(v, env, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [substitute(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def read_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError("", f"cannot read configuration file {path}: {error.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError("", f"{path} is not valid YAML: {error}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"{path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(
+    paths: Iterable[str | Path] = (),
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Read, merge, substitute and validate configuration files (none: the defaults)."""
+    data: dict[str, Any] = {}
+    for path in paths:
+        data = merge(data, read_file(Path(path)))
+    if overrides:
+        data = merge(data, overrides)
+    return parse_config(data, env=env)
+
+
+def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> Config:
+    """Validate an already-read configuration mapping."""
+    resolved = substitute(data, os.environ if env is None else env)
+    return validate_section(Config, resolved, "")

@@ -1,0 +1,88 @@
+"""Dead letters: events a subscription gave up on, kept with the reason."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from callboard.brokers.base import dead_letter_topic
+from callboard.events import (
+    DEAD_LETTER_ATTEMPTS,
+    DEAD_LETTER_ERROR,
+    DEAD_LETTER_SUBSCRIPTION,
+    DEAD_LETTER_TOPIC,
+    Event,
+    utc_now,
+)
+
+DEAD_LETTER_EVENT_ID = "callboard-event-id"
+DEAD_LETTER_EVENT_TIME = "callboard-event-time"
+_DEAD_LETTER_KEYS = frozenset(
+    {
+        DEAD_LETTER_ATTEMPTS,
+        DEAD_LETTER_ERROR,
+        DEAD_LETTER_SUBSCRIPTION,
+        DEAD_LETTER_TOPIC,
+        DEAD_LETTER_EVENT_ID,
+        DEAD_LETTER_EVENT_TIME,
+    }
+)
+
+
+def _parse_time(value: object, default: datetime) -> datetime:
+    try:
+        return datetime.fromisoformat(str(value)) if value else default
+    except ValueError:
+        return default
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An event that ``subscription`` failed to handle ``attempts`` times; ``error`` says why."""
+
+    id: str
+    subscription: str
+    event: Event
+    error: str
+    attempts: int
+    failed_at: datetime
+
+    @classmethod
+    def from_event(cls, letter: Event) -> DeadLetter:
+        meta = letter.metadata
+        original = Event(
+            topic=str(meta.get(DEAD_LETTER_TOPIC, "")),
+            payload=letter.payload,
+            metadata={k: v for k, v in meta.items() if k not in _DEAD_LETTER_KEYS},
+            id=str(meta.get(DEAD_LETTER_EVENT_ID, letter.id)),
+            time=_parse_time(meta.get(DEAD_LETTER_EVENT_TIME), letter.time),
+        )
+        return cls(
+            id=letter.id,
+            subscription=str(meta.get(DEAD_LETTER_SUBSCRIPTION, "")),
+            event=original,
+            error=str(meta.get(DEAD_LETTER_ERROR, "")),
+            attempts=int(str(meta.get(DEAD_LETTER_ATTEMPTS, "0"))),
+            failed_at=letter.time,
+        )
+
+
+def dead_letter_event(
+    subscription: str, event: Event, error: BaseException, attempts: int
+) -> Event:
+    """The event to publish on the subscription's dead-letter topic."""
+    reason = f"{type(error).__name__}: {error}"
+    return Event(
+        topic=dead_letter_topic(subscription),
+        payload=event.payload,
+        metadata={
+            **event.metadata,
+            DEAD_LETTER_ERROR: reason[:2000],
+            DEAD_LETTER_ATTEMPTS: str(attempts),
+            DEAD_LETTER_SUBSCRIPTION: subscription,
+            DEAD_LETTER_TOPIC: event.topic,
+            DEAD_LETTER_EVENT_ID: event.id,
+            DEAD_LETTER_EVENT_TIME: event.time.isoformat(),
+        },
+        time=utc_now(),
+    )

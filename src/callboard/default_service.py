@@ -1,0 +1,203 @@
+"""The events service over any broker, with the shared delivery policy."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Self
+
+from callboard.brokers.base import Broker, Start
+from callboard.brokers.memory import MemoryBroker
+from callboard.deadletters import DeadLetter
+from callboard.delivery import RetryPolicy, SubscriptionWorker
+from callboard.errors import ServiceClosedError, SubscriptionError
+from callboard.events import Event
+from callboard.metrics import Metrics
+from callboard.service import Handler, Subscriber
+from callboard.topics import normalize_patterns
+
+logger = logging.getLogger("callboard.events")
+
+
+class RunningSubscription:
+    """A subscription's workers in this process; ``close()`` stops them gracefully."""
+
+    def __init__(self, service: DefaultEventsService, id: str, topics: tuple[str, ...]) -> None:
+        self._service = service
+        self._id = id
+        self._topics = topics
+        self.workers: list[SubscriptionWorker] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        return self._topics
+
+    async def close(self, timeout: float | None = None) -> None:
+        for worker in self.workers:
+            await worker.stop()
+        if self.tasks:
+            _, pending = await asyncio.wait(self.tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        self._service._forget(self)
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self._id!r} topics={list(self._topics)}>"
+
+
+class DefaultEventsService:
+    """Publishes through a broker and runs subscriptions with retries and dead letters.
+
+    Use it as an async context manager, or call ``start()`` and ``close()``; it starts itself on
+    first use. With no broker it runs on an in-process ``MemoryBroker``.
+    """
+
+    def __init__(
+        self,
+        broker: Broker | None = None,
+        *,
+        retry: RetryPolicy | None = None,
+        metrics: Metrics | None = None,
+        batch_size: int = 32,
+        shutdown_timeout: float = 10.0,
+    ) -> None:
+        self.broker: Broker = broker if broker is not None else MemoryBroker()
+        self.retry = retry if retry is not None else RetryPolicy()
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.shutdown_timeout = shutdown_timeout
+        self._batch_size = batch_size
+        self._subscriptions: list[RunningSubscription] = []
+        self._started = False
+        self._closed = False
+        self._start_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        async with self._start_lock:
+            if self._closed:
+                raise ServiceClosedError("the events service is closed")
+            if not self._started:
+                await self.broker.start()
+                self._started = True
+
+    async def close(self, timeout: float | None = None) -> None:
+        """Stop every subscription (finishing in-flight deliveries up to the timeout)."""
+        if self._closed:
+            return
+        self._closed = True
+        limit = self.shutdown_timeout if timeout is None else timeout
+        subscriptions = list(self._subscriptions)
+        if subscriptions:
+            await asyncio.gather(*(s.close(limit) for s in subscriptions))
+        if self._started:
+            await self.broker.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def publish(self, event: Event) -> bool:
+        if not self._started:
+            await self.start()
+        if self._closed:
+            raise ServiceClosedError("the events service is shutting down; publish refused")
+        accepted = await self.broker.publish(event)
+        if accepted:
+            self.metrics.count_published(event.topic)
+        else:
+            self.metrics.duplicates.labels(event.topic).inc()
+        return accepted
+
+    async def subscribe(
+        self,
+        id: str,
+        topics: str | Sequence[str],
+        handler: Handler,
+        *,
+        start: Start = "end",
+        concurrency: int = 1,
+    ) -> RunningSubscription:
+        if not id:
+            raise SubscriptionError("a subscription id must not be empty")
+        if concurrency < 1:
+            raise SubscriptionError(f"subscription {id!r}: concurrency must be at least 1")
+        patterns = normalize_patterns(topics)
+        await self.start()
+        if self._closed:
+            raise ServiceClosedError("the events service is shutting down; subscribe refused")
+        subscription = RunningSubscription(self, id, patterns)
+        for _ in range(concurrency):
+            consumer = await self.broker.consume(id, patterns, start=start)
+            worker = SubscriptionWorker(
+                id,
+                consumer,
+                handler,
+                broker=self.broker,
+                policy=self.retry,
+                metrics=self.metrics,
+                batch_size=self._batch_size,
+            )
+            subscription.workers.append(worker)
+            subscription.tasks.append(
+                asyncio.create_task(worker.run(), name=f"callboard-subscription-{id}")
+            )
+        self._subscriptions.append(subscription)
+        logger.debug("subscribed %r to %s", id, list(patterns))
+        return subscription
+
+    async def add_subscriber(
+        self, subscriber: Subscriber, *, id: str | None = None
+    ) -> RunningSubscription:
+        kind = type(subscriber)
+        name = (
+            id
+            or getattr(subscriber, "subscriber_id", None)
+            or f"{kind.__module__}.{kind.__qualname__}"
+        )
+        return await self.subscribe(name, tuple(subscriber.topics), subscriber.on_event)
+
+    async def dead_letters(self, subscription: str, *, limit: int = 100) -> list[DeadLetter]:
+        """The dead letters of a subscription, oldest first."""
+        await self.start()
+        letters = await self.broker.take_dead_letters(subscription, limit=limit)
+        return [DeadLetter.from_event(letter) for letter in letters]
+
+    async def redrive(self, subscription: str, ids: Sequence[str] | None = None) -> int:
+        """Deliver dead letters (all, or those with the given ids) to the subscription again."""
+        await self.start()
+        letters = await self.broker.take_dead_letters(subscription, ids=ids, limit=1_000_000)
+        for letter in letters:
+            await self.broker.deliver_to(subscription, DeadLetter.from_event(letter).event)
+        # Taken only once delivered again, so a failed redrive loses nothing.
+        await self.broker.take_dead_letters(
+            subscription, ids=[letter.id for letter in letters], remove=True, limit=len(letters)
+        )
+        if letters:
+            logger.info("redrove %d dead letters of subscription %r", len(letters), subscription)
+        return len(letters)
+
+    @property
+    def subscriptions(self) -> tuple[RunningSubscription, ...]:
+        return tuple(self._subscriptions)
+
+    def _forget(self, subscription: RunningSubscription) -> None:
+        if subscription in self._subscriptions:
+            self._subscriptions.remove(subscription)

@@ -1,0 +1,163 @@
+"""The delivery policy every broker shares: call the handler, retry with backoff, dead-letter.
+
+One ``SubscriptionWorker`` is one consumer of a subscription's group. It fetches a batch, hands
+each event to the handler in order, and acknowledges it once the handler returned. A handler that
+raises is called again after an exponentially growing delay; when the last attempt fails, the event
+is published on the subscription's dead-letter topic with the error, and then acknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from time import time as wall_time
+
+from callboard.brokers.base import Broker, Consumer, Delivery
+from callboard.deadletters import dead_letter_event
+from callboard.metrics import Metrics
+from callboard.service import Handler
+
+logger = logging.getLogger("callboard.delivery")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How often and how patiently a failing handler is tried."""
+
+    #: Calls of the handler per event, the first one included.
+    attempts: int = 5
+    #: Delay before the second call, in seconds.
+    initial_delay: float = 0.2
+    #: Upper bound of any one delay, in seconds.
+    max_delay: float = 30.0
+    #: Factor by which the delay grows after each failure.
+    multiplier: float = 2.0
+    #: Random spread of each delay, as a fraction of it (0.1 = up to 10% shorter).
+    jitter: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError("RetryPolicy.attempts must be at least 1")
+        if self.initial_delay < 0 or self.max_delay < 0:
+            raise ValueError("RetryPolicy delays must not be negative")
+        if self.multiplier < 1:
+            raise ValueError("RetryPolicy.multiplier must be at least 1")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError("RetryPolicy.jitter must be between 0 and 1")
+
+    def delay(self, failed_attempts: int) -> float:
+        """Seconds to wait after the ``failed_attempts``-th failure before the next call."""
+        base = min(self.max_delay, self.initial_delay * self.multiplier ** (failed_attempts - 1))
+        return base * (1 - self.jitter * random.random())
+
+
+class SubscriptionWorker:
+    """Runs one consumer of a subscription: fetch, handle with retries, acknowledge."""
+
+    def __init__(
+        self,
+        subscription: str,
+        consumer: Consumer,
+        handler: Handler,
+        *,
+        broker: Broker,
+        policy: RetryPolicy,
+        metrics: Metrics,
+        batch_size: int = 32,
+    ) -> None:
+        self.subscription = subscription
+        self._consumer = consumer
+        self._handler = handler
+        self._broker = broker
+        self._policy = policy
+        self._metrics = metrics
+        self._batch_size = batch_size
+        self._stop = asyncio.Event()
+        self._fetching = False
+
+    async def run(self) -> None:
+        consumer = self._consumer
+        try:
+            while not self._stop.is_set():
+                self._fetching = True
+                batch = await consumer.fetch(self._batch_size)
+                self._fetching = False
+                if not batch:
+                    return
+                for delivery in batch:
+                    if self._stop.is_set():
+                        return
+                    await self._deliver(delivery)
+        finally:
+            await consumer.close()
+
+    async def stop(self) -> None:
+        """Finish the delivery in progress, then stop; an idle worker stops at once."""
+        self._stop.set()
+        if self._fetching:
+            await self._consumer.close()
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        event = delivery.event
+        policy = self._policy
+        metrics = self._metrics
+        attempt = 1
+        metrics.in_flight.inc()
+        try:
+            while True:
+                try:
+                    await self._handler(event)
+                except Exception as error:
+                    metrics.failures.labels(self.subscription, event.topic).inc()
+                    if attempt >= policy.attempts:
+                        await self._dead_letter(delivery, error, attempt)
+                        return
+                    delay = policy.delay(attempt)
+                    logger.warning(
+                        "subscription %r failed on event %s (topic %r), attempt %d of %d; "
+                        "retrying in %.2fs: %s",
+                        self.subscription,
+                        event.id,
+                        event.topic,
+                        attempt,
+                        policy.attempts,
+                        delay,
+                        error,
+                    )
+                    metrics.retries.labels(self.subscription).inc()
+                    attempt += 1
+                    if await self._stopped_within(delay):
+                        return  # left unacknowledged: delivered again later
+                    continue
+                await self._consumer.ack(delivery)
+                metrics.count_delivered(
+                    self.subscription, event.topic, max(0.0, wall_time() - event.time.timestamp())
+                )
+                return
+        finally:
+            metrics.in_flight.dec()
+
+    async def _dead_letter(self, delivery: Delivery, error: Exception, attempts: int) -> None:
+        event = delivery.event
+        logger.error(
+            "subscription %r gave up on event %s (topic %r) after %d attempts; "
+            "moved to its dead letters: %s",
+            self.subscription,
+            event.id,
+            event.topic,
+            attempts,
+            error,
+            exc_info=error,
+        )
+        await self._broker.publish(dead_letter_event(self.subscription, event, error, attempts))
+        self._metrics.dead_letters.labels(self.subscription).inc()
+        await self._consumer.ack(delivery)
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True

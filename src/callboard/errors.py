@@ -1,0 +1,101 @@
+"""callboard's own exceptions.
+
+Every error callboard raises on purpose derives from ``CallboardError``::
+
+    CallboardError
+    ├── ConfigError            a configuration key is wrong (``path`` names it)
+    ├── InvalidTopicError      a topic or topic pattern breaks the grammar
+    ├── BrokerError            the broker failed (``retriable`` tells whether to try again)
+    │   └── BrokerUnavailable  the broker cannot be reached right now
+    ├── SubscriptionError      a subscription cannot be made as asked
+    ├── ModuleError            a module failed to load, register or start (``module`` names it)
+    ├── RequestRejected        an HTTP request was refused (``status_code``)
+    │   ├── MalformedBodyError         400: the body does not parse as its media type says
+    │   ├── PayloadTooLargeError       413: the body is over the configured limit
+    │   └── UnsupportedMediaTypeError  415: no parser for the media type or charset
+    └── ServiceClosedError     the events service is shutting down or closed
+
+Driver exceptions are translated into these at the broker boundary (``raise ... from exc``),
+so application code never needs to import a driver to handle a failure.
+"""
+
+from __future__ import annotations
+
+
+class CallboardError(Exception):
+    """Base class of every error raised by callboard."""
+
+
+class ConfigError(CallboardError):
+    """A configuration value is missing or wrong; ``path`` is its dotted key path."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.message = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class InvalidTopicError(CallboardError, ValueError):
+    """A topic name or topic pattern does not follow the grammar."""
+
+    def __init__(self, topic: str, reason: str) -> None:
+        self.topic = topic
+        self.reason = reason
+        super().__init__(f"invalid topic {topic!r}: {reason}")
+
+
+class BrokerError(CallboardError):
+    """The broker failed to do what was asked."""
+
+    retriable: bool = False
+
+    def __init__(self, message: str, *, retriable: bool | None = None) -> None:
+        super().__init__(message)
+        if retriable is not None:
+            self.retriable = retriable
+
+
+class BrokerUnavailable(BrokerError):
+    """The broker cannot be reached right now; the same call may succeed later."""
+
+    retriable = True
+
+
+class SubscriptionError(CallboardError):
+    """A subscription cannot be made or used as asked."""
+
+
+class ModuleError(CallboardError):
+    """A module failed to load, register or start; ``module`` names it."""
+
+    def __init__(self, module: str, message: str) -> None:
+        self.module = module
+        super().__init__(f"module {module!r}: {message}")
+
+
+class ServiceClosedError(CallboardError):
+    """The events service is shutting down or closed and takes no more work."""
+
+
+class RequestRejected(CallboardError):
+    """An HTTP request was refused; ``status_code`` is the status to answer with."""
+
+    status_code = 400
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status_code is not None:
+            self.status_code = status_code
+
+
+class MalformedBodyError(RequestRejected):
+    status_code = 400
+
+
+class PayloadTooLargeError(RequestRejected):
+    status_code = 413
+
+
+class UnsupportedMediaTypeError(RequestRejected):
+    status_code = 415

@@ -1,0 +1,166 @@
+"""How a module plugs into callboard: small extension points and the module contract.
+
+A module is an object with a ``name`` and a ``register(context)`` method. In ``register`` it
+adds what it brings through the context's extension points; it does no I/O there. Work that
+needs the running events service goes in a start hook (``context.lifecycle.on_start``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
+
+from pydantic import BaseModel
+
+from callboard.brokers.base import Broker
+from callboard.ingress.types import BodyParser, DeliveryIdReader, Ingress, Validator
+from callboard.routing import Destination
+from callboard.service import EventsService, Handler, Subscriber
+from callboard.settings import validate_section
+from callboard.topics import normalize_patterns, validate_topic
+
+M = TypeVar("M", bound=BaseModel)
+StartHook = Callable[[EventsService], Awaitable[None]]
+StopHook = Callable[[], Awaitable[None]]
+BrokerFactory = Callable[[], Broker]
+
+
+class Module(Protocol):
+    """A unit of wiring, named in configuration or found through an entry point."""
+
+    @property
+    def name(self) -> str: ...
+
+    def register(self, context: ModuleContext) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionModule:
+    """A module made from a function: ``callboard.module("name")`` decorates one."""
+
+    name: str
+    setup: Callable[[ModuleContext], None]
+
+    def register(self, context: ModuleContext) -> None:
+        self.setup(context)
+
+
+def module(name: str) -> Callable[[Callable[[ModuleContext], None]], FunctionModule]:
+    """Turn ``def register(context): ...`` into a module called ``name``."""
+
+    def wrap(setup: Callable[[ModuleContext], None]) -> FunctionModule:
+        return FunctionModule(name, setup)
+
+    return wrap
+
+
+@dataclass(frozen=True, slots=True)
+class RouterSpec:
+    id: str
+    topics: tuple[str, ...]
+    destination: Destination
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionSpec:
+    id: str
+    topics: tuple[str, ...]
+    handler: Handler
+    concurrency: int = 1
+
+
+class IngressPoint:
+    """Adds HTTP ingress topics and body parsers."""
+
+    def __init__(self) -> None:
+        self.ingresses: dict[str, Ingress] = {}
+        self.parsers: dict[str, BodyParser] = {}
+
+    def add_ingress(
+        self,
+        topic: str,
+        *,
+        validator: Validator | None = None,
+        delivery_id: DeliveryIdReader | None = None,
+        redact_headers: Iterable[str] = (),
+    ) -> None:
+        """Serve ``POST /api/events/http/{topic}``, checked by ``validator`` if given."""
+        validate_topic(topic)
+        self.ingresses[topic] = Ingress(
+            topic, validator, delivery_id, frozenset(h.lower() for h in redact_headers)
+        )
+
+    def add_body_parser(self, media_type: str, parser: BodyParser) -> None:
+        """Parse request bodies of ``media_type`` (``text/plain``) with ``parser``."""
+        self.parsers[media_type.strip().lower()] = parser
+
+
+class SubscriberPoint:
+    """Adds subscriptions and routers, started once the events service runs."""
+
+    def __init__(self) -> None:
+        self.subscriptions: list[SubscriptionSpec] = []
+        self.routers: list[RouterSpec] = []
+
+    def add_subscription(
+        self, id: str, topics: str | Sequence[str], handler: Handler, *, concurrency: int = 1
+    ) -> None:
+        self.subscriptions.append(
+            SubscriptionSpec(id, normalize_patterns(topics), handler, concurrency)
+        )
+
+    def add_subscriber(self, subscriber: Subscriber, *, id: str | None = None) -> None:
+        kind = type(subscriber)
+        name = (
+            id
+            or getattr(subscriber, "subscriber_id", None)
+            or f"{kind.__module__}.{kind.__qualname__}"
+        )
+        self.add_subscription(name, tuple(subscriber.topics), subscriber.on_event)
+
+    def add_router(self, *, id: str, topics: str | Sequence[str], destination: Destination) -> None:
+        """Republish each event on ``topics`` to ``destination(event)`` (dropped if ``None``)."""
+        self.routers.append(RouterSpec(id, normalize_patterns(topics), destination))
+
+
+class BrokerPoint:
+    """Replaces the broker named by ``events.broker``."""
+
+    def __init__(self) -> None:
+        self.factory: BrokerFactory | None = None
+        self.owner: str | None = None
+
+    def set_broker(self, factory: BrokerFactory) -> None:
+        self.factory = factory
+
+
+class LifecyclePoint:
+    """Hooks run when the application starts (in module order) and stops (in reverse)."""
+
+    def __init__(self) -> None:
+        self.start_hooks: list[StartHook] = []
+        self.stop_hooks: list[StopHook] = []
+
+    def on_start(self, hook: StartHook) -> None:
+        self.start_hooks.append(hook)
+
+    def on_stop(self, hook: StopHook) -> None:
+        self.stop_hooks.append(hook)
+
+
+@dataclass
+class ModuleContext:
+    """What ``Module.register`` receives: the module's configuration and the extension points."""
+
+    name: str
+    #: The module's section, ``events.modules.<name>`` (empty when absent).
+    config: Mapping[str, Any] = field(default_factory=dict)
+    ingress: IngressPoint = field(default_factory=IngressPoint)
+    subscribers: SubscriberPoint = field(default_factory=SubscriberPoint)
+    broker: BrokerPoint = field(default_factory=BrokerPoint)
+    lifecycle: LifecyclePoint = field(default_factory=LifecyclePoint)
+
+    def settings(self, model: type[M]) -> M:
+        """The module's section validated as ``model``; errors name ``events.modules.<name>.<key>``."""
+        return validate_section(model, self.config, f"events.modules.{self.name}")

@@ -1,0 +1,240 @@
+"""The webhook ingress as a raw ASGI application: ``POST /{topic}`` under its mount point.
+
+Per request: look up the topic, check the method and size, read the body (refusing it as soon
+as it passes the limit), parse it by media type, let the topic's validator accept or reject it,
+publish the event and answer ``202`` once the broker has accepted it. Every refusal is JSON in
+one shape, ``{"error": {"name", "message"}, "request": {...}, "response": {"statusCode"}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from callboard.errors import (
+    BrokerError,
+    PayloadTooLargeError,
+    RequestRejected,
+    ServiceClosedError,
+    UnsupportedMediaTypeError,
+)
+from callboard.events import DELIVERY_ID, Event
+from callboard.ingress.parsers import DEFAULT_PARSERS
+from callboard.ingress.types import BodyParser, Ingress, MediaType, Rejection, WebhookRequest
+from callboard.metrics import Metrics
+
+logger = logging.getLogger("callboard.ingress")
+
+Publish = Callable[[Event], Awaitable[bool]]
+
+CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
+DEFAULT_BODY_LIMIT = 5 * 1024 * 1024
+
+_ACCEPTED = b'{"status":"accepted"}'
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+_UNKNOWN_TOPIC = "<unknown>"
+
+
+class IngressApp:
+    """ASGI app serving ``POST /{topic}`` for each registered ingress."""
+
+    def __init__(
+        self,
+        publish: Publish,
+        ingresses: Iterable[Ingress],
+        *,
+        parsers: Mapping[str, BodyParser] | None = None,
+        body_limit: int = DEFAULT_BODY_LIMIT,
+        keep_credentials: bool = False,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self._publish = publish
+        self.ingresses = {ingress.topic: ingress for ingress in ingresses}
+        self.parsers = {**DEFAULT_PARSERS, **(parsers or {})}
+        self.body_limit = body_limit
+        self._keep_credentials = keep_credentials
+        self._metrics = metrics if metrics is not None else Metrics()
+        self._redacted = {
+            topic: ingress.redact_headers
+            | (frozenset() if keep_credentials else CREDENTIAL_HEADERS)
+            for topic, ingress in self.ingresses.items()
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        path: str = scope["path"]
+        root: str = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        topic = path[1:] if path.startswith("/") else path
+        ingress = self.ingresses.get(topic)
+        if ingress is None:
+            await self._error(
+                scope,
+                send,
+                _UNKNOWN_TOPIC,
+                404,
+                "NotFoundError",
+                f"no HTTP ingress for topic {topic!r}; add it to events.http.topics",
+            )
+            return
+        if scope["method"] != "POST":
+            await self._error(
+                scope,
+                send,
+                topic,
+                405,
+                "MethodNotAllowedError",
+                f"{scope['method']} is not allowed; webhooks are delivered with POST",
+                extra_headers=[(b"allow", b"POST")],
+            )
+            return
+        try:
+            await self._accept(scope, receive, send, ingress)
+        except RequestRejected as error:
+            await self._error(
+                scope, send, topic, error.status_code, type(error).__name__, error.message
+            )
+        except (BrokerError, ServiceClosedError) as error:
+            logger.warning("ingress %r could not publish: %s", topic, error)
+            await self._error(
+                scope,
+                send,
+                topic,
+                503,
+                "ServiceUnavailableError",
+                f"the event could not be stored, try again later: {error}",
+                extra_headers=[(b"retry-after", b"1")],
+            )
+        except Exception:
+            logger.exception("ingress %r failed on a request", topic)
+            await self._error(
+                scope,
+                send,
+                topic,
+                500,
+                "InternalServerError",
+                "the request could not be handled; the server log has the details",
+            )
+
+    async def _accept(self, scope: Scope, receive: Receive, send: Send, ingress: Ingress) -> None:
+        topic = ingress.topic
+        headers: dict[str, str | list[str]] = {}
+        for raw_name, raw_value in scope["headers"]:
+            name = raw_name.decode("latin-1").lower()
+            value = raw_value.decode("latin-1")
+            known = headers.get(name)
+            if known is None:
+                headers[name] = value
+            elif isinstance(known, list):
+                known.append(value)
+            else:
+                headers[name] = [known, value]
+        length = headers.get("content-length")
+        if isinstance(length, str) and length.isdigit() and int(length) > self.body_limit:
+            raise PayloadTooLargeError(self._too_large(int(length)))
+        raw = await self._read_body(receive)
+
+        content_type = headers.get("content-type")
+        if not isinstance(content_type, str) or not content_type.strip():
+            raise UnsupportedMediaTypeError(
+                "the request has no Content-Type header; send application/json or "
+                "application/x-www-form-urlencoded, or add a body parser for your media type "
+                "in a module (IngressPoint.add_body_parser)"
+            )
+        media_type = MediaType.parse(content_type)
+        parser = self.parsers.get(media_type.type)
+        if parser is None:
+            raise UnsupportedMediaTypeError(
+                f"Unsupported media type: {media_type.type}. Add a body parser for it in a "
+                "module (IngressPoint.add_body_parser), or send one of: "
+                + ", ".join(sorted(self.parsers))
+            )
+        payload = parser(raw, media_type, topic)
+        request = WebhookRequest(topic, headers, raw, payload, media_type)
+        if ingress.validator is not None:
+            rejection = await ingress.validator(request)
+            if rejection is not None:
+                await self._reject(send, topic, rejection)
+                return
+        redacted = self._redacted[topic]
+        metadata = {k: v for k, v in headers.items() if k not in redacted}
+        if ingress.delivery_id is not None:
+            delivery_id = ingress.delivery_id(request)
+            if delivery_id:
+                metadata[DELIVERY_ID] = delivery_id
+        await self._publish(Event(topic=topic, payload=payload, metadata=metadata))
+        self._metrics.count_ingress(topic, 202)
+        await send({"type": "http.response.start", "status": 202, "headers": _JSON_HEADERS})
+        await send({"type": "http.response.body", "body": _ACCEPTED})
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        limit = self.body_limit
+        message = await receive()
+        body: bytes = message.get("body", b"")
+        if not message.get("more_body", False):
+            if len(body) > limit:
+                raise PayloadTooLargeError(self._too_large(len(body)))
+            return body
+        chunks = [body]
+        size = len(body)
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise RequestRejected("the client disconnected before the body was complete")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLargeError(self._too_large(size, partial=True))
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self, size: int, *, partial: bool = False) -> str:
+        told = "more than " if partial else ""
+        return (
+            f"the body is {told}{size} bytes, over the limit of {self.body_limit} bytes "
+            "(events.http.bodyLimit)"
+        )
+
+    async def _reject(self, send: Send, topic: str, rejection: Rejection) -> None:
+        self._metrics.count_ingress(topic, rejection.status)
+        body = orjson.dumps(rejection.body)
+        await send(
+            {"type": "http.response.start", "status": rejection.status, "headers": _JSON_HEADERS}
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    async def _error(
+        self,
+        scope: Scope,
+        send: Send,
+        topic: str,
+        status: int,
+        name: str,
+        message: str,
+        *,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        self._metrics.count_ingress(topic, status)
+        body = error_body(scope, status, name, message)
+        headers = _JSON_HEADERS + (extra_headers or [])
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def error_body(scope: Scope, status: int, name: str, message: str) -> bytes:
+    """callboard's JSON error shape, the same as Backstage's error responses."""
+    url = scope["path"]
+    if scope.get("query_string"):
+        url += "?" + scope["query_string"].decode("latin-1")
+    return orjson.dumps(
+        {
+            "error": {"name": name, "message": message},
+            "request": {"method": scope["method"], "url": url},
+            "response": {"statusCode": status},
+        }
+    )

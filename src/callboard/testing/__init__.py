@@ -1,0 +1,5 @@
+"""Helpers for testing code that uses callboard."""
+
+from callboard.testing.recording import FAST_RETRY, RecordingEventsService, SubscribeCall
+
+__all__ = ["FAST_RETRY", "RecordingEventsService", "SubscribeCall"]

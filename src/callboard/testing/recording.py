@@ -1,0 +1,66 @@
+"""A recording events service for users' tests: real delivery, recorded traffic, no sleeps."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from callboard.brokers.base import Start
+from callboard.brokers.memory import MemoryBroker
+from callboard.default_service import DefaultEventsService, RunningSubscription
+from callboard.delivery import RetryPolicy
+from callboard.events import Event
+from callboard.service import Handler
+
+#: Retries in tests should not wait: the same number of attempts, no delay.
+FAST_RETRY = RetryPolicy(attempts=3, initial_delay=0.0, max_delay=0.0, jitter=0.0)
+
+
+@dataclass(frozen=True, slots=True)
+class SubscribeCall:
+    id: str
+    topics: tuple[str, ...]
+
+
+class RecordingEventsService(DefaultEventsService):
+    """An in-memory events service that records what was published and subscribed.
+
+    Events are really delivered to subscribers; ``await drain()`` returns once every event
+    published so far has been handled (retries and routers included).
+    """
+
+    def __init__(self, *, retry: RetryPolicy = FAST_RETRY) -> None:
+        self.memory = MemoryBroker()
+        super().__init__(self.memory, retry=retry)
+        self.published: list[Event] = []
+        self.subscribed: list[SubscribeCall] = []
+
+    async def publish(self, event: Event) -> bool:
+        self.published.append(event)
+        return await super().publish(event)
+
+    async def subscribe(
+        self,
+        id: str,
+        topics: str | Sequence[str],
+        handler: Handler,
+        *,
+        start: Start = "end",
+        concurrency: int = 1,
+    ) -> RunningSubscription:
+        subscription = await super().subscribe(
+            id, topics, handler, start=start, concurrency=concurrency
+        )
+        self.subscribed.append(SubscribeCall(id, subscription.topics))
+        return subscription
+
+    def published_on(self, topic: str) -> list[Event]:
+        return [event for event in self.published if event.topic == topic]
+
+    async def drain(self, timeout: float = 10.0) -> None:
+        """Wait until every published event has been handled or dead-lettered."""
+        await self.memory.drain(timeout)
+
+    def reset(self) -> None:
+        self.published.clear()
+        self.subscribed.clear()
