@@ -32,7 +32,11 @@ def utc_now() -> datetime:
 
 
 def _lower_keys(metadata: Metadata) -> dict[str, MetadataValue]:
-    return {key.lower(): value for key, value in metadata.items()}
+    # A fresh dict (and fresh lists): the caller's mapping must not change a frozen event.
+    return {
+        key.lower(): list(value) if isinstance(value, list) else value
+        for key, value in metadata.items()
+    }
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -50,10 +54,12 @@ class Event:
     time: datetime = field(default_factory=utc_now)
 
     def __post_init__(self) -> None:
-        if any(not key.islower() and key.lower() != key for key in self.metadata):
-            object.__setattr__(self, "metadata", _lower_keys(self.metadata))
-        if self.time.tzinfo is None:
+        object.__setattr__(self, "metadata", _lower_keys(self.metadata))
+        offset = self.time.utcoffset()
+        if offset is None:
             raise ValueError("Event.time must be timezone-aware (UTC)")
+        if offset or self.time.tzinfo is not UTC:
+            object.__setattr__(self, "time", self.time.astimezone(UTC))
 
     def with_topic(self, topic: str) -> Event:
         """The same event republished on another topic: a new id, the same payload and metadata."""

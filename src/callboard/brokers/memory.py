@@ -56,14 +56,14 @@ class _DeliveryWindow:
         """Record the id and tell whether it was already there."""
         now = time.monotonic()
         ids = self._ids
-        while ids:
-            oldest_key, oldest_at = next(iter(ids.items()))
-            if len(ids) < self._max_ids and now - oldest_at < self._max_age:
-                break
-            del ids[oldest_key]
+        while ids and now - next(iter(ids.values())) >= self._max_age:
+            ids.popitem(last=False)
         key = (topic, delivery_id)
         if key in ids:
             return True
+        # Make room only for a new id, so a full window still recognises every id it holds.
+        while len(ids) >= self._max_ids:
+            ids.popitem(last=False)
         ids[key] = now
         return False
 
@@ -122,6 +122,10 @@ class MemoryConsumer:
         # Unacknowledged events go back to the group, first in line, in their order.
         for delivery in reversed(unacked):
             group.put(Delivery(delivery.event, delivery.attempt + 1), front=True)
+        if group.queue:
+            # This member may have been woken for events it will now never take: pass the
+            # wake-up on, or the others sleep while events wait.
+            group.wake_one()
 
 
 class MemoryBroker:
