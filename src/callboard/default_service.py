@@ -16,7 +16,7 @@ from callboard.errors import ServiceClosedError, SubscriptionError
 from callboard.events import Event
 from callboard.metrics import Metrics
 from callboard.service import Handler, Subscriber
-from callboard.topics import normalize_patterns
+from callboard.topics import normalize_patterns, validate_topic
 
 logger = logging.getLogger("callboard.events")
 
@@ -42,8 +42,11 @@ class RunningSubscription:
     async def close(self, timeout: float | None = None) -> None:
         for worker in self.workers:
             await worker.stop()
-        if self.tasks:
-            _, pending = await asyncio.wait(self.tasks, timeout=timeout)
+        # A handler may close its own subscription: its worker cannot wait for itself.
+        current = asyncio.current_task()
+        tasks = [task for task in self.tasks if task is not current and not task.done()]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
             for task in pending:
                 task.cancel()
             if pending:
@@ -81,6 +84,8 @@ class DefaultEventsService:
         self._start_lock = asyncio.Lock()
 
     async def start(self) -> None:
+        if self._closed:
+            raise ServiceClosedError("the events service is closed")
         if self._started:
             return
         async with self._start_lock:
@@ -115,6 +120,7 @@ class DefaultEventsService:
         await self.close()
 
     async def publish(self, event: Event) -> bool:
+        validate_topic(event.topic)
         if not self._started:
             await self.start()
         if self._closed:
