@@ -16,7 +16,16 @@ logger = logging.getLogger("callboard.modules")
 ENTRY_POINT_GROUP = "callboard.modules"
 
 #: Modules that ship with callboard, switched on by their key under ``events.modules``.
-BUILTIN: dict[str, str] = {}
+BUILTIN: dict[str, str] = {
+    "github": "callboard.providers.github:module",
+    "gitlab": "callboard.providers.gitlab:module",
+    "bitbucketCloud": "callboard.providers.bitbucket:cloud_module",
+    "bitbucketServer": "callboard.providers.bitbucket:server_module",
+    "azureDevOps": "callboard.providers.azure:module",
+    "gerrit": "callboard.providers.gerrit:module",
+    "gitea": "callboard.providers.gitea:module",
+    "webhooks": "callboard.providers.webhooks:module",
+}
 
 
 def import_module_object(spec: str) -> Module:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -10,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from callboard.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
+
+# The value of a key with one of these words in its name is never repeated in an error.
+_CREDENTIAL_KEY = re.compile(r"secret|token|password|credential", re.IGNORECASE)
 
 
 class Section(BaseModel):
@@ -33,7 +37,11 @@ def validate_section(model: type[M], data: Mapping[str, Any] | None, path: str) 
             message = item["msg"]
             if item["type"] == "extra_forbidden":
                 message = "unknown key; check its spelling against docs/configuration.md"
-            elif "input" in item and item["type"] != "missing":
+            elif (
+                "input" in item
+                and item["type"] != "missing"
+                and not any(_CREDENTIAL_KEY.search(str(part)) for part in item["loc"])
+            ):
                 message = f"{message} (got {item['input']!r})"
             problems.append((key, message))
         first_key, first_message = problems[0]
