@@ -34,7 +34,8 @@ CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"
 DEFAULT_BODY_LIMIT = 5 * 1024 * 1024
 
 _ACCEPTED = b'{"status":"accepted"}'
-_JSON_HEADERS = [(b"content-type", b"application/json")]
+_CONTENT_TYPE = (b"content-type", b"application/json")
+_ACCEPTED_HEADERS = [_CONTENT_TYPE, (b"content-length", str(len(_ACCEPTED)).encode())]
 _UNKNOWN_TOPIC = "<unknown>"
 
 
@@ -144,14 +145,14 @@ class IngressApp:
             raise UnsupportedMediaTypeError(
                 "the request has no Content-Type header; send application/json or "
                 "application/x-www-form-urlencoded, or add a body parser for your media type "
-                "in a module (IngressPoint.add_body_parser)"
+                "in a module (context.ingress.add_body_parser)"
             )
         media_type = MediaType.parse(content_type)
         parser = self.parsers.get(media_type.type)
         if parser is None:
             raise UnsupportedMediaTypeError(
                 f"Unsupported media type: {media_type.type}. Add a body parser for it in a "
-                "module (IngressPoint.add_body_parser), or send one of: "
+                "module (context.ingress.add_body_parser), or send one of: "
                 + ", ".join(sorted(self.parsers))
             )
         payload = parser(raw, media_type, topic)
@@ -169,7 +170,7 @@ class IngressApp:
                 metadata[DELIVERY_ID] = delivery_id
         await self._publish(Event(topic=topic, payload=payload, metadata=metadata))
         self._metrics.count_ingress(topic, 202)
-        await send({"type": "http.response.start", "status": 202, "headers": _JSON_HEADERS})
+        await send({"type": "http.response.start", "status": 202, "headers": _ACCEPTED_HEADERS})
         await send({"type": "http.response.body", "body": _ACCEPTED})
 
     async def _read_body(self, receive: Receive) -> bytes:
@@ -202,11 +203,7 @@ class IngressApp:
 
     async def _reject(self, send: Send, topic: str, rejection: Rejection) -> None:
         self._metrics.count_ingress(topic, rejection.status)
-        body = orjson.dumps(rejection.body)
-        await send(
-            {"type": "http.response.start", "status": rejection.status, "headers": _JSON_HEADERS}
-        )
-        await send({"type": "http.response.body", "body": body})
+        await _send_json(send, rejection.status, orjson.dumps(rejection.body))
 
     async def _error(
         self,
@@ -221,9 +218,15 @@ class IngressApp:
     ) -> None:
         self._metrics.count_ingress(topic, status)
         body = error_body(scope, status, name, message)
-        headers = _JSON_HEADERS + (extra_headers or [])
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await _send_json(send, status, body, extra_headers)
+
+
+async def _send_json(
+    send: Send, status: int, body: bytes, extra_headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    headers = [_CONTENT_TYPE, (b"content-length", str(len(body)).encode()), *(extra_headers or [])]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def error_body(scope: Scope, status: int, name: str, message: str) -> bytes:

@@ -20,7 +20,10 @@ def decode_text(raw: bytes, media_type: MediaType, *, default: str = "utf-8") ->
     try:
         codecs.lookup(charset)
     except LookupError:
-        raise UnsupportedMediaTypeError(f"Unsupported charset: {charset}") from None
+        raise UnsupportedMediaTypeError(
+            f"Unsupported charset: {charset}. Send UTF-8, or add a body parser for "
+            f"{media_type.type} in a module (context.ingress.add_body_parser)"
+        ) from None
     try:
         return raw.decode(charset)
     except UnicodeDecodeError as error:
@@ -50,7 +53,14 @@ def parse_form(raw: bytes, media_type: MediaType, topic: str) -> Any:
     """
     text = decode_text(raw, media_type)
     try:
-        fields = parse_qs(text, keep_blank_values=True, strict_parsing=bool(text))
+        # Percent-escaped bytes are in the declared charset too; undecodable ones are an error.
+        fields = parse_qs(
+            text,
+            keep_blank_values=True,
+            strict_parsing=bool(text),
+            encoding=media_type.charset or "utf-8",
+            errors="strict",
+        )
     except ValueError as error:
         raise MalformedBodyError(f"the body is not valid form data: {error}") from None
     payload = fields.get("payload")
