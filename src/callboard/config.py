@@ -12,17 +12,29 @@ import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, field_validator
+from pydantic import AfterValidator, ConfigDict, Field, field_validator
 
-from callboard.errors import ConfigError
+from callboard.errors import ConfigError, InvalidTopicError
 from callboard.settings import Section, validate_section
+from callboard.topics import validate_topic
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|mb|gb)?\s*$", re.IGNORECASE)
 _UNITS = {None: 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
 _VAR = re.compile(r"\$(\$)?\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _topic(value: str) -> str:
+    try:
+        return validate_topic(value)
+    except InvalidTopicError as error:
+        raise ValueError(f"not a valid topic: {error.reason}") from None
+
+
+#: A concrete topic name, checked against the topic grammar.
+TopicName = Annotated[str, AfterValidator(_topic)]
 
 
 class Listen(Section):
@@ -38,7 +50,7 @@ class Backend(Section):
 
 
 class Http(Section):
-    topics: tuple[str, ...] = ()
+    topics: tuple[TopicName, ...] = ()
     body_limit: int = Field(default=5 * 1024 * 1024, alias="bodyLimit", gt=0)
     keep_credential_headers: bool = Field(default=False, alias="keepCredentialHeaders")
 
