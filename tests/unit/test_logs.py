@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from callboard.logs import JsonFormatter, configure_logging
+
+
+def record(message: str, *args: object, **extra: object) -> logging.LogRecord:
+    return logging.getLogger("callboard.test").makeRecord(
+        "callboard.test", logging.WARNING, __file__, 1, message, args, None, extra=extra
+    )
+
+
+def test_json_lines_carry_level_logger_and_message() -> None:
+    line = JsonFormatter().format(record("subscription %r failed %d times", "s", 3))
+    entry = json.loads(line)
+    assert entry["level"] == "warning"
+    assert entry["logger"] == "callboard.test"
+    assert entry["message"] == "subscription 's' failed 3 times"
+    assert entry["time"].endswith("+00:00")
+    assert "\n" not in line
+
+
+def test_extras_are_kept_and_anything_is_serialised() -> None:
+    entry = json.loads(JsonFormatter().format(record("m", topic="github", odd=object())))
+    assert entry["topic"] == "github"
+    assert entry["odd"].startswith("<object object")
+
+
+def test_exceptions_are_included() -> None:
+    try:
+        raise ValueError("bad value")
+    except ValueError:
+        exc_info = sys.exc_info()
+    item = logging.getLogger("x").makeRecord("x", logging.ERROR, __file__, 1, "oops", (), exc_info)
+    entry = json.loads(JsonFormatter().format(item))
+    assert entry["message"] == "oops"
+    assert "ValueError: bad value" in entry["exception"]
+
+
+@pytest.fixture
+def restore_root_logger() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    access = logging.getLogger("uvicorn.access").disabled
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.getLogger("uvicorn.access").disabled = access
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+@pytest.mark.parametrize(("fmt", "is_json"), [("json", True), ("text", False)])
+def test_configure_logging(monkeypatch: pytest.MonkeyPatch, fmt: str, is_json: bool) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    configure_logging("debug", fmt)
+    logging.getLogger("callboard.x").debug("hello %s", "there")
+    logging.getLogger("uvicorn.error").info("from uvicorn")
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 2
+    if is_json:
+        assert [json.loads(line)["message"] for line in lines] == ["hello there", "from uvicorn"]
+    else:
+        assert "DEBUG" in lines[0]
+        assert "callboard.x: hello there" in lines[0]
+    assert logging.getLogger().level == logging.DEBUG
