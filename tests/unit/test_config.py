@@ -246,4 +246,4 @@ def test_an_unknown_broker_url_names_its_key() -> None:
 def test_config_is_immutable() -> None:
     config = load_config()
     with pytest.raises(ValueError, match="frozen"):
-        config.events.broker = "x"  # type: ignore[misc]
+        config.events.broker = "x"

@@ -32,7 +32,7 @@ def test_an_event_is_frozen() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         event.topic = "gitlab"  # type: ignore[misc]
     with pytest.raises(TypeError):
-        Event("github")  # type: ignore[misc]  # keyword-only
+        Event("github")  # type: ignore[call-arg]  # keyword-only
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, MutableMapping, Sequence
 from typing import Any
 
 import httpx
@@ -282,7 +282,7 @@ class Exchange:
         self._chunks = list(chunks or [])
         self._endless = endless
         self.consumed = 0
-        self.messages: list[dict[str, Any]] = []
+        self.messages: list[MutableMapping[str, Any]] = []
 
     async def receive(self) -> dict[str, Any]:
         self.consumed += 1
@@ -293,7 +293,7 @@ class Exchange:
         chunk = self._chunks.pop(0)
         return {"type": "http.request", "body": chunk, "more_body": bool(self._chunks)}
 
-    async def send(self, message: dict[str, Any]) -> None:
+    async def send(self, message: MutableMapping[str, Any]) -> None:
         self.messages.append(message)
 
     @property

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,9 +52,7 @@ not_a_module = object()
 def sample(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
     (tmp_path / "cb_sample_modules.py").write_text(SAMPLE, encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path))
-    import cb_sample_modules
-
-    yield cb_sample_modules
+    yield importlib.import_module("cb_sample_modules")
     sys.modules.pop("cb_sample_modules", None)
 
 
