@@ -20,6 +20,8 @@ from starlette.types import Receive, Scope, Send
 
 from callboard.brokers import open_broker
 from callboard.brokers.base import Broker
+from callboard.bus.api import BusApp
+from callboard.bus.wire import BUS_PATH
 from callboard.config import Config
 from callboard.default_service import DefaultEventsService
 from callboard.delivery import RetryPolicy
@@ -160,15 +162,25 @@ class CallboardApp:
     def __init__(self, board: Callboard) -> None:
         self.board = board
         self._ingress_base = INGRESS_PREFIX + "/"
+        self.bus = BusApp.from_config(board.config, board.events.broker, board.events.publish)
         self.starlette = Starlette(
             routes=[
                 Route("/healthz", self._health),
                 Route("/readyz", self._ready),
                 Route("/metrics", self._metrics),
                 Mount(INGRESS_PREFIX, app=board.ingress),
+                Mount(BUS_PATH, app=self.bus),
             ],
-            lifespan=board.lifespan,
+            lifespan=self._lifespan,
         )
+
+    @asynccontextmanager
+    async def _lifespan(self, app: object = None) -> AsyncIterator[None]:
+        async with self.board.lifespan(app):
+            try:
+                yield
+            finally:
+                await self.bus.close()  # before the broker closes: unacknowledged events go back
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
 from callboard.errors import ConfigError, InvalidTopicError
 from callboard.settings import Section, validate_section
@@ -42,11 +42,50 @@ class Listen(Section):
     port: int = Field(default=7007, ge=0, le=65535)
 
 
+class ExternalAccess(Section):
+    """One ``backend.auth.externalAccess`` entry; callboard reads those of ``type: static``."""
+
+    # Other types (legacy, jwks) carry options callboard does not read.
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+    type: str
+    options: dict[str, Any] = {}
+    access_restrictions: tuple[dict[str, Any], ...] = Field(default=(), alias="accessRestrictions")
+
+
+class BackendAuth(Section):
+    # Backstage's auth section holds more (keys, pluginKeyStore) that callboard leaves alone.
+    model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
+
+    external_access: tuple[ExternalAccess, ...] = Field(default=(), alias="externalAccess")
+    dangerously_disable_default_auth_policy: bool = Field(
+        default=False, alias="dangerouslyDisableDefaultAuthPolicy"
+    )
+
+    @model_validator(mode="after")
+    def _static_tokens(self) -> BackendAuth:
+        # The rules of Backstage's static token handler. Raised as ConfigError directly, so the
+        # message never echoes the entry (and its token) back.
+        for index, entry in enumerate(self.external_access):
+            if entry.type != "static":
+                continue
+            path = f"backend.auth.externalAccess.{index}.options"
+            token, subject = entry.options.get("token"), entry.options.get("subject")
+            if not isinstance(token, str) or not re.fullmatch(r"\S+", token):
+                raise ConfigError(f"{path}.token", "must be a set of non-space characters")
+            if len(token) < 8:
+                raise ConfigError(f"{path}.token", "must be at least 8 characters long")
+            if not isinstance(subject, str) or not re.fullmatch(r"\S+", subject):
+                raise ConfigError(f"{path}.subject", "must be a set of non-space characters")
+        return self
+
+
 class Backend(Section):
     # Backstage's backend section holds much else (baseUrl, database, auth, cors).
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
 
     listen: Listen = Listen()
+    auth: BackendAuth = BackendAuth()
 
 
 class Http(Section):

@@ -1,0 +1,409 @@
+"""The bus API: Backstage's ``/api/events/bus/v1`` routes, plus callboard's acknowledged reads.
+
+Backstage's three routes behave as its own events backend does (status codes, batch of ten,
+``202`` held open with the ``backstage-events-notify-timeout`` header, then a 1-10 ms jitter), so a
+Backstage backend can use callboard as its events bus. Beside them, ``GET .../deliveries`` hands
+events out under a lease that ``POST .../acks`` settles, so a reader gets every event at least
+once. ``docs/bus-api.md`` describes every route and JSON shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route, Router
+from starlette.types import Receive, Scope, Send
+
+from callboard.brokers.base import DEAD_LETTER_PREFIX, Broker
+from callboard.bus.auth import Principal, Refusal, StaticTokenAuth
+from callboard.bus.feeds import Batch, Feed, Feeds
+from callboard.bus.listing import stored_subscriptions, subscription_infos
+from callboard.bus.wire import (
+    BATCH_SIZE,
+    NOTIFIED,
+    NOTIFY_TIMEOUT_HEADER,
+    PUBLISH_RESULT_HEADER,
+    AckRequest,
+    AckResult,
+    PublishRequest,
+    SubscriptionRequest,
+    event_from_wire,
+    event_to_wire,
+)
+from callboard.errors import (
+    BrokerError,
+    InvalidTopicError,
+    MalformedBodyError,
+    PayloadTooLargeError,
+    RequestRejected,
+    ServiceClosedError,
+    SubscriptionError,
+    UnsupportedMediaTypeError,
+)
+from callboard.events import Event
+from callboard.ingress.asgi import error_body
+from callboard.topics import TopicMatcher, normalize_patterns, validate_topic
+
+if TYPE_CHECKING:
+    from callboard.config import Config
+
+logger = logging.getLogger("callboard.bus")
+
+Publish = Callable[[Event], Awaitable[bool]]
+Handler = Callable[[Request, Principal], Awaitable[Response]]
+
+BODY_LIMIT = 5 * 1024 * 1024
+DEFAULT_LEASE_MS = 30_000
+MAX_LEASE_MS = 600_000
+
+_ERROR_NAMES = {
+    400: "InputError",
+    401: "AuthenticationError",
+    403: "NotAllowedError",
+    404: "NotFoundError",
+    409: "ConflictError",
+    413: "PayloadTooLargeError",
+    415: "UnsupportedMediaTypeError",
+    500: "InternalServerError",
+    503: "ServiceUnavailableError",
+}
+_JSON = "application/json; charset=utf-8"
+
+
+def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(body), status_code=status, media_type=_JSON, headers=headers)
+
+
+def _error(
+    scope: Scope, status: int, message: str, headers: Mapping[str, str] | None = None
+) -> Response:
+    body = error_body(scope, status, _ERROR_NAMES.get(status, "Error"), message)
+    return Response(body, status_code=status, media_type=_JSON, headers=headers)
+
+
+class _Held(Response):
+    """A ``202`` whose empty body ends when the subscription has news or the timeout passes."""
+
+    def __init__(self, feed: Feed, timeout_ms: float) -> None:
+        super().__init__(status_code=202, headers={NOTIFY_TIMEOUT_HEADER: str(int(timeout_ms))})
+        self._feed = feed
+        self._timeout = timeout_ms / 1000
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 202, "headers": self.raw_headers})
+        hold = asyncio.create_task(self._feed.wait(self._timeout))
+        gone = asyncio.create_task(_disconnected(receive))
+        try:
+            await asyncio.wait({hold, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (hold, gone):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if gone.cancelled():
+            # Spread competing readers a little, as Backstage does.
+            await asyncio.sleep(random.uniform(0.001, 0.010))
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _disconnected(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+class _Batched(Response):
+    """A ``200`` with Backstage's batch; the batch is acknowledged once it was sent."""
+
+    def __init__(self, feed: Feed, batch: Batch) -> None:
+        events = [event_to_wire(d.event) for d in batch.events()]
+        super().__init__(orjson.dumps({"events": events}), media_type=_JSON)
+        self._feed = feed
+        self._batch = batch
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        sent = False
+        try:
+            await super().__call__(scope, receive, send)
+            sent = True
+        finally:
+            await asyncio.shield(self._feed.finish(self._batch, handled=sent))
+
+
+def _info_to_wire(info: Any) -> dict[str, Any]:
+    lost: int = getattr(info, "lost", 0)
+    return {
+        "id": info.name,
+        "topics": list(info.topics),
+        "inFlight": info.in_flight,
+        "backlog": info.backlog,
+        "lost": lost,
+    }
+
+
+class BusApp:
+    """The bus routes as an ASGI application, to be mounted at ``/api/events/bus/v1``."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        auth: StaticTokenAuth,
+        *,
+        publish: Publish | None = None,
+        notify_timeout_ms: float = 55_000,
+        batch_size: int = BATCH_SIZE,
+        grace: float = 0.05,
+        hold: float = 5.0,
+    ) -> None:
+        self.broker = broker
+        self.auth = auth
+        self.feeds = Feeds(broker, batch_size=batch_size, hold=hold)
+        self.notify_timeout_ms = notify_timeout_ms
+        self._publish = publish if publish is not None else broker.publish
+        self._grace = grace
+        self._matchers: dict[tuple[str, ...], TopicMatcher] = {}
+        sub = "/subscriptions/{id}"
+        self.router = Router(
+            routes=[
+                Route("/events", self._guard(self._post_event), methods=["POST"]),
+                Route("/subscriptions", self._guard(self._list), methods=["GET"]),
+                Route(sub, self._guard(self._put_subscription), methods=["PUT"]),
+                Route(sub + "/events", self._guard(self._get_events), methods=["GET"]),
+                Route(sub + "/events", self._guard(self._deliver_to), methods=["POST"]),
+                Route(sub + "/deliveries", self._guard(self._get_deliveries), methods=["GET"]),
+                Route(sub + "/acks", self._guard(self._ack), methods=["POST"]),
+                Route(sub + "/nacks", self._guard(self._nack), methods=["POST"]),
+                Route(sub + "/leases", self._guard(self._renew), methods=["POST"]),
+                Route(sub + "/dead-letters", self._guard(self._dead_letters), methods=["GET"]),
+                Route(sub + "/dead-letters/take", self._guard(self._take), methods=["POST"]),
+            ],
+            default=self._not_found,
+        )
+
+    @classmethod
+    def from_config(cls, config: Config, broker: Broker, publish: Publish | None = None) -> BusApp:
+        auth = config.backend.auth
+        return cls(
+            broker,
+            StaticTokenAuth.from_settings(
+                [entry.model_dump(by_alias=True) for entry in auth.external_access],
+                disable_default_policy=auth.dangerously_disable_default_auth_policy,
+            ),
+            publish=publish,
+            notify_timeout_ms=config.events.notify_timeout_ms,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.router(scope, receive, send)
+
+    async def close(self) -> None:
+        """Leave every subscription; events not acknowledged go back to the broker."""
+        await self.feeds.close()
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _guard(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+        async def endpoint(request: Request) -> Response:
+            verdict = self.auth.authenticate(request.headers.get("authorization"))
+            if isinstance(verdict, Refusal):
+                return _error(request.scope, 401, verdict.message, {"www-authenticate": "Bearer"})
+            try:
+                return await handler(request, verdict)
+            except RequestRejected as error:
+                return _error(request.scope, error.status_code, error.message)
+            except InvalidTopicError as error:
+                return _error(request.scope, 400, str(error))
+            except SubscriptionError as error:
+                return _error(request.scope, 409, str(error))
+            except (BrokerError, ServiceClosedError) as error:
+                logger.warning(
+                    "bus request %s %s failed: %s", request.method, request.url.path, error
+                )
+                return _error(
+                    request.scope,
+                    503,
+                    f"the broker cannot take the request now, try again later: {error}",
+                    {"retry-after": "1"},
+                )
+            except Exception:
+                logger.exception("bus request %s %s failed", request.method, request.url.path)
+                return _error(
+                    request.scope, 500, "the request failed; the server log has the details"
+                )
+
+        return endpoint
+
+    async def _not_found(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            response = _error(scope, 404, f"no bus route {scope['method']} {scope['path']}")
+            await response(scope, receive, send)
+
+    async def _body(self, request: Request) -> Any:
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > BODY_LIMIT:
+            raise PayloadTooLargeError(f"the body is over the limit of {BODY_LIMIT} bytes")
+        media = request.headers.get("content-type", "application/json").split(";")[0].strip()
+        if media and media != "application/json" and not media.endswith("+json"):
+            raise UnsupportedMediaTypeError(f"send application/json, not {media}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > BODY_LIMIT:
+                raise PayloadTooLargeError(f"the body is over the limit of {BODY_LIMIT} bytes")
+            chunks.append(chunk)
+        try:
+            return orjson.loads(b"".join(chunks) or b"null")
+        except orjson.JSONDecodeError:
+            raise MalformedBodyError("the body is not valid JSON") from None
+
+    async def _feed(self, request: Request) -> Feed:
+        id = request.path_params["id"]
+        feed = await self.feeds.find(id, None)
+        if feed is None:
+            feed = await self.feeds.find(id, await stored_subscriptions(self.broker))
+        if feed is None:
+            raise RequestRejected(f"Subscription with ID '{id}' not found", status_code=404)
+        return feed
+
+    def _matches(self, patterns: tuple[str, ...], topic: str) -> bool:
+        matcher = self._matchers.get(patterns)
+        if matcher is None:
+            if len(self._matchers) > 10_000:
+                self._matchers.clear()
+            matcher = self._matchers[patterns] = TopicMatcher(patterns)
+        return matcher(topic)
+
+    # -- Backstage's routes --------------------------------------------------------------------
+
+    async def _post_event(self, request: Request, principal: Principal) -> Response:
+        published = PublishRequest.from_wire(await self._body(request))
+        event, notified = published.event, set(published.notified)
+        validate_topic(event.topic)
+        dead_letter = event.topic.startswith(DEAD_LETTER_PREFIX)
+        if event.topic.startswith("$") and not dead_letter:
+            raise InvalidTopicError(event.topic, "topics starting with '$' are callboard's own")
+        if not dead_letter:
+            stored = await stored_subscriptions(self.broker)
+            if stored is not None and not any(
+                id not in notified and self._matches(topics, event.topic)
+                for id, topics in stored.items()
+            ):
+                logger.debug("skipped an event on %r: no subscription left to notify", event.topic)
+                return Response(status_code=204, headers={PUBLISH_RESULT_HEADER: "no-readers"})
+        if notified:
+            event = replace(event, metadata={**event.metadata, NOTIFIED: sorted(notified)})
+        if not await self._publish(event):
+            return Response(status_code=204, headers={PUBLISH_RESULT_HEADER: "duplicate"})
+        logger.debug("published event %s to %r for %s", event.id, event.topic, principal.created_by)
+        return _json({"id": event.id}, 201)
+
+    async def _put_subscription(self, request: Request, principal: Principal) -> Response:
+        id = request.path_params["id"]
+        wanted = SubscriptionRequest.from_wire(await self._body(request))
+        topics = normalize_patterns(wanted.topics)
+        if any(topic.startswith("$") for topic in topics):
+            raise InvalidTopicError(topics[0], "topics starting with '$' are callboard's own")
+        created = await self.feeds.upsert(id, topics, wanted.start)
+        logger.info(
+            "%s subscription %r to %s for %s",
+            "created" if created else "updated",
+            id,
+            list(topics),
+            principal.created_by,
+        )
+        return _json({"id": id, "topics": list(topics)}, 201)
+
+    async def _get_events(self, request: Request, principal: Principal) -> Response:
+        feed = await self._feed(request)
+        batch = await feed.take(self._grace)
+        if batch is None:
+            return _Held(feed, self.notify_timeout_ms)
+        return _Batched(feed, batch)
+
+    # -- callboard's routes --------------------------------------------------------------------
+
+    async def _get_deliveries(self, request: Request, principal: Principal) -> Response:
+        raw = request.query_params.get("leaseMs", str(DEFAULT_LEASE_MS))
+        if not raw.isdigit() or not 1 <= int(raw) <= MAX_LEASE_MS:
+            raise MalformedBodyError(f"leaseMs must be an integer from 1 to {MAX_LEASE_MS}")
+        lease_ms = int(raw)
+        feed = await self._feed(request)
+        batch = await feed.take(self._grace)
+        if batch is None:
+            return _Held(feed, self.notify_timeout_ms)
+        deliveries = feed.lease(batch, lease_ms / 1000)
+        return _json({"deliveries": [d.to_wire() for d in deliveries], "leaseMs": lease_ms})
+
+    async def _settle(self, request: Request, kind: str) -> Response:
+        asked = AckRequest.from_wire(await self._body(request))
+        feed = self.feeds.local_feed(request.path_params["id"])
+        if feed is None:  # not held here (another server, or before a restart)
+            return _json(AckResult((), asked.ack_ids).to_wire())
+        if kind == "ack":
+            done, unknown = await feed.ack(asked.ack_ids)
+        elif kind == "nack":
+            done, unknown = await feed.nack(asked.ack_ids)
+        else:
+            if asked.lease_ms is None or asked.lease_ms > MAX_LEASE_MS:
+                raise MalformedBodyError(f"leaseMs from 1 to {MAX_LEASE_MS} is required")
+            done, unknown = feed.renew(asked.ack_ids, asked.lease_ms / 1000)
+        return _json(AckResult(tuple(done), tuple(unknown)).to_wire())
+
+    async def _ack(self, request: Request, principal: Principal) -> Response:
+        return await self._settle(request, "ack")
+
+    async def _nack(self, request: Request, principal: Principal) -> Response:
+        return await self._settle(request, "nack")
+
+    async def _renew(self, request: Request, principal: Principal) -> Response:
+        return await self._settle(request, "renew")
+
+    async def _deliver_to(self, request: Request, principal: Principal) -> Response:
+        body = await self._body(request)
+        event = event_from_wire(body.get("event") if isinstance(body, dict) else None)
+        try:
+            await self.broker.deliver_to(request.path_params["id"], event)
+        except SubscriptionError as error:
+            raise RequestRejected(str(error), status_code=404) from error
+        return _json({"id": event.id}, 201)
+
+    async def _list(self, request: Request, principal: Principal) -> Response:
+        infos = await subscription_infos(self.broker)
+        if infos is None:
+            items = [{"id": id, "topics": list(t)} for id, t in self.feeds.local().items()]
+        else:
+            items = [_info_to_wire(info) for info in infos]
+        return _json({"subscriptions": items})
+
+    async def _dead_letters(self, request: Request, principal: Principal) -> Response:
+        raw = request.query_params.get("limit", "100")
+        if not raw.isdigit():
+            raise MalformedBodyError("limit must be a positive integer")
+        letters = await self.broker.take_dead_letters(
+            request.path_params["id"],
+            ids=request.query_params.getlist("id") or None,
+            limit=int(raw),
+        )
+        return _json({"deadLetters": [event_to_wire(e) for e in letters]})
+
+    async def _take(self, request: Request, principal: Principal) -> Response:
+        body = await self._body(request)
+        if not isinstance(body, dict):
+            raise MalformedBodyError("the body must be a JSON object")
+        ids, limit, remove = body.get("ids"), body.get("limit", 100), body.get("remove", False)
+        if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
+            raise MalformedBodyError("ids must be a list of strings")
+        if not isinstance(limit, int) or limit < 0 or not isinstance(remove, bool):
+            raise MalformedBodyError("limit must be a count and remove a boolean")
+        letters = await self.broker.take_dead_letters(
+            request.path_params["id"], ids=ids, remove=remove, limit=limit
+        )
+        return _json({"deadLetters": [event_to_wire(e) for e in letters]})

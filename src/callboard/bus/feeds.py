@@ -1,0 +1,385 @@
+"""The bus API's subscriptions over any broker: one ``Feed`` per subscription id and server.
+
+A feed joins the broker's consumer group named by the subscription id and fetches only when an
+HTTP reader asks, so several servers can share one group. Each fetched batch stays with the
+consumer that fetched it, and a fresh consumer takes over the next fetch; a batch is therefore
+released by closing its own consumer (the broker hands its unacknowledged events to the group
+again) without touching any other batch. That one move serves every case where events must go
+back: a batch nobody came for, a lease that ran out, deliveries refused, a fetch cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections import deque
+from collections.abc import Iterable, Sequence
+
+from callboard.brokers.base import Broker, Consumer, Delivery, Start
+from callboard.bus.wire import BATCH_SIZE, NOTIFIED, WireDelivery
+from callboard.errors import SubscriptionError
+
+logger = logging.getLogger("callboard.bus")
+
+
+def _notified(delivery: Delivery) -> tuple[str, ...] | list[str]:
+    value = delivery.event.metadata.get(NOTIFIED)
+    if value is None:
+        return ()
+    return [value] if isinstance(value, str) else value
+
+
+class Batch:
+    """Events fetched by one consumer, waiting for a reader or leased to one."""
+
+    def __init__(self, consumer: Consumer, deliveries: Sequence[Delivery]) -> None:
+        self.consumer = consumer
+        self.deliveries = {secrets.token_urlsafe(12): d for d in deliveries}
+        #: Ack ids neither acknowledged nor refused yet.
+        self.open = set(self.deliveries)
+        self.timer: asyncio.TimerHandle | None = None
+        self.ended = False
+
+    def wire(self) -> list[WireDelivery]:
+        return [WireDelivery(k, d.attempt, d.event) for k, d in self.deliveries.items()]
+
+    def events(self) -> list[Delivery]:
+        return list(self.deliveries.values())
+
+
+class Feed:
+    """One subscription id on this server: its consumers, waiting batches and leases."""
+
+    def __init__(
+        self,
+        broker: Broker,
+        id: str,
+        topics: tuple[str, ...],
+        *,
+        batch_size: int = BATCH_SIZE,
+        hold: float = 5.0,
+        linger: float = 1.0,
+    ) -> None:
+        self.id = id
+        self.topics = topics
+        self._broker = broker
+        self._batch_size = batch_size
+        self._hold = hold
+        self._linger = linger
+        self._idle: Consumer | None = None
+        self._fetch: asyncio.Task[None] | None = None
+        self._ready: deque[Batch] = deque()
+        self._leases: dict[str, Batch] = {}
+        self._waiters: set[asyncio.Future[None]] = set()
+        self._users = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    async def open(self, start: Start = "end") -> None:
+        self._idle = await self._broker.consume(self.id, self.topics, start=start)
+
+    # -- reading -------------------------------------------------------------------------------
+
+    async def take(self, grace: float) -> Batch | None:
+        """A batch if one is ready or arrives within ``grace`` seconds, else ``None``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        self._users += 1
+        try:
+            # A competing reader may take the batch this one waited for: then fetch again.
+            while (
+                not self._ready and not self._closed and (remaining := deadline - loop.time()) > 0
+            ):
+                task = self._ensure_fetch()
+                await asyncio.wait({task}, timeout=remaining)
+                if task.done() and not task.cancelled():
+                    error = task.exception()
+                    if error is not None:
+                        raise error
+            return self._pop_ready()
+        finally:
+            self._users -= 1
+
+    async def wait(self, timeout: float) -> None:
+        """Hold until a batch is ready for this subscription, or ``timeout`` seconds pass."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.add(waiter)
+        self._users += 1
+        try:
+            while not self._ready and not waiter.done() and not self._closed:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    return
+                task = self._ensure_fetch()
+                await asyncio.wait({task, waiter}, timeout=remaining)
+                if task.done() and not self._ready and not task.cancelled() and task.exception():
+                    return  # the broker failed: let the client come back and hear about it
+        finally:
+            self._waiters.discard(waiter)
+            self._users -= 1
+            if not self._users and not self._closed:
+                # Keep the fetch for a reader that comes straight back (they do); cancel it
+                # when nobody does, so events are not taken for a server nobody asks.
+                loop.call_later(self._linger, self._drop_unused_fetch)
+
+    def _ensure_fetch(self) -> asyncio.Task[None]:
+        if self._fetch is None or self._fetch.done():
+            task = asyncio.create_task(self._run_fetch(), name=f"callboard-bus-fetch-{self.id}")
+            task.add_done_callback(self._fetch_done)
+            self._fetch = task
+        return self._fetch
+
+    def _fetch_done(self, task: asyncio.Task[None]) -> None:
+        if self._fetch is task:
+            self._fetch = None
+        if not task.cancelled() and task.exception() is not None:
+            logger.warning("bus subscription %r: fetch failed: %s", self.id, task.exception())
+
+    def _drop_unused_fetch(self) -> None:
+        if not self._users and self._fetch is not None and not self._fetch.done():
+            self._fetch.cancel()
+
+    async def _run_fetch(self) -> None:
+        if self._idle is None:
+            self._idle = await self._broker.consume(self.id, self.topics)
+        consumer = self._idle
+        try:
+            kept: list[Delivery] = []
+            while not kept:
+                batch = await consumer.fetch(self._batch_size)
+                if not batch:
+                    return  # closed
+                for delivery in batch:
+                    if self.id in _notified(delivery):
+                        # Its publisher already delivered it to this subscription in-process.
+                        await consumer.ack(delivery)
+                    else:
+                        kept.append(delivery)
+        except asyncio.CancelledError:
+            # Whatever a cancelled fetch may have taken goes back with its consumer.
+            await self._replace(consumer)
+            raise
+        # Handing over must finish even if this fetch is cancelled now: the batch is taken.
+        await asyncio.shield(self._hand_over(consumer, kept))
+
+    async def _hand_over(self, consumer: Consumer, kept: list[Delivery]) -> None:
+        # This consumer now holds the batch; a fresh one fetches next. It is opened first, so
+        # the group never has no member (an in-memory group would end with its last member).
+        self._idle = None
+        batch = Batch(consumer, kept)
+        try:
+            self._idle = await self._broker.consume(self.id, self.topics)
+        except Exception:
+            await consumer.close()  # the batch goes back to the group
+            raise
+        self._ready.append(batch)
+        batch.timer = asyncio.get_running_loop().call_later(
+            self._hold, self._spawn_release, batch, "nobody came for it"
+        )
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _replace(self, consumer: Consumer) -> None:
+        if self._idle is consumer:
+            self._idle = None
+            if not self._closed:
+                with contextlib.suppress(Exception):
+                    self._idle = await self._broker.consume(self.id, self.topics)
+        await consumer.close()
+
+    def _pop_ready(self) -> Batch | None:
+        if not self._ready:
+            return None
+        batch = self._ready.popleft()
+        if batch.timer is not None:
+            batch.timer.cancel()
+            batch.timer = None
+        return batch
+
+    # -- settling ------------------------------------------------------------------------------
+
+    async def finish(self, batch: Batch, *, handled: bool) -> None:
+        """Backstage's read: acknowledge the whole batch, or give it back if it was not sent."""
+        if handled:
+            for delivery in batch.deliveries.values():
+                await batch.consumer.ack(delivery)
+        await self._end(batch)
+
+    def lease(self, batch: Batch, seconds: float) -> list[WireDelivery]:
+        """Hand a batch out under a lease; what is not acknowledged in time comes back."""
+        for ack_id in batch.open:
+            self._leases[ack_id] = batch
+        batch.timer = asyncio.get_running_loop().call_later(
+            seconds, self._spawn_release, batch, "its lease ran out"
+        )
+        return batch.wire()
+
+    async def ack(self, ack_ids: Iterable[str]) -> tuple[list[str], list[str]]:
+        return await self._settle(ack_ids, acknowledge=True)
+
+    async def nack(self, ack_ids: Iterable[str]) -> tuple[list[str], list[str]]:
+        return await self._settle(ack_ids, acknowledge=False)
+
+    def renew(self, ack_ids: Iterable[str], seconds: float) -> tuple[list[str], list[str]]:
+        done, unknown = [], []
+        for ack_id in ack_ids:
+            batch = self._leases.get(ack_id)
+            if batch is None:
+                unknown.append(ack_id)
+                continue
+            done.append(ack_id)
+            if batch.timer is not None:
+                batch.timer.cancel()
+            batch.timer = asyncio.get_running_loop().call_later(
+                seconds, self._spawn_release, batch, "its lease ran out"
+            )
+        return done, unknown
+
+    async def _settle(
+        self, ack_ids: Iterable[str], *, acknowledge: bool
+    ) -> tuple[list[str], list[str]]:
+        done, unknown, finished = [], [], []
+        for ack_id in dict.fromkeys(ack_ids):
+            batch = self._leases.pop(ack_id, None)
+            if batch is None:
+                unknown.append(ack_id)
+                continue
+            if acknowledge:
+                await batch.consumer.ack(batch.deliveries[ack_id])
+            batch.open.discard(ack_id)
+            done.append(ack_id)
+            if not batch.open:
+                finished.append(batch)
+        for batch in finished:
+            # Closing the batch's consumer gives back exactly the refused deliveries.
+            await self._end(batch)
+        return done, unknown
+
+    def _spawn_release(self, batch: Batch, why: str) -> None:
+        task = asyncio.create_task(self._release(batch, why))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _release(self, batch: Batch, why: str) -> None:
+        if batch.ended:
+            return
+        if batch in self._ready:
+            self._ready.remove(batch)
+        if batch.open:
+            logger.info(
+                "bus subscription %r: %d events go back to the subscription: %s",
+                self.id,
+                len(batch.open),
+                why,
+            )
+        await self._end(batch)
+
+    async def _end(self, batch: Batch) -> None:
+        if batch.ended:
+            return
+        batch.ended = True
+        if batch.timer is not None:
+            batch.timer.cancel()
+        for ack_id in batch.open:
+            self._leases.pop(ack_id, None)
+        await batch.consumer.close()
+
+    async def close(self) -> None:
+        """Leave the group; every event not acknowledged goes back to it."""
+        if self._closed:
+            return
+        self._closed = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        if self._fetch is not None:
+            self._fetch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._fetch
+        batches = [*self._ready, *{id(b): b for b in self._leases.values()}.values()]
+        self._ready.clear()
+        for batch in batches:
+            await self._end(batch)
+        if self._idle is not None:
+            await self._idle.close()
+            self._idle = None
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+class Feeds:
+    """The feeds of this server, made on ``PUT`` or, for a group the broker already holds,
+    on first read."""
+
+    def __init__(self, broker: Broker, *, batch_size: int = BATCH_SIZE, hold: float = 5.0) -> None:
+        self._broker = broker
+        self._batch_size = batch_size
+        self._hold = hold
+        self._feeds: dict[str, Feed] = {}
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    def _new(self, id: str, topics: tuple[str, ...]) -> Feed:
+        return Feed(self._broker, id, topics, batch_size=self._batch_size, hold=self._hold)
+
+    def local_feed(self, id: str) -> Feed | None:
+        return self._feeds.get(id)
+
+    def local(self) -> dict[str, tuple[str, ...]]:
+        """Subscription id -> topics, for the feeds of this server."""
+        return {id: feed.topics for id, feed in self._feeds.items()}
+
+    async def upsert(self, id: str, topics: tuple[str, ...], start: Start = "end") -> bool:
+        """Create the subscription or replace its topics; ``True`` when it was new here."""
+        async with self._lock:
+            self._check_open()
+            known = self._feeds.get(id)
+            if known is not None and set(known.topics) == set(topics):
+                return False
+            feed = self._new(id, topics)
+            try:
+                await feed.open(start if known is None else "end")
+            except SubscriptionError:
+                if known is None:
+                    raise
+                # The broker keeps a group's topics: leave the group and make it afresh.
+                del self._feeds[id]
+                await known.close()
+                known = None
+                await feed.open("end")
+            if known is not None:
+                await known.close()
+            self._feeds[id] = feed
+            return known is None
+
+    async def find(self, id: str, stored: dict[str, tuple[str, ...]] | None) -> Feed | None:
+        """This server's feed for ``id``; made from the broker's record when it has one."""
+        feed = self._feeds.get(id)
+        if feed is not None or not stored or id not in stored:
+            return feed
+        async with self._lock:
+            self._check_open()
+            feed = self._feeds.get(id)
+            if feed is None:
+                feed = self._new(id, stored[id])
+                await feed.open("end")  # an existing group resumes where it was
+                self._feeds[id] = feed
+            return feed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise SubscriptionError("the bus is shutting down")
+
+    async def close(self) -> None:
+        async with self._lock:
+            self._closed = True
+            feeds = list(self._feeds.values())
+            self._feeds.clear()
+        for feed in feeds:
+            await feed.close()
