@@ -1,4 +1,4 @@
-"""The ``callboard`` command: ``serve`` and ``check-config``."""
+"""The ``callboard`` command: ``serve``, ``check-config`` and ``migrate``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ from callboard.errors import CallboardError
 from callboard.logs import configure_logging
 
 logger = logging.getLogger("callboard.cli")
+
+#: The broker ``serve`` runs on when the configuration names none: durable, next to the process.
+SERVE_BROKER = "sqlite:///callboard.db"
 
 
 def _config_argument(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +45,11 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", help="validate configuration and modules, then exit"
     )
     _config_argument(check)
+
+    migrate = commands.add_parser(
+        "migrate", help="create or upgrade the broker's schema (events.broker), then exit"
+    )
+    _config_argument(migrate)
     return parser
 
 
@@ -56,7 +64,13 @@ def _load(args: argparse.Namespace) -> Config:
         overrides["backend"] = {"listen": listen}
     if getattr(args, "log_format", None):
         overrides["logging"] = {"format": args.log_format}
-    return load_config(args.config, overrides=overrides)
+    config = load_config(args.config, overrides=overrides)
+    if "broker" not in config.events.model_fields_set:
+        # The library default stays in-memory; the server is durable unless told otherwise.
+        config = config.model_copy(
+            update={"events": config.events.model_copy(update={"broker": SERVE_BROKER})}
+        )
+    return config
 
 
 def serve(config: Config) -> int:
@@ -96,6 +110,22 @@ def check_config(config: Config) -> int:
     return 0
 
 
+def migrate(config: Config) -> int:
+    import asyncio
+
+    from callboard.brokers import open_broker
+
+    url = config.events.broker
+    broker = open_broker(url, retention=config.events.retention.policy())
+    run = getattr(broker, "migrate", None)
+    if run is None:
+        print(f"the broker {url.partition('://')[0]}:// keeps no schema; nothing to migrate")
+        return 0
+    applied: list[str] = asyncio.run(run())
+    print("schema up to date" + (f"; applied {', '.join(applied)}" if applied else ""))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -103,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(config.logging.level, config.logging.format)
         if args.command == "serve":
             return serve(config)
+        if args.command == "migrate":
+            return migrate(config)
         return check_config(config)
     except CallboardError as error:
         print(f"callboard: {error}", file=sys.stderr)

@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
 
+from callboard.brokers.base import RetentionPolicy
 from callboard.errors import ConfigError, InvalidTopicError
 from callboard.settings import Section, validate_section
 from callboard.topics import validate_topic
@@ -112,10 +113,30 @@ class Delivery(Section):
     batch_size: int = Field(default=32, alias="batchSize", ge=1, le=10_000)
 
 
+class Retention(Section):
+    """How long durable brokers keep events (and delivery ids): Backstage's defaults."""
+
+    min_age_ms: float = Field(default=600_000, alias="minAgeMs", ge=0)
+    max_age_ms: float = Field(default=86_400_000, alias="maxAgeMs", gt=0)
+    max_count: int = Field(default=10_000, alias="maxCount", ge=0)
+    interval_ms: float = Field(default=60_000, alias="intervalMs", gt=0)
+    batch_size: int = Field(default=1_000, alias="batchSize", ge=1)
+
+    def policy(self) -> RetentionPolicy:
+        return RetentionPolicy(
+            min_age=self.min_age_ms / 1000,
+            max_age=self.max_age_ms / 1000,
+            max_count=self.max_count,
+            interval=self.interval_ms / 1000,
+            batch_size=self.batch_size,
+        )
+
+
 class Events(Section):
     broker: str = "memory://"
     http: Http = Http()
     delivery: Delivery = Delivery()
+    retention: Retention = Retention()
     shutdown_timeout_ms: float = Field(default=10_000, alias="shutdownTimeoutMs", ge=0)
     notify_timeout_ms: float = Field(default=55_000, alias="notifyTimeoutMs", gt=0)
     use_event_bus: Literal["never", "always", "auto"] = Field(default="auto", alias="useEventBus")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Protocol
 
-from callboard.brokers.base import Broker
+from callboard.brokers.base import Broker, RetentionPolicy
 from callboard.errors import ConfigError
 
 #: scheme -> (module, class, extra to install)
@@ -18,11 +18,16 @@ SCHEMES: dict[str, tuple[str, str, str | None]] = {
 
 
 class _FromUrl(Protocol):
-    def __call__(self, url: str) -> Broker: ...
+    def __call__(self, url: str, *, retention: RetentionPolicy | None = None) -> Broker: ...
 
 
-def open_broker(url: str, *, key: str = "events.broker") -> Broker:
-    """The broker for ``url`` (``memory://``, ``sqlite:///var/callboard.db``, ``postgresql://...``)."""
+def open_broker(
+    url: str, *, key: str = "events.broker", retention: RetentionPolicy | None = None
+) -> Broker:
+    """The broker for ``url`` (``memory://``, ``sqlite:///var/callboard.db``, ``postgresql://...``).
+
+    ``retention`` is the window a durable broker keeps events in (``events.retention``).
+    """
     scheme, sep, _ = url.partition("://")
     entry = SCHEMES.get(scheme.lower()) if sep else None
     if entry is None:
@@ -38,4 +43,4 @@ def open_broker(url: str, *, key: str = "events.broker") -> Broker:
         hint = f"; install it with: pip install 'callboard[{extra}]'" if extra else ""
         raise ConfigError(key, f"the {scheme} broker cannot be loaded: {error}{hint}") from error
     from_url: _FromUrl = getattr(module, class_name).from_url
-    return from_url(url)
+    return from_url(url, retention=retention)

@@ -9,6 +9,11 @@ events service does both the same way for every broker (``callboard.delivery``).
 
 Dead letters are ordinary events on the reserved topic ``$deadletter.<subscription id>``; a
 broker keeps them until they are taken, so they can be listed and redriven.
+
+A durable broker keeps published events for a bounded window (``RetentionPolicy``); the delivery
+ids it uses to recognise redeliveries are kept for the same window. A subscription that had not
+yet received events the window dropped is reported (``SubscriptionInfo.behind``), never silently
+moved on.
 """
 
 from __future__ import annotations
@@ -45,6 +50,53 @@ class Capabilities:
 
 
 @dataclass(frozen=True, slots=True)
+class RetentionPolicy:
+    """How long a durable broker keeps published events (Backstage's defaults).
+
+    An event younger than ``min_age`` is never deleted; beyond the newest ``max_count`` events
+    older ones are deleted; anything older than ``max_age`` is deleted whatever the count. Dead
+    letters are not events of the window: they are kept until taken.
+    """
+
+    #: Seconds an event is kept whatever the count.
+    min_age: float = 600.0
+    #: Seconds after which an event is deleted whatever the count.
+    max_age: float = 86_400.0
+    #: Events kept beyond ``min_age``, the newest first.
+    max_count: int = 10_000
+    #: Seconds between two cleanups.
+    interval: float = 60.0
+    #: Events deleted per transaction, so a cleanup never holds up publishing for long.
+    batch_size: int = 1_000
+
+    def __post_init__(self) -> None:
+        if self.min_age < 0 or self.max_age <= 0 or self.max_count < 0:
+            raise ValueError("RetentionPolicy ages must be positive and max_count not negative")
+        if self.interval <= 0 or self.batch_size < 1:
+            raise ValueError("RetentionPolicy.interval and batch_size must be positive")
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionInfo:
+    """A consumer group as the broker sees it, for operations."""
+
+    name: str
+    topics: tuple[str, ...]
+    #: Events handed to a consumer and not acknowledged yet.
+    in_flight: int
+    #: Events waiting for the group, not handed out yet.
+    backlog: int
+    #: Events the retention window deleted before the group received them (0 for a
+    #: group that has kept up).
+    lost: int = 0
+
+    @property
+    def behind(self) -> bool:
+        """The group fell behind the retained window and missed events."""
+        return self.lost > 0
+
+
+@dataclass(frozen=True, slots=True)
 class Delivery:
     """One event handed to one consumer, to be acknowledged when handled."""
 
@@ -61,12 +113,20 @@ class Consumer(Protocol):
     async def fetch(self, max_count: int) -> Sequence[Delivery]:
         """Wait until at least one event is available and return up to ``max_count`` of them.
 
-        Returns an empty sequence once the consumer is closed.
+        Returns an empty sequence once the consumer is closed. While the broker's store is
+        unreachable it keeps waiting (and logging) rather than raising, so a subscription rides
+        out an outage. Cancelling a fetch loses nothing: events it had already taken are returned
+        by the next fetch.
         """
         ...
 
     async def ack(self, delivery: Delivery) -> None:
-        """The event is handled: never deliver it to this group again."""
+        """The event is handled: never deliver it to this group again.
+
+        An acknowledgement that cannot be recorded (the store stayed unreachable, or the lease
+        expired and another consumer took the event) is dropped with a warning; the event is
+        then delivered again, which at-least-once delivery allows.
+        """
         ...
 
     async def close(self) -> None:
@@ -94,7 +154,11 @@ class Broker(Protocol):
         ...
 
     async def consume(self, group: str, topics: Sequence[str], *, start: Start = "end") -> Consumer:
-        """Join (or create) the consumer group ``group`` reading ``topics`` (patterns)."""
+        """Join (or create) the consumer group ``group`` reading ``topics`` (patterns).
+
+        ``start`` applies when the group is created; a durable group that already exists resumes
+        where it was, whatever ``start`` says.
+        """
         ...
 
     async def deliver_to(self, group: str, event: Event) -> None:
@@ -110,4 +174,8 @@ class Broker(Protocol):
         limit: int = 100,
     ) -> list[Event]:
         """The dead letters of ``group``, oldest first; with ``remove`` they are taken away."""
+        ...
+
+    async def subscriptions(self) -> list[SubscriptionInfo]:
+        """Every consumer group the broker holds, by name."""
         ...

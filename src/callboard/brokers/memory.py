@@ -13,14 +13,21 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 
-from callboard.brokers.base import DEAD_LETTER_PREFIX, Capabilities, Delivery, Start
+from callboard.brokers.base import (
+    DEAD_LETTER_PREFIX,
+    Capabilities,
+    Delivery,
+    RetentionPolicy,
+    Start,
+    SubscriptionInfo,
+)
 from callboard.errors import ServiceClosedError, SubscriptionError
 from callboard.events import Event
 from callboard.topics import TopicMatcher, normalize_patterns
 
 
 class _Group:
-    __slots__ = ("consumers", "matcher", "name", "queue", "waiters")
+    __slots__ = ("consumers", "in_flight", "matcher", "name", "queue", "waiters")
 
     def __init__(self, name: str, topics: tuple[str, ...]) -> None:
         self.name = name
@@ -28,6 +35,7 @@ class _Group:
         self.queue: deque[Delivery] = deque()
         self.waiters: deque[asyncio.Future[None]] = deque()
         self.consumers = 0
+        self.in_flight = 0
 
     def put(self, delivery: Delivery, *, front: bool = False) -> None:
         if front:
@@ -96,6 +104,7 @@ class MemoryConsumer:
         batch = [queue.popleft() for _ in range(min(max_count, len(queue)))]
         for delivery in batch:
             self._unacked[id(delivery)] = delivery
+        group.in_flight += len(batch)
         if queue and group.waiters:
             # Other members are waiting and events are left: wake one of them.
             group.wake_one()
@@ -103,6 +112,7 @@ class MemoryConsumer:
 
     async def ack(self, delivery: Delivery) -> None:
         if self._unacked.pop(id(delivery), None) is not None:
+            self._group.in_flight -= 1
             self._broker._settled(1)
 
     async def close(self) -> None:
@@ -115,6 +125,7 @@ class MemoryConsumer:
         group.consumers -= 1
         unacked = list(self._unacked.values())
         self._unacked.clear()
+        group.in_flight -= len(unacked)
         if group.consumers == 0:
             # The last member left: the in-memory subscription ends with it.
             self._broker._remove_group(group, len(unacked))
@@ -142,8 +153,12 @@ class MemoryBroker:
         self._closed = False
 
     @classmethod
-    def from_url(cls, url: str) -> MemoryBroker:
-        return cls()
+    def from_url(cls, url: str, *, retention: RetentionPolicy | None = None) -> MemoryBroker:
+        if retention is None:
+            return cls()
+        # Nothing is stored, but delivery ids are remembered for the window a durable broker
+        # keeps them: at least ``min_age``, at most ``max_count`` of them.
+        return cls(dedupe_window_ids=retention.max_count, dedupe_window_seconds=retention.min_age)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -221,6 +236,17 @@ class MemoryBroker:
             taken = {e.id for e in chosen}
             self._dead_letters[group] = [e for e in letters if e.id not in taken]
         return chosen
+
+    async def subscriptions(self) -> list[SubscriptionInfo]:
+        return [
+            SubscriptionInfo(
+                name=group.name,
+                topics=group.matcher.patterns,
+                in_flight=group.in_flight,
+                backlog=len(group.queue),
+            )
+            for group in sorted(self._groups.values(), key=lambda g: g.name)
+        ]
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Wait until every event published so far has been acknowledged by every group."""

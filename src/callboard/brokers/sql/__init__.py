@@ -1,0 +1,91 @@
+"""What the SQL-backed brokers share: named queries, the stored form of an event.
+
+Each dialect keeps its SQL in files beside this module (``sqlite/``, ``postgres/``), loaded with
+``importlib.resources`` so they ship inside the wheel. ``queries.sql`` holds named queries::
+
+    -- name: ack
+    -- One line saying what the query does.
+    DELETE FROM ...;
+
+Nothing here imports a database driver: each broker module imports its own.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import orjson
+
+from callboard.errors import BrokerError
+from callboard.events import Event
+
+_NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def read_sql(dialect: str, name: str) -> str:
+    """The text of ``<dialect>/<name>`` (``schema.sql``, ``migrations/0001_init.sql``)."""
+    return resources.files(__package__).joinpath(dialect, name).read_text(encoding="utf-8")
+
+
+def migration_names(dialect: str) -> list[str]:
+    """The migration files of a dialect, in the order they apply (``NNNN_*.sql``)."""
+    folder = resources.files(__package__).joinpath(dialect, "migrations")
+    return sorted(item.name for item in folder.iterdir() if item.name.endswith(".sql"))
+
+
+@cache
+def queries(dialect: str) -> dict[str, str]:
+    """The named queries of ``<dialect>/queries.sql``, without their comment lines."""
+    text = read_sql(dialect, "queries.sql")
+    found: dict[str, str] = {}
+    matches = list(_NAME.finditer(text))
+    for match, following in zip(matches, [*matches[1:], None], strict=True):
+        body = text[match.end() : following.start() if following else len(text)]
+        lines = [line for line in body.splitlines() if not line.lstrip().startswith("--")]
+        found[match.group(1)] = "\n".join(lines).strip()
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event in the columns the SQL brokers store it in."""
+
+    id: str
+    topic: str
+    #: The provider's delivery id, kept to recognise a redelivery on the same topic.
+    delivery_id: str | None
+    #: ``Event.time`` as microseconds since the epoch: exact, and cheap to read back.
+    time_us: int
+    payload: str
+    metadata: str
+
+
+def encode_event(event: Event) -> StoredEvent:
+    try:
+        payload = orjson.dumps(event.payload).decode()
+        metadata = orjson.dumps(dict(event.metadata)).decode()
+    except TypeError as error:
+        raise BrokerError(
+            f"event {event.id} on {event.topic!r} cannot be stored: its payload and metadata "
+            f"must be JSON-compatible ({error})"
+        ) from error
+    delta = event.time - _EPOCH
+    time_us = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+    return StoredEvent(event.id, event.topic, event.delivery_id, time_us, payload, metadata)
+
+
+def decode_event(id: str, topic: str, time_us: int, payload: str | bytes, metadata: Any) -> Event:
+    meta = orjson.loads(metadata) if isinstance(metadata, str | bytes) else metadata
+    return Event(
+        topic=topic,
+        payload=orjson.loads(payload),
+        metadata=meta,
+        id=id,
+        time=_EPOCH + timedelta(microseconds=time_us),
+    )

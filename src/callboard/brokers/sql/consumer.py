@@ -1,0 +1,218 @@
+"""Consumers of the SQL-backed brokers: leases claimed from a store, wake-ups, renewals.
+
+A consumer claims events for its group from the store; each claimed event is leased to it until
+a deadline. While the consumer's process lives, the broker renews the leases of all its live
+consumers (``ConsumerRegistry.live_ids``), so a slow handler never loses its event to another
+consumer; when the process dies the renewals stop, the leases run out and another consumer of the
+group claims the events again. Closing a consumer hands its leases back at once.
+
+Waiting for events costs nothing when idle: a consumer that found nothing sleeps until its
+broker wakes it (an event on one of its topics was stored, or leases of its group were handed
+back) or until ``poll_interval`` passes, which catches what no wake-up reports: leases of a
+crashed process running out, and writes by processes that could not tell this one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+from callboard.brokers.base import Delivery
+from callboard.errors import BrokerUnavailable
+from callboard.topics import TopicMatcher
+
+logger = logging.getLogger("callboard.brokers")
+
+#: Longest pause between two attempts to reach a store that is down.
+MAX_BACKOFF = 5.0
+
+
+class LeaseStore(Protocol):
+    """What a SQL broker does for its consumers."""
+
+    async def claim(self, group: str, consumer: str, limit: int) -> list[Delivery]:
+        """Lease up to ``limit`` events of ``group`` to ``consumer``, oldest first."""
+        ...
+
+    async def ack(self, group: str, consumer: str, seq: int) -> bool:
+        """Delete the lease; ``False`` if the consumer no longer held it."""
+        ...
+
+    async def release(self, group: str, consumer: str) -> None:
+        """Hand every lease of ``consumer`` back to the group."""
+        ...
+
+
+class ConsumerRegistry:
+    """The live consumers of one broker: whom to wake, whose leases to renew."""
+
+    def __init__(self) -> None:
+        self._consumers: dict[str, LeasedConsumer] = {}
+
+    def add(self, consumer: LeasedConsumer) -> None:
+        self._consumers[consumer.id] = consumer
+
+    def remove(self, consumer: LeasedConsumer) -> None:
+        self._consumers.pop(consumer.id, None)
+
+    def live_ids(self) -> list[str]:
+        return list(self._consumers)
+
+    def group_patterns(self, group: str) -> set[tuple[str, ...]]:
+        return {c.patterns for c in self._consumers.values() if c.group == group}
+
+    def wake(self, topics: Iterable[str] | None = None, groups: Iterable[str] = ()) -> None:
+        """Wake consumers reading any of ``topics`` or belonging to ``groups`` (``None``: all)."""
+        if topics is None:
+            for consumer in self._consumers.values():
+                consumer.wake()
+            return
+        names = set(groups)
+        topic_list = list(topics)
+        for consumer in self._consumers.values():
+            if consumer.group in names or any(map(consumer.matcher, topic_list)):
+                consumer.wake()
+
+    def close_all(self) -> list[LeasedConsumer]:
+        consumers = list(self._consumers.values())
+        self._consumers.clear()
+        return consumers
+
+
+class LeasedConsumer:
+    """One member of a consumer group of a SQL broker."""
+
+    def __init__(
+        self,
+        store: LeaseStore,
+        registry: ConsumerRegistry,
+        group: str,
+        patterns: tuple[str, ...],
+        *,
+        poll_interval: float,
+        ack_patience: float,
+    ) -> None:
+        self.id = uuid.uuid4().hex
+        self.group = group
+        self.patterns = patterns
+        self.matcher = TopicMatcher(patterns)
+        self._store = store
+        self._registry = registry
+        self._poll_interval = poll_interval
+        self._ack_patience = ack_patience
+        self._wake = asyncio.Event()
+        self._ready: list[Delivery] = []
+        self._claim: asyncio.Future[list[Delivery]] | None = None
+        self._closed = False
+        registry.add(self)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def fetch(self, max_count: int) -> Sequence[Delivery]:
+        backoff = self._poll_interval
+        while not self._closed:
+            if self._ready:
+                batch, self._ready = self._ready[:max_count], self._ready[max_count:]
+                return batch
+            # Cleared before claiming: a wake-up that arrives during the claim is not lost.
+            self._wake.clear()
+            try:
+                await self._claim_more(max_count)
+            except BrokerUnavailable as error:
+                logger.warning(
+                    "subscription %r cannot reach its broker; retrying in %.1fs: %s",
+                    self.group,
+                    backoff,
+                    error,
+                )
+                await self._sleep(backoff)
+                backoff = min(MAX_BACKOFF, backoff * 2)
+                continue
+            backoff = self._poll_interval
+            if not self._ready:
+                await self._sleep(self._poll_interval)
+        return ()
+
+    async def _claim_more(self, max_count: int) -> None:
+        claim = self._claim
+        if claim is None:
+            claim = asyncio.ensure_future(self._store.claim(self.group, self.id, max_count))
+            # The claim runs to its end even if this fetch is cancelled (``asyncio.wait_for``):
+            # what it leased waits in ``_ready`` for the next fetch instead of being lost.
+            claim.add_done_callback(self._claimed)
+            self._claim = claim
+        await asyncio.shield(claim)
+
+    def _claimed(self, claim: asyncio.Future[list[Delivery]]) -> None:
+        self._claim = None
+        if not claim.cancelled() and claim.exception() is None:
+            self._ready.extend(claim.result())
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    async def ack(self, delivery: Delivery) -> None:
+        seq = delivery.token
+        if not isinstance(seq, int):
+            return
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._ack_patience
+        delay = 0.05
+        while True:
+            try:
+                held = await self._store.ack(self.group, self.id, seq)
+            except BrokerUnavailable as error:
+                if loop.time() + delay > give_up:
+                    logger.warning(
+                        "subscription %r could not acknowledge event %s; it will be delivered "
+                        "again: %s",
+                        self.group,
+                        delivery.event.id,
+                        error,
+                    )
+                    return
+                await asyncio.sleep(delay)
+                delay = min(MAX_BACKOFF, delay * 2)
+                continue
+            if not held:
+                logger.warning(
+                    "subscription %r acknowledged event %s after its lease ran out; another "
+                    "consumer has it now and it will be handled again",
+                    self.group,
+                    delivery.event.id,
+                )
+            return
+
+    def detach(self) -> None:
+        """End this consumer without handing its leases back (its broker stopped abruptly)."""
+        self._closed = True
+        self._wake.set()
+        self._ready.clear()
+        self._registry.remove(self)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        claim = self._claim
+        if claim is not None:
+            # Let a claim in flight finish, so what it leases is handed back below.
+            await asyncio.wait([claim])
+        self._ready.clear()
+        self._registry.remove(self)
+        try:
+            await self._store.release(self.group, self.id)
+        except BrokerUnavailable as error:
+            logger.warning(
+                "subscription %r could not hand its events back; they return to the group "
+                "when their leases run out: %s",
+                self.group,
+                error,
+            )

@@ -1,0 +1,130 @@
+-- name: insert_event
+-- Store a published event; a known (topic, delivery id) is ignored (no row changes).
+INSERT OR IGNORE INTO events (id, topic, target, delivery_id, time_us, stored_at, payload, metadata)
+VALUES (:id, :topic, :target, :delivery_id, :time_us, :stored_at, :payload, :metadata);
+
+-- name: insert_dead_letter
+-- Keep a dead letter of a subscription.
+INSERT INTO dead_letters (subscription, id, topic, time_us, payload, metadata)
+VALUES (:subscription, :id, :topic, :time_us, :payload, :metadata);
+
+-- name: head
+-- The newest seq handed out so far (0 for an empty store).
+SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0);
+
+-- name: first_since
+-- The oldest event stored at or after a moment.
+SELECT min(seq) FROM events WHERE stored_at >= :since;
+
+-- name: subscription
+-- One subscription's topics and position.
+SELECT topics, position FROM subscriptions WHERE name = :name;
+
+-- name: insert_subscription
+-- Create a subscription at a position.
+INSERT INTO subscriptions (name, topics, position, created_at, updated_at)
+VALUES (:name, :topics, :position, :now, :now);
+
+-- name: update_topics
+-- Change the topics an existing subscription reads.
+UPDATE subscriptions SET topics = :topics, updated_at = :now WHERE name = :name;
+
+-- name: reclaim
+-- Lease to a consumer the group's events whose lease ran out or was handed back, oldest first.
+UPDATE leases SET consumer = :consumer, expires_at = :expires_at, attempt = attempt + 1
+WHERE subscription = :group AND seq IN (
+    SELECT seq FROM leases
+    WHERE subscription = :group AND (consumer IS NULL OR expires_at <= :now)
+    ORDER BY seq LIMIT :limit
+)
+RETURNING seq, attempt;
+
+-- name: fresh
+-- The group's next events after its position.
+SELECT seq FROM events
+WHERE seq > :position
+  AND (target = :group OR (target IS NULL AND callboard_match(:topics, topic)))
+ORDER BY seq LIMIT :limit;
+
+-- name: insert_lease
+-- Lease a new event to a consumer.
+INSERT INTO leases (subscription, seq, consumer, expires_at, attempt)
+VALUES (:group, :seq, :consumer, :expires_at, 1);
+
+-- name: move_position
+-- Move a subscription's position forward.
+UPDATE subscriptions SET position = max(position, :position) WHERE name = :group;
+
+-- name: events_by_seq
+-- The stored events for a list of seqs (a JSON array).
+SELECT seq, id, topic, time_us, payload, metadata FROM events
+WHERE seq IN (SELECT value FROM json_each(:seqs));
+
+-- name: ack
+-- Delete a lease, if the consumer still holds it.
+DELETE FROM leases WHERE subscription = :group AND seq = :seq AND consumer = :consumer;
+
+-- name: release
+-- Hand every lease of a consumer back to its group.
+UPDATE leases SET consumer = NULL, expires_at = 0 WHERE subscription = :group AND consumer = :consumer;
+
+-- name: renew
+-- Push the deadline of every lease held by live consumers (a JSON array of ids).
+UPDATE leases SET expires_at = :expires_at
+WHERE consumer IN (SELECT value FROM json_each(:consumers));
+
+-- name: dead_letters
+-- A subscription's dead letters, oldest first, all or those with the given ids (a JSON array).
+SELECT seq, id, topic, time_us, payload, metadata FROM dead_letters
+WHERE subscription = :subscription
+  AND (:ids IS NULL OR id IN (SELECT value FROM json_each(:ids)))
+ORDER BY seq LIMIT :limit;
+
+-- name: delete_dead_letters
+-- Take dead letters away by seq (a JSON array).
+DELETE FROM dead_letters WHERE seq IN (SELECT value FROM json_each(:seqs));
+
+-- name: subscriptions
+-- Every subscription with its lease counts.
+SELECT s.name, s.topics, s.position, s.lost,
+       (SELECT count(*) FROM leases l
+        WHERE l.subscription = s.name AND l.consumer IS NOT NULL AND l.expires_at > :now),
+       (SELECT count(*) FROM leases l
+        WHERE l.subscription = s.name AND (l.consumer IS NULL OR l.expires_at <= :now))
+FROM subscriptions s ORDER BY s.name;
+
+-- name: backlog
+-- How many events wait for a subscription after its position.
+SELECT count(*) FROM events
+WHERE seq > :position
+  AND (target = :group OR (target IS NULL AND callboard_match(:topics, topic)));
+
+-- name: expire_by_age
+-- Delete a batch of events older than the maximum age.
+DELETE FROM events WHERE seq IN (
+    SELECT seq FROM events WHERE stored_at < :cutoff ORDER BY seq LIMIT :limit
+)
+RETURNING seq, topic, target;
+
+-- name: count_cutoff
+-- The seq at the edge of the newest events kept by count.
+SELECT seq FROM events ORDER BY seq DESC LIMIT 1 OFFSET :max_count;
+
+-- name: expire_by_count
+-- Delete a batch of events beyond the kept count and older than the minimum age.
+DELETE FROM events WHERE seq IN (
+    SELECT seq FROM events WHERE seq <= :edge AND stored_at < :cutoff ORDER BY seq LIMIT :limit
+)
+RETURNING seq, topic, target;
+
+-- name: subscription_positions
+-- Every subscription's topics and position, to account for what retention deletes.
+SELECT name, topics, position FROM subscriptions;
+
+-- name: drop_leases
+-- Delete leases of deleted events (a JSON array of seqs).
+DELETE FROM leases WHERE seq IN (SELECT value FROM json_each(:seqs)) RETURNING subscription;
+
+-- name: add_lost
+-- Count events a subscription lost to retention.
+UPDATE subscriptions SET lost = lost + :lost, updated_at = :now WHERE name = :name;

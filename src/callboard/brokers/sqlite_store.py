@@ -1,0 +1,318 @@
+"""The SQLite broker's operations: plain functions run on the broker's database thread.
+
+Each function takes the connection and the transaction's ``Changes`` first, so the thread can run
+many of them in one transaction; they check what may fail before they write.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+
+from callboard.brokers.base import Delivery, RetentionPolicy, Start, SubscriptionInfo
+from callboard.brokers.sql import StoredEvent, decode_event, queries, read_sql
+from callboard.brokers.sqlite_thread import Changes
+from callboard.errors import BrokerError, SubscriptionError
+from callboard.events import Event
+from callboard.topics import TopicMatcher
+
+Q = queries("sqlite")
+SCHEMA_VERSION = 1
+
+_EVENT_COLUMNS = "seq, id, topic, time_us, payload, metadata"
+
+
+@lru_cache(maxsize=1024)
+def _matcher(topics: str) -> TopicMatcher:
+    return TopicMatcher(json.loads(topics))
+
+
+def _match(topics: str, topic: str) -> bool:
+    return _matcher(topics)(topic)
+
+
+def connect(path: str, *, synchronous: str, busy_timeout: float) -> sqlite3.Connection:
+    """Open the store, in WAL mode, with the functions its queries use."""
+    connection = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    # WAL: readers never block the writer, and a commit is one append (fsynced at checkpoints
+    # with synchronous=NORMAL, which survives a killed process; FULL also survives power loss).
+    connection.execute("PRAGMA journal_mode = WAL")
+    connection.execute(f"PRAGMA synchronous = {synchronous}")
+    connection.create_function("callboard_match", 2, _match, deterministic=True)
+    return connection
+
+
+def migrate(connection: sqlite3.Connection, changes: Changes) -> int:
+    """Create the schema if it is missing; the schema version found before."""
+    (version,) = connection.execute("PRAGMA user_version").fetchone()
+    if version > SCHEMA_VERSION:
+        raise BrokerError(
+            f"the SQLite store has schema version {version}, newer than this callboard "
+            f"understands ({SCHEMA_VERSION}); upgrade callboard"
+        )
+    if version < SCHEMA_VERSION:
+        # Statement by statement: executescript() would commit the surrounding transaction.
+        statement = ""
+        for line in read_sql("sqlite", "schema.sql").splitlines(keepends=True):
+            statement += line
+            if sqlite3.complete_statement(statement):
+                connection.execute(statement)
+                statement = ""
+    return int(version)
+
+
+def data_version(connection: sqlite3.Connection, changes: Changes) -> int:
+    """Changes whenever another connection (another process) commits."""
+    (version,) = connection.execute("PRAGMA data_version").fetchone()
+    return int(version)
+
+
+def publish(
+    connection: sqlite3.Connection, changes: Changes, event: StoredEvent, target: str | None
+) -> bool:
+    cursor = connection.execute(
+        Q["insert_event"],
+        {
+            "id": event.id,
+            "topic": event.topic,
+            "target": target,
+            "delivery_id": event.delivery_id if target is None else None,
+            "time_us": event.time_us,
+            "stored_at": time.time(),
+            "payload": event.payload,
+            "metadata": event.metadata,
+        },
+    )
+    if cursor.rowcount != 1:
+        return False
+    if target is None:
+        changes.topics.add(event.topic)
+    else:
+        changes.groups.add(target)
+    return True
+
+
+def deliver_to(
+    connection: sqlite3.Connection, changes: Changes, group: str, event: StoredEvent
+) -> None:
+    if connection.execute(Q["subscription"], {"name": group}).fetchone() is None:
+        raise SubscriptionError(f"no subscription {group!r} to deliver to")
+    publish(connection, changes, event, group)
+
+
+def keep_dead_letter(
+    connection: sqlite3.Connection, changes: Changes, group: str, event: StoredEvent
+) -> bool:
+    connection.execute(
+        Q["insert_dead_letter"],
+        {
+            "subscription": group,
+            "id": event.id,
+            "topic": event.topic,
+            "time_us": event.time_us,
+            "payload": event.payload,
+            "metadata": event.metadata,
+        },
+    )
+    return True
+
+
+def _head(connection: sqlite3.Connection) -> int:
+    (head,) = connection.execute(Q["head"]).fetchone()
+    return int(head)
+
+
+def _start_position(connection: sqlite3.Connection, start: Start) -> int:
+    if start == "beginning":
+        return 0
+    if isinstance(start, datetime):
+        (first,) = connection.execute(Q["first_since"], {"since": start.timestamp()}).fetchone()
+        if first is not None:
+            return int(first) - 1
+    return _head(connection)
+
+
+def join(
+    connection: sqlite3.Connection,
+    changes: Changes,
+    group: str,
+    topics: Sequence[str],
+    start: Start,
+) -> bool:
+    """Create the group at ``start``, or point an existing one at ``topics``; created?"""
+    now = time.time()
+    encoded = json.dumps(sorted(set(topics)))
+    row = connection.execute(Q["subscription"], {"name": group}).fetchone()
+    if row is None:
+        position = _start_position(connection, start)
+        connection.execute(
+            Q["insert_subscription"],
+            {"name": group, "topics": encoded, "position": position, "now": now},
+        )
+        return True
+    if row[0] != encoded:
+        connection.execute(Q["update_topics"], {"name": group, "topics": encoded, "now": now})
+    return False
+
+
+def claim(
+    connection: sqlite3.Connection,
+    changes: Changes,
+    group: str,
+    consumer: str,
+    limit: int,
+    lease: float,
+) -> list[Delivery]:
+    """Lease up to ``limit`` events of the group: those handed back first, then new ones."""
+    row = connection.execute(Q["subscription"], {"name": group}).fetchone()
+    if row is None:
+        raise SubscriptionError(f"subscription {group!r} no longer exists")
+    topics, position = row
+    now = time.time()
+    expires_at = now + lease
+    attempts: dict[int, int] = dict(
+        connection.execute(
+            Q["reclaim"],
+            {
+                "group": group,
+                "consumer": consumer,
+                "expires_at": expires_at,
+                "now": now,
+                "limit": limit,
+            },
+        ).fetchall()
+    )
+    room = limit - len(attempts)
+    if room > 0:
+        fresh = [
+            seq
+            for (seq,) in connection.execute(
+                Q["fresh"], {"position": position, "group": group, "topics": topics, "limit": room}
+            )
+        ]
+        for seq in fresh:
+            connection.execute(
+                Q["insert_lease"],
+                {"group": group, "seq": seq, "consumer": consumer, "expires_at": expires_at},
+            )
+            attempts[seq] = 1
+        # With fewer than asked for, everything up to the head was looked at: moving there
+        # spares the next claim from reading the same non-matching events again.
+        moved = fresh[-1] if len(fresh) == room else _head(connection)
+        if moved > position:
+            connection.execute(Q["move_position"], {"group": group, "position": moved})
+    if not attempts:
+        return []
+    rows = connection.execute(Q["events_by_seq"], {"seqs": json.dumps(list(attempts))}).fetchall()
+    rows.sort()
+    return [
+        Delivery(decode_event(id, topic, time_us, payload, metadata), attempts[seq], seq)
+        for seq, id, topic, time_us, payload, metadata in rows
+    ]
+
+
+def ack(
+    connection: sqlite3.Connection, changes: Changes, group: str, consumer: str, seq: int
+) -> bool:
+    cursor = connection.execute(Q["ack"], {"group": group, "seq": seq, "consumer": consumer})
+    return cursor.rowcount == 1
+
+
+def release(connection: sqlite3.Connection, changes: Changes, group: str, consumer: str) -> None:
+    if connection.execute(Q["release"], {"group": group, "consumer": consumer}).rowcount:
+        changes.groups.add(group)
+
+
+def renew(
+    connection: sqlite3.Connection, changes: Changes, consumers: list[str], lease: float
+) -> None:
+    connection.execute(
+        Q["renew"], {"consumers": json.dumps(consumers), "expires_at": time.time() + lease}
+    )
+
+
+def dead_letters(
+    connection: sqlite3.Connection,
+    changes: Changes,
+    group: str,
+    ids: Sequence[str] | None,
+    remove: bool,
+    limit: int,
+) -> list[Event]:
+    rows = connection.execute(
+        Q["dead_letters"],
+        {
+            "subscription": group,
+            "ids": None if ids is None else json.dumps(list(ids)),
+            "limit": limit,
+        },
+    ).fetchall()
+    if remove and rows:
+        connection.execute(Q["delete_dead_letters"], {"seqs": json.dumps([r[0] for r in rows])})
+    return [decode_event(*row[1:]) for row in rows]
+
+
+def subscriptions(connection: sqlite3.Connection, changes: Changes) -> list[SubscriptionInfo]:
+    found = []
+    now = time.time()
+    for name, topics, position, lost, in_flight, returned in connection.execute(
+        Q["subscriptions"], {"now": now}
+    ).fetchall():
+        (waiting,) = connection.execute(
+            Q["backlog"], {"position": position, "group": name, "topics": topics}
+        ).fetchone()
+        found.append(
+            SubscriptionInfo(
+                name=name,
+                topics=tuple(json.loads(topics)),
+                in_flight=in_flight,
+                backlog=waiting + returned,
+                lost=lost,
+            )
+        )
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """What one retention batch deleted, and which subscriptions had not received it."""
+
+    deleted: int
+    lost: dict[str, int]
+
+
+def expire(connection: sqlite3.Connection, changes: Changes, policy: RetentionPolicy) -> Expired:
+    """Delete one batch of events outside the retention window."""
+    now = time.time()
+    rows = connection.execute(
+        Q["expire_by_age"], {"cutoff": now - policy.max_age, "limit": policy.batch_size}
+    ).fetchall()
+    if not rows:
+        edge = connection.execute(Q["count_cutoff"], {"max_count": policy.max_count}).fetchone()
+        if edge is not None:
+            rows = connection.execute(
+                Q["expire_by_count"],
+                {"edge": edge[0], "cutoff": now - policy.min_age, "limit": policy.batch_size},
+            ).fetchall()
+    if not rows:
+        return Expired(0, {})
+    lost: Counter[str] = Counter()
+    for name, topics, position in connection.execute(Q["subscription_positions"]).fetchall():
+        matcher = _matcher(topics)
+        lost[name] += sum(
+            1
+            for seq, topic, target in rows
+            if seq > position and (target == name or (target is None and matcher(topic)))
+        )
+    seqs = json.dumps([row[0] for row in rows])
+    lost.update(name for (name,) in connection.execute(Q["drop_leases"], {"seqs": seqs}))
+    for name, count in lost.items():
+        if count:
+            connection.execute(Q["add_lost"], {"name": name, "lost": count, "now": now})
+    return Expired(len(rows), {name: count for name, count in lost.items() if count})

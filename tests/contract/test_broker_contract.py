@@ -1,0 +1,419 @@
+"""The broker contract, run against every broker (``conftest.kit``).
+
+What only some brokers do is asked of ``broker.capabilities``: ``durable`` (events and leases
+survive the process), ``shared`` (several broker instances share one store), ``replay`` (a new
+group may start from the beginning or from a time).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+
+import pytest
+
+from callboard.brokers.base import Broker, Consumer, Delivery, RetentionPolicy, dead_letter_topic
+from callboard.deadletters import dead_letter_event
+from callboard.default_service import DefaultEventsService
+from callboard.delivery import RetryPolicy
+from callboard.errors import SubscriptionError
+from callboard.events import DELIVERY_ID, Event
+from tests.contract.conftest import BrokerKit
+
+
+def event(topic: str = "github.push", n: int = 0, **metadata: str) -> Event:
+    return Event(topic=topic, payload={"n": n}, metadata=metadata)
+
+
+async def fetch(consumer: Consumer, count: int = 1, timeout: float = 3.0) -> list[Delivery]:
+    """Exactly ``count`` deliveries, fetched in as many calls as it takes."""
+    found: list[Delivery] = []
+    async with asyncio.timeout(timeout):
+        while len(found) < count:
+            found.extend(await consumer.fetch(count - len(found)))
+    return found
+
+
+async def nothing(consumer: Consumer, wait: float = 0.2) -> None:
+    """Assert that no delivery arrives within ``wait`` seconds."""
+    try:
+        got: Sequence[Delivery] = await asyncio.wait_for(consumer.fetch(10), wait)
+    except TimeoutError:
+        return
+    pytest.fail(f"expected nothing, got {[d.event for d in got]}")
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    """Wait until ``check()`` holds, polling."""
+    for _ in range(int(timeout / 0.02)):
+        if await check():
+            return
+        await asyncio.sleep(0.02)
+    pytest.fail("the condition did not hold in time")
+
+
+def numbers(deliveries: Sequence[Delivery]) -> list[int]:
+    return [d.event.payload["n"] for d in deliveries]
+
+
+async def ack_all(consumer: Consumer, deliveries: Sequence[Delivery]) -> None:
+    for delivery in deliveries:
+        await consumer.ack(delivery)
+
+
+# -- publish and consume ------------------------------------------------------------------------
+
+
+async def test_a_group_receives_what_is_published(broker: Broker) -> None:
+    consumer = await broker.consume("indexer", ["github.*"])
+    sent = event("github.push", 1, **{"x-github-event": "push"})
+    assert await broker.publish(sent) is True
+    (delivery,) = await fetch(consumer)
+    assert delivery.event == sent
+    assert delivery.attempt == 1
+    await consumer.ack(delivery)
+    await nothing(consumer)
+
+
+async def test_a_group_receives_only_its_topics(broker: Broker) -> None:
+    consumer = await broker.consume("indexer", ["github.push", "gitlab.>"])
+    for topic in ("github.issues", "github.push", "gitlab", "gitlab.merge_request.open"):
+        await broker.publish(event(topic))
+    got = await fetch(consumer, 2)
+    assert [d.event.topic for d in got] == ["github.push", "gitlab.merge_request.open"]
+    await nothing(consumer)
+
+
+async def test_every_group_receives_every_event(broker: Broker) -> None:
+    first = await broker.consume("first", ["github.push"])
+    second = await broker.consume("second", ["github.>"])
+    for n in range(3):
+        await broker.publish(event(n=n))
+    assert numbers(await fetch(first, 3)) == [0, 1, 2]
+    assert numbers(await fetch(second, 3)) == [0, 1, 2]
+
+
+async def test_consumers_of_one_group_share_its_events(broker: Broker) -> None:
+    one = await broker.consume("workers", ["github.push"])
+    two = await broker.consume("workers", ["github.push"])
+    for n in range(6):
+        await broker.publish(event(n=n))
+    got_one = await fetch(one, 1)
+    got_two = await fetch(two, 1)
+    got_one += await fetch(one, 2)
+    got_two += await fetch(two, 2)
+    assert sorted(numbers(got_one) + numbers(got_two)) == list(range(6))
+    assert not set(numbers(got_one)) & set(numbers(got_two))
+    await nothing(one)
+    await nothing(two)
+
+
+async def test_each_consumer_receives_in_publish_order(broker: Broker) -> None:
+    one = await broker.consume("workers", ["github.push"])
+    two = await broker.consume("workers", ["github.push"])
+    await asyncio.gather(*(broker.publish(event(n=n)) for n in range(40)))
+    got_one: list[Delivery] = []
+    got_two: list[Delivery] = []
+    while len(got_one) + len(got_two) < 40:
+        got_one += await fetch(one, min(3, 40 - len(got_one) - len(got_two)))
+        if len(got_one) + len(got_two) < 40:
+            got_two += await fetch(two, min(5, 40 - len(got_one) - len(got_two)))
+    assert numbers(got_one) == sorted(numbers(got_one))
+    assert numbers(got_two) == sorted(numbers(got_two))
+    assert sorted(numbers(got_one) + numbers(got_two)) == list(range(40))
+
+
+async def test_concurrent_publishes_are_all_stored_in_order(broker: Broker) -> None:
+    consumer = await broker.consume("all", ["github.push"])
+    accepted = await asyncio.gather(*(broker.publish(event(n=n)) for n in range(200)))
+    assert all(accepted)
+    assert numbers(await fetch(consumer, 200)) == list(range(200))
+
+
+# -- acknowledgement and redelivery -------------------------------------------------------------
+
+
+async def test_acknowledged_events_are_not_delivered_again(broker: Broker) -> None:
+    first = await broker.consume("workers", ["github.push"])
+    for n in range(3):
+        await broker.publish(event(n=n))
+    await ack_all(first, await fetch(first, 3))
+    second = await broker.consume("workers", ["github.push"])
+    await broker.publish(event(n=3))
+    assert numbers(await fetch(second, 1)) == [3]
+    await nothing(first)
+
+
+async def test_a_durable_group_keeps_its_position_while_nobody_reads(
+    kit: BrokerKit, broker: Broker
+) -> None:
+    if not broker.capabilities.durable:
+        pytest.skip("only a durable group outlives its consumers")
+    first = await broker.consume("workers", ["github.push"])
+    for n in range(3):
+        await broker.publish(event(n=n))
+    await ack_all(first, (await fetch(first, 3))[:2])
+    await first.close()
+    await broker.publish(event(n=3))
+    await broker.close()
+    reopened = await kit.open()
+    second = await reopened.consume("workers", ["github.push"], start="beginning")
+    got = await fetch(second, 2)
+    assert numbers(got) == [2, 3]
+    assert [d.attempt for d in got] == [2, 1]
+
+
+async def test_unacknowledged_events_go_to_another_consumer_on_close(broker: Broker) -> None:
+    one = await broker.consume("workers", ["github.push"])
+    two = await broker.consume("workers", ["github.push"])
+    await broker.publish(event(n=1))
+    await broker.publish(event(n=2))
+    (first,) = await fetch(one, 1)
+    await one.close()
+    got = await fetch(two, 2)
+    assert sorted(numbers(got)) == [1, 2]
+    assert {d.event.payload["n"]: d.attempt for d in got}[first.event.payload["n"]] == 2
+
+
+async def test_a_crashed_consumers_events_go_to_another_after_its_lease(kit: BrokerKit) -> None:
+    crashing = await kit.open(lease=0.4)
+    if not (crashing.capabilities.durable and crashing.capabilities.shared):
+        pytest.skip("only a shared durable broker outlives a crashed process")
+    surviving = await kit.open(lease=0.4)
+    doomed = await crashing.consume("workers", ["github.push"])
+    await crashing.publish(event(n=1))
+    (held,) = await fetch(doomed, 1)
+    other = await surviving.consume("workers", ["github.push"])
+    await kit.crash(crashing)
+    (again,) = await fetch(other, 1, timeout=5.0)
+    assert again.event == held.event
+    assert again.attempt == 2
+
+
+async def test_a_live_consumer_keeps_its_lease_while_handling(kit: BrokerKit) -> None:
+    broker = await kit.open(lease=0.3)
+    one = await broker.consume("workers", ["github.push"])
+    two = await broker.consume("workers", ["github.push"])
+    await broker.publish(event(n=1))
+    (held,) = await fetch(one, 1)
+    await nothing(two, 1.0)  # more than three leases long: renewed, not handed on
+    await one.ack(held)
+    await nothing(two, 0.1)
+
+
+async def test_a_cancelled_fetch_loses_nothing(broker: Broker) -> None:
+    consumer = await broker.consume("workers", ["github.push"])
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(consumer.fetch(10), 0.05)
+
+    async def publish_all() -> None:
+        for n in range(30):
+            await broker.publish(event(n=n))
+            await asyncio.sleep(0)
+
+    publisher = asyncio.create_task(publish_all())
+    got: list[Delivery] = []
+    while not publisher.done():
+        with contextlib.suppress(TimeoutError):
+            got += await asyncio.wait_for(consumer.fetch(4), 0.001)
+    await publisher
+    got += await fetch(consumer, 30 - len(got))
+    assert numbers(got) == list(range(30))
+    assert {d.attempt for d in got} == {1}
+
+
+# -- redeliveries from the sender ---------------------------------------------------------------
+
+
+async def test_a_delivery_id_is_accepted_once_per_topic(broker: Broker) -> None:
+    consumer = await broker.consume("workers", ["github.>"])
+    assert await broker.publish(event(n=1, **{DELIVERY_ID: "d-1"})) is True
+    assert await broker.publish(event(n=2, **{DELIVERY_ID: "d-1"})) is False
+    assert await broker.publish(event("github.issues", 3, **{DELIVERY_ID: "d-1"})) is True
+    assert await broker.publish(event(n=4, **{DELIVERY_ID: "d-2"})) is True
+    assert numbers(await fetch(consumer, 3)) == [1, 3, 4]
+    await nothing(consumer)
+
+
+async def test_concurrent_redeliveries_are_accepted_once(broker: Broker) -> None:
+    results = await asyncio.gather(
+        *(broker.publish(event(n=n, **{DELIVERY_ID: "same"})) for n in range(10))
+    )
+    assert results.count(True) == 1
+
+
+# -- dead letters and redrive -------------------------------------------------------------------
+
+
+async def test_dead_letters_are_kept_until_taken(broker: Broker) -> None:
+    await broker.consume("indexer", ["github.push"])
+    failed = [event(n=n) for n in range(3)]
+    letters = [dead_letter_event("indexer", e, RuntimeError("boom"), 5) for e in failed]
+    for letter in letters:
+        assert letter.topic == dead_letter_topic("indexer")
+        assert await broker.publish(letter) is True
+    listed = await broker.take_dead_letters("indexer")
+    assert [e.id for e in listed] == [e.id for e in letters]
+    assert listed[0] == letters[0]
+    assert await broker.take_dead_letters("other") == []
+    assert len(await broker.take_dead_letters("indexer", limit=2)) == 2
+    taken = await broker.take_dead_letters("indexer", ids=[letters[1].id], remove=True)
+    assert [e.id for e in taken] == [letters[1].id]
+    remaining = await broker.take_dead_letters("indexer")
+    assert [e.id for e in remaining] == [letters[0].id, letters[2].id]
+
+
+async def test_deliver_to_reaches_one_group_only(broker: Broker) -> None:
+    target = await broker.consume("target", ["github.push"])
+    bystander = await broker.consume("bystander", ["github.>"])
+    redriven = event("gitlab.push", 7)  # a topic the target does not even read
+    await broker.deliver_to("target", redriven)
+    (delivery,) = await fetch(target, 1)
+    assert delivery.event == redriven
+    await nothing(bystander)
+
+
+async def test_deliver_to_an_unknown_group_fails(broker: Broker) -> None:
+    with pytest.raises(SubscriptionError):
+        await broker.deliver_to("nobody", event())
+
+
+# -- where a new group starts -------------------------------------------------------------------
+
+
+async def test_a_new_group_starts_at_the_end(broker: Broker) -> None:
+    await broker.publish(event(n=1))
+    consumer = await broker.consume("late", ["github.push"])
+    await broker.publish(event(n=2))
+    assert numbers(await fetch(consumer, 1)) == [2]
+    await nothing(consumer)
+
+
+async def test_a_new_group_can_start_at_the_beginning(broker: Broker) -> None:
+    await broker.publish(event(n=1))
+    await broker.publish(event("other", 9))
+    if not broker.capabilities.replay:
+        with pytest.raises(SubscriptionError):
+            await broker.consume("late", ["github.push"], start="beginning")
+        return
+    consumer = await broker.consume("late", ["github.push"], start="beginning")
+    await broker.publish(event(n=2))
+    assert numbers(await fetch(consumer, 2)) == [1, 2]
+
+
+async def test_a_new_group_can_start_at_a_time(broker: Broker) -> None:
+    await broker.publish(event(n=1))
+    await asyncio.sleep(0.02)
+    since = datetime.now(UTC)
+    await asyncio.sleep(0.02)
+    await broker.publish(event(n=2))
+    if not broker.capabilities.replay:
+        with pytest.raises(SubscriptionError):
+            await broker.consume("late", ["github.push"], start=since)
+        return
+    consumer = await broker.consume("late", ["github.push"], start=since)
+    assert numbers(await fetch(consumer, 1)) == [2]
+    await nothing(consumer)
+
+
+# -- several broker instances on one store ------------------------------------------------------
+
+
+async def test_instances_on_one_store_share_a_group(kit: BrokerKit, broker: Broker) -> None:
+    if not broker.capabilities.shared:
+        pytest.skip("the broker is not shared between processes")
+    other = await kit.open()
+    here = await broker.consume("workers", ["github.push"])
+    there = await other.consume("workers", ["github.push"])
+    await broker.publish(event(n=1))
+    (first,) = await fetch(here, 1)
+    await other.publish(event(n=2))
+    (second,) = await fetch(there, 1)
+    assert numbers([first, second]) == [1, 2]
+    broadcast = await other.consume("elsewhere", ["github.push"])
+    await broker.publish(event(n=3))
+    assert numbers(await fetch(broadcast, 1)) == [3]
+
+
+# -- operations ---------------------------------------------------------------------------------
+
+
+async def test_subscriptions_are_listed_with_their_progress(broker: Broker) -> None:
+    consumer = await broker.consume("indexer", ["github.push"])
+    await broker.consume("auditor", ["github.>"])
+    for n in range(3):
+        await broker.publish(event(n=n))
+    held = await fetch(consumer, 2)
+    await consumer.ack(held[0])
+    listed = {s.name: s for s in await broker.subscriptions()}
+    assert set(listed) >= {"indexer", "auditor"}
+    indexer = listed["indexer"]
+    assert indexer.topics == ("github.push",)
+    assert (indexer.in_flight, indexer.backlog, indexer.behind) == (1, 1, False)
+    assert listed["auditor"].backlog == 3
+
+
+async def test_retention_reports_a_group_that_fell_behind(kit: BrokerKit) -> None:
+    policy = RetentionPolicy(min_age=0, max_age=3600, max_count=2, batch_size=2)
+    broker = await kit.open(retention=policy)
+    if not broker.capabilities.durable:
+        pytest.skip("only a durable broker keeps a retention window")
+    slow = await broker.consume("slow", ["github.push"])
+    fast = await broker.consume("fast", ["github.push"])
+    for n in range(5):
+        await broker.publish(event(n=n, **{DELIVERY_ID: f"d-{n}"}))
+    await ack_all(fast, await fetch(fast, 5))
+    assert await kit.clean(broker) == 3
+    listed = {s.name: s for s in await broker.subscriptions()}
+    assert (listed["slow"].lost, listed["slow"].behind) == (3, True)
+    assert listed["fast"].behind is False
+    assert numbers(await fetch(slow, 2)) == [3, 4]
+    # Delivery ids of retained events are still recognised; those of deleted ones are not.
+    assert await broker.publish(event(n=9, **{DELIVERY_ID: "d-4"})) is False
+    assert await broker.publish(event(n=9, **{DELIVERY_ID: "d-0"})) is True
+
+
+# -- the events service on top ------------------------------------------------------------------
+
+
+async def test_the_events_service_retries_dead_letters_and_redrives(broker: Broker) -> None:
+    failing = {"n": 2}
+    handled: list[int] = []
+    calls: list[int] = []
+
+    async def handler(received: Event) -> None:
+        calls.append(received.payload["n"])
+        if received.payload["n"] == failing["n"]:
+            raise RuntimeError("not today")
+        handled.append(received.payload["n"])
+
+    service = DefaultEventsService(
+        broker, retry=RetryPolicy(attempts=3, initial_delay=0.01, max_delay=0.02)
+    )
+    async with service:
+        await service.subscribe("indexer", "github.push", handler)
+        for n in range(4):
+            await service.publish(event(n=n))
+
+        async def dead_lettered() -> bool:
+            return len(handled) == 3 and bool(await service.dead_letters("indexer"))
+
+        await eventually(dead_lettered)
+        assert handled == [0, 1, 3]
+        assert calls.count(2) == 3
+        (letter,) = await service.dead_letters("indexer")
+        assert letter.event.payload == {"n": 2}
+        assert letter.event.topic == "github.push"
+        assert letter.attempts == 3
+        assert "not today" in letter.error
+
+        failing["n"] = -1
+        assert await service.redrive("indexer") == 1
+
+        async def redriven() -> bool:
+            return handled == [0, 1, 3, 2]
+
+        await eventually(redriven)
+        assert await service.dead_letters("indexer") == []

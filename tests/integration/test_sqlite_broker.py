@@ -1,0 +1,202 @@
+"""The SQLite broker beyond the contract: URLs, several processes, a killed process."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from callboard.brokers import open_broker
+from callboard.brokers.base import RetentionPolicy
+from callboard.brokers.sqlite import SQLiteBroker
+from callboard.cli import SERVE_BROKER, main
+from callboard.config import load_config
+from callboard.errors import ConfigError
+from callboard.events import Event
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///callboard.db", "callboard.db"),
+        ("sqlite:///data/cb.db", "data/cb.db"),
+        ("sqlite:////var/lib/callboard/cb.db", "/var/lib/callboard/cb.db"),
+        ("sqlite:///:memory:", ":memory:"),
+    ],
+)
+def test_urls_name_a_file(url: str, path: str) -> None:
+    broker = open_broker(url, retention=RetentionPolicy(max_count=5))
+    assert isinstance(broker, SQLiteBroker)
+    assert broker.path == path
+    assert broker.retention.max_count == 5
+    assert broker.capabilities.durable is (path != ":memory:")
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///x.db?journal=off"])
+def test_bad_urls_are_refused(url: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        SQLiteBroker.from_url(url)
+    assert caught.value.path == "events.broker"
+
+
+def test_serve_defaults_to_sqlite(tmp_path: Path) -> None:
+    from callboard.cli import _load, _parser
+
+    args = _parser().parse_args(["check-config"])
+    assert _load(args).events.broker == SERVE_BROKER
+    named = tmp_path / "memory.yaml"
+    named.write_text("events:\n  broker: memory://\n")
+    args = _parser().parse_args(["check-config", "-c", str(named)])
+    assert _load(args).events.broker == "memory://"
+    assert load_config().events.broker == "memory://"  # the library default is unchanged
+
+
+def test_migrate_command_creates_the_store(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "callboard.yaml"
+    config.write_text(f"events:\n  broker: sqlite:///{tmp_path}/cb.db\n")
+    assert main(["migrate", "-c", str(config)]) == 0
+    assert "applied schema version 1" in capsys.readouterr().out
+    assert (tmp_path / "cb.db").exists()
+    assert main(["migrate", "-c", str(config)]) == 0
+    assert capsys.readouterr().out.strip() == "schema up to date"
+
+
+async def test_an_unwritable_store_is_reported_at_start(tmp_path: Path) -> None:
+    from callboard.errors import BrokerUnavailable
+
+    broker = SQLiteBroker(str(tmp_path / "missing" / "cb.db"))
+    with pytest.raises(BrokerUnavailable, match="cannot be used"):
+        await broker.start()
+
+
+def _child(script: str, path: Path, *, capture: bool = False) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}"}
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), str(path)],
+        stdout=subprocess.PIPE if capture else subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+
+
+PUBLISHER = """
+    import asyncio, sys
+    from callboard.brokers.sqlite import SQLiteBroker
+    from callboard.events import Event
+
+    async def main():
+        broker = SQLiteBroker(sys.argv[1])
+        await broker.start()
+        for n in range(300):
+            await broker.publish(Event(topic="jobs", payload={"n": n, "by": sys.argv[2]}))
+        await broker.close()
+
+    sys.argv.append("{name}")
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+async def test_processes_share_one_file(tmp_path: Path) -> None:
+    path = tmp_path / "cb.db"
+    broker = SQLiteBroker(str(path), poll_interval=0.05, watch_interval=0.01)
+    await broker.start()
+    try:
+        consumer = await broker.consume("workers", ["jobs"])
+        children = [_child(PUBLISHER.replace("{name}", name), path) for name in ("a", "b")]
+        seen: dict[str, list[int]] = {"a": [], "b": []}
+        async with asyncio.timeout(20):
+            while sum(map(len, seen.values())) < 600:
+                for delivery in await consumer.fetch(100):
+                    seen[delivery.event.payload["by"]].append(delivery.event.payload["n"])
+                    await consumer.ack(delivery)
+        for child in children:
+            assert child.wait(10) == 0
+        assert seen == {"a": list(range(300)), "b": list(range(300))}
+    finally:
+        await broker.close()
+
+
+WORKER = """
+    import asyncio, sys
+    from callboard.brokers.sqlite import SQLiteBroker
+    from callboard.events import Event
+
+    async def main():
+        broker = SQLiteBroker(sys.argv[1], lease=0.5)
+        await broker.start()
+        consumer = await broker.consume("workers", ["jobs"])
+        for n in range(100):
+            await broker.publish(Event(topic="jobs", payload={"n": n}))
+            print("published", n, flush=True)
+        acked = 0
+        while True:
+            for delivery in await consumer.fetch(7):
+                if acked < 40:
+                    await consumer.ack(delivery)
+                    acked += 1
+                    print("acked", delivery.event.payload["n"], flush=True)
+            if acked >= 40:
+                print("holding", flush=True)
+                await asyncio.sleep(3600)
+
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+async def test_a_killed_process_loses_nothing_it_was_told_was_stored(tmp_path: Path) -> None:
+    path = tmp_path / "cb.db"
+    published: list[int] = []
+    acked: list[int] = []
+    with _child(WORKER, path, capture=True) as child:
+        assert child.stdout is not None
+        for line in child.stdout:
+            word, _, number = line.partition(" ")
+            if word == "published":
+                published.append(int(number))
+            elif word == "acked":
+                acked.append(int(number))
+            elif line.strip() == "holding":
+                break
+        child.send_signal(signal.SIGKILL)
+    assert published == list(range(100))
+    assert len(acked) == 40
+
+    broker = SQLiteBroker(str(path), poll_interval=0.05)
+    await broker.start()
+    try:
+        consumer = await broker.consume("workers", ["jobs"])
+        received: list[int] = []
+        async with asyncio.timeout(10):
+            while len(received) < 60:
+                received += [d.event.payload["n"] for d in await consumer.fetch(100)]
+        assert sorted(received) == sorted(set(range(100)) - set(acked))
+        listed = {s.name: s for s in await broker.subscriptions()}
+        assert listed["workers"].in_flight == 60
+    finally:
+        await broker.close()
+
+
+async def test_events_are_stored_as_json(tmp_path: Path) -> None:
+    import sqlite3
+
+    broker = SQLiteBroker(str(tmp_path / "cb.db"))
+    await broker.start()
+    await broker.publish(Event(topic="t", payload={"a": [1, 2]}, metadata={"k": ["x", "y"]}))
+    await broker.close()
+    with sqlite3.connect(tmp_path / "cb.db") as connection:
+        payload, metadata = connection.execute("SELECT payload, metadata FROM events").fetchone()
+    assert json.loads(payload) == {"a": [1, 2]}
+    assert json.loads(metadata) == {"k": ["x", "y"]}
