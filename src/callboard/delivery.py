@@ -90,6 +90,9 @@ class SubscriptionWorker:
                     if self._stop.is_set():
                         return
                     await self._deliver(delivery)
+        except Exception:
+            # Nobody awaits a worker's task until close: say so now, not when it is collected.
+            logger.exception("subscription %r stopped: its consumer failed", self.subscription)
         finally:
             await consumer.close()
 
@@ -141,6 +144,24 @@ class SubscriptionWorker:
 
     async def _dead_letter(self, delivery: Delivery, error: Exception, attempts: int) -> None:
         event = delivery.event
+        letter = dead_letter_event(self.subscription, event, error, attempts)
+        try:
+            await self._broker.publish(letter)
+        except Exception as failure:
+            # Never acknowledge an event that was not kept somewhere: left unacknowledged, the
+            # broker delivers it again, and the worker goes on with the next one.
+            logger.error(
+                "subscription %r gave up on event %s (topic %r) after %d attempts, and it could "
+                "not be moved to its dead letters (%s); it will be delivered again: %s",
+                self.subscription,
+                event.id,
+                event.topic,
+                attempts,
+                failure,
+                error,
+                exc_info=error,
+            )
+            return
         logger.error(
             "subscription %r gave up on event %s (topic %r) after %d attempts; "
             "moved to its dead letters: %s",
@@ -151,7 +172,6 @@ class SubscriptionWorker:
             error,
             exc_info=error,
         )
-        await self._broker.publish(dead_letter_event(self.subscription, event, error, attempts))
         self._metrics.dead_letters.labels(self.subscription).inc()
         await self._consumer.ack(delivery)
 

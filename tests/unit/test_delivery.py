@@ -5,6 +5,7 @@ import asyncio
 import pytest
 
 from callboard import (
+    BrokerUnavailable,
     DeadLetter,
     DefaultEventsService,
     Event,
@@ -12,6 +13,8 @@ from callboard import (
     RetryPolicy,
     SubscriptionError,
 )
+from callboard.brokers.base import Delivery
+from callboard.brokers.memory import MemoryConsumer
 from callboard.delivery import SubscriptionWorker
 from callboard.service import Handler
 from callboard.testing import RecordingEventsService
@@ -253,3 +256,51 @@ async def test_closing_during_a_retry_delay_leaves_the_event_unacknowledged() ->
         assert calls == ["first", "second"]
         await second.close(timeout=0)
         assert await events.dead_letters("s") == []
+
+
+class DeadLetterlessBroker(MemoryBroker):
+    """A memory broker whose dead-letter store is down."""
+
+    async def publish(self, event: Event) -> bool:
+        if event.topic.startswith("$deadletter."):
+            raise BrokerUnavailable("the dead-letter store is down")
+        return await super().publish(event)
+
+
+async def test_a_failing_dead_letter_store_stops_neither_the_worker_nor_the_event(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fine = asyncio.Event()
+
+    async def handler(event: Event) -> None:
+        if event.payload == "poison":
+            raise RuntimeError("poison")
+        fine.set()
+
+    broker = DeadLetterlessBroker()
+    async with DefaultEventsService(broker, retry=RetryPolicy(attempts=1)) as events:
+        subscription = await events.subscribe("s", "t", handler)
+        await events.publish(Event(topic="t", payload="poison"))
+        await events.publish(Event(topic="t", payload="fine"))
+        # The worker lives on and handles the next event ...
+        await asyncio.wait_for(fine.wait(), 5)
+        assert not subscription.tasks[0].done()
+        # ... and the poison event is not acknowledged, so it will be delivered again.
+        with pytest.raises(TimeoutError):
+            await broker.drain(timeout=0.05)
+    assert "could not be moved to its dead letters" in caplog.text
+    assert "moved to its dead letters: poison" not in caplog.text
+
+
+async def test_a_worker_whose_consumer_fails_says_so(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def fetch(self: MemoryConsumer, max_count: int) -> list[Delivery]:
+        raise BrokerUnavailable("connection lost")
+
+    monkeypatch.setattr(MemoryConsumer, "fetch", fetch)
+    async with DefaultEventsService(MemoryBroker()) as events:
+        subscription = await events.subscribe("s", "t", Flaky(failures=0))
+        await asyncio.wait_for(asyncio.gather(*subscription.tasks), 5)
+    assert "subscription 's' stopped: its consumer failed" in caplog.text
+    assert "connection lost" in caplog.text
