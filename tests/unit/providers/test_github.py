@@ -104,3 +104,19 @@ def test_app_id_and_secret_order() -> None:
 def test_sub_topic_and_delivery_id() -> None:
     assert github.sub_topic(Event(topic="github", metadata={"x-github-event": "push"})) == "push"
     assert github.sub_topic(Event(topic="github")) is None
+
+
+async def test_event_type_that_is_not_a_topic_segment_is_not_routed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    headers, body = load_fixture("github", "push")
+    headers["X-GitHub-Event"] = "not a segment"
+    async with running({"github": {"webhookSecret": SECRET}}) as hub:
+        generic = await hub.record("github")
+        routed = await hub.record("github.>")
+        response = await hub.post("github", body, sign_github(body, SECRET) | headers)
+        await hub.drain()
+    assert response.status_code == 202
+    assert len(generic) == 1
+    assert routed == []
+    assert "not a valid topic segment" in caplog.text

@@ -174,3 +174,8 @@ def test_providers_depend_on_contracts_only() -> None:
                 target = node.module
                 if target.startswith("callboard") and not target.startswith("callboard.providers"):
                     assert target in ALLOWED, f"{path.name} imports {target}"
+
+
+def test_provider_switched_on_by_naming_it_in_load() -> None:
+    board = build(parse_config({"events": {"load": ["gitea"]}}), use_entry_points=False)
+    assert "gitea" in board.ingress.ingresses
