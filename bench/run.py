@@ -99,15 +99,15 @@ def callboard_config(scenario: str, broker: str) -> str:
         "  load: ['counter:register']",
         "  http:",
         "    topics: [plain]",
+        # The driver sends every request with the same X-GitHub-Delivery; this benchmark
+        # measures ingest and delivery of every request, not redelivery detection.
+        "    detectRedeliveries: false",
     ]
     if scenario == "github":
         lines += [
             "  modules:",
             "    github:",
             "      webhookSecret: bench-secret",
-            # The driver sends every request with the same X-GitHub-Delivery; this benchmark
-            # measures ingest and delivery of every request, not redelivery detection.
-            "      detectRedeliveries: false",
         ]
     return "\n".join(lines) + "\n"
 

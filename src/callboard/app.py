@@ -25,7 +25,7 @@ from callboard.bus.wire import BUS_PATH
 from callboard.config import Config
 from callboard.default_service import DefaultEventsService
 from callboard.delivery import RetryPolicy
-from callboard.errors import ModuleError
+from callboard.errors import ConfigError, ModuleError
 from callboard.extensions import Module, ModuleContext
 from callboard.ingress.asgi import IngressApp
 from callboard.ingress.types import BodyParser, Ingress
@@ -71,6 +71,7 @@ class Callboard:
             parsers=_collect_parsers(self.contexts),
             body_limit=http.body_limit,
             keep_credentials=http.keep_credential_headers,
+            detect_redeliveries=http.detect_redeliveries,
             metrics=metrics,
         )
         self.ready = False
@@ -140,7 +141,7 @@ def build(
         context = ModuleContext(module.name, config.events.modules.get(module.name, {}))
         try:
             module.register(context)
-        except ModuleError:
+        except (ModuleError, ConfigError):
             raise
         except Exception as error:
             raise ModuleError(module.name, f"failed to register: {error}") from error

@@ -93,6 +93,7 @@ class Http(Section):
     topics: tuple[TopicName, ...] = ()
     body_limit: int = Field(default=5 * 1024 * 1024, alias="bodyLimit", gt=0)
     keep_credential_headers: bool = Field(default=False, alias="keepCredentialHeaders")
+    detect_redeliveries: bool = Field(default=True, alias="detectRedeliveries")
 
     @field_validator("body_limit", mode="before")
     @classmethod

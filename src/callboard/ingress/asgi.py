@@ -50,6 +50,7 @@ class IngressApp:
         parsers: Mapping[str, BodyParser] | None = None,
         body_limit: int = DEFAULT_BODY_LIMIT,
         keep_credentials: bool = False,
+        detect_redeliveries: bool = True,
         metrics: Metrics | None = None,
     ) -> None:
         self._publish = publish
@@ -57,6 +58,7 @@ class IngressApp:
         self.parsers = {**DEFAULT_PARSERS, **(parsers or {})}
         self.body_limit = body_limit
         self._keep_credentials = keep_credentials
+        self._detect_redeliveries = detect_redeliveries
         self._metrics = metrics if metrics is not None else Metrics()
         self._redacted = {
             topic: ingress.redact_headers
@@ -141,7 +143,11 @@ class IngressApp:
         raw = await self._read_body(receive)
 
         content_type = headers.get("content-type")
-        if not isinstance(content_type, str) or not content_type.strip():
+        if isinstance(content_type, list):
+            raise UnsupportedMediaTypeError(
+                f"the request has {len(content_type)} Content-Type headers; send exactly one"
+            )
+        if not content_type or not content_type.strip():
             raise UnsupportedMediaTypeError(
                 "the request has no Content-Type header; send application/json or "
                 "application/x-www-form-urlencoded, or add a body parser for your media type "
@@ -160,11 +166,11 @@ class IngressApp:
         if ingress.validator is not None:
             rejection = await ingress.validator(request)
             if rejection is not None:
-                await self._reject(send, topic, rejection)
+                await self._reject(scope, send, topic, rejection)
                 return
         redacted = self._redacted[topic]
         metadata = {k: v for k, v in headers.items() if k not in redacted}
-        if ingress.delivery_id is not None:
+        if ingress.delivery_id is not None and self._detect_redeliveries:
             delivery_id = ingress.delivery_id(request)
             if delivery_id:
                 metadata[DELIVERY_ID] = delivery_id
@@ -201,9 +207,13 @@ class IngressApp:
             "(events.http.bodyLimit)"
         )
 
-    async def _reject(self, send: Send, topic: str, rejection: Rejection) -> None:
+    async def _reject(self, scope: Scope, send: Send, topic: str, rejection: Rejection) -> None:
         self._metrics.count_ingress(topic, rejection.status)
-        await _send_json(send, rejection.status, orjson.dumps(rejection.body))
+        body = rejection.body
+        if isinstance(body, dict) and "error" in body and "request" not in body:
+            # A validator that answers in callboard's error shape gets the request part too.
+            body = {**body, "request": {"method": scope["method"], "url": scope["path"]}}
+        await _send_json(send, rejection.status, orjson.dumps(body))
 
     async def _error(
         self,
