@@ -7,7 +7,9 @@ import socket
 
 import pytest
 
-POSTGRES_URL = os.environ.get("CALLBOARD_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+POSTGRES_URL = os.environ.get(
+    "CALLBOARD_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
 
 
 def service_up(host: str, port: int, timeout: float = 0.5) -> bool:

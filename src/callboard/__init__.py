@@ -19,17 +19,28 @@ from callboard.errors import (
     SubscriptionError,
 )
 from callboard.events import DELIVERY_ID, Event
-from callboard.extensions import Module, ModuleContext, module
-from callboard.ingress.types import MediaType, Rejection, WebhookRequest
+from callboard.extensions import (
+    BrokerPoint,
+    IngressPoint,
+    LifecyclePoint,
+    Module,
+    ModuleContext,
+    SubscriberPoint,
+    module,
+)
+from callboard.ingress.types import BodyParser, MediaType, Rejection, Validator, WebhookRequest
 from callboard.routing import EventRouter, SubTopicEventRouter
 from callboard.service import EventsService, Handler, Subscriber, Subscription
 
 __version__ = "0.1.0"
 
+
 __all__ = [
     "DELIVERY_ID",
+    "BodyParser",
     "Broker",
     "BrokerError",
+    "BrokerPoint",
     "BrokerUnavailable",
     "Callboard",
     "CallboardApp",
@@ -45,7 +56,9 @@ __all__ = [
     "EventRouter",
     "EventsService",
     "Handler",
+    "IngressPoint",
     "InvalidTopicError",
+    "LifecyclePoint",
     "MediaType",
     "MemoryBroker",
     "Module",
@@ -58,8 +71,10 @@ __all__ = [
     "Start",
     "SubTopicEventRouter",
     "Subscriber",
+    "SubscriberPoint",
     "Subscription",
     "SubscriptionError",
+    "Validator",
     "WebhookRequest",
     "__version__",
     "build",

@@ -12,7 +12,7 @@ from callboard.brokers.base import Broker, Start
 from callboard.brokers.memory import MemoryBroker
 from callboard.deadletters import DeadLetter
 from callboard.delivery import RetryPolicy, SubscriptionWorker
-from callboard.errors import ServiceClosedError, SubscriptionError
+from callboard.errors import InvalidTopicError, ServiceClosedError, SubscriptionError
 from callboard.events import Event
 from callboard.metrics import Metrics
 from callboard.service import Handler, Subscriber
@@ -82,6 +82,7 @@ class DefaultEventsService:
         self._started = False
         self._closed = False
         self._start_lock = asyncio.Lock()
+        self._checked_topics: set[str] = set()
 
     async def start(self) -> None:
         if self._closed:
@@ -120,7 +121,8 @@ class DefaultEventsService:
         await self.close()
 
     async def publish(self, event: Event) -> bool:
-        validate_topic(event.topic)
+        if event.topic not in self._checked_topics:
+            self._check_topic(event.topic)
         if not self._started:
             await self.start()
         if self._closed:
@@ -131,6 +133,17 @@ class DefaultEventsService:
         else:
             self.metrics.duplicates.labels(event.topic).inc()
         return accepted
+
+    def _check_topic(self, topic: str) -> None:
+        validate_topic(topic)
+        if topic.startswith("$"):
+            raise InvalidTopicError(
+                topic,
+                "topics starting with '$' are reserved for callboard itself (dead letters); "
+                "use redrive() to deliver a dead letter again",
+            )
+        if len(self._checked_topics) < 10_000:
+            self._checked_topics.add(topic)
 
     async def subscribe(
         self,

@@ -317,3 +317,11 @@ async def test_an_idle_service_closes_at_once() -> None:
     service = DefaultEventsService(shutdown_timeout=30)
     await service.subscribe("s", "t", Collector())
     await asyncio.wait_for(service.close(), 1)
+
+
+async def test_publishing_on_a_reserved_topic_is_refused() -> None:
+    from callboard import DefaultEventsService, Event, InvalidTopicError
+
+    async with DefaultEventsService() as events:
+        with pytest.raises(InvalidTopicError, match="reserved"):
+            await events.publish(Event(topic="$deadletter.someone", payload={}))
