@@ -14,6 +14,8 @@ SCHEMES: dict[str, tuple[str, str, str | None]] = {
     "sqlite": ("callboard.brokers.sqlite", "SQLiteBroker", None),
     "postgresql": ("callboard.brokers.postgres", "PostgresBroker", "postgres"),
     "postgres": ("callboard.brokers.postgres", "PostgresBroker", "postgres"),
+    "callboard+http": ("callboard.bus.remote", "RemoteBroker", "remote"),
+    "callboard+https": ("callboard.bus.remote", "RemoteBroker", "remote"),
 }
 
 

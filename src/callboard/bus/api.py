@@ -300,7 +300,10 @@ class BusApp:
                 return Response(status_code=204, headers={PUBLISH_RESULT_HEADER: "no-readers"})
         if notified:
             event = replace(event, metadata={**event.metadata, NOTIFIED: sorted(notified)})
-        if not await self._publish(event):
+        # A remote worker's dead letter is stored as the broker keeps dead letters; the events
+        # service refuses reserved topics from applications.
+        publish = self.broker.publish if dead_letter else self._publish
+        if not await publish(event):
             return Response(status_code=204, headers={PUBLISH_RESULT_HEADER: "duplicate"})
         logger.debug("published event %s to %r for %s", event.id, event.topic, principal.created_by)
         return _json({"id": event.id}, 201)
