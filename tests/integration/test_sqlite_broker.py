@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -60,6 +62,17 @@ def test_serve_defaults_to_sqlite(tmp_path: Path) -> None:
     assert load_config().events.broker == "memory://"  # the library default is unchanged
 
 
+@pytest.fixture
+def keep_logging() -> Iterator[None]:
+    """``main()`` points logging at the captured stderr; put the test run's logging back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("keep_logging")
 def test_migrate_command_creates_the_store(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

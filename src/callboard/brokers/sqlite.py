@@ -54,7 +54,7 @@ from callboard.brokers.base import (
     Start,
     SubscriptionInfo,
 )
-from callboard.brokers.sql import encode_event
+from callboard.brokers.sql import Expired, encode_event
 from callboard.brokers.sql.consumer import ConsumerRegistry, LeasedConsumer
 from callboard.brokers.sqlite_thread import Changes, SQLiteThread
 from callboard.errors import BrokerError, ConfigError, ServiceClosedError, SubscriptionError
@@ -219,7 +219,7 @@ class SQLiteBroker:
         deleted = 0
         budget = time.monotonic() + max(1.0, self.retention.interval / 2)
         while time.monotonic() < budget:
-            expired: store.Expired = await self._run(store.expire, self.retention)
+            expired: Expired = await self._run(store.expire, self.retention)
             deleted += expired.deleted
             for name, count in expired.lost.items():
                 logger.warning(

@@ -11,12 +11,11 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 
 from callboard.brokers.base import Delivery, RetentionPolicy, Start, SubscriptionInfo
-from callboard.brokers.sql import StoredEvent, decode_event, queries, read_sql
+from callboard.brokers.sql import Expired, StoredEvent, decode_event, queries, read_sql
 from callboard.brokers.sqlite_thread import Changes
 from callboard.errors import BrokerError, SubscriptionError
 from callboard.events import Event
@@ -277,14 +276,6 @@ def subscriptions(connection: sqlite3.Connection, changes: Changes) -> list[Subs
             )
         )
     return found
-
-
-@dataclass(frozen=True, slots=True)
-class Expired:
-    """What one retention batch deleted, and which subscriptions had not received it."""
-
-    deleted: int
-    lost: dict[str, int]
 
 
 def expire(connection: sqlite3.Connection, changes: Changes, policy: RetentionPolicy) -> Expired:

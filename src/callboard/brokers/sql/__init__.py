@@ -89,3 +89,11 @@ def decode_event(id: str, topic: str, time_us: int, payload: str | bytes, metada
         id=id,
         time=_EPOCH + timedelta(microseconds=time_us),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Expired:
+    """What one retention batch deleted, and which subscriptions had not received it."""
+
+    deleted: int
+    lost: dict[str, int]

@@ -1,0 +1,358 @@
+"""The durable broker for many instances: PostgreSQL, through psycopg 3.
+
+``postgresql://user@host:5432/db?schema=callboard`` (``schema`` defaults to ``callboard``; other
+query parameters go to libpq, e.g. ``sslmode``).
+
+Design
+------
+The tables mirror the SQLite broker's (``sql/postgres/migrations``): an append-only ``events``
+table numbered by an identity ``seq``, ``subscriptions`` (consumer groups) with a ``position``,
+``leases`` for events handed out and not acknowledged, ``dead_letters`` kept until taken.
+
+- Publishing: a publish joins a queue and awaits its future; one flusher writes everything queued
+  in one transaction (``INSERT ... SELECT FROM unnest``) under a per-schema advisory lock, notifies,
+  commits and resolves the futures. The lock makes seqs visible in order across instances (see
+  ``postgres_ops``), which is what lets a position move safely.
+- Consuming: a claim locks the group's row (claims of one group take turns), re-leases expired or
+  handed-back leases (``FOR UPDATE SKIP LOCKED``), then leases the next matching events after the
+  position and moves it. Competing consumers in any number of instances never share an event and
+  each receives its events in publish order. Live consumers' leases are renewed; a dead instance's
+  leases run out and go to another consumer.
+- Wake-ups: ONE ``LISTEN`` connection per broker (``postgres_listener``) wakes local consumers on
+  other instances' commits; while it is down consumers poll every ``fallback_poll`` seconds.
+- Failures: driver errors become ``BrokerUnavailable`` (connection, timeout) or ``BrokerError``
+  at this boundary; connects and statements time out quickly so the HTTP ingress can answer 503
+  at once, and the pool reconnects by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import psycopg
+import psycopg_pool
+
+from callboard.brokers import postgres_ops as ops
+from callboard.brokers.base import (
+    DEAD_LETTER_PREFIX,
+    Capabilities,
+    Delivery,
+    RetentionPolicy,
+    Start,
+    SubscriptionInfo,
+)
+from callboard.brokers.postgres_batch import GroupCommit
+from callboard.brokers.postgres_listener import Listener
+from callboard.brokers.sql import StoredEvent, encode_event
+from callboard.brokers.sql.consumer import ConsumerRegistry, LeasedConsumer
+from callboard.errors import (
+    BrokerError,
+    BrokerUnavailable,
+    ConfigError,
+    ServiceClosedError,
+    SubscriptionError,
+)
+from callboard.events import Event
+from callboard.topics import normalize_patterns
+
+logger = logging.getLogger("callboard.brokers.postgres")
+
+T = TypeVar("T")
+
+
+class PostgresBroker:
+    """Durable broker on PostgreSQL. ``postgresql://...`` in configuration."""
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        schema: str = "callboard",
+        lease: float = 30.0,
+        poll_interval: float = 2.0,
+        retention: RetentionPolicy | None = None,
+        pool_size: int = 10,
+        timeout: float = 3.0,
+    ) -> None:
+        self.conninfo = conninfo
+        self.schema = schema
+        self.lease = lease
+        self.poll_interval = poll_interval
+        #: How often consumers look for events while the notification connection is down.
+        self.fallback_poll = min(poll_interval, 0.5)
+        self.retention = retention if retention is not None else RetentionPolicy()
+        self.timeout = timeout
+        self._q = ops.Queries(schema)
+        self._pool_size = pool_size
+        self._pool = self._new_pool()
+        self._registry = ConsumerRegistry()
+        self._listener = Listener(
+            conninfo, self._q.channel, self._registry.wake, connect_timeout=timeout
+        )
+        self._publishes: GroupCommit[tuple[StoredEvent, str | None], bool] = GroupCommit(
+            self._flush_publishes, 1_000
+        )
+        self._acks: GroupCommit[tuple[str, str, int], bool] = GroupCommit(self._flush_acks, 1_000)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = True
+
+    @classmethod
+    def from_url(cls, url: str, *, retention: RetentionPolicy | None = None) -> PostgresBroker:
+        parts = urlsplit(url)
+        params = dict(parse_qsl(parts.query))
+        schema = params.pop("schema", "callboard")
+        if not schema.isidentifier():
+            raise ConfigError("events.broker", f"schema {schema!r} is not a plain SQL identifier")
+        conninfo = urlunsplit(parts._replace(scheme="postgresql", query=urlencode(params)))
+        return cls(conninfo, schema=schema, retention=retention)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(durable=True, shared=True, replay=True)
+
+    async def start(self) -> None:
+        if not self._closed:
+            return
+        await self._open_pool()
+        try:
+            await self._migrate()
+        except BaseException:
+            await self._pool.close()
+            raise
+        self._closed = False
+        self._spawn(self._listener.run(), "listener")
+        self._spawn(self._renew_leases(), "leases")
+        self._spawn(self._fallback_poll(), "poll")
+        self._spawn(self._expire(), "retention")
+
+    async def close(self) -> None:
+        await self._stop(release=True)
+
+    async def abandon(self) -> None:
+        """Stop as a killed process would: leases are neither handed back nor renewed (tests)."""
+        await self._stop(release=False)
+
+    async def migrate(self) -> list[str]:
+        """Create the schema or apply what is missing (``callboard migrate``); what was applied."""
+        if not self._closed:
+            return await self._migrate()
+        await self._open_pool()
+        try:
+            return await self._migrate()
+        finally:
+            await self._pool.close()
+
+    async def publish(self, event: Event) -> bool:
+        self._check_open()
+        stored = encode_event(event)
+        if event.topic.startswith(DEAD_LETTER_PREFIX):
+            group = event.topic[len(DEAD_LETTER_PREFIX) :]
+            await self._with(ops.keep_dead_letter, group, stored)
+            return True
+        return await self._publishes.submit((stored, None))
+
+    async def consume(
+        self, group: str, topics: Sequence[str], *, start: Start = "end"
+    ) -> LeasedConsumer:
+        self._check_open()
+        patterns = normalize_patterns(topics)
+        for live in self._registry.group_patterns(group):
+            if set(live) != set(patterns):
+                raise SubscriptionError(
+                    f"subscription {group!r} already reads {list(live)}; cannot join it with "
+                    f"{list(patterns)}: use another subscription id"
+                )
+        if await self._with(ops.join, group, patterns, start):
+            logger.info("created subscription %r on %s from %s", group, list(patterns), start)
+        return LeasedConsumer(
+            _Leases(self),
+            self._registry,
+            group,
+            patterns,
+            poll_interval=self.poll_interval,
+            ack_patience=self.lease,
+        )
+
+    async def deliver_to(self, group: str, event: Event) -> None:
+        self._check_open()
+        if not await self._with(ops.exists, group):
+            raise SubscriptionError(f"no subscription {group!r} to deliver to")
+        await self._publishes.submit((encode_event(event), group))
+
+    async def take_dead_letters(
+        self,
+        group: str,
+        *,
+        ids: Sequence[str] | None = None,
+        remove: bool = False,
+        limit: int = 100,
+    ) -> list[Event]:
+        self._check_open()
+        return await self._with(ops.dead_letters, group, ids, remove, limit)
+
+    async def subscriptions(self) -> list[SubscriptionInfo]:
+        self._check_open()
+        return await self._with(ops.subscriptions)
+
+    async def clean(self) -> int:
+        """Apply the retention policy now, in bounded batches; the number of events deleted."""
+        self._check_open()
+        deleted = 0
+        budget = time.monotonic() + max(1.0, self.retention.interval / 2)
+        while time.monotonic() < budget:
+            expired = await self._with(ops.expire, self.retention)
+            if expired is None:
+                break  # another instance is cleaning
+            deleted += expired.deleted
+            for name, count in expired.lost.items():
+                logger.warning(
+                    "subscription %r fell behind the retained window: retention deleted %d "
+                    "events it had not received",
+                    name,
+                    count,
+                )
+            if expired.deleted < self.retention.batch_size:
+                break
+        return deleted
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _new_pool(self) -> psycopg_pool.AsyncConnectionPool[Any]:
+        return psycopg_pool.AsyncConnectionPool(
+            self.conninfo,
+            min_size=1,
+            max_size=self._pool_size,
+            open=False,
+            timeout=self.timeout,
+            kwargs={
+                "connect_timeout": max(1, round(self.timeout)),
+                "application_name": "callboard",
+                # Short statements: a stuck server makes a publish fail fast (503), not hang.
+                "options": f"-c statement_timeout={int(self.timeout * 1000)}",
+            },
+            name=f"callboard-{self.schema}",
+        )
+
+    async def _open_pool(self) -> None:
+        # A closed pool cannot be opened again: every start gets a new one.
+        self._pool = self._new_pool()
+        try:
+            await self._pool.open(wait=True, timeout=self.timeout)
+        except psycopg_pool.PoolTimeout as error:
+            await self._pool.close()
+            raise BrokerUnavailable(
+                f"cannot connect to PostgreSQL for the broker within {self.timeout}s; "
+                "check events.broker and that the server is up"
+            ) from error
+
+    async def _migrate(self) -> list[str]:
+        applied = await self._with(ops.migrate)
+        if applied:
+            logger.info("applied migrations to schema %r: %s", self.schema, ", ".join(applied))
+        return applied
+
+    async def _with(self, operation: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run an operation on a pooled connection, translating driver errors."""
+        async with self._connection() as connection:
+            return await operation(connection, self._q, *args)
+
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[ops.Connection]:
+        try:
+            async with self._pool.connection() as connection:
+                yield connection
+        except psycopg_pool.PoolTimeout as error:
+            raise BrokerUnavailable(
+                f"PostgreSQL is unreachable (no connection within {self.timeout}s)"
+            ) from error
+        except psycopg.OperationalError as error:
+            # Connections idle in the pool may be dead too (a restarted server): check them.
+            asyncio.get_running_loop().create_task(self._pool.check())
+            raise BrokerUnavailable(f"PostgreSQL failed: {error}") from error
+        except psycopg.Error as error:
+            raise BrokerError(f"PostgreSQL refused a broker statement: {error}") from error
+
+    async def _flush_publishes(self, batch: list[tuple[StoredEvent, str | None]]) -> list[bool]:
+        results = await self._with(ops.insert_events, batch)
+        # This instance's consumers need not wait for the notification to come back.
+        self._registry.wake(
+            {e.topic for e, t in batch if t is None}, {t for _, t in batch if t is not None}
+        )
+        return results
+
+    async def _flush_acks(self, batch: list[tuple[str, str, int]]) -> list[bool]:
+        return await self._with(ops.ack, batch)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ServiceClosedError(f"the PostgreSQL broker on schema {self.schema!r} is closed")
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        self._tasks.append(asyncio.create_task(work, name=f"callboard-postgres-{name}"))
+
+    async def _stop(self, *, release: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if release:
+            await self._publishes.wait_idle()
+            await self._acks.wait_idle()
+        for consumer in self._registry.close_all():
+            if release:
+                await consumer.close()
+            else:
+                consumer.detach()
+        await self._pool.close()
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            consumers = self._registry.live_ids()
+            if consumers:
+                try:
+                    await self._with(ops.renew, consumers, self.lease)
+                except BrokerError as error:
+                    logger.warning("renewing leases failed: %s", error)
+
+    async def _fallback_poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.fallback_poll)
+            if not self._listener.up:
+                self._registry.wake()
+
+    async def _expire(self) -> None:
+        await asyncio.sleep(min(10.0, self.retention.interval))
+        while True:
+            try:
+                await self.clean()
+            except BrokerError as error:
+                logger.warning("retention failed: %s", error)
+            await asyncio.sleep(self.retention.interval)
+
+
+class _Leases:
+    """The broker's lease operations, as its consumers see them."""
+
+    def __init__(self, broker: PostgresBroker) -> None:
+        self._broker = broker
+
+    async def claim(self, group: str, consumer: str, limit: int) -> list[Delivery]:
+        return await self._broker._with(ops.claim, group, consumer, limit, self._broker.lease)
+
+    async def ack(self, group: str, consumer: str, seq: int) -> bool:
+        return await self._broker._acks.submit((group, consumer, seq))
+
+    async def release(self, group: str, consumer: str) -> None:
+        await self._broker._with(ops.release, group, consumer)

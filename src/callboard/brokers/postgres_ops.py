@@ -1,0 +1,300 @@
+"""The PostgreSQL broker's statements, each run on a connection the broker lends.
+
+Publishing takes a transaction-level advisory lock (one per schema) around the insert, so
+transactions that add events commit in the order their seqs were drawn: a reader that sees seq
+N also sees every seq below it, and a group's position can move past what it has read without
+skipping an event still being committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from psycopg import AsyncConnection, sql
+
+from callboard.brokers.base import Delivery, RetentionPolicy, Start, SubscriptionInfo
+from callboard.brokers.postgres_listener import notification
+from callboard.brokers.sql import (
+    Expired,
+    StoredEvent,
+    decode_event,
+    migration_names,
+    queries,
+    read_sql,
+)
+from callboard.errors import SubscriptionError
+from callboard.events import Event
+from callboard.topics import ONE, REST, SEPARATOR, TopicMatcher
+
+Connection = AsyncConnection[Any]
+
+
+class Queries:
+    """The named queries, bound to one schema."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = schema
+        identifier = sql.Identifier(schema)
+        self._compiled = {
+            name: sql.SQL(text).format(schema=identifier)
+            for name, text in queries("postgres").items()
+        }
+        digest = hashlib.blake2b(schema.encode(), digest_size=8).digest()
+        base = int.from_bytes(digest, "big", signed=True) & ~0xFF
+        #: Advisory lock keys of this schema: publishing, migrating, cleaning.
+        self.publish_lock, self.migrate_lock, self.clean_lock = base, base + 1, base + 2
+        self.channel = f"callboard.{schema}"[:63]
+
+    def __getitem__(self, name: str) -> sql.Composed:
+        return self._compiled[name]
+
+    def migration(self, name: str) -> sql.Composed:
+        text = read_sql("postgres", f"migrations/{name}")
+        return sql.SQL(text).format(schema=sql.Identifier(self.schema))
+
+
+def pattern_regex(pattern: str) -> str:
+    """A topic pattern as a PostgreSQL regular expression (``github.*`` -> ``^github\\.[^.]+$``)."""
+    parts = []
+    for index, segment in enumerate(pattern.split(SEPARATOR)):
+        # Wildcards never match a reserved first segment ($deadletter...).
+        if segment == ONE:
+            parts.append("[^.$][^.]*" if index == 0 else "[^.]+")
+        elif segment == REST:
+            parts.append("[^$].*" if index == 0 else ".+")
+        else:
+            parts.append(re.escape(segment))
+    return "^" + r"\.".join(parts) + "$"
+
+
+async def migrate(connection: Connection, q: Queries) -> list[str]:
+    """Apply the migrations not applied yet, in order, under a lock; their names."""
+    applied: list[str] = []
+    async with connection.transaction():
+        await connection.execute(q["lock"], {"key": q.migrate_lock})
+        await connection.execute(q["create_schema"])
+        cursor = await connection.execute(q["applied_migrations"])
+        done = {name for (name,) in await cursor.fetchall()}
+        for name in migration_names("postgres"):
+            if name not in done:
+                await connection.execute(q.migration(name))
+                await connection.execute(q["record_migration"], {"name": name})
+                applied.append(name)
+    return applied
+
+
+async def insert_events(
+    connection: Connection, q: Queries, batch: list[tuple[StoredEvent, str | None]]
+) -> list[bool]:
+    """Store a batch in one transaction and notify; accepted (not a known delivery) per event."""
+    accepted = [True] * len(batch)
+    rows: list[tuple[StoredEvent, str | None]] = []
+    seen: set[tuple[str, str]] = set()
+    for index, (event, target) in enumerate(batch):
+        key = (event.topic, event.delivery_id) if event.delivery_id and target is None else None
+        if key is not None:
+            if key in seen:
+                accepted[index] = False
+                continue
+            seen.add(key)
+        rows.append((event, target))
+    async with connection.transaction():
+        await connection.execute(q["lock"], {"key": q.publish_lock})
+        cursor = await connection.execute(
+            q["insert_events"],
+            {
+                "ids": [e.id for e, _ in rows],
+                "topics": [e.topic for e, _ in rows],
+                "targets": [t for _, t in rows],
+                "delivery_ids": [e.delivery_id if t is None else None for e, t in rows],
+                "times": [e.time_us for e, _ in rows],
+                "payloads": [e.payload for e, _ in rows],
+                "metadatas": [e.metadata for e, _ in rows],
+            },
+        )
+        stored = {(topic, delivery) for topic, delivery in await cursor.fetchall() if delivery}
+        topics = {e.topic for e, t in rows if t is None}
+        groups = {t for _, t in rows if t is not None}
+        await connection.execute(
+            q["notify"], {"channel": q.channel, "message": notification(topics, groups)}
+        )
+    for index, (event, target) in enumerate(batch):
+        if accepted[index] and target is None and event.delivery_id:
+            accepted[index] = (event.topic, event.delivery_id) in stored
+            stored.discard((event.topic, event.delivery_id))
+    return accepted
+
+
+async def keep_dead_letter(
+    connection: Connection, q: Queries, group: str, event: StoredEvent
+) -> None:
+    async with connection.transaction():
+        await connection.execute(
+            q["insert_dead_letter"],
+            {
+                "subscription": group,
+                "id": event.id,
+                "topic": event.topic,
+                "time_us": event.time_us,
+                "payload": event.payload,
+                "metadata": event.metadata,
+            },
+        )
+
+
+async def exists(connection: Connection, q: Queries, group: str) -> bool:
+    cursor = await connection.execute(q["subscription_exists"], {"name": group})
+    return await cursor.fetchone() is not None
+
+
+async def join(
+    connection: Connection, q: Queries, group: str, patterns: Sequence[str], start: Start
+) -> bool:
+    """Create the group at ``start`` or point it at ``patterns``; created?"""
+    topics = sorted(set(patterns))
+    since = start if isinstance(start, datetime) else None
+    async with connection.transaction():
+        cursor = await connection.execute(
+            q["join"],
+            {
+                "name": group,
+                "topics": topics,
+                "regexes": [pattern_regex(p) for p in topics],
+                "start": start if isinstance(start, str) else "time",
+                "since": since,
+            },
+        )
+        row = await cursor.fetchone()
+    return bool(row and row[0])
+
+
+async def claim(
+    connection: Connection, q: Queries, group: str, consumer: str, limit: int, lease: float
+) -> list[Delivery]:
+    """Lease up to ``limit`` events of the group: those handed back first, then new ones."""
+    args = {"group": group, "consumer": consumer, "limit": limit, "lease": lease}
+    deliveries: list[Delivery] = []
+    async with connection.transaction():
+        cursor = await connection.execute(q["lock_subscription"], args)
+        row = await cursor.fetchone()
+        if row is None:
+            raise SubscriptionError(f"subscription {group!r} no longer exists")
+        position, regexes = row
+        cursor = await connection.execute(q["reclaim"], args)
+        for seq, attempt, *stored in await cursor.fetchall():
+            deliveries.append(Delivery(decode_event(*stored), attempt, seq))
+        room = limit - len(deliveries)
+        if room > 0:
+            cursor = await connection.execute(
+                q["claim"], {**args, "limit": room, "position": position, "regexes": regexes}
+            )
+            rows = await cursor.fetchall()
+            fresh = [Delivery(decode_event(*r[2:]), 1, r[1]) for r in rows if r[1] is not None]
+            # With fewer than asked for, everything up to the head (of the same snapshot) was
+            # looked at: moving there spares the next claim from reading it again.
+            moved = fresh[-1].token if len(fresh) == room else rows[0][0]
+            if isinstance(moved, int) and moved > position:
+                await connection.execute(q["move_position"], {"group": group, "position": moved})
+            deliveries.extend(fresh)
+    deliveries.sort(key=lambda d: d.token if isinstance(d.token, int) else 0)
+    return deliveries
+
+
+async def ack(connection: Connection, q: Queries, batch: list[tuple[str, str, int]]) -> list[bool]:
+    async with connection.transaction():
+        cursor = await connection.execute(
+            q["ack"],
+            {
+                "groups": [g for g, _, _ in batch],
+                "consumers": [c for _, c, _ in batch],
+                "seqs": [s for _, _, s in batch],
+            },
+        )
+        done = {(g, c, s) for g, s, c in await cursor.fetchall()}
+    return [item in done for item in batch]
+
+
+async def release(connection: Connection, q: Queries, group: str, consumer: str) -> None:
+    async with connection.transaction():
+        cursor = await connection.execute(q["release"], {"group": group, "consumer": consumer})
+        if cursor.rowcount:
+            await connection.execute(
+                q["notify"], {"channel": q.channel, "message": notification(set(), {group})}
+            )
+
+
+async def renew(connection: Connection, q: Queries, consumers: list[str], lease: float) -> None:
+    async with connection.transaction():
+        await connection.execute(q["renew"], {"consumers": consumers, "lease": lease})
+
+
+async def dead_letters(
+    connection: Connection,
+    q: Queries,
+    group: str,
+    ids: Sequence[str] | None,
+    remove: bool,
+    limit: int,
+) -> list[Event]:
+    async with connection.transaction():
+        cursor = await connection.execute(
+            q["dead_letters"],
+            {"subscription": group, "ids": None if ids is None else list(ids), "limit": limit},
+        )
+        rows = await cursor.fetchall()
+        if remove and rows:
+            await connection.execute(q["delete_dead_letters"], {"seqs": [r[0] for r in rows]})
+    return [decode_event(*row[1:]) for row in rows]
+
+
+async def subscriptions(connection: Connection, q: Queries) -> list[SubscriptionInfo]:
+    async with connection.transaction():
+        cursor = await connection.execute(q["subscriptions"])
+        rows = await cursor.fetchall()
+    return [
+        SubscriptionInfo(
+            name=name, topics=tuple(topics), in_flight=in_flight, backlog=backlog, lost=lost
+        )
+        for name, topics, lost, in_flight, backlog in rows
+    ]
+
+
+async def expire(connection: Connection, q: Queries, policy: RetentionPolicy) -> Expired | None:
+    """Delete one batch of events outside the window; ``None`` if another instance is at it."""
+    async with connection.transaction():
+        await connection.execute("SET LOCAL statement_timeout = '20s'")
+        cursor = await connection.execute(q["try_lock"], {"key": q.clean_lock})
+        locked = await cursor.fetchone()
+        if not (locked and locked[0]):
+            return None
+        args = {"max_age": policy.max_age, "min_age": policy.min_age, "limit": policy.batch_size}
+        cursor = await connection.execute(q["expire_by_age"], args)
+        rows = await cursor.fetchall()
+        if not rows:
+            cursor = await connection.execute(q["count_edge"], {"max_count": policy.max_count})
+            edge = await cursor.fetchone()
+            if edge is not None:
+                cursor = await connection.execute(q["expire_by_count"], {**args, "edge": edge[0]})
+                rows = await cursor.fetchall()
+        if not rows:
+            return Expired(0, {})
+        lost: Counter[str] = Counter()
+        cursor = await connection.execute(q["subscription_positions"])
+        for name, topics, position in await cursor.fetchall():
+            matcher = TopicMatcher(topics)
+            lost[name] += sum(
+                1
+                for seq, topic, target in rows
+                if seq > position and (target == name or (target is None and matcher(topic)))
+            )
+        cursor = await connection.execute(q["drop_leases"], {"upto": max(r[0] for r in rows)})
+        lost.update(name for (name,) in await cursor.fetchall())
+        for name, count in lost.items():
+            if count:
+                await connection.execute(q["add_lost"], {"name": name, "lost": count})
+    return Expired(len(rows), {name: count for name, count in lost.items() if count})

@@ -1,0 +1,190 @@
+-- Named queries of the PostgreSQL broker; {schema} is the broker's schema, quoted.
+
+-- name: create_schema
+-- The schema and the table recording applied migrations.
+CREATE SCHEMA IF NOT EXISTS {schema};
+CREATE TABLE IF NOT EXISTS {schema}.migrations (
+    name text PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+
+-- name: lock
+-- Wait for a transaction-level advisory lock.
+SELECT pg_advisory_xact_lock(%(key)s)
+
+-- name: try_lock
+-- Take a transaction-level advisory lock if nobody holds it.
+SELECT pg_try_advisory_xact_lock(%(key)s)
+
+-- name: applied_migrations
+-- The migrations applied so far.
+SELECT name FROM {schema}.migrations
+
+-- name: record_migration
+-- Record a migration as applied.
+INSERT INTO {schema}.migrations (name) VALUES (%(name)s)
+
+-- name: insert_events
+-- Store a batch of events in order; a known (topic, delivery id) is skipped.
+INSERT INTO {schema}.events (id, topic, target, delivery_id, time_us, payload, metadata)
+SELECT id, topic, target, delivery_id, time_us, payload, metadata
+FROM unnest(
+    %(ids)s::text[], %(topics)s::text[], %(targets)s::text[], %(delivery_ids)s::text[],
+    %(times)s::bigint[], %(payloads)s::text[], %(metadatas)s::text[]
+) WITH ORDINALITY AS batch (id, topic, target, delivery_id, time_us, payload, metadata, n)
+ORDER BY n
+ON CONFLICT (topic, delivery_id) WHERE delivery_id IS NOT NULL DO NOTHING
+RETURNING topic, delivery_id
+
+-- name: notify
+-- Tell every instance what was stored (delivered at commit).
+SELECT pg_notify(%(channel)s, %(message)s)
+
+-- name: insert_dead_letter
+-- Keep a dead letter of a subscription.
+INSERT INTO {schema}.dead_letters (subscription, id, topic, time_us, payload, metadata)
+VALUES (%(subscription)s, %(id)s, %(topic)s, %(time_us)s, %(payload)s, %(metadata)s)
+
+-- name: subscription_exists
+-- Whether a subscription exists.
+SELECT 1 FROM {schema}.subscriptions WHERE name = %(name)s
+
+-- name: join
+-- Create a subscription at its start, or point an existing one at new topics; created?
+INSERT INTO {schema}.subscriptions AS s (name, topics, regexes, position)
+VALUES (
+    %(name)s, %(topics)s, %(regexes)s,
+    CASE
+        WHEN %(start)s = 'beginning' THEN 0
+        WHEN %(since)s::timestamptz IS NOT NULL THEN coalesce(
+            (SELECT min(seq) - 1 FROM {schema}.events WHERE stored_at >= %(since)s::timestamptz),
+            (SELECT coalesce(max(seq), 0) FROM {schema}.events))
+        ELSE (SELECT coalesce(max(seq), 0) FROM {schema}.events)
+    END
+)
+ON CONFLICT (name) DO UPDATE
+    SET topics = excluded.topics, regexes = excluded.regexes, updated_at = now()
+    WHERE s.topics IS DISTINCT FROM excluded.topics
+RETURNING (xmax = 0) AS created
+
+-- name: lock_subscription
+-- Serialise the claims of one group: its position moves one claim at a time.
+SELECT position, regexes FROM {schema}.subscriptions WHERE name = %(group)s FOR UPDATE
+
+-- name: reclaim
+-- Lease to a consumer the group's events whose lease ran out or was handed back, oldest first.
+UPDATE {schema}.leases AS l
+SET consumer = %(consumer)s,
+    expires_at = now() + make_interval(secs => %(lease)s),
+    attempt = l.attempt + 1
+FROM (
+    SELECT seq FROM {schema}.leases
+    WHERE subscription = %(group)s AND (consumer IS NULL OR expires_at <= now())
+    ORDER BY seq LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+) AS due
+JOIN {schema}.events AS e ON e.seq = due.seq
+WHERE l.subscription = %(group)s AND l.seq = due.seq
+RETURNING l.seq, l.attempt, e.id, e.topic, e.time_us, e.payload, e.metadata
+
+-- name: claim
+-- Lease the group's next events after its position; with the newest seq of the same snapshot.
+WITH fresh AS (
+    SELECT seq FROM {schema}.events
+    WHERE seq > %(position)s
+      AND (target = %(group)s OR (target IS NULL AND topic ~ ANY(%(regexes)s)))
+    ORDER BY seq LIMIT %(limit)s
+), leased AS (
+    INSERT INTO {schema}.leases (subscription, seq, consumer, expires_at, attempt)
+    SELECT %(group)s, seq, %(consumer)s, now() + make_interval(secs => %(lease)s), 1 FROM fresh
+    RETURNING seq
+)
+SELECT head.seq, e.seq, e.id, e.topic, e.time_us, e.payload, e.metadata
+FROM (SELECT coalesce(max(seq), 0) AS seq FROM {schema}.events) AS head
+LEFT JOIN (leased JOIN {schema}.events AS e USING (seq)) ON true
+ORDER BY e.seq
+
+-- name: move_position
+-- Move a subscription's position forward.
+UPDATE {schema}.subscriptions SET position = greatest(position, %(position)s)
+WHERE name = %(group)s
+
+-- name: ack
+-- Delete leases still held by the consumers acknowledging them.
+DELETE FROM {schema}.leases AS l
+USING unnest(%(groups)s::text[], %(seqs)s::bigint[], %(consumers)s::text[]) AS a (g, s, c)
+WHERE l.subscription = a.g AND l.seq = a.s AND l.consumer = a.c
+RETURNING l.subscription, l.seq, l.consumer
+
+-- name: release
+-- Hand every lease of a consumer back to its group.
+UPDATE {schema}.leases SET consumer = NULL, expires_at = '-infinity'
+WHERE subscription = %(group)s AND consumer = %(consumer)s
+
+-- name: renew
+-- Push the deadline of every lease held by live consumers.
+UPDATE {schema}.leases SET expires_at = now() + make_interval(secs => %(lease)s)
+WHERE consumer = ANY(%(consumers)s)
+
+-- name: dead_letters
+-- A subscription's dead letters, oldest first, all or those with the given ids.
+SELECT seq, id, topic, time_us, payload, metadata FROM {schema}.dead_letters
+WHERE subscription = %(subscription)s
+  AND (%(ids)s::text[] IS NULL OR id = ANY(%(ids)s::text[]))
+ORDER BY seq LIMIT %(limit)s
+
+-- name: delete_dead_letters
+-- Take dead letters away by seq.
+DELETE FROM {schema}.dead_letters WHERE seq = ANY(%(seqs)s)
+
+-- name: subscriptions
+-- Every subscription with its leases in flight and what waits for it.
+SELECT s.name, s.topics, s.lost,
+    (SELECT count(*) FROM {schema}.leases AS l
+     WHERE l.subscription = s.name AND l.consumer IS NOT NULL AND l.expires_at > now()),
+    (SELECT count(*) FROM {schema}.leases AS l
+     WHERE l.subscription = s.name AND (l.consumer IS NULL OR l.expires_at <= now()))
+    + (SELECT count(*) FROM {schema}.events AS e
+       WHERE e.seq > s.position
+         AND (e.target = s.name OR (e.target IS NULL AND e.topic ~ ANY(s.regexes))))
+FROM {schema}.subscriptions AS s ORDER BY s.name
+
+-- name: expire_by_age
+-- Delete a batch of events older than the maximum age.
+WITH doomed AS (
+    SELECT seq FROM {schema}.events
+    WHERE stored_at < now() - make_interval(secs => %(max_age)s)
+    ORDER BY seq LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM {schema}.events AS e USING doomed WHERE e.seq = doomed.seq
+RETURNING e.seq, e.topic, e.target
+
+-- name: count_edge
+-- The seq at the edge of the newest events kept by count.
+SELECT seq FROM {schema}.events ORDER BY seq DESC LIMIT 1 OFFSET %(max_count)s
+
+-- name: expire_by_count
+-- Delete a batch of events beyond the kept count and older than the minimum age.
+WITH doomed AS (
+    SELECT seq FROM {schema}.events
+    WHERE seq <= %(edge)s AND stored_at < now() - make_interval(secs => %(min_age)s)
+    ORDER BY seq LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM {schema}.events AS e USING doomed WHERE e.seq = doomed.seq
+RETURNING e.seq, e.topic, e.target
+
+-- name: subscription_positions
+-- Every subscription's topics and position, to account for what retention deletes.
+SELECT name, topics, position FROM {schema}.subscriptions
+
+-- name: drop_leases
+-- Delete leases whose event is gone, up to a seq.
+DELETE FROM {schema}.leases AS l
+WHERE l.seq <= %(upto)s AND NOT EXISTS (SELECT 1 FROM {schema}.events AS e WHERE e.seq = l.seq)
+RETURNING l.subscription
+
+-- name: add_lost
+-- Count events a subscription lost to retention.
+UPDATE {schema}.subscriptions SET lost = lost + %(lost)s, updated_at = now() WHERE name = %(name)s

@@ -1,0 +1,224 @@
+"""The PostgreSQL broker beyond the contract: URLs, migrations, notifications, outages."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from callboard.brokers import open_broker
+from callboard.brokers.base import RetentionPolicy
+from callboard.cli import main
+from callboard.errors import BrokerUnavailable
+from callboard.events import Event
+from tests.services import POSTGRES_URL, require_service
+
+pytestmark = pytest.mark.postgres
+
+psycopg = pytest.importorskip("psycopg")
+
+from callboard.brokers.postgres import PostgresBroker  # noqa: E402
+from callboard.brokers.postgres_ops import Queries, pattern_regex  # noqa: E402
+from callboard.brokers.sql import read_sql  # noqa: E402
+
+
+@pytest.fixture
+def schema() -> Iterator[str]:
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    name = f"callboard_test_{uuid.uuid4().hex[:12]}"
+    yield name
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+async def sql(query: str, *args: Any) -> list[tuple[Any, ...]]:
+    async with await psycopg.AsyncConnection.connect(POSTGRES_URL, autocommit=True) as conn:
+        cursor = await conn.execute(query, args or None)
+        return await cursor.fetchall() if cursor.description else []
+
+
+def test_urls_name_a_database_and_a_schema() -> None:
+    broker = open_broker(
+        "postgresql://postgres@db:5432/events?schema=cb&sslmode=require",
+        retention=RetentionPolicy(max_count=7),
+    )
+    assert isinstance(broker, PostgresBroker)
+    assert broker.schema == "cb"
+    assert broker.conninfo == "postgresql://postgres@db:5432/events?sslmode=require"
+    assert broker.retention.max_count == 7
+    assert PostgresBroker.from_url("postgres://h/db").schema == "callboard"
+
+
+@pytest.mark.parametrize(
+    ("pattern", "matches", "misses"),
+    [
+        ("github.push", ["github.push"], ["github.pushed", "github", "githubXpush"]),
+        ("github.*", ["github.push", "github.a:b"], ["github", "github.a.b"]),
+        ("gitlab.>", ["gitlab.a", "gitlab.a.b"], ["gitlab", "gitlabs.a"]),
+        ("*", ["plain"], ["$deadletter", "a.b"]),
+        (">", ["a", "a.b"], ["$deadletter.x"]),
+        ("$deadletter.x", ["$deadletter.x"], ["$deadletter.y"]),
+    ],
+)
+async def test_patterns_match_in_sql_as_in_python(
+    pattern: str, matches: list[str], misses: list[str]
+) -> None:
+    require_service("PostgreSQL", "127.0.0.1", 5432)
+    regex = pattern_regex(pattern)
+    for topic in matches + misses:
+        ((hit,),) = await sql("SELECT %s ~ %s", topic, regex)
+        assert hit is (topic in matches), (pattern, topic)
+
+
+async def test_migrations_build_what_schema_sql_describes(schema: str) -> None:
+    migrated = PostgresBroker(POSTGRES_URL, schema=schema)
+    assert await migrated.migrate() == ["0001_init.sql"]
+    assert await migrated.migrate() == []
+    reference = schema + "_ref"
+    text = read_sql("postgres", "schema.sql")
+    try:
+        async with await psycopg.AsyncConnection.connect(POSTGRES_URL, autocommit=True) as conn:
+            await conn.execute(f'CREATE SCHEMA "{reference}"')
+            await conn.execute(
+                psycopg.sql.SQL(text).format(schema=psycopg.sql.Identifier(reference))
+            )
+
+        async def shape(name: str) -> list[tuple[Any, ...]]:
+            columns = await sql(
+                "SELECT table_name, column_name, data_type, is_nullable, column_default"
+                " FROM information_schema.columns WHERE table_schema = %s"
+                " AND table_name <> 'migrations' ORDER BY 1, 2",
+                name,
+            )
+            indexes = await sql(
+                "SELECT indexname, replace(indexdef, %s, 'S') FROM pg_indexes"
+                " WHERE schemaname = %s AND tablename <> 'migrations' ORDER BY 1",
+                name,
+                name,
+            )
+            return columns + indexes
+
+        assert await shape(schema) == await shape(reference)
+    finally:
+        await sql(f'DROP SCHEMA IF EXISTS "{reference}" CASCADE')
+
+
+@pytest.fixture
+def keep_logging() -> Iterator[None]:
+    """``main()`` points logging at the captured stderr; put the test run's logging back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.usefixtures("keep_logging")
+def test_migrate_command(schema: str, tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "callboard.yaml"
+    config.write_text(f"events:\n  broker: {POSTGRES_URL}?schema={schema}\n")
+    assert main(["migrate", "-c", str(config)]) == 0
+    assert "applied 0001_init.sql" in capsys.readouterr().out
+    assert main(["migrate", "-c", str(config)]) == 0
+    assert capsys.readouterr().out.strip() == "schema up to date"
+
+
+async def test_an_unreachable_server_fails_fast() -> None:
+    broker = PostgresBroker("postgresql://postgres@127.0.0.1:1/postgres", timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(BrokerUnavailable):
+        await broker.start()
+    assert time.monotonic() - started < 3
+
+
+async def test_notifications_wake_other_instances(schema: str) -> None:
+    # Polls far apart: only a notification can deliver within the deadline below.
+    one = PostgresBroker(POSTGRES_URL, schema=schema, poll_interval=30)
+    two = PostgresBroker(POSTGRES_URL, schema=schema, poll_interval=30)
+    await one.start()
+    await two.start()
+    try:
+        consumer = await two.consume("workers", ["jobs"])
+        await asyncio.sleep(0.2)  # the listener connects in the background
+        fetched = asyncio.create_task(consumer.fetch(10))
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await one.publish(Event(topic="jobs", payload=1))
+        (delivery,) = await asyncio.wait_for(fetched, 2)
+        assert delivery.event.payload == 1
+        assert time.monotonic() - started < 1
+    finally:
+        await one.close()
+        await two.close()
+
+
+async def backends(application: str) -> list[int]:
+    rows = await sql(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND datname = 'postgres'",
+        application,
+    )
+    return [pid for (pid,) in rows]
+
+
+async def test_the_broker_recovers_when_its_connections_are_killed(schema: str) -> None:
+    broker = PostgresBroker(POSTGRES_URL, schema=schema, poll_interval=0.1, timeout=1)
+    await broker.start()
+    try:
+        consumer = await broker.consume("workers", ["jobs"])
+        await asyncio.sleep(0.3)
+        before = set(await backends("callboard-listener"))
+        for pid in set(await backends("callboard")) | before:
+            await sql("SELECT pg_terminate_backend(%s)", pid)
+        outcomes: list[bool | None] = []
+        for n in range(20):
+            try:
+                outcomes.append(await broker.publish(Event(topic="jobs", payload=n)))
+            except BrokerUnavailable:
+                outcomes.append(None)
+            await asyncio.sleep(0.05)
+        assert outcomes[-5:] == [True] * 5
+        published = [n for n, ok in enumerate(outcomes) if ok]
+        received: list[int] = []
+        async with asyncio.timeout(5):
+            while len(received) < len(published):
+                for delivery in await consumer.fetch(50):
+                    received.append(delivery.event.payload)
+                    await consumer.ack(delivery)
+        assert received == published
+        for _ in range(50):
+            if set(await backends("callboard-listener")) - before:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the listener did not reconnect")
+    finally:
+        await broker.close()
+
+
+async def test_group_commit_batches_concurrent_publishes(schema: str) -> None:
+    broker = PostgresBroker(POSTGRES_URL, schema=schema)
+    await broker.start()
+    try:
+        await broker.consume("all", ["load.*"])
+        started = time.monotonic()
+        accepted = await asyncio.gather(
+            *(broker.publish(Event(topic="load.test", payload=n)) for n in range(2000))
+        )
+        elapsed = time.monotonic() - started
+        assert all(accepted)
+        ((stored,),) = await sql(f'SELECT count(*) FROM "{schema}".events')
+        assert stored == 2000
+        assert elapsed < 5, f"2000 concurrent publishes took {elapsed:.1f}s"
+    finally:
+        await broker.close()
+
+
+def test_queries_are_bound_to_the_schema() -> None:
+    queries = Queries("cb")
+    assert queries.channel == "callboard.cb"
+    assert len({queries.publish_lock, queries.migrate_lock, queries.clean_lock}) == 3
