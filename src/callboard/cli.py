@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from callboard import __version__
 from callboard.config import Config, load_config
-from callboard.errors import CallboardError
+from callboard.errors import CallboardError, ConfigError
 from callboard.logs import configure_logging
 
 logger = logging.getLogger("callboard.cli")
@@ -50,7 +53,45 @@ def _parser() -> argparse.ArgumentParser:
         "migrate", help="create or upgrade the broker's schema (events.broker), then exit"
     )
     _config_argument(migrate)
+    _admin_parsers(commands)
     return parser
+
+
+def _admin_parsers(commands: Any) -> None:
+    subs = commands.add_parser(
+        "subscriptions", help="list the broker's subscriptions with their topics and lag"
+    )
+    _config_argument(subs)
+
+    letters = commands.add_parser(
+        "dead-letters", help="list or redrive a subscription's dead letters"
+    )
+    actions = letters.add_subparsers(dest="action", required=True)
+    listing = actions.add_parser("list", help="show the dead letters, oldest first")
+    redrive = actions.add_parser("redrive", help="deliver dead letters to the subscription again")
+    for action in (listing, redrive):
+        _config_argument(action)
+        action.add_argument("--subscription", required=True, metavar="ID")
+    listing.add_argument("--limit", type=int, default=100)
+    redrive.add_argument(
+        "--id", dest="ids", action="append", metavar="ID", help="only this dead letter (repeat)"
+    )
+
+    replay = commands.add_parser(
+        "replay", help="deliver the kept events since a time to a subscription again"
+    )
+    _config_argument(replay)
+    replay.add_argument("--subscription", required=True, metavar="ID")
+    replay.add_argument(
+        "--since", required=True, metavar="TIME", help="ISO 8601 time, or an age: 30m, 2h, 1d"
+    )
+    replay.add_argument(
+        "--topic",
+        dest="topics",
+        action="append",
+        metavar="PATTERN",
+        help="topics to replay (repeat); default: the subscription's own",
+    )
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -126,6 +167,50 @@ def migrate(config: Config) -> int:
     return 0
 
 
+def _since(value: str) -> datetime:
+    match = re.fullmatch(r"(\d+)\s*([smhd])", value.strip())
+    if match:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return datetime.now(UTC) - timedelta(seconds=int(match.group(1)) * unit)
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise ConfigError(
+            "--since", f"expected an ISO 8601 time or an age like 2h, got {value!r}"
+        ) from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def admin(config: Config, args: argparse.Namespace) -> int:
+    import asyncio
+
+    from callboard.brokers import open_broker
+    from callboard.bus import admin as ops
+
+    url = config.events.broker
+    broker = open_broker(url, retention=config.events.retention.policy())
+    ops.require_durable(broker, url)
+
+    async def run() -> str:
+        await broker.start()
+        try:
+            if args.command == "subscriptions":
+                return await ops.list_subscriptions(broker)
+            if args.command == "replay":
+                done = await ops.replay(
+                    broker, args.subscription, _since(args.since), topics=args.topics
+                )
+                return f"replayed {done.delivered} events on {list(done.topics)} to {args.subscription}"
+            if args.action == "list":
+                return await ops.list_dead_letters(broker, args.subscription, args.limit)
+            return await ops.redrive(broker, args.subscription, args.ids)
+        finally:
+            await broker.close()
+
+    print(asyncio.run(run()))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -135,6 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return serve(config)
         if args.command == "migrate":
             return migrate(config)
+        if args.command in ("subscriptions", "dead-letters", "replay"):
+            return admin(config, args)
         return check_config(config)
     except CallboardError as error:
         print(f"callboard: {error}", file=sys.stderr)

@@ -8,7 +8,6 @@ import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import pytest
 import uvicorn
@@ -162,13 +161,22 @@ async def test_failed_events_become_dead_letters_on_the_server_and_redrive() -> 
                 raise RuntimeError("not today")
             healed.set()
 
-        async with DefaultEventsService(_remote(url), retry=FAST) as service:
+        broker = _remote(url)
+        stored = asyncio.Event()
+        publish = broker.publish
+
+        async def watched(event: Event) -> bool:
+            accepted = await publish(event)
+            if event.topic.startswith("$deadletter."):
+                stored.set()
+            return accepted
+
+        broker.publish = watched  # type: ignore[method-assign]
+        async with DefaultEventsService(broker, retry=FAST) as service:
             await service.subscribe("svc.flaky", "jobs", handler)
             await service.publish(Event(topic="jobs", payload="j1"))
-            letters: list[Any] = []
-            while not letters:  # the dead letter is written by the worker after its last try
-                letters = await service.dead_letters("svc.flaky")
-                await asyncio.sleep(0.02)
+            await asyncio.wait_for(stored.wait(), 10)
+            letters = await service.dead_letters("svc.flaky")
             assert letters[0].error == "RuntimeError: not today"
             assert letters[0].event.payload == "j1"
             fail = False

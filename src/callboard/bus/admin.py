@@ -1,0 +1,143 @@
+"""Operations on a broker's subscriptions from a separate process: the ``callboard
+subscriptions``, ``dead-letters`` and ``replay`` commands.
+
+They open the configured broker directly, so they see what a durable broker keeps; an in-memory
+broker keeps everything inside the serving process, and there is nothing to look at from here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from callboard.brokers.base import Broker
+from callboard.bus.listing import subscription_infos
+from callboard.deadletters import DeadLetter
+from callboard.default_service import DefaultEventsService
+from callboard.errors import SubscriptionError
+from callboard.events import utc_now
+
+
+def require_durable(broker: Broker, url: str) -> None:
+    """Refuse a broker that keeps nothing outside the serving process."""
+    if not broker.capabilities.durable:
+        raise SubscriptionError(
+            f"the broker {url.partition('://')[0]}:// keeps its subscriptions inside the serving "
+            "process; there is nothing to inspect from a separate process. Use a durable broker "
+            "(sqlite:///... or postgresql://...) in events.broker"
+        )
+
+
+def format_subscriptions(infos: Sequence[object]) -> str:
+    rows = [("SUBSCRIPTION", "TOPICS", "IN FLIGHT", "LAG", "LOST")]
+    for info in infos:
+        in_flight: int = getattr(info, "in_flight", 0)
+        backlog: int = getattr(info, "backlog", 0)
+        lost: int = getattr(info, "lost", 0)
+        topics: Sequence[str] = getattr(info, "topics", ())
+        rows.append(
+            (
+                str(getattr(info, "name", "")),
+                ",".join(topics),
+                str(in_flight),
+                str(backlog + in_flight),
+                str(lost),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    lines = [
+        "  ".join(
+            cell.ljust(width) if i < 2 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]
+    return "\n".join(lines)
+
+
+async def list_subscriptions(broker: Broker) -> str:
+    infos = await subscription_infos(broker)
+    if infos is None:
+        raise SubscriptionError("this broker cannot list its subscriptions")
+    if not infos:
+        return "no subscriptions"
+    return format_subscriptions(infos)
+
+
+def format_dead_letters(letters: Sequence[DeadLetter]) -> str:
+    if not letters:
+        return "no dead letters"
+    return "\n".join(
+        f"{letter.id}  {letter.failed_at.isoformat()}  topic={letter.event.topic}  "
+        f"attempts={letter.attempts}  event={letter.event.id}\n    {letter.error}"
+        for letter in letters
+    )
+
+
+async def list_dead_letters(broker: Broker, subscription: str, limit: int) -> str:
+    service = DefaultEventsService(broker)
+    return format_dead_letters(await service.dead_letters(subscription, limit=limit))
+
+
+async def redrive(broker: Broker, subscription: str, ids: Sequence[str] | None) -> str:
+    count = await DefaultEventsService(broker).redrive(subscription, ids or None)
+    return f"redrove {count} dead letters to {subscription}"
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayResult:
+    delivered: int
+    topics: tuple[str, ...]
+
+
+async def replay(
+    broker: Broker,
+    subscription: str,
+    since: datetime,
+    *,
+    topics: Sequence[str] | None = None,
+    idle: float = 1.0,
+) -> ReplayResult:
+    """Deliver again to ``subscription`` every event on its topics kept since ``since``.
+
+    A temporary group starting at ``since`` reads the kept events up to now; each one is handed
+    to the subscription alone (``deliver_to``), whose own position does not move.
+    """
+    if not broker.capabilities.replay:
+        raise SubscriptionError("this broker keeps no history to replay")
+    if topics is None:
+        infos = await subscription_infos(broker) or []
+        found = [tuple(i.topics) for i in infos if i.name == subscription]
+        if not found:
+            raise SubscriptionError(
+                f"no subscription {subscription!r}; name its topics with --topic to replay anyway"
+            )
+        topics = found[0]
+    until = utc_now()
+    reader = await broker.consume(
+        f"replay.{subscription}.{uuid.uuid4().hex[:8]}", topics, start=since
+    )
+    delivered = 0
+    try:
+        while True:
+            try:
+                batch = await asyncio.wait_for(reader.fetch(100), idle)
+            except TimeoutError:
+                break  # nothing more kept
+            if not batch:
+                break
+            fresh = [d for d in batch if d.event.time <= until]
+            for delivery in fresh:
+                await broker.deliver_to(subscription, delivery.event)
+                await reader.ack(delivery)
+                delivered += 1
+            if len(fresh) < len(batch):
+                break  # reached events published after the replay began
+    finally:
+        with contextlib.suppress(Exception):
+            await reader.close()
+    return ReplayResult(delivered, tuple(topics))
