@@ -148,7 +148,7 @@ def build(
         contexts.append(context)
     chosen = broker if broker is not None else _module_broker(contexts)
     if chosen is None:
-        chosen = open_broker(config.events.broker)
+        chosen = open_broker(config.events.broker, retention=config.events.retention.policy())
     return Callboard(config, contexts, chosen, metrics if metrics is not None else Metrics())
 
 
