@@ -10,7 +10,6 @@ once. ``docs/bus-api.md`` describes every route and JSON shape.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
@@ -107,8 +106,12 @@ class _Held(Response):
         finally:
             for task in (hold, gone):
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await task
+                except asyncio.CancelledError:
+                    pass
+                except Exception:  # the 202 is sent: the reader just reads again
+                    logger.exception("bus subscription %r: a held read failed", self._feed.id)
         if gone.cancelled():
             # Spread competing readers a little, as Backstage does.
             await asyncio.sleep(random.uniform(0.001, 0.010))
