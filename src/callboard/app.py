@@ -7,6 +7,7 @@ embedded in any ASGI application; ``create_app()`` wraps it in the standalone ap
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -25,7 +26,7 @@ from callboard.bus.wire import BUS_PATH
 from callboard.config import Config
 from callboard.default_service import DefaultEventsService
 from callboard.delivery import RetryPolicy
-from callboard.errors import ConfigError, ModuleError
+from callboard.errors import CallboardError, ConfigError, ModuleError
 from callboard.extensions import Module, ModuleContext
 from callboard.ingress.asgi import IngressApp
 from callboard.ingress.types import BodyParser, Ingress
@@ -113,6 +114,22 @@ class Callboard:
             sorted(self.ingress.ingresses),
             [c.name for c in self.contexts],
         )
+
+    async def observe_broker(self, timeout: float = 2.0) -> None:
+        """Refresh the broker gauges (health, and per subscription: backlog, in flight, lost)."""
+        metrics = self.metrics
+        try:
+            async with asyncio.timeout(timeout):
+                subscriptions = await self.events.broker.subscriptions()
+        except (CallboardError, TimeoutError) as error:
+            logger.warning("the broker did not answer for /metrics: %s", error)
+            metrics.broker_up.set(0)
+            return
+        metrics.broker_up.set(1)
+        for info in subscriptions:
+            metrics.backlog.labels(info.name).set(info.backlog)
+            metrics.subscription_in_flight.labels(info.name).set(info.in_flight)
+            metrics.lost.labels(info.name).set(info.lost)
 
     async def stop(self) -> None:
         self.ready = False
@@ -202,6 +219,7 @@ class CallboardApp:
         return JSONResponse({"status": "not ready"}, status_code=503)
 
     async def _metrics(self, request: Request) -> Response:
+        await self.board.observe_broker()
         body, content_type = self.board.metrics.exposition()
         return Response(body, headers={"content-type": content_type})
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import uuid
+import itertools
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeAlias
 
@@ -23,8 +24,30 @@ DEAD_LETTER_SUBSCRIPTION = "callboard-subscription"
 DEAD_LETTER_TOPIC = "callboard-topic"
 
 
+class _EventIds:
+    """Unique ids without a system call each: 64 random bits per process, then a counter.
+
+    An id is 32 hex digits, like a UUID's. The random part is drawn again in a forked child,
+    so parent and child never hand out the same id.
+    """
+
+    def __init__(self) -> None:
+        self.reseed()
+
+    def reseed(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count(int.from_bytes(os.urandom(4)))
+
+    def next(self) -> str:
+        return f"{self.prefix}{next(self.counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+_ids = _EventIds()
+os.register_at_fork(after_in_child=_ids.reseed)
+
+
 def new_event_id() -> str:
-    return uuid.uuid4().hex
+    return _ids.next()
 
 
 def utc_now() -> datetime:
@@ -63,7 +86,17 @@ class Event:
 
     def with_topic(self, topic: str) -> Event:
         """The same event republished on another topic: a new id, the same payload and metadata."""
-        return replace(self, topic=topic, id=new_event_id())
+        # Both events are immutable, so the derived one shares the metadata mapping.
+        return _assemble(topic, self.payload, self.metadata, new_event_id(), self.time)
+
+    @classmethod
+    def from_owned(cls, topic: str, payload: Any, metadata: dict[str, MetadataValue]) -> Event:
+        """An event that takes ``metadata`` as it is, without a defensive copy.
+
+        For callers that built the dict themselves with lower-cased keys and keep no
+        reference to it (the HTTP ingress, on every request).
+        """
+        return _assemble(topic, payload, metadata, new_event_id(), utc_now())
 
     def header(self, name: str) -> str | None:
         """The first value of a metadata entry, or ``None``."""
@@ -75,3 +108,14 @@ class Event:
     @property
     def delivery_id(self) -> str | None:
         return self.header(DELIVERY_ID)
+
+
+def _assemble(topic: str, payload: Any, metadata: Metadata, id: str, time: datetime) -> Event:
+    event = object.__new__(Event)
+    setattr_ = object.__setattr__
+    setattr_(event, "topic", topic)
+    setattr_(event, "payload", payload)
+    setattr_(event, "metadata", metadata)
+    setattr_(event, "id", id)
+    setattr_(event, "time", time)
+    return event

@@ -1,38 +1,81 @@
-"""Prometheus instruments for ingress and delivery, one registry per application."""
+"""Prometheus instruments for ingress and delivery, one registry per application.
+
+The counters touched on every request and every delivery are plain integers, turned into
+Prometheus samples only when ``/metrics`` is scraped: a labelled ``prometheus_client`` counter
+takes a lock and checks its state on each increment, which costs more than the rest of a
+delivery. Rarer events (failures, retries, dead letters) use ordinary instruments.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from bisect import bisect_left
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Level:
+    """A gauge kept as a plain integer (deliveries in flight)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def inc(self) -> None:
+        self.value += 1
+
+    def dec(self) -> None:
+        self.value -= 1
+
+
+class _Latency:
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def buckets(self) -> list[tuple[str, float]]:
+        cumulative = 0
+        out = []
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.counts, strict=True):
+            cumulative += count
+            out.append(("+Inf" if bound == float("inf") else str(bound), float(cumulative)))
+        return out
 
 
 class Metrics:
-    """Counters and histograms callboard keeps; label children are cached for the hot path."""
+    """What callboard counts; ``exposition()`` renders it in Prometheus text format."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.ingress_requests = Counter(
-            "callboard_ingress_requests",
-            "HTTP ingress requests by topic and response status.",
-            ["topic", "status"],
-            registry=r,
-        )
-        self.published = Counter(
-            "callboard_events_published", "Events accepted by the broker.", ["topic"], registry=r
-        )
+        self.ingress: defaultdict[tuple[str, int], int] = defaultdict(int)
+        self.published: defaultdict[str, int] = defaultdict(int)
+        self.delivered: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.latency: dict[str, _Latency] = {}
+        self.in_flight = Level()
+        r.register(_HotPath(self))
         self.duplicates = Counter(
             "callboard_events_duplicate",
             "Redeliveries recognised by their delivery id and published only once.",
             ["topic"],
-            registry=r,
-        )
-        self.delivered = Counter(
-            "callboard_events_delivered",
-            "Events handled successfully by a subscriber.",
-            ["subscription", "topic"],
             registry=r,
         )
         self.failures = Counter(
@@ -53,47 +96,96 @@ class Metrics:
             ["subscription"],
             registry=r,
         )
-        self.latency = Histogram(
-            "callboard_delivery_latency_seconds",
-            "Time from an event's creation to the end of its successful handling.",
+        self.broker_up = Gauge(
+            "callboard_broker_up",
+            "1 when the broker answered the last scrape's questions, 0 when it did not.",
+            registry=r,
+        )
+        self.backlog = Gauge(
+            "callboard_subscription_backlog",
+            "Events a subscription has not been handed yet (its lag).",
             ["subscription"],
-            buckets=_LATENCY_BUCKETS,
             registry=r,
         )
-        self.in_flight = Gauge(
-            "callboard_deliveries_in_flight",
-            "Deliveries being handled right now.",
+        self.subscription_in_flight = Gauge(
+            "callboard_subscription_in_flight",
+            "Events handed to a subscription's consumers and not yet acknowledged.",
+            ["subscription"],
             registry=r,
         )
-        self._published: dict[str, Counter] = {}
-        self._ingress: dict[tuple[str, int], Counter] = {}
-        self._delivered: dict[tuple[str, str], Counter] = {}
-        self._latency: dict[str, Histogram] = {}
+        self.lost = Gauge(
+            "callboard_subscription_lost",
+            "Events retention deleted before the subscription received them.",
+            ["subscription"],
+            registry=r,
+        )
 
     def count_ingress(self, topic: str, status: int) -> None:
-        key = (topic, status)
-        child = self._ingress.get(key)
-        if child is None:
-            child = self._ingress[key] = self.ingress_requests.labels(topic, str(status))
-        child.inc()
+        self.ingress[topic, status] += 1
 
     def count_published(self, topic: str) -> None:
-        child = self._published.get(topic)
-        if child is None:
-            child = self._published[topic] = self.published.labels(topic)
-        child.inc()
+        self.published[topic] += 1
 
     def count_delivered(self, subscription: str, topic: str, seconds: float) -> None:
-        key = (subscription, topic)
-        child = self._delivered.get(key)
-        if child is None:
-            child = self._delivered[key] = self.delivered.labels(subscription, topic)
-        child.inc()
-        histogram = self._latency.get(subscription)
-        if histogram is None:
-            histogram = self._latency[subscription] = self.latency.labels(subscription)
-        histogram.observe(seconds)
+        self.delivered[subscription, topic] += 1
+        latency = self.latency.get(subscription)
+        if latency is None:
+            latency = self.latency[subscription] = _Latency()
+        latency.observe(seconds)
 
     def exposition(self) -> tuple[bytes, str]:
         """The registry in Prometheus text format, with its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _HotPath(Collector):
+    """Renders the plain counters of ``Metrics`` at scrape time."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        m = self._metrics
+        yield _counter(
+            "callboard_ingress_requests",
+            "HTTP ingress requests by topic and response status.",
+            ["topic", "status"],
+            (([topic, str(status)], n) for (topic, status), n in list(m.ingress.items())),
+        )
+        yield _counter(
+            "callboard_events_published",
+            "Events accepted by the broker.",
+            ["topic"],
+            (([topic], n) for topic, n in list(m.published.items())),
+        )
+        yield _counter(
+            "callboard_events_delivered",
+            "Events handled successfully by a subscriber.",
+            ["subscription", "topic"],
+            (([sub, topic], n) for (sub, topic), n in list(m.delivered.items())),
+        )
+        latency = HistogramMetricFamily(
+            "callboard_delivery_latency_seconds",
+            "Time from an event's creation to the end of its successful handling.",
+            labels=["subscription"],
+        )
+        for sub, histogram in list(m.latency.items()):
+            latency.add_metric([sub], histogram.buckets(), histogram.total)
+        yield latency
+        yield GaugeMetricFamily(
+            "callboard_deliveries_in_flight",
+            "Deliveries being handled right now.",
+            value=m.in_flight.value,
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+
+def _counter(
+    name: str, documentation: str, labels: list[str], samples: Iterable[tuple[list[str], int]]
+) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for values, count in samples:
+        family.add_metric(values, count)
+    return family

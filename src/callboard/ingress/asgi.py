@@ -174,7 +174,7 @@ class IngressApp:
             delivery_id = ingress.delivery_id(request)
             if delivery_id:
                 metadata[DELIVERY_ID] = delivery_id
-        await self._publish(Event(topic=topic, payload=payload, metadata=metadata))
+        await self._publish(Event.from_owned(topic, payload, metadata))
         self._metrics.count_ingress(topic, 202)
         await send({"type": "http.response.start", "status": 202, "headers": _ACCEPTED_HEADERS})
         await send({"type": "http.response.body", "body": _ACCEPTED})
