@@ -150,6 +150,24 @@ async def test_metrics(app: CallboardApp, client: httpx.AsyncClient) -> None:
     assert value("callboard_dead_letters_total", subscription="inbox") == 1
     assert value("callboard_delivery_latency_seconds_count", subscription="inbox") == 2
     assert value("callboard_deliveries_in_flight") == 0
+    assert value("callboard_broker_up") == 1
+    assert value("callboard_subscription_backlog", subscription="inbox") == 0
+    assert value("callboard_subscription_lost", subscription="inbox") == 0
+
+
+async def test_metrics_report_a_broker_that_does_not_answer(
+    app: CallboardApp, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from callboard import BrokerUnavailable
+
+    async def down() -> list[Any]:
+        raise BrokerUnavailable("the store is down")
+
+    async with app.board.lifespan():
+        monkeypatch.setattr(app.board.events.broker, "subscriptions", down)
+        response = await client.get("/metrics")
+    assert response.status_code == 200
+    assert samples(response.text)[("callboard_broker_up", frozenset())] == 0
 
 
 async def test_dead_letters_from_the_app_can_be_redriven(

@@ -98,3 +98,30 @@ def test_header_gives_the_first_value_of_any_case() -> None:
 def test_delivery_id_is_read_from_metadata() -> None:
     assert Event(topic="t").delivery_id is None
     assert Event(topic="t", metadata={DELIVERY_ID: "d-1"}).delivery_id == "d-1"
+
+
+def test_ids_are_unique_and_shaped_like_uuids() -> None:
+    ids = {Event(topic="t").id for _ in range(10_000)}
+    assert len(ids) == 10_000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_with_topic_keeps_payload_metadata_and_time_with_a_new_id() -> None:
+    event = Event(topic="github", payload={"a": 1}, metadata={"X-GitHub-Event": "push"})
+    routed = event.with_topic("github.push")
+    assert routed.topic == "github.push"
+    assert routed.id != event.id
+    assert (routed.payload, routed.metadata, routed.time) == (
+        event.payload,
+        event.metadata,
+        event.time,
+    )
+    assert routed.header("x-github-event") == "push"
+
+
+def test_from_owned_takes_the_metadata_as_given() -> None:
+    metadata: dict[str, str | list[str]] = {"content-type": "application/json"}
+    event = Event.from_owned("plain", {"n": 1}, metadata)
+    assert event.metadata is metadata
+    assert event.time.tzinfo is not None
+    assert event.id
