@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
-from callboard.brokers import open_broker
+from callboard.brokers import open_broker, redact_url
 from callboard.brokers.base import Broker
 from callboard.bus.api import BusApp
 from callboard.bus.wire import BUS_PATH
@@ -110,7 +110,7 @@ class Callboard:
         self.ready = True
         logger.info(
             "callboard ready: broker %s, ingress topics %s, modules %s",
-            self.config.events.broker,
+            redact_url(self.config.events.broker),
             sorted(self.ingress.ingresses),
             [c.name for c in self.contexts],
         )

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from types import FrameType
 from typing import Any
 
 from callboard import __version__
+from callboard.brokers import redact_url
 from callboard.config import Config, load_config
 from callboard.errors import CallboardError, ConfigError
 from callboard.logs import configure_logging
@@ -121,7 +124,20 @@ def serve(config: Config) -> int:
 
     app = create_app(config)
     listen = config.backend.listen
-    server = uvicorn.Server(
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            # Held bus reads would keep their connections open until the graceful-shutdown
+            # timeout; end them at once so shutdown only waits for real work.
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                loop.call_soon_threadsafe(app.bus.release_held_reads)
+            super().handle_exit(sig, frame)
+
+    server = Server(
         uvicorn.Config(
             app,
             host=listen.host,
@@ -144,7 +160,7 @@ def check_config(config: Config) -> int:
     print(
         "configuration OK\n"
         f"  listen:  {config.backend.listen.host}:{config.backend.listen.port}\n"
-        f"  broker:  {config.events.broker}\n"
+        f"  broker:  {redact_url(config.events.broker)}\n"
         f"  topics:  {', '.join(sorted(board.ingress.ingresses)) or '(none)'}\n"
         f"  modules: {', '.join(c.name for c in board.contexts) or '(none)'}"
     )

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -20,6 +21,7 @@ pytestmark = pytest.mark.slow
 RECORDER = """
 import json
 from pathlib import Path
+from typing import Any
 
 from callboard import module
 
@@ -252,3 +254,24 @@ def test_check_config_of_a_missing_file(workdir: Path) -> None:
     result = run("check-config", "--config", str(workdir / "absent.yaml"), cwd=workdir)
     assert result.returncode == 2
     assert "absent.yaml" in result.stderr
+
+
+def test_sigterm_ends_held_bus_reads_at_once(serve: Any, workdir: Path) -> None:
+    config = write_config(
+        workdir,
+        "backend:\n  auth:\n    dangerouslyDisableDefaultAuthPolicy: true\n"
+        "events:\n  broker: 'memory://'\n  notifyTimeoutMs: 60000\n  shutdownTimeoutMs: 20000\n",
+    )
+    server = serve(config)
+    server.wait_ready()
+    bus = server.url + "/api/events/bus/v1/subscriptions/reader"
+    assert httpx.put(bus, json={"topics": ["plain"]}, timeout=5).status_code == 201
+    with httpx.Client(timeout=30) as client, client.stream("GET", bus + "/events") as held:
+        assert held.status_code == 202
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert held.read() == b""
+        code, err = server.wait_exit(timeout=15)
+    # Without the release the held read would keep the server up for the graceful timeout.
+    assert time.monotonic() - started < 5, err
+    assert code in (0, -signal.SIGTERM), err

@@ -271,3 +271,28 @@ async def test_delivery_ids_older_than_the_window_are_forgotten() -> None:
     broker = MemoryBroker(dedupe_window_seconds=0)
     assert await broker.publish(Event(topic="a", metadata={DELIVERY_ID: "d"}))
     assert await broker.publish(Event(topic="a", metadata={DELIVERY_ID: "d"}))
+
+
+async def test_a_fetch_cancelled_after_its_wake_up_passes_it_on() -> None:
+    broker = MemoryBroker()
+    first = await broker.consume("group", ["t"])
+    second = await broker.consume("group", ["t"])
+    cancelled = asyncio.create_task(first.fetch(10))
+    waiting = asyncio.create_task(second.fetch(10))
+    await asyncio.sleep(0)  # both members are now waiting
+    await broker.publish(Event(topic="t", payload=1))  # wakes the first in line
+    cancelled.cancel()
+    batch = await asyncio.wait_for(waiting, 1)
+    assert [d.event.payload for d in batch] == [1]
+
+
+def test_broker_urls_are_logged_without_secrets() -> None:
+    from callboard.brokers import redact_url
+
+    assert redact_url("postgresql://app:hunter2@db:5432/events?sslmode=require") == (
+        "postgresql://app:***@db:5432/events?sslmode=require"
+    )
+    assert redact_url("callboard+https://:s3cret@bus.example/api?token=t0k&leaseMs=5") == (
+        "callboard+https://:***@bus.example/api?token=***&leaseMs=5"
+    )
+    assert redact_url("sqlite:///var/lib/callboard.db") == "sqlite:///var/lib/callboard.db"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 from typing import Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from callboard.brokers.base import Broker, RetentionPolicy
 from callboard.errors import ConfigError
@@ -46,3 +47,23 @@ def open_broker(
         raise ConfigError(key, f"the {scheme} broker cannot be loaded: {error}{hint}") from error
     from_url: _FromUrl = getattr(module, class_name).from_url
     return from_url(url, retention=retention)
+
+
+def redact_url(url: str) -> str:
+    """The broker URL as it may be logged: password and token parameters replaced by ``***``."""
+    parts = urlsplit(url)
+    netloc = parts.netloc
+    if parts.password is not None:
+        user = parts.username or ""
+        host = netloc.rpartition("@")[2]
+        netloc = f"{user}:***@{host}"
+    query = "&".join(
+        f"{key}=***" if key.lower() in _SECRET_PARAMETERS else f"{key}={value}" if sep else key
+        for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    if (netloc, query) == (parts.netloc, parts.query):
+        return url
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+_SECRET_PARAMETERS = frozenset({"password", "token", "secret", "sslpassword"})

@@ -96,6 +96,11 @@ class MemoryConsumer:
             group.waiters.append(waiter)
             try:
                 await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled() and group.queue:
+                    # Woken for an event and cancelled before taking it: pass the wake-up on.
+                    group.wake_one()
+                raise
             finally:
                 self._waiter = None
         if self._closed:

@@ -92,19 +92,21 @@ def _error(
 class _Held(Response):
     """A ``202`` whose empty body ends when the subscription has news or the timeout passes."""
 
-    def __init__(self, feed: Feed, timeout_ms: float) -> None:
+    def __init__(self, feed: Feed, timeout_ms: float, released: asyncio.Event) -> None:
         super().__init__(status_code=202, headers={NOTIFY_TIMEOUT_HEADER: str(int(timeout_ms))})
         self._feed = feed
         self._timeout = timeout_ms / 1000
+        self._released = released
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 202, "headers": self.raw_headers})
         hold = asyncio.create_task(self._feed.wait(self._timeout))
         gone = asyncio.create_task(_disconnected(receive))
+        stop = asyncio.create_task(self._released.wait())
         try:
-            await asyncio.wait({hold, gone}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({hold, gone, stop}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            for task in (hold, gone):
+            for task in (hold, gone, stop):
                 task.cancel()
                 try:
                     await task
@@ -172,6 +174,7 @@ class BusApp:
         self.notify_timeout_ms = notify_timeout_ms
         self._publish = publish if publish is not None else broker.publish
         self._grace = grace
+        self._released = asyncio.Event()
         self._matchers: dict[tuple[str, ...], TopicMatcher] = {}
         sub = "/subscriptions/{id}"
         self.router = Router(
@@ -206,6 +209,10 @@ class BusApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.router(scope, receive, send)
+
+    def release_held_reads(self) -> None:
+        """End every held ``202`` now (the server is stopping); readers simply read again."""
+        self._released.set()
 
     async def close(self) -> None:
         """Leave every subscription; events not acknowledged go back to the broker."""
@@ -331,7 +338,7 @@ class BusApp:
         feed = await self._feed(request)
         batch = await feed.take(self._grace)
         if batch is None:
-            return _Held(feed, self.notify_timeout_ms)
+            return _Held(feed, self.notify_timeout_ms, self._released)
         return _Batched(feed, batch)
 
     # -- callboard's routes --------------------------------------------------------------------
@@ -344,7 +351,7 @@ class BusApp:
         feed = await self._feed(request)
         batch = await feed.take(self._grace)
         if batch is None:
-            return _Held(feed, self.notify_timeout_ms)
+            return _Held(feed, self.notify_timeout_ms, self._released)
         deliveries = feed.lease(batch, lease_ms / 1000)
         return _json({"deliveries": [d.to_wire() for d in deliveries], "leaseMs": lease_ms})
 
