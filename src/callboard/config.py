@@ -196,7 +196,7 @@ def substitute(value: Any, env: Mapping[str, str], path: str = "") -> Any:
     if isinstance(value, Mapping):
         return {k: substitute(v, env, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [substitute(v, env, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [substitute(v, env, f"{path}.{i}") for i, v in enumerate(value)]
     return value
 
 

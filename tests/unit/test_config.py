@@ -152,7 +152,7 @@ def test_the_process_environment_is_the_default(monkeypatch: pytest.MonkeyPatch)
 def test_a_missing_variable_names_the_key() -> None:
     with pytest.raises(ConfigError) as caught:
         substitute({"events": {"http": {"topics": ["a", "${NOPE}"]}}}, {})
-    assert caught.value.path == "events.http.topics[1]"
+    assert caught.value.path == "events.http.topics.1"
     assert "NOPE" in str(caught.value)
     with pytest.raises(ConfigError) as caught:
         parse_config({"events": {"modules": {"github": {"webhookSecret": "${SECRET}"}}}}, env={})
