@@ -133,11 +133,54 @@ class Retention(Section):
         )
 
 
+class BusBackstage(Section):
+    """Where the Backstage whose plugins call the bus publishes their keys."""
+
+    base_url: str | None = Field(default=None, alias="baseUrl")
+    target: str | None = None
+    plugins: tuple[str, ...] = ()
+    key_cache_ms: float = Field(default=600_000, alias="keyCacheMs", gt=0)
+    fetch_timeout_ms: float = Field(default=5_000, alias="fetchTimeoutMs", gt=0)
+
+    @field_validator("base_url", "target")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("expected an http:// or https:// URL")
+        return value
+
+    @field_validator("target")
+    @classmethod
+    def _placeholder(cls, value: str | None) -> str | None:
+        if value is not None and "{{pluginId}}" not in value:
+            raise ValueError("must contain {{pluginId}}, where the plugin id goes")
+        return value
+
+    @field_validator("plugins")
+    @classmethod
+    def _plugin_ids(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for plugin_id in value:
+            if not re.fullmatch(r"[a-zA-Z0-9_-]+", plugin_id):
+                raise ValueError(f"{plugin_id!r} is not a Backstage plugin id")
+        return value
+
+    @model_validator(mode="after")
+    def _one_location(self) -> BusBackstage:
+        if (self.base_url is None) == (self.target is None):
+            raise ValueError("set either baseUrl or target")
+        return self
+
+
+class Bus(Section):
+    backstage: BusBackstage | None = None
+
+
 class Events(Section):
     broker: str = "memory://"
     http: Http = Http()
     delivery: Delivery = Delivery()
     retention: Retention = Retention()
+    bus: Bus = Bus()
     shutdown_timeout_ms: float = Field(default=10_000, alias="shutdownTimeoutMs", ge=0)
     notify_timeout_ms: float = Field(default=55_000, alias="notifyTimeoutMs", gt=0)
     use_event_bus: Literal["never", "always", "auto"] = Field(default="auto", alias="useEventBus")

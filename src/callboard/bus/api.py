@@ -23,9 +23,17 @@ from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
 from callboard.brokers.base import DEAD_LETTER_PREFIX, Broker
-from callboard.bus.auth import Principal, Refusal, StaticTokenAuth
+from callboard.bus.auth import (
+    PLUGIN_ID,
+    Authenticator,
+    BusAuth,
+    Principal,
+    Refusal,
+    StaticTokenAuth,
+)
 from callboard.bus.feeds import Batch, Feed, Feeds
 from callboard.bus.listing import stored_subscriptions, subscription_infos
+from callboard.bus.plugin_keys import PluginKeys, PluginTokenVerifier, plugin_base_urls
 from callboard.bus.wire import (
     BATCH_SIZE,
     NOTIFIED,
@@ -154,13 +162,26 @@ def _info_to_wire(info: Any) -> dict[str, Any]:
     }
 
 
+def _plugin_tokens(config: Config) -> PluginTokenVerifier | None:
+    """The verifier of Backstage plugin tokens ``events.bus.backstage`` asks for, if any."""
+    backstage = config.events.bus.backstage
+    if backstage is None:
+        return None
+    keys = PluginKeys(
+        plugin_base_urls(base_url=backstage.base_url, target=backstage.target),
+        cache_ttl=backstage.key_cache_ms / 1000,
+        fetch_timeout=backstage.fetch_timeout_ms / 1000,
+    )
+    return PluginTokenVerifier(keys, audience=PLUGIN_ID, plugins=backstage.plugins)
+
+
 class BusApp:
     """The bus routes as an ASGI application, to be mounted at ``/api/events/bus/v1``."""
 
     def __init__(
         self,
         broker: Broker,
-        auth: StaticTokenAuth,
+        auth: Authenticator,
         *,
         publish: Publish | None = None,
         notify_timeout_ms: float = 55_000,
@@ -197,12 +218,13 @@ class BusApp:
     @classmethod
     def from_config(cls, config: Config, broker: Broker, publish: Publish | None = None) -> BusApp:
         auth = config.backend.auth
+        static = StaticTokenAuth.from_settings(
+            [entry.model_dump(by_alias=True) for entry in auth.external_access],
+            disable_default_policy=auth.dangerously_disable_default_auth_policy,
+        )
         return cls(
             broker,
-            StaticTokenAuth.from_settings(
-                [entry.model_dump(by_alias=True) for entry in auth.external_access],
-                disable_default_policy=auth.dangerously_disable_default_auth_policy,
-            ),
+            BusAuth(static, _plugin_tokens(config)),
             publish=publish,
             notify_timeout_ms=config.events.notify_timeout_ms,
         )
@@ -222,7 +244,7 @@ class BusApp:
 
     def _guard(self, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
-            verdict = self.auth.authenticate(request.headers.get("authorization"))
+            verdict = await self.auth.check(request.headers.get("authorization"))
             if isinstance(verdict, Refusal):
                 return _error(request.scope, 401, verdict.message, {"www-authenticate": "Bearer"})
             try:

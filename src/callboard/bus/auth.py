@@ -1,17 +1,27 @@
-"""Bearer-token authentication for the bus API, configured as Backstage configures static
-external access (``backend.auth.externalAccess`` entries of ``type: static``).
+"""Bearer-token authentication for the bus API.
 
-Pure: no I/O, no logging of tokens. A presented token is compared with every configured token
-in constant time (``hmac.compare_digest``), so neither the answer nor its timing tells which
-token, or how much of one, matched.
+Two kinds of callers are accepted: those presenting a static token, configured as Backstage
+configures static external access (``backend.auth.externalAccess`` entries of ``type: static``),
+and Backstage backend plugins presenting a plugin token (``BusAuth``, with a
+``PluginTokenVerifier`` that checks it against the calling plugin's published keys).
+
+No token is ever logged or sent back. A presented token is compared with every configured static
+token in constant time (``hmac.compare_digest``), so neither the answer nor its timing tells
+which token, or how much of one, matched.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+
+from callboard.bus.plugin_keys import PluginTokenVerifier
+from callboard.bus.plugin_tokens import PLUGIN_TOKEN_TYPE, PluginTokenError, token_type
+
+logger = logging.getLogger("callboard.bus.auth")
 
 #: The plugin id Backstage's access restrictions name for the events backend.
 PLUGIN_ID = "events"
@@ -77,6 +87,25 @@ def static_tokens(entries: Iterable[Mapping[str, Any]]) -> tuple[StaticToken, ..
     return tuple(tokens)
 
 
+class Authenticator(Protocol):
+    """What the bus routes ask who a caller is."""
+
+    async def check(self, authorization: str | None) -> Principal | Refusal:
+        """The caller for an ``Authorization`` header value (``None`` when absent)."""
+        ...
+
+
+def _credential(authorization: str | None, allow_anonymous: bool) -> str | Principal | Refusal:
+    """The bearer credential of a header value, or the verdict when there is none to check."""
+    if authorization is None or not authorization.strip():
+        return ANONYMOUS if allow_anonymous else Refusal("Missing credentials")
+    scheme, _, credential = authorization.strip().partition(" ")
+    credential = credential.strip()
+    if scheme.lower() != _SCHEME or not credential:
+        return Refusal("Unsupported authorization scheme; send 'Authorization: Bearer <token>'")
+    return credential
+
+
 class StaticTokenAuth:
     """Accepts ``Authorization: Bearer <token>`` for the configured tokens.
 
@@ -95,20 +124,68 @@ class StaticTokenAuth:
     ) -> StaticTokenAuth:
         return cls(static_tokens(external_access), allow_anonymous=disable_default_policy)
 
-    def authenticate(self, authorization: str | None) -> Principal | Refusal:
-        """The caller for an ``Authorization`` header value (``None`` when absent)."""
-        if authorization is None or not authorization.strip():
-            return ANONYMOUS if self.allow_anonymous else Refusal("Missing credentials")
-        scheme, _, credential = authorization.strip().partition(" ")
-        credential = credential.strip()
-        if scheme.lower() != _SCHEME or not credential:
-            return Refusal("Unsupported authorization scheme; send 'Authorization: Bearer <token>'")
+    def match(self, credential: str) -> Principal | None:
+        """The caller a presented token names, or ``None`` when it is none of the tokens."""
         presented = credential.encode()
         subject: str | None = None
         for token, token_subject in self._tokens:
             # Every token is compared, a match or not, so the time taken tells nothing.
             if hmac.compare_digest(presented, token) and subject is None:
                 subject = token_subject
-        if subject is None:
-            return Refusal("Invalid token")
-        return Principal("service", subject)
+        return None if subject is None else Principal("service", subject)
+
+    def authenticate(self, authorization: str | None) -> Principal | Refusal:
+        """The caller for an ``Authorization`` header value (``None`` when absent)."""
+        credential = _credential(authorization, self.allow_anonymous)
+        if not isinstance(credential, str):
+            return credential
+        return self.match(credential) or Refusal("Invalid token")
+
+    async def check(self, authorization: str | None) -> Principal | Refusal:
+        return self.authenticate(authorization)
+
+
+class BusAuth:
+    """Static tokens, and Backstage plugin tokens when ``plugin_tokens`` is given.
+
+    A token is first compared with the static tokens; one that presents itself as a plugin
+    token (``typ: vnd.backstage.plugin``) is then verified, and its caller is
+    ``plugin:<pluginId>``, as in Backstage. Anonymous callers are let in or not as ``static``
+    says.
+    """
+
+    def __init__(
+        self, static: StaticTokenAuth, plugin_tokens: PluginTokenVerifier | None = None
+    ) -> None:
+        self.static = static
+        self.plugin_tokens = plugin_tokens
+
+    @property
+    def allow_anonymous(self) -> bool:
+        return self.static.allow_anonymous
+
+    async def check(self, authorization: str | None) -> Principal | Refusal:
+        credential = _credential(authorization, self.static.allow_anonymous)
+        if not isinstance(credential, str):
+            return credential
+        principal = self.static.match(credential)
+        if principal is not None:
+            return principal
+        kind = token_type(credential)
+        if kind != PLUGIN_TOKEN_TYPE:
+            if kind is None:
+                return Refusal("Invalid token")
+            return Refusal(
+                "Invalid token: only Backstage plugin tokens and configured static tokens "
+                "are accepted"
+            )
+        if self.plugin_tokens is None:
+            return Refusal(
+                "Backstage plugin tokens are not accepted: events.bus.backstage is not configured"
+            )
+        try:
+            claims = await self.plugin_tokens.verify(credential)
+        except PluginTokenError as error:
+            logger.warning("refused a plugin token: %s", error.reason)
+            return Refusal(str(error))
+        return Principal("service", claims.subject)
