@@ -206,7 +206,7 @@ class PostgresBroker:
         deleted = 0
         budget = time.monotonic() + max(1.0, self.retention.interval / 2)
         while time.monotonic() < budget:
-            expired = await self._with(ops.expire, self.retention)
+            expired = await self._with(ops.expire, self.retention, limit=30.0)
             if expired is None:
                 break  # another instance is cleaning
             deleted += expired.deleted
@@ -252,15 +252,47 @@ class PostgresBroker:
             ) from error
 
     async def _migrate(self) -> list[str]:
-        applied = await self._with(ops.migrate)
+        applied = await self._with(ops.migrate, limit=None)
         if applied:
             logger.info("applied migrations to schema %r: %s", self.schema, ", ".join(applied))
         return applied
 
-    async def _with(self, operation: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """Run an operation on a pooled connection, translating driver errors."""
-        async with self._connection() as connection:
-            return await operation(connection, self._q, *args)
+    async def _with(
+        self, operation: Callable[..., Awaitable[T]], *args: Any, limit: float | None = 0.0
+    ) -> T:
+        """Run an operation on a pooled connection, translating driver errors.
+
+        Once it holds a connection the operation has ``limit`` seconds (0: the broker's
+        ``timeout``; ``None``: no limit). A server that stops answering without closing the
+        connection (a network partition, a frozen host) then fails the caller with
+        ``BrokerUnavailable`` instead of hanging it; the operation is cancelled in the background,
+        where the driver gives its connection up.
+        """
+        if limit is None:
+            async with self._connection() as connection:
+                return await operation(connection, self._q, *args)
+        acquired: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def run() -> T:
+            async with self._connection() as connection:
+                acquired.set_result(None)
+                return await operation(connection, self._q, *args)
+
+        work = asyncio.ensure_future(run())
+        work.add_done_callback(_retrieve)  # read by nobody once given up on
+        patience = limit or self.timeout
+        try:
+            first: list[asyncio.Future[Any]] = [work, acquired]
+            await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done():
+                await asyncio.wait([work], timeout=patience)
+        except asyncio.CancelledError:
+            work.cancel()
+            raise
+        if not work.done():
+            work.cancel()
+            raise BrokerUnavailable(f"PostgreSQL did not answer within {patience}s")
+        return work.result()
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[ops.Connection]:
@@ -340,6 +372,12 @@ class PostgresBroker:
             except BrokerError as error:
                 logger.warning("retention failed: %s", error)
             await asyncio.sleep(self.retention.interval)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    # Reading the outcome of an operation nobody awaits any more keeps asyncio quiet about it.
+    if not task.cancelled():
+        task.exception()
 
 
 class _Leases:

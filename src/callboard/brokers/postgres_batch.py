@@ -12,6 +12,8 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
+from callboard.errors import BrokerUnavailable
+
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -45,6 +47,11 @@ class GroupCommit(Generic[T, R]):
                 try:
                     results = await self._flush([item for item, _ in batch])
                 except Exception as error:
+                    if isinstance(error, BrokerUnavailable):
+                        # What queued while the store could not be reached fails with it, rather
+                        # than wait out another timeout: callers hear of an outage at once.
+                        batch += self._queue
+                        self._queue.clear()
                     for _, future in batch:
                         if not future.done():
                             future.set_exception(error)

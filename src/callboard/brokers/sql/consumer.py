@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Iterable, Sequence
@@ -124,6 +125,7 @@ class LeasedConsumer:
             try:
                 await self._claim_more(max_count)
             except BrokerUnavailable as error:
+                self._rejoin()
                 logger.warning(
                     "subscription %r cannot reach its broker; retrying in %.1fs: %s",
                     self.group,
@@ -144,31 +146,50 @@ class LeasedConsumer:
             claim = asyncio.ensure_future(self._store.claim(self.group, self.id, max_count))
             # The claim runs to its end even if this fetch is cancelled (``asyncio.wait_for``):
             # what it leased waits in ``_ready`` for the next fetch instead of being lost.
-            claim.add_done_callback(self._claimed)
+            claim.add_done_callback(functools.partial(self._claimed, self.id))
             self._claim = claim
         await asyncio.shield(claim)
 
-    def _claimed(self, claim: asyncio.Future[list[Delivery]]) -> None:
+    def _claimed(self, claimer: str, claim: asyncio.Future[list[Delivery]]) -> None:
         self._claim = None
         if not claim.cancelled() and claim.exception() is None:
-            self._ready.extend(claim.result())
+            # Acknowledged under the id that leased them, whatever ``_rejoin`` does meanwhile.
+            self._ready.extend(
+                Delivery(d.event, d.attempt, (claimer, d.token)) for d in claim.result()
+            )
+
+    def _rejoin(self) -> None:
+        """Claim under a new id from now on, after a claim or an ack that failed.
+
+        A claim that failed on the way back (the connection dropped after the commit, or the
+        broker gave up waiting) may still have leased events to this consumer, and an ack given
+        up on leaves its lease behind. Renewed with the consumer's live leases they would stay
+        leased to it and never be handled again; under an id nobody renews any more, they run
+        out and go back to the group.
+        """
+        if self._closed:
+            return  # no longer renewed anyway
+        self._registry.remove(self)
+        self.id = uuid.uuid4().hex
+        self._registry.add(self)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
 
     async def ack(self, delivery: Delivery) -> None:
-        seq = delivery.token
-        if not isinstance(seq, int):
+        if not isinstance(delivery.token, tuple):
             return
+        claimer, seq = delivery.token
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._ack_patience
         delay = 0.05
         while True:
             try:
-                held = await self._store.ack(self.group, self.id, seq)
+                held = await self._store.ack(self.group, claimer, seq)
             except BrokerUnavailable as error:
                 if loop.time() + delay > give_up:
+                    self._rejoin()  # no longer renewed, the lease runs out as promised below
                     logger.warning(
                         "subscription %r could not acknowledge event %s; it will be delivered "
                         "again: %s",
