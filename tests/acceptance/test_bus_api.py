@@ -176,6 +176,8 @@ async def test_an_empty_read_is_a_202_with_the_notify_timeout_header() -> None:
         response = await client.get(_path(SUB) + "/events")
         assert response.status_code == 202
         assert response.headers["backstage-events-notify-timeout"] == "50"
+        # Sent chunked: a content-length of 0 would tell the client the hold is already over.
+        assert "content-length" not in response.headers
         assert response.content == b""
         assert time.monotonic() - started >= 0.05
 

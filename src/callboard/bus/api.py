@@ -102,6 +102,9 @@ class _Held(Response):
 
     def __init__(self, feed: Feed, timeout_ms: float, released: asyncio.Event) -> None:
         super().__init__(status_code=202, headers={NOTIFY_TIMEOUT_HEADER: str(int(timeout_ms))})
+        # No content-length: the empty body is sent chunked, so the client sees the response
+        # end only when the hold ends (as Backstage's own bus does), not at once.
+        self.raw_headers = [(k, v) for k, v in self.raw_headers if k != b"content-length"]
         self._feed = feed
         self._timeout = timeout_ms / 1000
         self._released = released
