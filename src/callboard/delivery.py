@@ -4,6 +4,14 @@ One ``SubscriptionWorker`` is one consumer of a subscription's group. It fetches
 each event to the handler in order, and acknowledges it once the handler returned. A handler that
 raises is called again after an exponentially growing delay; when the last attempt fails, the event
 is published on the subscription's dead-letter topic with the error, and then acknowledged.
+
+Acknowledgements are pipelined: the worker starts an event's acknowledgement and goes on to the
+next event without waiting for it, so the broker records the acknowledgements of a batch together
+(one statement, one commit) instead of one round trip per event. Before the next fetch, and before
+the consumer is closed, the worker waits until every acknowledgement it started is recorded: at
+most one batch is ever unacknowledged, and an event is never delivered again because its
+acknowledgement was still on its way when the worker stopped. A crash loses at most those
+acknowledgements, and the broker delivers their events again (at least once).
 """
 
 from __future__ import annotations
@@ -76,11 +84,19 @@ class SubscriptionWorker:
         self._batch_size = batch_size
         self._stop = asyncio.Event()
         self._fetching = False
+        # A durable broker records an acknowledgement in its store: those are pipelined. A
+        # broker in memory records it at once, cheaper than starting a task for it.
+        self._pipeline = broker.capabilities.durable
+        #: Acknowledgements started and not yet recorded (at most one batch).
+        self._acks: list[asyncio.Task[None]] = []
 
     async def run(self) -> None:
         consumer = self._consumer
         try:
-            while not self._stop.is_set():
+            while True:
+                await self._settle()
+                if self._stop.is_set():
+                    return
                 self._fetching = True
                 batch = await consumer.fetch(self._batch_size)
                 self._fetching = False
@@ -94,6 +110,12 @@ class SubscriptionWorker:
             # Nobody awaits a worker's task until close: say so now, not when it is collected.
             logger.exception("subscription %r stopped: its consumer failed", self.subscription)
         finally:
+            try:
+                await self._settle()
+            except Exception:
+                logger.exception(
+                    "subscription %r could not acknowledge its last events", self.subscription
+                )
             await consumer.close()
 
     async def stop(self) -> None:
@@ -134,10 +156,7 @@ class SubscriptionWorker:
                     if await self._stopped_within(delay):
                         return  # left unacknowledged: delivered again later
                     continue
-                await self._consumer.ack(delivery)
-                metrics.count_delivered(
-                    self.subscription, event.topic, max(0.0, wall_time() - event.time.timestamp())
-                )
+                await self._ack(delivery, delivered=True)
                 return
         finally:
             metrics.in_flight.dec()
@@ -173,7 +192,33 @@ class SubscriptionWorker:
             exc_info=error,
         )
         self._metrics.dead_letters.labels(self.subscription).inc()
+        await self._ack(delivery, delivered=False)
+
+    async def _ack(self, delivery: Delivery, *, delivered: bool) -> None:
+        """Start acknowledging ``delivery``; ``_settle`` waits for it."""
+        acknowledge = self._acknowledge(delivery, wall_time(), delivered)
+        if self._pipeline:
+            self._acks.append(asyncio.ensure_future(acknowledge))
+        else:
+            await acknowledge
+
+    async def _acknowledge(self, delivery: Delivery, handled_at: float, delivered: bool) -> None:
         await self._consumer.ack(delivery)
+        if delivered:
+            event = delivery.event
+            self._metrics.count_delivered(
+                self.subscription, event.topic, max(0.0, handled_at - event.time.timestamp())
+            )
+
+    async def _settle(self) -> None:
+        """Wait until every acknowledgement started is recorded; raise the first failure."""
+        if not self._acks:
+            return
+        acks, self._acks = self._acks, []
+        results = await asyncio.gather(*acks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
 
     async def _stopped_within(self, seconds: float) -> bool:
         try:

@@ -417,3 +417,29 @@ async def test_the_events_service_retries_dead_letters_and_redrives(broker: Brok
 
         await eventually(redriven)
         assert await service.dead_letters("indexer") == []
+
+
+async def test_a_stopped_subscription_leaves_nothing_it_handled_unacknowledged(
+    broker: Broker,
+) -> None:
+    handled: list[int] = []
+
+    async def handler(received: Event) -> None:
+        handled.append(received.payload["n"])
+
+    # Several batches: the worker starts each acknowledgement and records a batch's together.
+    service = DefaultEventsService(broker, batch_size=8)
+    await service.start()
+    holder = await broker.consume("indexer", ["github.push"])  # keeps a memory group alive
+    subscription = await service.subscribe("indexer", "github.push", handler)
+    await asyncio.gather(*(broker.publish(event(n=n)) for n in range(50)))
+
+    async def all_handled() -> bool:
+        return len(handled) == 50
+
+    await eventually(all_handled)
+    await subscription.close()
+    assert handled == list(range(50))
+    listed = {s.name: s for s in await broker.subscriptions()}
+    assert (listed["indexer"].in_flight, listed["indexer"].backlog) == (0, 0)
+    await nothing(holder)

@@ -184,7 +184,7 @@ async def claim(
         row = await cursor.fetchone()
         if row is None:
             raise SubscriptionError(f"subscription {group!r} no longer exists")
-        position, regexes = row
+        position, regexes, _ = row
         cursor = await connection.execute(q["reclaim"], args)
         for seq, attempt, *stored in await cursor.fetchall():
             deliveries.append(Delivery(decode_event(*stored), attempt, seq))

@@ -68,8 +68,10 @@ ON CONFLICT (name) DO UPDATE
 RETURNING (xmax = 0) AS created
 
 -- name: lock_subscription
--- Serialise the claims of one group: its position moves one claim at a time.
-SELECT position, regexes FROM {schema}.subscriptions WHERE name = %(group)s FOR UPDATE
+-- Serialise the claims of one group: its position moves one claim at a time. The claim commits
+-- without waiting for the disk: lost in a server crash, its events are only handed out again.
+SELECT position, regexes, set_config('synchronous_commit', 'off', true)
+FROM {schema}.subscriptions WHERE name = %(group)s FOR UPDATE
 
 -- name: reclaim
 -- Lease to a consumer the group's events whose lease ran out or was handed back, oldest first.
@@ -110,9 +112,11 @@ UPDATE {schema}.subscriptions SET position = greatest(position, %(position)s)
 WHERE name = %(group)s
 
 -- name: ack
--- Delete leases still held by the consumers acknowledging them.
+-- Delete leases still held by the consumers acknowledging them. Committed without waiting for
+-- the disk: an acknowledgement lost in a server crash only means the event is delivered again.
 DELETE FROM {schema}.leases AS l
-USING unnest(%(groups)s::text[], %(seqs)s::bigint[], %(consumers)s::text[]) AS a (g, s, c)
+USING unnest(%(groups)s::text[], %(seqs)s::bigint[], %(consumers)s::text[]) AS a (g, s, c),
+    (SELECT set_config('synchronous_commit', 'off', true)) AS relaxed
 WHERE l.subscription = a.g AND l.seq = a.s AND l.consumer = a.c
 RETURNING l.subscription, l.seq, l.consumer
 
