@@ -77,7 +77,7 @@ class SQLiteBroker:
         *,
         lease: float = 30.0,
         poll_interval: float = 1.0,
-        watch_interval: float = 0.05,
+        watch_interval: float = 0.01,
         retention: RetentionPolicy | None = None,
         synchronous: Literal["normal", "full"] = "normal",
         busy_timeout: float = 10.0,
@@ -91,7 +91,7 @@ class SQLiteBroker:
         connect = functools.partial(
             store.connect, path, synchronous=synchronous, busy_timeout=busy_timeout
         )
-        self._thread = SQLiteThread(connect, path, self._committed)
+        self._thread = SQLiteThread(connect, path, self._committed, busy_timeout=busy_timeout)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = True
 
