@@ -1,9 +1,18 @@
 """Durable brokers under real ``callboard serve`` processes: two instances, a crash, an outage.
 
-Every test runs two servers on one store (a PostgreSQL schema of its own, or one SQLite file)
-with the module of ``support_modules``, which records each delivery in a file the test reads.
-Subscriptions ``A`` and ``B`` run on both servers, so each is a consumer group shared by two
-processes.
+The servers load ``support_modules``, which records each delivery in a file the test reads, and
+share one store: a PostgreSQL schema of the test's own, or one SQLite file. Subscriptions ``A``
+and ``B`` run on every server, so each is a consumer group shared by the processes.
+
+- Nothing fails: each subscription handles each event exactly once, both processes taking part.
+- ``kill -9`` of the instance in the middle of a handler: the other one handles that event once
+  its lease runs out, and every event answered 202 is handled.
+- PostgreSQL restarted (connections dropped, new ones refused) or partitioned away (connections
+  open, nothing answers) under load: each request is answered within seconds, 202 or a JSON 503;
+  the servers recover by themselves; everything answered 202 is handled and nothing stays leased.
+- SIGTERM while PostgreSQL is out: the server still stops, in bounded time.
+
+PostgreSQL outages go through ``servers.TcpProxy``, so the machine's server is never touched.
 """
 
 from __future__ import annotations
@@ -302,3 +311,28 @@ async def leases(schema: str) -> list[tuple[str, int]]:
             f'SELECT subscription, seq FROM "{schema}".leases ORDER BY seq'
         )
         return [(name, seq) for name, seq in await cursor.fetchall()]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("outage", ["restart", "partition"])
+async def test_a_server_stops_on_sigterm_while_postgres_is_out(
+    outage: str, postgres_schema: str, tmp_path: Path, fleet: Fleet, client: httpx.AsyncClient
+) -> None:
+    """An outage must not keep a server from stopping: it would block every redeploy."""
+    proxy = TcpProxy("127.0.0.1", urlsplit(POSTGRES_URL).port or 5432)
+    await proxy.start()
+    try:
+        config = write_config(tmp_path, postgres_url(postgres_schema, proxy.port), lease=LEASE)
+        (server,) = await fleet.start(config, client, count=1)
+        await post_all(client, [server], range(10))
+        await wait_for_records(tmp_path, {"A": set(range(10)), "B": set(range(10))}, fleet)
+        if outage == "restart":
+            await proxy.cut()
+        else:
+            proxy.stall()
+        await asyncio.sleep(0.5)
+        # It stops in bounded time, giving up on handing its (idle) leases back.
+        await fleet.stop_all(timeout=10)
+    finally:
+        proxy.flow()
+        await proxy.close()
