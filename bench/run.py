@@ -12,6 +12,11 @@ that every request callboard accepted reached its subscriber.
     python bench/run.py                        # plain topic, memory broker
     python bench/run.py --scenario github      # signed GitHub pushes through the GitHub module
     python bench/run.py --broker sqlite:///bench.db
+    python bench/run.py --anchor-config app-config.pg.yaml \
+        --broker 'postgresql://postgres@127.0.0.1:5432/postgres?schema=callboard_bench'
+
+A PostgreSQL schema whose name starts with ``callboard_bench`` is dropped at the end, so every
+run starts from an empty store.
 
 ``<shared>`` is the folder that holds the anchor and the driver, by default ``../shared``
 beside the repository (``--shared`` or ``CALLBOARD_BENCH_SHARED`` to change it).
@@ -112,6 +117,22 @@ def callboard_config(scenario: str, broker: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def drop_bench_schema(broker: str) -> None:
+    """Drop the benchmark's own PostgreSQL schema (``?schema=callboard_bench...``), if any."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(broker)
+    params = dict(parse_qsl(parts.query))
+    schema = params.pop("schema", "")
+    if not parts.scheme.startswith("postgres") or not schema.startswith("callboard_bench"):
+        return
+    import psycopg
+
+    conninfo = urlunsplit(parts._replace(scheme="postgresql", query=urlencode(params)))
+    with psycopg.connect(conninfo, autocommit=True) as connection:
+        connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -135,7 +156,9 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="callboard-bench-"))
     python = sys.executable
 
+    drop_bench_schema(args.broker)
     with ExitStack() as stack:
+        stack.callback(drop_bench_schema, args.broker)
         targets: list[str] = []
         if not args.no_anchor:
             subprocess.run(
