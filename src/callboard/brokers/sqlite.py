@@ -42,7 +42,7 @@ import logging
 import sqlite3
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 from urllib.parse import parse_qs
 
 from callboard.brokers import sqlite_store as store
@@ -54,7 +54,7 @@ from callboard.brokers.base import (
     Start,
     SubscriptionInfo,
 )
-from callboard.brokers.sql import Expired, encode_event
+from callboard.brokers.sql import Expired, StoredEvent, encode_event
 from callboard.brokers.sql.consumer import ConsumerRegistry, LeasedConsumer
 from callboard.brokers.sqlite_thread import Changes, SQLiteThread
 from callboard.errors import BrokerError, ConfigError, ServiceClosedError, SubscriptionError
@@ -66,6 +66,7 @@ logger = logging.getLogger("callboard.brokers.sqlite")
 MEMORY = ":memory:"
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 
 class SQLiteBroker:
@@ -92,6 +93,8 @@ class SQLiteBroker:
             store.connect, path, synchronous=synchronous, busy_timeout=busy_timeout
         )
         self._thread = SQLiteThread(connect, path, self._committed, busy_timeout=busy_timeout)
+        self._publishes: _Batch[StoredEvent, bool] = _Batch(self, store.publish_many)
+        self._acks: _Batch[tuple[str, str, int], bool] = _Batch(self, store.ack_many)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = True
 
@@ -165,7 +168,7 @@ class SQLiteBroker:
         if event.topic.startswith(DEAD_LETTER_PREFIX):
             group = event.topic[len(DEAD_LETTER_PREFIX) :]
             return bool(await self._run(store.keep_dead_letter, group, stored))
-        return bool(await self._run(store.publish, stored, None))
+        return bool(await self._publishes.submit(stored))
 
     async def consume(
         self, group: str, topics: Sequence[str], *, start: Start = "end"
@@ -318,8 +321,55 @@ class _Leases:
         return deliveries
 
     async def ack(self, group: str, consumer: str, seq: int) -> bool:
-        return bool(await self._broker._run(store.ack, group, consumer, seq))
+        return bool(await self._broker._acks.submit((group, consumer, seq)))
 
     async def release(self, group: str, consumer: str) -> None:
         if self._broker._thread.running:
             await self._broker._run(store.release, group, consumer)
+
+
+class _Batch(Generic[T, R]):
+    """Items submitted in one turn of the event loop, stored by ONE operation on the thread.
+
+    Concurrent publishes (or acknowledgements) then cost one statement of the thread's
+    transaction together, not one each; ``operation`` returns one result per item.
+    """
+
+    def __init__(self, broker: SQLiteBroker, operation: Callable[..., list[R]]) -> None:
+        self._broker = broker
+        self._operation = operation
+        self._items: list[T] = []
+        self._futures: list[asyncio.Future[R]] = []
+
+    def submit(self, item: T) -> asyncio.Future[R]:
+        loop = asyncio.get_running_loop()
+        if not self._items:
+            loop.call_soon(self._flush)
+        future: asyncio.Future[R] = loop.create_future()
+        self._items.append(item)
+        self._futures.append(future)
+        return future
+
+    def _flush(self) -> None:
+        items, futures = self._items, self._futures
+        self._items, self._futures = [], []
+        try:
+            done = self._broker._run(self._operation, items)
+        except Exception as error:  # the broker stopped meanwhile
+            for future in futures:
+                if not future.done():
+                    future.set_exception(error)
+            return
+
+        def resolve(done: asyncio.Future[list[R]]) -> None:
+            error = done.exception()
+            if error is not None:
+                for future in futures:
+                    if not future.done():
+                        future.set_exception(error)
+                return
+            for future, result in zip(futures, done.result(), strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+        done.add_done_callback(resolve)

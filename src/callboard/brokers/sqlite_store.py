@@ -14,12 +14,14 @@ from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
 
+import orjson
+
 from callboard.brokers.base import Delivery, RetentionPolicy, Start, SubscriptionInfo
 from callboard.brokers.sql import Expired, StoredEvent, decode_event, queries, read_sql
 from callboard.brokers.sqlite_thread import Changes
 from callboard.errors import BrokerError, SubscriptionError
 from callboard.events import Event
-from callboard.topics import TopicMatcher
+from callboard.topics import TopicMatcher, TopicPattern
 
 Q = queries("sqlite")
 SCHEMA_VERSION = 1
@@ -34,6 +36,14 @@ def _matcher(topics: str) -> TopicMatcher:
 
 def _match(topics: str, topic: str) -> bool:
     return _matcher(topics)(topic)
+
+
+@lru_cache(maxsize=1024)
+def _literals(topics: str) -> tuple[str, bool]:
+    """A group's exact patterns (a JSON array) and whether it has wildcard patterns too."""
+    patterns = [TopicPattern.parse(p) for p in json.loads(topics)]
+    exact = [p.pattern for p in patterns if p.is_exact]
+    return json.dumps(exact), len(exact) < len(patterns)
 
 
 def connect(path: str, *, synchronous: str, busy_timeout: float) -> sqlite3.Connection:
@@ -95,6 +105,38 @@ def publish(
     else:
         changes.groups.add(target)
     return True
+
+
+def publish_many(
+    connection: sqlite3.Connection, changes: Changes, events: list[StoredEvent]
+) -> list[bool]:
+    """Store a batch of published events in order, in one statement; accepted per event.
+
+    An event is not accepted when its (topic, delivery id) is already stored (a redelivery), or
+    an earlier event of the batch carries the same pair.
+    """
+    if len(events) == 1:
+        return [publish(connection, changes, events[0], None)]
+    keyed = any(event.delivery_id for event in events)
+    after = _head(connection) if keyed else 0
+    rows = [(e.id, e.topic, e.delivery_id, e.time_us, e.payload, e.metadata) for e in events]
+    connection.execute(
+        Q["insert_events"], {"events": orjson.dumps(rows).decode(), "stored_at": time.time()}
+    )
+    changes.topics.update(event.topic for event in events)
+    if not keyed:
+        return [True] * len(events)
+    (found,) = connection.execute(Q["stored_deliveries"], {"after": after}).fetchone()
+    stored = {(topic, delivery) for topic, delivery in orjson.loads(found)}
+    accepted = []
+    for event in events:
+        if event.delivery_id:
+            key = (event.topic, event.delivery_id)
+            accepted.append(key in stored)
+            stored.discard(key)
+        else:
+            accepted.append(True)
+    return accepted
 
 
 def deliver_to(
@@ -189,18 +231,26 @@ def claim(
     )
     room = limit - len(attempts)
     if room > 0:
-        fresh = [
-            seq
-            for (seq,) in connection.execute(
-                Q["fresh"], {"position": position, "group": group, "topics": topics, "limit": room}
-            )
-        ]
-        for seq in fresh:
+        literals, wildcards = _literals(topics)
+        (found,) = connection.execute(
+            Q["fresh"],
+            {
+                "position": position,
+                "group": group,
+                "topics": topics,
+                "literals": literals,
+                "wildcards": wildcards,
+                "limit": room,
+            },
+        ).fetchone()
+        fresh: list[int] = orjson.loads(found)
+        if fresh:
             connection.execute(
-                Q["insert_lease"],
-                {"group": group, "seq": seq, "consumer": consumer, "expires_at": expires_at},
+                Q["insert_leases"],
+                {"group": group, "seqs": found, "consumer": consumer, "expires_at": expires_at},
             )
-            attempts[seq] = 1
+            for seq in fresh:
+                attempts[seq] = 1
         # With fewer than asked for, everything up to the head was looked at: moving there
         # spares the next claim from reading the same non-matching events again.
         moved = fresh[-1] if len(fresh) == room else _head(connection)
@@ -208,8 +258,10 @@ def claim(
             connection.execute(Q["move_position"], {"group": group, "position": moved})
     if not attempts:
         return []
-    rows = connection.execute(Q["events_by_seq"], {"seqs": json.dumps(list(attempts))}).fetchall()
-    rows.sort()
+    (found,) = connection.execute(
+        Q["events_by_seq"], {"seqs": json.dumps(list(attempts))}
+    ).fetchone()
+    rows = sorted(orjson.loads(found))
     return [
         Delivery(decode_event(id, topic, time_us, payload, metadata), attempts[seq], seq)
         for seq, id, topic, time_us, payload, metadata in rows
@@ -221,6 +273,21 @@ def ack(
 ) -> bool:
     cursor = connection.execute(Q["ack"], {"group": group, "seq": seq, "consumer": consumer})
     return cursor.rowcount == 1
+
+
+def ack_many(
+    connection: sqlite3.Connection, changes: Changes, acks: list[tuple[str, str, int]]
+) -> list[bool]:
+    """Delete a batch of leases ``(group, consumer, seq)``; whether each one was still held."""
+    if len(acks) == 1 or len(set(acks)) != len(acks):
+        return [ack(connection, changes, group, consumer, seq) for group, consumer, seq in acks]
+    encoded = orjson.dumps([(group, seq, consumer) for group, consumer, seq in acks]).decode()
+    (held,) = connection.execute(Q["held_leases"], {"acks": encoded}).fetchone()
+    if held != len(acks):
+        # Some lease ran out or moved on: find out which, one by one.
+        return [ack(connection, changes, group, consumer, seq) for group, consumer, seq in acks]
+    connection.execute(Q["ack_many"], {"acks": encoded})
+    return [True] * len(acks)
 
 
 def release(connection: sqlite3.Connection, changes: Changes, group: str, consumer: str) -> None:

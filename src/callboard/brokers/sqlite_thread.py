@@ -1,10 +1,16 @@
 """The thread that owns the SQLite connection and commits in groups.
 
 sqlite3 blocks, so one dedicated thread does every database call of a broker. Callers on the
-event loop submit operations; the thread takes everything queued, runs it in ONE transaction
-(``BEGIN IMMEDIATE`` when any operation writes) and resolves the callers' futures after the
-commit. Concurrent publishes therefore share one commit (group commit), and a publish returns only
-once its event is committed.
+event loop submit operations; the thread runs a group of them in ONE transaction (``BEGIN
+IMMEDIATE`` when any operation writes) and resolves the callers' futures after the commit.
+Concurrent publishes therefore share one commit (group commit), and a publish returns only once its
+event is committed.
+
+The hand-off is batched on the event loop's side: operations submitted while the thread works on a
+group wait in a list, and the whole list goes to the thread at once when that group is committed
+(a lone operation on an idle thread goes at the end of the current turn of the loop). So the loop
+and the thread wake each other once per transaction, not once per operation, and under load each
+transaction carries everything that arrived during the one before.
 
 An operation that raises a callboard error fails alone (operations check before they write); a
 driver error rolls the whole transaction back and fails every operation in it.
@@ -77,7 +83,11 @@ class SQLiteThread:
         self._path = path
         self._busy_timeout = busy_timeout
         self._on_commit = on_commit
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
+        #: Submitted and not yet handed to the thread (event loop side).
+        self._pending: list[_Job] = []
+        #: A group is with the thread, or a hand-off is scheduled: new operations wait.
+        self._busy = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Future[None] | None = None
@@ -96,35 +106,45 @@ class SQLiteThread:
         if self._loop is None or self._thread is None:
             raise BrokerUnavailable(f"the SQLite broker on {self._path} is not running")
         future = self._loop.create_future()
-        self._queue.put(_Job(operation, writes, future))
+        self._pending.append(_Job(operation, writes, future))
+        if not self._busy:
+            # Gather what else this turn of the loop submits, then hand it over in one go.
+            self._busy = True
+            self._loop.call_soon(self._hand_over)
         return future
+
+    def _hand_over(self) -> None:
+        """Give the thread everything pending (at most ``MAX_BATCH``), or become idle."""
+        pending = self._pending
+        if not pending or self._thread is None:
+            self._busy = False
+            return
+        if len(pending) > MAX_BATCH:
+            self._queue.put(pending[:MAX_BATCH])
+            del pending[:MAX_BATCH]
+        else:
+            self._queue.put(pending)
+            self._pending = []
 
     async def stop(self) -> None:
         """Finish what is queued, close the connection and end the thread."""
         if self._thread is None or self._stopped is None:
             return
         self._thread = None
+        # What is still pending is handed over before the end (the queue keeps the order).
+        pending, self._pending = self._pending, []
+        for start in range(0, len(pending), MAX_BATCH):
+            self._queue.put(pending[start : start + MAX_BATCH])
         self._queue.put(None)
         await self._stopped
 
     def _run(self) -> None:
         connection: sqlite3.Connection | None = None
-        stop = False
         try:
-            while not stop:
-                first = self._queue.get()
-                if first is None:
+            while True:
+                jobs = self._queue.get()
+                if jobs is None:
                     break
-                jobs = [first]
-                while len(jobs) < MAX_BATCH:
-                    try:
-                        job = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if job is None:
-                        stop = True
-                        break
-                    jobs.append(job)
                 if connection is None:
                     try:
                         connection = self._connect()
@@ -200,6 +220,8 @@ class SQLiteThread:
         loop.call_soon_threadsafe(self._deliver, jobs, results, changes)
 
     def _deliver(self, jobs: list[_Job], results: list[Any], changes: Changes | None) -> None:
+        # The next group goes to the thread first, so it works while the callers wake up.
+        self._hand_over()
         for job, result in zip(jobs, results, strict=True):
             if job.future.done():
                 continue

@@ -3,6 +3,19 @@
 INSERT OR IGNORE INTO events (id, topic, target, delivery_id, time_us, stored_at, payload, metadata)
 VALUES (:id, :topic, :target, :delivery_id, :time_us, :stored_at, :payload, :metadata);
 
+-- name: insert_events
+-- Store a batch of published events in order, in one statement (a JSON array of
+-- [id, topic, delivery_id, time_us, payload, metadata]); a known (topic, delivery id) is ignored.
+INSERT OR IGNORE INTO events (id, topic, target, delivery_id, time_us, stored_at, payload, metadata)
+SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), NULL, json_extract(value, '$[2]'),
+       json_extract(value, '$[3]'), :stored_at, json_extract(value, '$[4]'), json_extract(value, '$[5]')
+FROM json_each(:events) ORDER BY key;
+
+-- name: stored_deliveries
+-- The (topic, delivery id) pairs stored after a seq, as one JSON array.
+SELECT json_group_array(json_array(topic, delivery_id)) FROM events
+WHERE seq > :after AND delivery_id IS NOT NULL;
+
 -- name: insert_dead_letter
 -- Keep a dead letter of a subscription.
 INSERT INTO dead_letters (subscription, id, topic, time_us, payload, metadata)
@@ -40,29 +53,49 @@ WHERE subscription = :group AND seq IN (
 RETURNING seq, attempt;
 
 -- name: fresh
--- The group's next events after its position.
-SELECT seq FROM events
-WHERE seq > :position
-  AND (target = :group OR (target IS NULL AND callboard_match(:topics, topic)))
-ORDER BY seq LIMIT :limit;
+-- The group's next events after its position, as one JSON array of seqs. Topics equal to one of
+-- the literal patterns (a JSON array) match without calling back into Python.
+SELECT json_group_array(seq) FROM (
+    SELECT seq FROM events
+    WHERE seq > :position
+      AND (target = :group OR (target IS NULL AND (
+          topic IN (SELECT value FROM json_each(:literals))
+          OR (:wildcards AND callboard_match(:topics, topic)))))
+    ORDER BY seq LIMIT :limit
+);
 
--- name: insert_lease
--- Lease a new event to a consumer.
+-- name: insert_leases
+-- Lease new events (a JSON array of seqs) to a consumer.
 INSERT INTO leases (subscription, seq, consumer, expires_at, attempt)
-VALUES (:group, :seq, :consumer, :expires_at, 1);
+SELECT :group, value, :consumer, :expires_at, 1 FROM json_each(:seqs);
 
 -- name: move_position
 -- Move a subscription's position forward.
 UPDATE subscriptions SET position = max(position, :position) WHERE name = :group;
 
 -- name: events_by_seq
--- The stored events for a list of seqs (a JSON array).
-SELECT seq, id, topic, time_us, payload, metadata FROM events
+-- The stored events for a list of seqs (a JSON array), as one JSON array of
+-- [seq, id, topic, time_us, payload, metadata].
+SELECT json_group_array(json_array(seq, id, topic, time_us, payload, metadata)) FROM events
 WHERE seq IN (SELECT value FROM json_each(:seqs));
 
 -- name: ack
 -- Delete a lease, if the consumer still holds it.
 DELETE FROM leases WHERE subscription = :group AND seq = :seq AND consumer = :consumer;
+
+-- name: held_leases
+-- How many of a batch of acknowledgements (a JSON array of [group, seq, consumer]) are of leases
+-- their consumer still holds.
+SELECT count(*) FROM leases AS l JOIN json_each(:acks) AS a
+    ON l.subscription = json_extract(a.value, '$[0]') AND l.seq = json_extract(a.value, '$[1]')
+   AND l.consumer = json_extract(a.value, '$[2]');
+
+-- name: ack_many
+-- Delete a batch of leases (a JSON array of [group, seq, consumer]) held by those consumers.
+DELETE FROM leases WHERE (subscription, seq, consumer) IN (
+    SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]')
+    FROM json_each(:acks)
+);
 
 -- name: release
 -- Hand every lease of a consumer back to its group.
