@@ -103,7 +103,11 @@ async def insert_events(
                 continue
             seen.add(key)
         rows.append((event, target))
-    async with connection.transaction():
+    topics = {e.topic for e, t in rows if t is None}
+    groups = {t for _, t in rows if t is not None}
+    # Pipelined: BEGIN, the lock, the insert, the notification and COMMIT go to the server in one
+    # round trip; an error in any of them aborts the rest and is raised here, before returning.
+    async with connection.pipeline(), connection.transaction():
         await connection.execute(q["lock"], {"key": q.publish_lock})
         cursor = await connection.execute(
             q["insert_events"],
@@ -117,12 +121,10 @@ async def insert_events(
                 "metadatas": [e.metadata for e, _ in rows],
             },
         )
-        stored = {(topic, delivery) for topic, delivery in await cursor.fetchall() if delivery}
-        topics = {e.topic for e, t in rows if t is None}
-        groups = {t for _, t in rows if t is not None}
         await connection.execute(
             q["notify"], {"channel": q.channel, "message": notification(topics, groups)}
         )
+    stored = {(topic, delivery) for topic, delivery in await cursor.fetchall() if delivery}
     for index, (event, target) in enumerate(batch):
         if accepted[index] and target is None and event.delivery_id:
             accepted[index] = (event.topic, event.delivery_id) in stored
