@@ -145,6 +145,9 @@ def serve(config: Config) -> int:
             lifespan="on",
             access_log=False,
             log_config=None,
+            # callboard reads no client address, so X-Forwarded-* handling is work for nothing.
+            proxy_headers=False,
+            server_header=False,
             timeout_graceful_shutdown=int(config.events.shutdown_timeout_ms / 1000) + 1,
         )
     )

@@ -60,6 +60,7 @@ class IngressApp:
         self._keep_credentials = keep_credentials
         self._detect_redeliveries = detect_redeliveries
         self._metrics = metrics if metrics is not None else Metrics()
+        self._media_types: dict[str, MediaType] = {}
         self._redacted = {
             topic: ingress.redact_headers
             | (frozenset() if keep_credentials else CREDENTIAL_HEADERS)
@@ -153,7 +154,11 @@ class IngressApp:
                 "application/x-www-form-urlencoded, or add a body parser for your media type "
                 "in a module (context.ingress.add_body_parser)"
             )
-        media_type = MediaType.parse(content_type)
+        media_type = self._media_types.get(content_type)
+        if media_type is None:
+            media_type = MediaType.parse(content_type)
+            if len(self._media_types) < 256:  # senders use a handful of spellings
+                self._media_types[content_type] = media_type
         parser = self.parsers.get(media_type.type)
         if parser is None:
             raise UnsupportedMediaTypeError(
