@@ -143,7 +143,27 @@ class IngressApp:
             raise PayloadTooLargeError(self._too_large(int(length)))
         raw = await self._read_body(receive)
 
-        content_type = headers.get("content-type")
+        media_type, parser = self._parser_for(headers.get("content-type"))
+        payload = parser(raw, media_type, topic)
+        request = WebhookRequest(topic, headers, raw, payload, media_type)
+        if ingress.validator is not None:
+            rejection = await ingress.validator(request)
+            if rejection is not None:
+                await self._reject(scope, send, topic, rejection)
+                return
+        redacted = self._redacted[topic]
+        metadata = {k: v for k, v in headers.items() if k not in redacted}
+        if ingress.delivery_id is not None and self._detect_redeliveries:
+            delivery_id = ingress.delivery_id(request)
+            if delivery_id:
+                metadata[DELIVERY_ID] = delivery_id
+        await self._publish(Event.from_owned(topic, payload, metadata))
+        self._metrics.count_ingress(topic, 202)
+        await send({"type": "http.response.start", "status": 202, "headers": _ACCEPTED_HEADERS})
+        await send({"type": "http.response.body", "body": _ACCEPTED})
+
+    def _parser_for(self, content_type: str | list[str] | None) -> tuple[MediaType, BodyParser]:
+        """The media type of the request and its parser; 415 when there is none."""
         if isinstance(content_type, list):
             raise UnsupportedMediaTypeError(
                 f"the request has {len(content_type)} Content-Type headers; send exactly one"
@@ -166,23 +186,7 @@ class IngressApp:
                 "module (context.ingress.add_body_parser), or send one of: "
                 + ", ".join(sorted(self.parsers))
             )
-        payload = parser(raw, media_type, topic)
-        request = WebhookRequest(topic, headers, raw, payload, media_type)
-        if ingress.validator is not None:
-            rejection = await ingress.validator(request)
-            if rejection is not None:
-                await self._reject(scope, send, topic, rejection)
-                return
-        redacted = self._redacted[topic]
-        metadata = {k: v for k, v in headers.items() if k not in redacted}
-        if ingress.delivery_id is not None and self._detect_redeliveries:
-            delivery_id = ingress.delivery_id(request)
-            if delivery_id:
-                metadata[DELIVERY_ID] = delivery_id
-        await self._publish(Event.from_owned(topic, payload, metadata))
-        self._metrics.count_ingress(topic, 202)
-        await send({"type": "http.response.start", "status": 202, "headers": _ACCEPTED_HEADERS})
-        await send({"type": "http.response.body", "body": _ACCEPTED})
+        return media_type, parser
 
     async def _read_body(self, receive: Receive) -> bytes:
         limit = self.body_limit
