@@ -181,7 +181,8 @@ async def claim(
     """Lease up to ``limit`` events of the group: those handed back first, then new ones."""
     args = {"group": group, "consumer": consumer, "limit": limit, "lease": lease}
     deliveries: list[Delivery] = []
-    async with connection.transaction():
+    # Pipelined: BEGIN goes with the first statement, the position's move with COMMIT.
+    async with connection.pipeline(), connection.transaction():
         cursor = await connection.execute(q["lock_subscription"], args)
         row = await cursor.fetchone()
         if row is None:
@@ -208,7 +209,8 @@ async def claim(
 
 
 async def ack(connection: Connection, q: Queries, batch: list[tuple[str, str, int]]) -> list[bool]:
-    async with connection.transaction():
+    # Pipelined: BEGIN, the delete and COMMIT in one round trip.
+    async with connection.pipeline(), connection.transaction():
         cursor = await connection.execute(
             q["ack"],
             {
@@ -217,7 +219,7 @@ async def ack(connection: Connection, q: Queries, batch: list[tuple[str, str, in
                 "seqs": [s for _, _, s in batch],
             },
         )
-        done = {(g, c, s) for g, s, c in await cursor.fetchall()}
+    done = {(g, c, s) for g, s, c in await cursor.fetchall()}
     return [item in done for item in batch]
 
 
