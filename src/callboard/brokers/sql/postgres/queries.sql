@@ -25,12 +25,13 @@ SELECT name FROM {schema}.migrations
 INSERT INTO {schema}.migrations (name) VALUES (%(name)s)
 
 -- name: insert_events
--- Store a batch of events in order; a known (topic, delivery id) is skipped.
+-- Store a batch of events in order; a known (topic, delivery id) is skipped. The arrays are sent in
+-- the binary format (%(...)b): the text format escapes every quote of every payload in Python.
 INSERT INTO {schema}.events (id, topic, target, delivery_id, time_us, payload, metadata)
 SELECT id, topic, target, delivery_id, time_us, payload, metadata
 FROM unnest(
-    %(ids)s::text[], %(topics)s::text[], %(targets)s::text[], %(delivery_ids)s::text[],
-    %(times)s::bigint[], %(payloads)s::text[], %(metadatas)s::text[]
+    %(ids)b::text[], %(topics)b::text[], %(targets)b::text[], %(delivery_ids)b::text[],
+    %(times)b::bigint[], %(payloads)b::text[], %(metadatas)b::text[]
 ) WITH ORDINALITY AS batch (id, topic, target, delivery_id, time_us, payload, metadata, n)
 ORDER BY n
 ON CONFLICT (topic, delivery_id) WHERE delivery_id IS NOT NULL DO NOTHING
