@@ -49,7 +49,7 @@ from callboard.brokers.base import (
 )
 from callboard.brokers.postgres_batch import GroupCommit
 from callboard.brokers.postgres_listener import Listener
-from callboard.brokers.sql import StoredEvent, encode_event
+from callboard.brokers.sql import StoredEvent, encode_event, repeat
 from callboard.brokers.sql.consumer import ConsumerRegistry, LeasedConsumer
 from callboard.errors import (
     BrokerError,
@@ -127,9 +127,16 @@ class PostgresBroker:
             raise
         self._closed = False
         self._spawn(self._listener.run(), "listener")
-        self._spawn(self._renew_leases(), "leases")
+        self._spawn(
+            repeat(self.lease / 3, self._renew_leases, "renewing leases failed", log=logger),
+            "leases",
+        )
         self._spawn(self._fallback_poll(), "poll")
-        self._spawn(self._expire(), "retention")
+        interval = self.retention.interval
+        self._spawn(
+            repeat(interval, self.clean, "retention failed", log=logger, first=min(10.0, interval)),
+            "retention",
+        )
 
     async def close(self) -> None:
         await self._stop(release=True)
@@ -349,29 +356,15 @@ class PostgresBroker:
         await self._pool.close()
 
     async def _renew_leases(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease / 3)
-            consumers = self._registry.live_ids()
-            if consumers:
-                try:
-                    await self._with(ops.renew, consumers, self.lease)
-                except BrokerError as error:
-                    logger.warning("renewing leases failed: %s", error)
+        consumers = self._registry.live_ids()
+        if consumers:
+            await self._with(ops.renew, consumers, self.lease)
 
     async def _fallback_poll(self) -> None:
         while True:
             await asyncio.sleep(self.fallback_poll)
             if not self._listener.up:
                 self._registry.wake()
-
-    async def _expire(self) -> None:
-        await asyncio.sleep(min(10.0, self.retention.interval))
-        while True:
-            try:
-                await self.clean()
-            except BrokerError as error:
-                logger.warning("retention failed: %s", error)
-            await asyncio.sleep(self.retention.interval)
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -54,7 +54,7 @@ from callboard.brokers.base import (
     Start,
     SubscriptionInfo,
 )
-from callboard.brokers.sql import Expired, StoredEvent, encode_event
+from callboard.brokers.sql import Expired, StoredEvent, encode_event, repeat
 from callboard.brokers.sql.consumer import ConsumerRegistry, LeasedConsumer
 from callboard.brokers.sqlite_thread import Changes, SQLiteThread
 from callboard.errors import BrokerError, ConfigError, ServiceClosedError, SubscriptionError
@@ -134,8 +134,26 @@ class SQLiteBroker:
         except BaseException:
             await self._stop(release=False)
             raise
-        self._spawn(self._renew_leases(), "leases")
-        self._spawn(self._expire(), "retention")
+        self._spawn(
+            repeat(
+                self.lease / 3,
+                self._renew_leases,
+                f"renewing leases on {self.path} failed",
+                log=logger,
+            ),
+            "leases",
+        )
+        interval = self.retention.interval
+        self._spawn(
+            repeat(
+                interval,
+                self.clean,
+                f"retention on {self.path} failed",
+                log=logger,
+                first=min(10.0, interval),
+            ),
+            "retention",
+        )
         if self.capabilities.shared:
             self._spawn(self._watch(), "watch")
 
@@ -275,14 +293,9 @@ class SQLiteBroker:
         await self._thread.stop()
 
     async def _renew_leases(self) -> None:
-        while True:
-            await asyncio.sleep(self.lease / 3)
-            consumers = self._registry.live_ids()
-            if consumers:
-                try:
-                    await self._run(store.renew, consumers, self.lease)
-                except BrokerError as error:
-                    logger.warning("renewing leases on %s failed: %s", self.path, error)
+        consumers = self._registry.live_ids()
+        if consumers:
+            await self._run(store.renew, consumers, self.lease)
 
     async def _watch(self) -> None:
         last: int | None = None
@@ -296,15 +309,6 @@ class SQLiteBroker:
             if last is not None and version != last:
                 self._registry.wake()
             last = version
-
-    async def _expire(self) -> None:
-        await asyncio.sleep(min(10.0, self.retention.interval))
-        while True:
-            try:
-                await self.clean()
-            except BrokerError as error:
-                logger.warning("retention on %s failed: %s", self.path, error)
-            await asyncio.sleep(self.retention.interval)
 
 
 class _Leases:

@@ -12,7 +12,10 @@ Nothing here imports a database driver: each broker module imports its own.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -97,3 +100,25 @@ class Expired:
 
     deleted: int
     lost: dict[str, int]
+
+
+async def repeat(
+    interval: float,
+    job: Callable[[], Awaitable[object]],
+    failure: str,
+    *,
+    log: logging.Logger,
+    first: float | None = None,
+) -> None:
+    """Run ``job`` every ``interval`` seconds (the first time after ``first``) until cancelled.
+
+    A ``BrokerError`` is logged as ``<failure>: <error>`` and the next run comes as planned: the
+    durable brokers' upkeep (lease renewal, retention) must outlive a store that is down a while.
+    """
+    await asyncio.sleep(interval if first is None else first)
+    while True:
+        try:
+            await job()
+        except BrokerError as error:
+            log.warning("%s: %s", failure, error)
+        await asyncio.sleep(interval)
