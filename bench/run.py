@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -68,6 +69,11 @@ def metric(text: str, name: str, **labels: str) -> float:
         if all(f'{k}="{v}"' in line for k, v in labels.items()):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def port_taken(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0
 
 
 def ensure_wrk() -> None:
@@ -161,6 +167,11 @@ def main() -> int:
         stack.callback(drop_bench_schema, args.broker)
         targets: list[str] = []
         if not args.no_anchor:
+            if port_taken(ANCHOR_PORT):
+                raise SystemExit(
+                    f"port {ANCHOR_PORT} is taken; the Backstage anchor needs it: stop what "
+                    "listens there (a callboard serve on its default port, an old anchor) first"
+                )
             subprocess.run(
                 [str(args.shared / "anchors/backstage/start.sh"), args.anchor_config], check=True
             )
