@@ -25,17 +25,17 @@ import argparse
 import http.client
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import IO
+
+from run import stop, wait_for  # the ingest benchmark's process helpers
 
 from callboard import Event, ModuleContext, module
 
@@ -78,26 +78,6 @@ def config(port: int, broker: str, subscriber: bool) -> str:
     if subscriber:
         lines.append("  load: ['latency:register']")
     return "\n".join(lines) + "\n"
-
-
-def wait_for(url: str, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit(f"{url} did not answer within {seconds:.0f}s")
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def send(port: int, numbers: list[int], errors: list[str]) -> None:

@@ -49,7 +49,7 @@ from callboard.brokers.base import (
 )
 from callboard.brokers.postgres_batch import GroupCommit
 from callboard.brokers.postgres_listener import Listener
-from callboard.brokers.sql import StoredEvent, encode_event, repeat
+from callboard.brokers.sql import StoredEvent, cancel_all, encode_event, repeat
 from callboard.brokers.sql.consumer import ConsumerRegistry, LeasedConsumer
 from callboard.errors import (
     BrokerError,
@@ -339,12 +339,7 @@ class PostgresBroker:
         if self._closed:
             return
         self._closed = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await cancel_all(self._tasks)
         if release:
             await self._publishes.wait_idle()
             await self._acks.wait_idle()

@@ -36,7 +36,6 @@ processes' commits are noticed by polling ``PRAGMA data_version`` every ``watch_
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import sqlite3
@@ -54,7 +53,7 @@ from callboard.brokers.base import (
     Start,
     SubscriptionInfo,
 )
-from callboard.brokers.sql import Expired, StoredEvent, encode_event, repeat
+from callboard.brokers.sql import Expired, StoredEvent, cancel_all, encode_event, repeat
 from callboard.brokers.sql.consumer import ConsumerRegistry, LeasedConsumer
 from callboard.brokers.sqlite_thread import Changes, SQLiteThread
 from callboard.errors import BrokerError, ConfigError, ServiceClosedError, SubscriptionError
@@ -279,12 +278,7 @@ class SQLiteBroker:
         if self._closed:
             return
         self._closed = True
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        self._tasks.clear()
+        await cancel_all(self._tasks)
         for consumer in self._registry.close_all():
             if release:
                 await consumer.close()

@@ -13,6 +13,7 @@ Nothing here imports a database driver: each broker module imports its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -122,3 +123,13 @@ async def repeat(
         except BrokerError as error:
             log.warning("%s: %s", failure, error)
         await asyncio.sleep(interval)
+
+
+async def cancel_all(tasks: list[asyncio.Task[None]]) -> None:
+    """Cancel a broker's background tasks and wait until each has ended; empties ``tasks``."""
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    tasks.clear()
