@@ -77,7 +77,7 @@ async def test_patterns_match_in_sql_as_in_python(
 
 async def test_migrations_build_what_schema_sql_describes(schema: str) -> None:
     migrated = PostgresBroker(POSTGRES_URL, schema=schema)
-    assert await migrated.migrate() == ["0001_init.sql"]
+    assert await migrated.migrate() == ["0001_init.sql", "0002_operations.sql"]
     assert await migrated.migrate() == []
     reference = schema + "_ref"
     text = read_sql("postgres", "schema.sql")
@@ -101,7 +101,14 @@ async def test_migrations_build_what_schema_sql_describes(schema: str) -> None:
                 name,
                 name,
             )
-            return columns + indexes
+            functions = await sql(
+                "SELECT p.proname, replace(pg_get_functiondef(p.oid), %s, 'S') FROM pg_proc AS p"
+                " JOIN pg_namespace AS n ON n.oid = p.pronamespace WHERE n.nspname = %s"
+                " ORDER BY 1",
+                name,
+                name,
+            )
+            return columns + indexes + functions
 
         assert await shape(schema) == await shape(reference)
     finally:
@@ -123,7 +130,7 @@ def test_migrate_command(schema: str, tmp_path: Any, capsys: pytest.CaptureFixtu
     config = tmp_path / "callboard.yaml"
     config.write_text(f"events:\n  broker: {POSTGRES_URL}?schema={schema}\n")
     assert main(["migrate", "-c", str(config)]) == 0
-    assert "applied 0001_init.sql" in capsys.readouterr().out
+    assert "applied 0001_init.sql, 0002_operations.sql" in capsys.readouterr().out
     assert main(["migrate", "-c", str(config)]) == 0
     assert capsys.readouterr().out.strip() == "schema up to date"
 

@@ -11,13 +11,20 @@ table numbered by an identity ``seq``, ``subscriptions`` (consumer groups) with 
 
 - Publishing: a publish joins a queue and awaits its future; one flusher writes everything queued
   in one transaction (``INSERT ... SELECT FROM unnest``) under a per-schema advisory lock, notifies,
-  commits and resolves the futures. The lock makes seqs visible in order across instances (see
-  ``postgres_ops``), which is what lets a position move safely.
+  commits (synchronously) and only then resolves the futures, so a ``202`` means the event is on
+  disk. The lock makes seqs visible in order across instances (see ``postgres_ops``), which is what
+  lets a position move safely.
 - Consuming: a claim locks the group's row (claims of one group take turns), re-leases expired or
   handed-back leases (``FOR UPDATE SKIP LOCKED``), then leases the next matching events after the
   position and moves it. Competing consumers in any number of instances never share an event and
   each receives its events in publish order. Live consumers' leases are renewed; a dead instance's
-  leases run out and go to another consumer.
+  leases run out and go to another consumer. Claims and acknowledgements commit without waiting
+  for the disk (``synchronous_commit = off``): one lost in a server crash only means its events
+  are handed out again.
+- Statements: a publish batch, a claim and an acknowledgement batch are each ONE statement (the
+  functions of ``0002_operations.sql``, a ``DELETE``) on a connection in autocommit mode, prepared
+  and with the batches' arrays in the binary format: one round trip each, and psycopg's Python
+  work once per operation.
 - Wake-ups: ONE ``LISTEN`` connection per broker (``postgres_listener``) wakes local consumers on
   other instances' commits; while it is down consumers poll every ``fallback_poll`` seconds.
 - Failures: driver errors become ``BrokerUnavailable`` (connection, timeout) or ``BrokerError``
@@ -238,6 +245,8 @@ class PostgresBroker:
             open=False,
             timeout=self.timeout,
             kwargs={
+                # A hot operation is one statement, its own transaction (``postgres_ops``).
+                "autocommit": True,
                 "connect_timeout": max(1, round(self.timeout)),
                 "application_name": "callboard",
                 # Short statements: a stuck server makes a publish fail fast (503), not hang.

@@ -4,6 +4,12 @@ Publishing takes a transaction-level advisory lock (one per schema) around the i
 transactions that add events commit in the order their seqs were drawn: a reader that sees seq
 N also sees every seq below it, and a group's position can move past what it has read without
 skipping an event still being committed.
+
+The pool's connections are in autocommit mode. The hot operations (a publish batch, a claim, an
+acknowledgement batch) are each ONE statement, a function of ``0002_operations.sql`` or a single
+``DELETE``, and so their own transaction: one round trip, a plan the server keeps (``prepare``),
+and psycopg's per-statement work paid once per operation instead of once per statement of a
+pipelined transaction. The rest runs in explicit transactions.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from psycopg import AsyncConnection, sql
+from psycopg import AsyncConnection, errors, sql
 
 from callboard.brokers.base import Delivery, RetentionPolicy, Start, SubscriptionInfo
 from callboard.brokers.postgres_listener import notification
@@ -40,8 +46,9 @@ class Queries:
     def __init__(self, schema: str) -> None:
         self.schema = schema
         identifier = sql.Identifier(schema)
+        # Rendered once: a ``Composed`` would be turned into bytes again at every execution.
         self._compiled = {
-            name: sql.SQL(text).format(schema=identifier)
+            name: sql.SQL(text).format(schema=identifier).as_bytes()
             for name, text in queries("postgres").items()
         }
         digest = hashlib.blake2b(schema.encode(), digest_size=8).digest()
@@ -50,7 +57,7 @@ class Queries:
         self.publish_lock, self.migrate_lock, self.clean_lock = base, base + 1, base + 2
         self.channel = f"callboard.{schema}"[:63]
 
-    def __getitem__(self, name: str) -> sql.Composed:
+    def __getitem__(self, name: str) -> bytes:
         return self._compiled[name]
 
     def migration(self, name: str) -> sql.Composed:
@@ -105,26 +112,26 @@ async def insert_events(
         rows.append((event, target))
     topics = {e.topic for e, t in rows if t is None}
     groups = {t for _, t in rows if t is not None}
-    # Pipelined: BEGIN, the lock, the insert, the notification and COMMIT go to the server in one
-    # round trip; an error in any of them aborts the rest and is raised here, before returning.
-    async with connection.pipeline(), connection.transaction():
-        await connection.execute(q["lock"], {"key": q.publish_lock})
-        cursor = await connection.execute(
-            q["insert_events"],
-            {
-                "ids": [e.id for e, _ in rows],
-                "topics": [e.topic for e, _ in rows],
-                "targets": [t for _, t in rows],
-                "delivery_ids": [e.delivery_id if t is None else None for e, t in rows],
-                "times": [e.time_us for e, _ in rows],
-                "payloads": [e.payload for e, _ in rows],
-                "metadatas": [e.metadata for e, _ in rows],
-            },
-        )
-        await connection.execute(
-            q["notify"], {"channel": q.channel, "message": notification(topics, groups)}
-        )
-    stored = {(topic, delivery) for topic, delivery in await cursor.fetchall() if delivery}
+    # One statement (the ``publish`` function): lock, insert and notification commit together.
+    cursor = await connection.execute(
+        q["publish"],
+        {
+            "key": q.publish_lock,
+            "channel": q.channel,
+            "message": notification(topics, groups),
+            "ids": [e.id for e, _ in rows],
+            "topics": [e.topic for e, _ in rows],
+            "targets": [t for _, t in rows],
+            "delivery_ids": [e.delivery_id if t is None else None for e, t in rows],
+            "times": [e.time_us for e, _ in rows],
+            "payloads": [e.payload for e, _ in rows],
+            "metadatas": [e.metadata for e, _ in rows],
+        },
+        prepare=True,
+    )
+    stored = set(await cursor.fetchall())
+    if not seen:
+        return accepted  # no delivery id to look for
     for index, (event, target) in enumerate(batch):
         if accepted[index] and target is None and event.delivery_id:
             accepted[index] = (event.topic, event.delivery_id) in stored
@@ -180,45 +187,36 @@ async def claim(
 ) -> list[Delivery]:
     """Lease up to ``limit`` events of the group: those handed back first, then new ones."""
     args = {"group": group, "consumer": consumer, "limit": limit, "lease": lease}
-    deliveries: list[Delivery] = []
-    # Pipelined: BEGIN goes with the first statement, the position's move with COMMIT.
-    async with connection.pipeline(), connection.transaction():
-        cursor = await connection.execute(q["lock_subscription"], args)
-        row = await cursor.fetchone()
-        if row is None:
-            raise SubscriptionError(f"subscription {group!r} no longer exists")
-        position, regexes, _ = row
-        cursor = await connection.execute(q["reclaim"], args)
-        for seq, attempt, *stored in await cursor.fetchall():
-            deliveries.append(Delivery(decode_event(*stored), attempt, seq))
-        room = limit - len(deliveries)
-        if room > 0:
-            cursor = await connection.execute(
-                q["claim"], {**args, "limit": room, "position": position, "regexes": regexes}
-            )
-            rows = await cursor.fetchall()
-            fresh = [Delivery(decode_event(*r[2:]), 1, r[1]) for r in rows if r[1] is not None]
-            # With fewer than asked for, everything up to the head (of the same snapshot) was
-            # looked at: moving there spares the next claim from reading it again.
-            moved = fresh[-1].token if len(fresh) == room else rows[0][0]
-            if isinstance(moved, int) and moved > position:
-                await connection.execute(q["move_position"], {"group": group, "position": moved})
-            deliveries.extend(fresh)
-    deliveries.sort(key=lambda d: d.token if isinstance(d.token, int) else 0)
+    try:
+        cursor = await connection.execute(q["claim"], args, prepare=True)
+    except errors.NoDataFound as error:
+        raise SubscriptionError(f"subscription {group!r} no longer exists") from error
+    deliveries = [
+        Delivery(decode_event(id, topic, time_us, payload, metadata), attempt, seq)
+        for seq, attempt, id, topic, time_us, payload, metadata in await cursor.fetchall()
+    ]
+    deliveries.sort(key=_seq)
     return deliveries
 
 
+def _seq(delivery: Delivery) -> int:
+    return delivery.token if isinstance(delivery.token, int) else 0
+
+
 async def ack(connection: Connection, q: Queries, batch: list[tuple[str, str, int]]) -> list[bool]:
-    # Pipelined: BEGIN, the delete and COMMIT in one round trip.
-    async with connection.pipeline(), connection.transaction():
-        cursor = await connection.execute(
-            q["ack"],
-            {
-                "groups": [g for g, _, _ in batch],
-                "consumers": [c for _, c, _ in batch],
-                "seqs": [s for _, _, s in batch],
-            },
-        )
+    """Delete the leases still held by their acknowledging consumers; held, per item.
+
+    One statement, so its own transaction (which commits without waiting for the disk).
+    """
+    cursor = await connection.execute(
+        q["ack"],
+        {
+            "groups": [g for g, _, _ in batch],
+            "consumers": [c for _, c, _ in batch],
+            "seqs": [s for _, _, s in batch],
+        },
+        prepare=True,
+    )
     done = {(g, c, s) for g, s, c in await cursor.fetchall()}
     return [item in done for item in batch]
 

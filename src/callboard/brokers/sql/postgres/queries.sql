@@ -24,18 +24,15 @@ SELECT name FROM {schema}.migrations
 -- Record a migration as applied.
 INSERT INTO {schema}.migrations (name) VALUES (%(name)s)
 
--- name: insert_events
--- Store a batch of events in order; a known (topic, delivery id) is skipped. The arrays are sent in
--- the binary format (%(...)b): the text format escapes every quote of every payload in Python.
-INSERT INTO {schema}.events (id, topic, target, delivery_id, time_us, payload, metadata)
-SELECT id, topic, target, delivery_id, time_us, payload, metadata
-FROM unnest(
+-- name: publish
+-- Store a batch of events in order under the publishing lock and notify (0002_operations.sql);
+-- the stored delivery ids. The arrays are sent in the binary format (%(...)b): the text format
+-- escapes every quote of every payload in Python.
+SELECT stored_topic, stored_delivery_id FROM {schema}.publish(
+    %(key)s::bigint, %(channel)s, %(message)s,
     %(ids)b::text[], %(topics)b::text[], %(targets)b::text[], %(delivery_ids)b::text[],
     %(times)b::bigint[], %(payloads)b::text[], %(metadatas)b::text[]
-) WITH ORDINALITY AS batch (id, topic, target, delivery_id, time_us, payload, metadata, n)
-ORDER BY n
-ON CONFLICT (topic, delivery_id) WHERE delivery_id IS NOT NULL DO NOTHING
-RETURNING topic, delivery_id
+)
 
 -- name: notify
 -- Tell every instance what was stored (delivered at commit).
@@ -68,55 +65,17 @@ ON CONFLICT (name) DO UPDATE
     WHERE s.topics IS DISTINCT FROM excluded.topics
 RETURNING (xmax = 0) AS created
 
--- name: lock_subscription
--- Serialise the claims of one group: its position moves one claim at a time. The claim commits
--- without waiting for the disk: lost in a server crash, its events are only handed out again.
-SELECT position, regexes, set_config('synchronous_commit', 'off', true)
-FROM {schema}.subscriptions WHERE name = %(group)s FOR UPDATE
-
--- name: reclaim
--- Lease to a consumer the group's events whose lease ran out or was handed back, oldest first.
-UPDATE {schema}.leases AS l
-SET consumer = %(consumer)s,
-    expires_at = now() + make_interval(secs => %(lease)s),
-    attempt = l.attempt + 1
-FROM (
-    SELECT seq FROM {schema}.leases
-    WHERE subscription = %(group)s AND (consumer IS NULL OR expires_at <= now())
-    ORDER BY seq LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-) AS due
-JOIN {schema}.events AS e ON e.seq = due.seq
-WHERE l.subscription = %(group)s AND l.seq = due.seq
-RETURNING l.seq, l.attempt, e.id, e.topic, e.time_us, e.payload, e.metadata
-
 -- name: claim
--- Lease the group's next events after its position; with the newest seq of the same snapshot.
-WITH fresh AS (
-    SELECT seq FROM {schema}.events
-    WHERE seq > %(position)s
-      AND (target = %(group)s OR (target IS NULL AND topic ~ ANY(%(regexes)s)))
-    ORDER BY seq LIMIT %(limit)s
-), leased AS (
-    INSERT INTO {schema}.leases (subscription, seq, consumer, expires_at, attempt)
-    SELECT %(group)s, seq, %(consumer)s, now() + make_interval(secs => %(lease)s), 1 FROM fresh
-    RETURNING seq
-)
-SELECT head.seq, e.seq, e.id, e.topic, e.time_us, e.payload, e.metadata
-FROM (SELECT coalesce(max(seq), 0) AS seq FROM {schema}.events) AS head
-LEFT JOIN (leased JOIN {schema}.events AS e USING (seq)) ON true
-ORDER BY e.seq
-
--- name: move_position
--- Move a subscription's position forward.
-UPDATE {schema}.subscriptions SET position = greatest(position, %(position)s)
-WHERE name = %(group)s
+-- Lease up to a limit of the group's events to a consumer: handed back first, then new ones
+-- (0002_operations.sql).
+SELECT r_seq, r_attempt, r_id, r_topic, r_time_us, r_payload, r_metadata
+FROM {schema}.claim(%(group)s, %(consumer)s, %(limit)s::integer, %(lease)s::float8)
 
 -- name: ack
 -- Delete leases still held by the consumers acknowledging them. Committed without waiting for
 -- the disk: an acknowledgement lost in a server crash only means the event is delivered again.
 DELETE FROM {schema}.leases AS l
-USING unnest(%(groups)s::text[], %(seqs)s::bigint[], %(consumers)s::text[]) AS a (g, s, c),
+USING unnest(%(groups)b::text[], %(seqs)b::bigint[], %(consumers)b::text[]) AS a (g, s, c),
     (SELECT set_config('synchronous_commit', 'off', true)) AS relaxed
 WHERE l.subscription = a.g AND l.seq = a.s AND l.consumer = a.c
 RETURNING l.subscription, l.seq, l.consumer
