@@ -98,6 +98,17 @@ class Event:
         """
         return _assemble(topic, payload, metadata, new_event_id(), utc_now())
 
+    @classmethod
+    def restore(
+        cls, topic: str, payload: Any, metadata: dict[str, MetadataValue], id: str, time: datetime
+    ) -> Event:
+        """An event read back from a store that callboard itself wrote, taken as it is.
+
+        What was stored came from an ``Event``: its metadata keys are lower-cased already and
+        ``time`` is UTC, so the checks and the copy of ``__post_init__`` are skipped.
+        """
+        return _assemble(topic, payload, metadata, id, time)
+
     def header(self, name: str) -> str | None:
         """The first value of a metadata entry, or ``None``."""
         value = self.metadata.get(name.lower())

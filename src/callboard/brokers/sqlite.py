@@ -24,10 +24,12 @@ the same event, each one receives its events in publish order, and a group's pro
 ``position`` less what is still leased. While a process lives it renews its consumers' leases; a
 process killed with ``kill -9`` stops renewing, and its leases run out and go to another consumer.
 
-All database work runs on one thread per broker (``sqlite_thread``): whatever is queued commits in
-one ``BEGIN IMMEDIATE`` transaction, so concurrent publishes share a commit, and a publish
-returns once its event is committed. Processes on one machine share the file in WAL mode; writers
-queue on SQLite's lock (``busy_timeout``).
+Database work goes through one connection per broker (``sqlite_thread``): whatever is submitted
+in one turn of the event loop commits in one ``BEGIN IMMEDIATE`` transaction, so concurrent
+publishes share a commit, and a publish returns once its event is committed. A group runs on the
+event loop while the file is free (a commit without a disk flush is cheap) and on the broker's
+thread when it would wait: for another process's write lock, or for the disk with
+``synchronous=full``. Processes on one machine share the file in WAL mode.
 
 Wake-ups: in this process, a commit wakes the consumers whose patterns match what it stored; other
 processes' commits are noticed by polling ``PRAGMA data_version`` every ``watch_interval``.
@@ -91,7 +93,14 @@ class SQLiteBroker:
         connect = functools.partial(
             store.connect, path, synchronous=synchronous, busy_timeout=busy_timeout
         )
-        self._thread = SQLiteThread(connect, path, self._committed, busy_timeout=busy_timeout)
+        self._thread = SQLiteThread(
+            connect,
+            path,
+            self._committed,
+            busy_timeout=busy_timeout,
+            # A commit that waits for the disk would hold up the event loop.
+            inline=synchronous != "full",
+        )
         self._publishes: _Batch[StoredEvent, bool] = _Batch(self, store.publish_many)
         self._acks: _Batch[tuple[str, str, int], bool] = _Batch(self, store.ack_many)
         self._tasks: list[asyncio.Task[None]] = []

@@ -48,7 +48,10 @@ def _literals(topics: str) -> tuple[str, bool]:
 
 def connect(path: str, *, synchronous: str, busy_timeout: float) -> sqlite3.Connection:
     """Open the store, in WAL mode, with the functions its queries use."""
-    connection = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
+    # Used by the broker's thread and by the event loop, never by both at once (sqlite_thread).
+    connection = sqlite3.connect(
+        path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+    )
     # WAL: readers never block the writer, and a commit is one append (fsynced at checkpoints
     # with synchronous=NORMAL, which survives a killed process; FULL also survives power loss).
     connection.execute("PRAGMA journal_mode = WAL")
@@ -110,7 +113,7 @@ def publish(
 def publish_many(
     connection: sqlite3.Connection, changes: Changes, events: list[StoredEvent]
 ) -> list[bool]:
-    """Store a batch of published events in order, in one statement; accepted per event.
+    """Store a batch of published events in order; accepted per event.
 
     An event is not accepted when its (topic, delivery id) is already stored (a redelivery), or
     an earlier event of the batch carries the same pair.
@@ -119,9 +122,10 @@ def publish_many(
         return [publish(connection, changes, events[0], None)]
     keyed = any(event.delivery_id for event in events)
     after = _head(connection) if keyed else 0
-    rows = [(e.id, e.topic, e.delivery_id, e.time_us, e.payload, e.metadata) for e in events]
-    connection.execute(
-        Q["insert_events"], {"events": orjson.dumps(rows).decode(), "stored_at": time.time()}
+    now = time.time()
+    connection.executemany(
+        Q["insert_events"],
+        [(e.id, e.topic, e.delivery_id, e.time_us, now, e.payload, e.metadata) for e in events],
     )
     changes.topics.update(event.topic for event in events)
     if not keyed:

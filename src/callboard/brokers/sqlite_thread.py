@@ -1,16 +1,26 @@
-"""The thread that owns the SQLite connection and commits in groups.
+"""The thread that owns the SQLite connection, and commits in groups.
 
-sqlite3 blocks, so one dedicated thread does every database call of a broker. Callers on the
-event loop submit operations; the thread runs a group of them in ONE transaction (``BEGIN
-IMMEDIATE`` when any operation writes) and resolves the callers' futures after the commit.
-Concurrent publishes therefore share one commit (group commit), and a publish returns only once its
-event is committed.
+sqlite3 blocks, so a broker's database calls go to one connection, serialised here. Callers on
+the event loop submit operations; a group of them runs in ONE transaction (``BEGIN IMMEDIATE``
+when any operation writes) and the callers' futures are resolved after the commit. Concurrent
+publishes therefore share one commit (group commit), and a publish returns only once its event
+is committed.
 
-The hand-off is batched on the event loop's side: operations submitted while the thread works on a
-group wait in a list, and the whole list goes to the thread at once when that group is committed
-(a lone operation on an idle thread goes at the end of the current turn of the loop). So the loop
-and the thread wake each other once per transaction, not once per operation, and under load each
-transaction carries everything that arrived during the one before.
+Where a group runs:
+
+- **On the event loop, when the file is free** (``inline``, the default with
+  ``synchronous=normal``). A commit in WAL mode with ``synchronous=NORMAL`` is an append to the
+  log without a disk flush, tens of microseconds for a group; doing it on the loop spares the
+  hand-off to a thread and back, and the two threads' fight for the GIL, on every group.
+- **On the broker's thread, when it would wait**: the first group (opening the file and
+  migrating it), a group that finds another process holding the write lock (the thread tries
+  again every half millisecond until ``busy_timeout``), and every group with
+  ``synchronous=FULL``, whose commits wait for the disk. While the thread has a group, what is
+  submitted waits, so groups still commit in submission order.
+
+The hand-off is batched on the event loop's side: operations submitted during one turn of the
+loop (or while the thread works on a group) wait in a list and go together, so under load each
+transaction carries everything that arrived since the one before.
 
 An operation that raises a callboard error fails alone (operations check before they write); a
 driver error rolls the whole transaction back and fails every operation in it.
@@ -68,8 +78,20 @@ def translate(error: sqlite3.Error, path: str) -> BrokerError:
     return BrokerError(f"the SQLite store {path} failed: {error}")
 
 
+class _Busy(Exception):
+    """Another process holds the file's write lock (or, rarely, its read lock)."""
+
+
+def _is_busy(error: sqlite3.Error) -> bool:
+    return (getattr(error, "sqlite_errorcode", 0) & 0xFF) == _SQLITE_BUSY
+
+
 class SQLiteThread:
-    """Runs operations on one SQLite connection, in a thread of its own."""
+    """Runs operations on one SQLite connection: on the event loop, or in a thread of its own.
+
+    The connection never waits for a lock by itself (``busy_timeout`` 0): a group that finds
+    the file locked goes to the thread, which tries again until ``busy_timeout`` has passed.
+    """
 
     def __init__(
         self,
@@ -78,16 +100,20 @@ class SQLiteThread:
         on_commit: Callable[[Changes], None],
         *,
         busy_timeout: float = 10.0,
+        inline: bool = True,
     ) -> None:
         self._connect = connect
         self._path = path
         self._busy_timeout = busy_timeout
+        self._inline = inline
         self._on_commit = on_commit
         self._queue: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
-        #: Submitted and not yet handed to the thread (event loop side).
+        #: Submitted and not yet run (event loop side).
         self._pending: list[_Job] = []
         #: A group is with the thread, or a hand-off is scheduled: new operations wait.
         self._busy = False
+        #: Opened by the thread; used by the loop too, never by both at once.
+        self._connection: sqlite3.Connection | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Future[None] | None = None
@@ -108,23 +134,27 @@ class SQLiteThread:
         future = self._loop.create_future()
         self._pending.append(_Job(operation, writes, future))
         if not self._busy:
-            # Gather what else this turn of the loop submits, then hand it over in one go.
+            # Gather what else this turn of the loop submits, then run it in one go.
             self._busy = True
             self._loop.call_soon(self._hand_over)
         return future
 
     def _hand_over(self) -> None:
-        """Give the thread everything pending (at most ``MAX_BATCH``), or become idle."""
-        pending = self._pending
-        if not pending or self._thread is None:
-            self._busy = False
-            return
-        if len(pending) > MAX_BATCH:
-            self._queue.put(pending[:MAX_BATCH])
-            del pending[:MAX_BATCH]
-        else:
-            self._queue.put(pending)
-            self._pending = []
+        """Run everything pending (at most ``MAX_BATCH`` a group), or become idle."""
+        while self._pending and self._thread is not None:
+            jobs = self._pending[:MAX_BATCH]
+            del self._pending[:MAX_BATCH]
+            connection = self._connection
+            if not self._inline or connection is None:
+                self._queue.put(jobs)
+                return
+            try:
+                results, changes = self._execute(connection, jobs)
+            except _Busy:
+                self._queue.put(jobs)
+                return
+            self._resolve(jobs, results, changes)
+        self._busy = False
 
     async def stop(self) -> None:
         """Finish what is queued, close the connection and end the thread."""
@@ -139,36 +169,57 @@ class SQLiteThread:
         await self._stopped
 
     def _run(self) -> None:
-        connection: sqlite3.Connection | None = None
         try:
             while True:
                 jobs = self._queue.get()
                 if jobs is None:
                     break
-                if connection is None:
+                if self._connection is None:
                     try:
-                        connection = self._connect()
+                        self._connection = self._connect()
+                        self._connection.execute("PRAGMA busy_timeout = 0")
                     except sqlite3.Error as error:
                         self._post(jobs, [translate(error, self._path)] * len(jobs), None)
                         continue
-                results, changes = self._execute(connection, jobs)
+                results, changes = self._execute_waiting(self._connection, jobs)
                 self._post(jobs, results, changes)
         finally:
+            connection, self._connection = self._connection, None
             if connection is not None:
                 connection.close()
             loop, stopped = self._loop, self._stopped
             if loop is not None and stopped is not None and not loop.is_closed():
                 loop.call_soon_threadsafe(_resolve, stopped, None)
 
+    def _execute_waiting(
+        self, connection: sqlite3.Connection, jobs: list[_Job]
+    ) -> tuple[list[Any], Changes | None]:
+        """``_execute``, tried again every ``BUSY_PAUSE`` while another process holds the file.
+
+        SQLite's own busy handler sleeps in growing steps (up to 100 ms at a time) while the
+        write lock is taken, which shows as delivery latency when two processes share a file;
+        the lock is held for a commit's length only, so a short fixed pause is enough.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                return self._execute(connection, jobs)
+            except _Busy:
+                if time.monotonic() >= deadline:
+                    error = sqlite3.OperationalError("database is locked")
+                    return [translate(error, self._path) for _ in jobs], None
+            time.sleep(BUSY_PAUSE)
+
     def _execute(
         self, connection: sqlite3.Connection, jobs: list[_Job]
     ) -> tuple[list[Any], Changes | None]:
+        """Run a group in one transaction; ``_Busy`` (nothing done) when the file is locked."""
         changes = Changes()
         writes = any(job.writes for job in jobs)
         results: list[Any] = []
         try:
             if writes:
-                self._begin(connection)
+                connection.execute("BEGIN IMMEDIATE")
             for job in jobs:
                 try:
                     results.append(job.operation(connection, changes))
@@ -182,6 +233,10 @@ class SQLiteThread:
                     connection.execute("ROLLBACK")
                 except sqlite3.Error:
                     logger.exception("rolling back a failed SQLite transaction failed")
+            # A write group can only find the lock taken at BEGIN; a read-only group may be
+            # run again from the start.
+            if _is_busy(error) and (not writes or not results):
+                raise _Busy from error
             return [translate(error, self._path) for _ in jobs], None
         except Exception as error:
             # A bug in an operation: fail the batch loudly rather than half-commit it.
@@ -191,37 +246,23 @@ class SQLiteThread:
             return [BrokerError(f"SQLite broker operation failed: {error!r}")] * len(jobs), None
         return results, changes
 
-    def _begin(self, connection: sqlite3.Connection) -> None:
-        """``BEGIN IMMEDIATE``, tried again every half millisecond while another process writes.
-
-        SQLite's own busy handler sleeps in growing steps (up to 100 ms at a time) while the
-        write lock is taken, which shows as delivery latency when two processes share a file;
-        the lock is held for a commit's length only, so a short fixed pause is enough.
-        """
-        connection.execute("PRAGMA busy_timeout = 0")
-        try:
-            deadline = time.monotonic() + self._busy_timeout
-            while True:
-                try:
-                    connection.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as error:
-                    busy = (getattr(error, "sqlite_errorcode", 0) & 0xFF) == _SQLITE_BUSY
-                    if not busy or time.monotonic() >= deadline:
-                        raise
-                time.sleep(BUSY_PAUSE)
-        finally:
-            connection.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-
     def _post(self, jobs: list[_Job], results: list[Any], changes: Changes | None) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        loop.call_soon_threadsafe(self._deliver, jobs, results, changes)
+        loop.call_soon_threadsafe(self._thread_done, jobs, results, changes)
 
-    def _deliver(self, jobs: list[_Job], results: list[Any], changes: Changes | None) -> None:
-        # The next group goes to the thread first, so it works while the callers wake up.
-        self._hand_over()
+    def _thread_done(self, jobs: list[_Job], results: list[Any], changes: Changes | None) -> None:
+        if self._inline:
+            self._resolve(jobs, results, changes)
+            # Then what was submitted meanwhile: on the loop, if the file is free now.
+            self._hand_over()
+        else:
+            # The next group goes to the thread first, so it works while the callers wake up.
+            self._hand_over()
+            self._resolve(jobs, results, changes)
+
+    def _resolve(self, jobs: list[_Job], results: list[Any], changes: Changes | None) -> None:
         for job, result in zip(jobs, results, strict=True):
             if job.future.done():
                 continue

@@ -86,13 +86,8 @@ def encode_event(event: Event) -> StoredEvent:
 
 def decode_event(id: str, topic: str, time_us: int, payload: str | bytes, metadata: Any) -> Event:
     meta = orjson.loads(metadata) if isinstance(metadata, str | bytes) else metadata
-    return Event(
-        topic=topic,
-        payload=orjson.loads(payload),
-        metadata=meta,
-        id=id,
-        time=_EPOCH + timedelta(microseconds=time_us),
-    )
+    time = _EPOCH + timedelta(microseconds=time_us)
+    return Event.restore(topic, orjson.loads(payload), meta, id, time)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,12 +4,11 @@ INSERT OR IGNORE INTO events (id, topic, target, delivery_id, time_us, stored_at
 VALUES (:id, :topic, :target, :delivery_id, :time_us, :stored_at, :payload, :metadata);
 
 -- name: insert_events
--- Store a batch of published events in order, in one statement (a JSON array of
--- [id, topic, delivery_id, time_us, payload, metadata]); a known (topic, delivery id) is ignored.
+-- Store the events of a batch, in order (executed once per event, positional parameters: id,
+-- topic, delivery_id, time_us, stored_at, payload, metadata); a known (topic, delivery id) is
+-- ignored.
 INSERT OR IGNORE INTO events (id, topic, target, delivery_id, time_us, stored_at, payload, metadata)
-SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), NULL, json_extract(value, '$[2]'),
-       json_extract(value, '$[3]'), :stored_at, json_extract(value, '$[4]'), json_extract(value, '$[5]')
-FROM json_each(:events) ORDER BY key;
+VALUES (?, ?, NULL, ?, ?, ?, ?, ?);
 
 -- name: stored_deliveries
 -- The (topic, delivery id) pairs stored after a seq, as one JSON array.
