@@ -48,6 +48,8 @@ COMMENT ON TABLE {schema}.leases IS 'Events handed out and not acknowledged; con
 
 CREATE INDEX leases_consumer ON {schema}.leases (consumer);
 
+CREATE INDEX leases_due ON {schema}.leases (subscription, expires_at);
+
 CREATE TABLE {schema}.dead_letters (
     seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     subscription text NOT NULL,
@@ -129,8 +131,10 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'subscription % no longer exists', grp USING ERRCODE = 'no_data_found';
     END IF;
-    -- First the group's events whose lease ran out or was handed back, oldest first; competing
-    -- consumers skip each other's rows.
+    -- First the group's events whose lease ran out or was handed back (a lease handed back runs
+    -- out at -infinity), oldest first; competing consumers skip each other's rows. Looked up by
+    -- leases_due: the primary key would visit every lease of the group, and the dead entries of
+    -- every lease acknowledged since the last vacuum.
     RETURN QUERY
     UPDATE {schema}.leases AS l
     SET consumer = consumer_id,
@@ -138,7 +142,7 @@ BEGIN
         attempt = l.attempt + 1
     FROM (
         SELECT d.seq FROM {schema}.leases AS d
-        WHERE d.subscription = grp AND (d.consumer IS NULL OR d.expires_at <= now())
+        WHERE d.subscription = grp AND d.expires_at <= now()
         ORDER BY d.seq LIMIT lim
         FOR UPDATE SKIP LOCKED
     ) AS due

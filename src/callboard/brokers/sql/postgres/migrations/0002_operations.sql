@@ -3,6 +3,9 @@
 -- per-statement work once. Called on a connection in autocommit mode, the statement is its own
 -- transaction: the advisory lock below is held until its commit.
 
+-- A claim's look for leases run out or handed back (those run out at -infinity).
+CREATE INDEX leases_due ON {schema}.leases (subscription, expires_at);
+
 CREATE FUNCTION {schema}.publish(
     lock_key bigint,
     channel text,
@@ -70,8 +73,10 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'subscription % no longer exists', grp USING ERRCODE = 'no_data_found';
     END IF;
-    -- First the group's events whose lease ran out or was handed back, oldest first; competing
-    -- consumers skip each other's rows.
+    -- First the group's events whose lease ran out or was handed back (a lease handed back runs
+    -- out at -infinity), oldest first; competing consumers skip each other's rows. Looked up by
+    -- leases_due: the primary key would visit every lease of the group, and the dead entries of
+    -- every lease acknowledged since the last vacuum.
     RETURN QUERY
     UPDATE {schema}.leases AS l
     SET consumer = consumer_id,
@@ -79,7 +84,7 @@ BEGIN
         attempt = l.attempt + 1
     FROM (
         SELECT d.seq FROM {schema}.leases AS d
-        WHERE d.subscription = grp AND (d.consumer IS NULL OR d.expires_at <= now())
+        WHERE d.subscription = grp AND d.expires_at <= now()
         ORDER BY d.seq LIMIT lim
         FOR UPDATE SKIP LOCKED
     ) AS due
