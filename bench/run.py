@@ -182,7 +182,8 @@ def main() -> int:
 
         config = workdir / "callboard.yaml"
         config.write_text(callboard_config(args.scenario, args.broker))
-        env = {**os.environ, "PYTHONPATH": str(HERE), "BENCH_TOPICS": delivered_topic}
+        path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(HERE)]))
+        env = {**os.environ, "PYTHONPATH": path, "BENCH_TOPICS": delivered_topic}
         server = start(
             [python, "-m", "callboard", "serve", "--config", str(config)],
             workdir / "callboard.log",
