@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Cross-instance latency: from a publish on one ``callboard serve`` to the handler on another.
+"""Cross-instance latency: from a publish on one instance to the handler on another.
 
 For each broker, two ``callboard serve`` processes share one store: instance A (the ingress
 only) and instance B (the ingress and a subscription whose handler records, for each event,
@@ -9,12 +9,25 @@ the event goes through the store to B, which is woken by the broker (PostgreSQL:
 SQLite: watching the file's data version) and hands it to the handler. The figure is therefore
 client send -> A accepts and commits -> B's handler, on one machine's clock.
 
+``backstage`` in ``--brokers`` runs the same workload against two Backstage backends
+(``bench/backstage_instance.js``, Node, the packages of the Backstage anchor that
+``<shared>/anchors/backstage/setup.sh`` installs) on Backstage's PostgreSQL event bus, in a
+database of their own (``--backstage-database``, dropped and created afresh): A has the HTTP
+ingress and no subscriber; B subscribes to the topic. An event goes: A's ingress -> A's events
+service (no local subscriber) -> POST /api/events/bus/v1/events on A's events-backend -> INSERT
+into event_bus_events and pg_notify -> B's events-backend, holding B's subscriber's long poll
+(GET .../subscriptions/{id}/events, 202), wakes and ends it after 1-10 ms -> B's subscriber
+polls again and gets the event (200) -> B's handler. Backstage's bus drops the event's metadata,
+so B reports when it received each event and the driver subtracts its own send time.
+
     python bench/latency.py                                   # sqlite and postgresql
+    python bench/latency.py --brokers sqlite,postgresql,backstage
     python bench/latency.py --brokers postgresql --events 5000 --concurrency 4
     python bench/latency.py --postgres postgresql://postgres@127.0.0.1:5432/postgres
 
 SQLite uses a file in a temporary directory; PostgreSQL a schema of its own
-(``callboard_bench_<random>``), dropped afterwards. Ports: ``--port`` and ``--port + 1``.
+(``callboard_bench_<random>``), dropped afterwards. Ports: ``--port`` and ``--port + 1``
+(callboard), ``--backstage-port`` and ``--backstage-port + 1`` (Backstage A and B).
 
 This file is also the subscriber module B loads (``events.load: ['latency:register']``).
 """
@@ -25,21 +38,25 @@ import argparse
 import http.client
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+from urllib.parse import urlsplit
 
-from run import stop, wait_for  # the ingest benchmark's process helpers
+from run import get, port_taken, stop, wait_for  # the ingest benchmark's process helpers
 
 from callboard import Event, ModuleContext, module
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 TOPIC = "plain"
 SENT_AT = "x-bench-sent-at"
 
@@ -80,13 +97,15 @@ def config(port: int, broker: str, subscriber: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def send(port: int, numbers: list[int], errors: list[str]) -> None:
+def send(port: int, numbers: list[int], errors: list[str], sent: dict[int, float]) -> None:
     """POST one event per number to the ingress, one at a time, on one kept-alive connection."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     path = f"/api/events/http/{TOPIC}"
     for n in numbers:
         body = json.dumps({"n": n}).encode()
-        headers = {"Content-Type": "application/json", SENT_AT: repr(time.time())}
+        now = time.time()
+        sent[n] = now
+        headers = {"Content-Type": "application/json", SENT_AT: repr(now)}
         connection.request("POST", path, body, headers)
         response = connection.getresponse()
         response.read()
@@ -95,11 +114,15 @@ def send(port: int, numbers: list[int], errors: list[str]) -> None:
     connection.close()
 
 
-def drive(port: int, first: int, count: int, concurrency: int) -> list[str]:
+def drive(
+    port: int, first: int, count: int, concurrency: int, sent: dict[int, float] | None = None
+) -> list[str]:
+    """Send events ``first`` .. ``first + count - 1``; ``sent`` gets each one's send time."""
     errors: list[str] = []
+    sent = {} if sent is None else sent
     numbers = list(range(first, first + count))
     threads = [
-        threading.Thread(target=send, args=(port, numbers[i::concurrency], errors))
+        threading.Thread(target=send, args=(port, numbers[i::concurrency], errors, sent))
         for i in range(concurrency)
     ]
     for thread in threads:
@@ -124,7 +147,7 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
-def measure(kind: str, url: str, args: argparse.Namespace, workdir: Path) -> dict[str, object]:
+def measure(kind: str, url: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     latency_file = workdir / f"{kind}-latencies.txt"
     env = {
         **os.environ,
@@ -161,6 +184,12 @@ def measure(kind: str, url: str, args: argparse.Namespace, workdir: Path) -> dic
         for process in reversed(processes):
             stop(process)
     values = [ms for n, ms in found.items() if n >= warmup]
+    return summary(kind, args, values, errors)
+
+
+def summary(
+    kind: str, args: argparse.Namespace, values: list[float], errors: list[str]
+) -> dict[str, Any]:
     return {
         "broker": kind,
         "events": args.events,
@@ -182,11 +211,193 @@ def drop_schema(postgres: str, schema: str) -> None:
         connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
+# -- Backstage: two backends on its PostgreSQL event bus (bench/backstage_instance.js) -----------
+
+# B's subscription; Backstage prefixes the plugin id, so on the bus it is benchlatency.latency-b.
+BACKSTAGE_SUBSCRIBER = "latency-b"
+
+
+def anchor_dir(shared: Path) -> Path:
+    """The installed Backstage anchor (whose node_modules we use), as its ``setup.sh`` prints it."""
+    if not shutil.which("node"):
+        raise SystemExit("the backstage entry needs Node.js (node) on the PATH")
+    setup = shared / "anchors/backstage/setup.sh"
+    result = subprocess.run([str(setup)], check=True, capture_output=True, text=True)
+    return Path(result.stdout.strip().splitlines()[-1])
+
+
+def backstage_config(port: int, postgres: str, database: str) -> str:
+    """One instance's app-config (JSON, which is YAML): its port, the shared bus database."""
+    parts = urlsplit(postgres)
+    connection = {
+        "host": parts.hostname or "127.0.0.1",
+        "port": parts.port or 5432,
+        "user": parts.username or "postgres",
+        "password": parts.password or "postgres",
+        "database": database,
+    }
+    config = {
+        "app": {"baseUrl": "http://127.0.0.1:3000"},
+        "backend": {
+            "baseUrl": f"http://127.0.0.1:{port}",
+            "listen": {"host": "127.0.0.1", "port": port},
+            # One database for both instances, a schema per plugin in it (events, benchlatency):
+            # the default division mode would ignore connection.database and share
+            # backstage_plugin_events with any other Backstage on this server.
+            "database": {"client": "pg", "pluginDivisionMode": "schema", "connection": connection},
+            "auth": {"dangerouslyDisableDefaultAuthPolicy": True},
+            "logger": {"level": "warn"},
+        },
+        "events": {"http": {"topics": [TOPIC]}},
+    }
+    return json.dumps(config, indent=2) + "\n"
+
+
+def recreate_database(postgres: str, database: str, create: bool = True) -> None:
+    import psycopg
+
+    with psycopg.connect(postgres, autocommit=True) as connection:
+        connection.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        if create:
+            connection.execute(f'CREATE DATABASE "{database}"')
+
+
+def bus_query(postgres: str, database: str, sql: str, *params: object) -> list[tuple[Any, ...]]:
+    import psycopg
+
+    try:
+        with psycopg.connect(postgres, dbname=database, autocommit=True) as connection:
+            return connection.execute(sql, params).fetchall()
+    except psycopg.errors.UndefinedTable:  # the events plugin has not migrated yet
+        return []
+
+
+def wait_for_subscription(postgres: str, database: str, subscription: str) -> None:
+    """B's poll loop creates its subscription lazily; events published before it are not kept."""
+    deadline = time.monotonic() + 60
+    sql = "SELECT 1 FROM events.event_bus_subscriptions WHERE id = %s"
+    while not bus_query(postgres, database, sql, subscription):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"subscription {subscription} did not appear on the Backstage bus")
+        time.sleep(0.2)
+
+
+def records(port: int) -> dict[str, Any]:
+    return dict(json.loads(get(f"http://127.0.0.1:{port}/api/benchlatency/records")))
+
+
+def measure_backstage(args: argparse.Namespace, workdir: Path, anchor: Path) -> dict[str, Any]:
+    # Backstage looks upwards from its working directory for a package.json (the project root).
+    (workdir / "package.json").write_text('{"name": "callboard-latency-bench", "private": true}\n')
+    database = args.backstage_database
+    a_port, b_port = args.backstage_port, args.backstage_port + 1
+    for port in (a_port, b_port):
+        if port_taken(port):
+            raise SystemExit(f"port {port} is taken (--backstage-port picks the pair to use)")
+    env = {**os.environ, "NODE_ENV": "production", "BACKSTAGE_ANCHOR_DIR": str(anchor)}
+    processes: list[subprocess.Popen[bytes]] = []
+    recreate_database(args.postgres, database)
+    try:
+        # B first: its subscription must exist on the bus before A publishes.
+        for name, port, subscriber in (("b", b_port, BACKSTAGE_SUBSCRIBER), ("a", a_port, "")):
+            path = workdir / f"backstage-{name}.yaml"
+            path.write_text(backstage_config(port, args.postgres, database))
+            log = (workdir / f"backstage-{name}.log").open("wb")
+            processes.append(
+                subprocess.Popen(
+                    ["node", str(HERE / "backstage_instance.js"), "--config", str(path)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**env, "BENCH_SUBSCRIBER_ID": subscriber, "BENCH_TOPICS": TOPIC},
+                    cwd=workdir,
+                    start_new_session=True,
+                )
+            )
+            wait_for(f"http://127.0.0.1:{port}/.backstage/health/v1/readiness")
+            if subscriber:
+                subscription = f"benchlatency.{subscriber}"
+                wait_for_subscription(args.postgres, database, subscription)
+        urllib.request.urlopen(
+            urllib.request.Request(f"http://127.0.0.1:{b_port}/api/benchlatency/reset", b"")
+        ).close()
+        warmup = args.warmup
+        sent: dict[int, float] = {}
+        errors = drive(a_port, 0, warmup, 1, sent)
+        errors += drive(a_port, warmup, args.events, args.concurrency, sent)
+        total = warmup + args.events
+        deadline = time.monotonic() + 60
+        on_b = records(b_port)
+        while on_b["count"] < total and time.monotonic() < deadline:
+            time.sleep(0.2)
+            on_b = records(b_port)
+        time.sleep(0.5)  # anything delivered twice would show now
+        on_b = records(b_port)
+        on_a = records(a_port)
+        bus = bus_query(
+            args.postgres,
+            database,
+            "SELECT created_by, count(*) FROM events.event_bus_events GROUP BY created_by",
+        )
+        # Events stored on the bus that B never handled: their bus ids, and the ids stored
+        # just before and after them (a gap in commit order shows as neighbours B did get).
+        handled = {record[0] for record in on_b["records"]}
+        lost = bus_query(
+            args.postgres,
+            database,
+            "SELECT id, (data_json::json->'payload'->>'n')::int FROM events.event_bus_events"
+            " WHERE NOT (data_json::json->'payload'->>'n')::int = ANY(%s) ORDER BY id",
+            sorted(handled),
+        )
+    except BaseException:
+        for name in ("b", "a"):
+            log = workdir / f"backstage-{name}.log"
+            if log.exists():
+                tail = log.read_text(errors="replace").splitlines()[-15:]
+                print(
+                    f"--- Backstage {name.upper()} ({log.name}):", *tail, sep="\n", file=sys.stderr
+                )
+        raise
+    finally:
+        for process in reversed(processes):
+            stop(process)
+        recreate_database(args.postgres, database, create=False)
+    found: dict[int, float] = {}
+    for n, received_at, _ in on_b["records"]:
+        if n in sent:
+            found.setdefault(n, received_at - sent[n] * 1000)
+    row = summary("backstage", args, [ms for n, ms in found.items() if n >= warmup], errors)
+    row["checks"] = {
+        "sent": total,
+        "handled_on_b": on_b["count"],
+        "distinct_on_b": len(found),
+        "with_metadata_on_b": on_b["local"],  # delivered in-process, not through the bus
+        "handled_on_a": on_a["count"],
+        "bus_rows": {creator: count for creator, count in bus},
+        "on_bus_not_on_b": [{"bus_id": i, "n": n} for i, n in lost],
+    }
+    return row
+
+
+def crossed(row: dict[str, Any]) -> bool:
+    """Every event went through the bus to B once (and none was handled on A)."""
+    checks = row.get("checks")
+    if checks is None:
+        return True
+    return bool(
+        checks["handled_on_b"] == checks["distinct_on_b"] == checks["sent"]
+        and checks["with_metadata_on_b"] == 0
+        and checks["handled_on_a"] == 0
+        and sum(checks["bus_rows"].values()) == checks["sent"]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--brokers", default="sqlite,postgresql")
+    parser.add_argument(
+        "--brokers", default="sqlite,postgresql", help="any of sqlite, postgresql, backstage"
+    )
     parser.add_argument("--events", type=int, default=3000)
     parser.add_argument("--warmup", type=int, default=100, help="events sent first, not counted")
     parser.add_argument("--concurrency", type=int, default=1, help="connections sending at once")
@@ -195,6 +406,20 @@ def main(argv: list[str] | None = None) -> int:
         "--postgres",
         default="postgresql://postgres@127.0.0.1:5432/postgres",
         help="PostgreSQL server to use (a schema of its own is created and dropped)",
+    )
+    parser.add_argument(
+        "--backstage-port", type=int, default=7030, help="Backstage A; B is on port + 1"
+    )
+    parser.add_argument(
+        "--backstage-database",
+        default="backstage_latency",
+        help="database for Backstage's bus on the --postgres server (dropped, created, dropped)",
+    )
+    parser.add_argument(
+        "--shared",
+        type=Path,
+        default=Path(os.environ.get("CALLBOARD_BENCH_SHARED", ROOT.parent / "shared")),
+        help="the folder that holds anchors/backstage (as for bench/run.py)",
     )
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
     args = parser.parse_args(argv)
@@ -212,8 +437,10 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(measure(kind, url, args, workdir))
                 finally:
                     drop_schema(args.postgres, schema)
+            elif kind == "backstage":
+                rows.append(measure_backstage(args, workdir, anchor_dir(args.shared)))
             else:
-                raise SystemExit(f"unknown broker {kind!r}: sqlite or postgresql")
+                raise SystemExit(f"unknown broker {kind!r}: sqlite, postgresql or backstage")
     if args.json:
         print(json.dumps(rows))
     else:
@@ -228,7 +455,23 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {r['broker']} | {r['received']} | {r['errors']} | {r['p50_ms']} | "
                 f"{r['p90_ms']} | {r['p99_ms']} | {r['max_ms']} | {r['mean_ms']} |"
             )
-    ok = all(r["received"] == args.events and not r["errors"] for r in rows)
+        for r in rows:
+            if "checks" in r:
+                c = r["checks"]
+                rows_on_bus = ", ".join(f"{n:,} by {who}" for who, n in c["bus_rows"].items())
+                print(
+                    f"\n{r['broker']}: sent {c['sent']:,} (with the warm-up); B handled "
+                    f"{c['handled_on_b']:,} ({c['distinct_on_b']:,} distinct, "
+                    f"{c['with_metadata_on_b']} with metadata, i.e. in-process), A handled "
+                    f"{c['handled_on_a']}; event_bus_events: {rows_on_bus or 'empty'}"
+                    f" -> {'every event crossed the bus once' if crossed(r) else 'NOT ALL CROSSED'}"
+                )
+                if c["on_bus_not_on_b"]:
+                    lost = ", ".join(
+                        f"n={x['n']} (bus id {x['bus_id']})" for x in c["on_bus_not_on_b"]
+                    )
+                    print(f"stored on the bus but never handled on B: {lost}")
+    ok = all(r["received"] == args.events and not r["errors"] and crossed(r) for r in rows)
     return 0 if ok else 1
 
 
