@@ -336,10 +336,11 @@ class _Leases:
 
 
 class _Batch(Generic[T, R]):
-    """Items submitted in one turn of the event loop, stored by ONE operation on the thread.
+    """Items submitted in one turn of the event loop, stored by ONE operation of the next group.
 
-    Concurrent publishes (or acknowledgements) then cost one statement of the thread's
-    transaction together, not one each; ``operation`` returns one result per item.
+    Concurrent publishes (or acknowledgements) then cost one statement of that transaction
+    together, not one each; ``operation`` returns one result per item. The items join the group
+    formed at the end of this turn (``SQLiteThread.gather``), with whatever else was submitted.
     """
 
     def __init__(self, broker: SQLiteBroker, operation: Callable[..., list[R]]) -> None:
@@ -349,10 +350,9 @@ class _Batch(Generic[T, R]):
         self._futures: list[asyncio.Future[R]] = []
 
     def submit(self, item: T) -> asyncio.Future[R]:
-        loop = asyncio.get_running_loop()
         if not self._items:
-            loop.call_soon(self._flush)
-        future: asyncio.Future[R] = loop.create_future()
+            self._broker._thread.gather(self._flush)
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._items.append(item)
         self._futures.append(future)
         return future
@@ -360,23 +360,19 @@ class _Batch(Generic[T, R]):
     def _flush(self) -> None:
         items, futures = self._items, self._futures
         self._items, self._futures = [], []
-        try:
-            done = self._broker._run(self._operation, items)
-        except Exception as error:  # the broker stopped meanwhile
-            for future in futures:
-                if not future.done():
-                    future.set_exception(error)
-            return
+        operation = self._operation
 
-        def resolve(done: asyncio.Future[list[R]]) -> None:
-            error = done.exception()
-            if error is not None:
+        def run(connection: sqlite3.Connection, changes: Changes) -> list[R]:
+            return operation(connection, changes, items)
+
+        def settle(results: list[R] | BaseException) -> None:
+            if isinstance(results, BaseException):
                 for future in futures:
                     if not future.done():
-                        future.set_exception(error)
+                        future.set_exception(results)
                 return
-            for future, result in zip(futures, done.result(), strict=True):
+            for future, result in zip(futures, results, strict=True):
                 if not future.done():
                     future.set_result(result)
 
-        done.add_done_callback(resolve)
+        self._broker._thread.enqueue(run, settle, writes=True)

@@ -29,6 +29,7 @@ driver error rolls the whole transaction back and fails every operation in it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import queue
 import sqlite3
@@ -65,7 +66,8 @@ Operation = Callable[[sqlite3.Connection, Changes], Any]
 class _Job:
     operation: Operation
     writes: bool
-    future: asyncio.Future[Any]
+    #: Called on the event loop with the operation's result, or the exception it ended with.
+    settle: Callable[[Any], None]
 
 
 def translate(error: sqlite3.Error, path: str) -> BrokerError:
@@ -110,6 +112,8 @@ class SQLiteThread:
         self._queue: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
         #: Submitted and not yet run (event loop side).
         self._pending: list[_Job] = []
+        #: Called just before the next group is formed, to add what they gathered (``gather``).
+        self._flushers: list[Callable[[], None]] = []
         #: A group is with the thread, or a hand-off is scheduled: new operations wait.
         self._busy = False
         #: Opened by the thread; used by the loop too, never by both at once.
@@ -129,18 +133,47 @@ class SQLiteThread:
         return self._thread is not None
 
     def submit(self, operation: Operation, *, writes: bool = True) -> asyncio.Future[Any]:
-        if self._loop is None or self._thread is None:
-            raise BrokerUnavailable(f"the SQLite broker on {self._path} is not running")
-        future = self._loop.create_future()
-        self._pending.append(_Job(operation, writes, future))
+        """Run ``operation`` in the next group; its result once that group is committed."""
+        loop = self._running_loop()
+        future = loop.create_future()
+        self.enqueue(operation, functools.partial(_settle, future), writes=writes)
+        return future
+
+    def enqueue(self, operation: Operation, settle: Callable[[Any], None], *, writes: bool) -> None:
+        """Run ``operation`` in the next group; ``settle`` gets its result after the commit."""
+        loop = self._running_loop()
+        self._pending.append(_Job(operation, writes, settle))
         if not self._busy:
             # Gather what else this turn of the loop submits, then run it in one go.
             self._busy = True
-            self._loop.call_soon(self._hand_over)
-        return future
+            loop.call_soon(self._hand_over)
+
+    def gather(self, flush: Callable[[], None]) -> None:
+        """Call ``flush`` just before the next group is formed; it may ``enqueue`` operations.
+
+        For callers that collect items of their own (a batch of publishes) and turn them into
+        one operation: their items then join the same group as everything else submitted in
+        this turn of the loop, without a turn of their own.
+        """
+        loop = self._running_loop()
+        self._flushers.append(flush)
+        if not self._busy:
+            self._busy = True
+            loop.call_soon(self._hand_over)
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None or self._thread is None:
+            raise BrokerUnavailable(f"the SQLite broker on {self._path} is not running")
+        return self._loop
+
+    def _flush(self) -> None:
+        flushers, self._flushers = self._flushers, []
+        for flush in flushers:
+            flush()
 
     def _hand_over(self) -> None:
         """Run everything pending (at most ``MAX_BATCH`` a group), or become idle."""
+        self._flush()
         while self._pending and self._thread is not None:
             jobs = self._pending[:MAX_BATCH]
             del self._pending[:MAX_BATCH]
@@ -160,8 +193,9 @@ class SQLiteThread:
         """Finish what is queued, close the connection and end the thread."""
         if self._thread is None or self._stopped is None:
             return
-        self._thread = None
         # What is still pending is handed over before the end (the queue keeps the order).
+        self._flush()
+        self._thread = None
         pending, self._pending = self._pending, []
         for start in range(0, len(pending), MAX_BATCH):
             self._queue.put(pending[start : start + MAX_BATCH])
@@ -264,14 +298,18 @@ class SQLiteThread:
 
     def _resolve(self, jobs: list[_Job], results: list[Any], changes: Changes | None) -> None:
         for job, result in zip(jobs, results, strict=True):
-            if job.future.done():
-                continue
-            if isinstance(result, BaseException):
-                job.future.set_exception(result)
-            else:
-                job.future.set_result(result)
+            job.settle(result)
         if changes is not None and (changes.topics or changes.groups):
             self._on_commit(changes)
+
+
+def _settle(future: asyncio.Future[Any], result: Any) -> None:
+    if future.done():
+        return
+    if isinstance(result, BaseException):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 def _resolve(future: asyncio.Future[None], value: None) -> None:
