@@ -1,9 +1,17 @@
 """Group commit: many concurrent callers, one transaction.
 
 A caller submits an item and awaits its future. One flusher task takes everything queued, hands
-it to ``flush`` (one transaction, one round trip per statement) and resolves each future with its
-result, or every future with the error. While a flush runs, new items queue for the next one, so
-under load each commit carries many items and at rest a lone item goes out at once.
+it to ``flush`` (one transaction) and resolves each future with its result, or every future with
+the error. While a flush runs, new items queue for the next one, so under load each commit carries
+many items and at rest a lone item goes out at once.
+
+Regrouping: callers whose items were just committed usually come back at once with the next one
+(a webhook sender with a fixed number of connections, a publishing loop). Flushed at once, the
+next commit would take only what queued meanwhile, and the callers coming back would wait for
+that commit AND their own: the callers settle into two halves taking turns, each waiting two
+commits. So after a commit of ``k`` items the flusher waits, at most ``regroup`` seconds, for
+three quarters of them to be back; then everybody rides one commit. Under light load (commits of
+fewer than ``REGROUP_FROM`` items) the next items go at once.
 """
 
 from __future__ import annotations
@@ -17,13 +25,27 @@ from callboard.errors import BrokerUnavailable
 T = TypeVar("T")
 R = TypeVar("R")
 
+#: The smallest commit after which the flusher regroups: below it the load is light and the next
+#: items go at once.
+REGROUP_FROM = 4
+
 
 class GroupCommit(Generic[T, R]):
-    def __init__(self, flush: Callable[[list[T]], Awaitable[list[R]]], max_batch: int) -> None:
+    def __init__(
+        self,
+        flush: Callable[[list[T]], Awaitable[list[R]]],
+        max_batch: int,
+        *,
+        regroup: float = 0.0,
+    ) -> None:
         self._flush = flush
         self._max_batch = max_batch
+        self._regroup = regroup
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        #: While regrouping: how many queued items end the wait, and the wait's future.
+        self._enough = 0
+        self._regrouped: asyncio.Future[None] | None = None
 
     async def submit(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
@@ -31,6 +53,8 @@ class GroupCommit(Generic[T, R]):
         self._queue.append((item, future))
         if self._flusher is None:
             self._flusher = asyncio.create_task(self._run(), name="callboard-group-commit")
+        elif self._regrouped is not None and len(self._queue) >= self._enough:
+            self._regrouped.cancel()  # enough are back: end the wait
         # Shielded: a caller that gives up must not cancel the commit others are waiting on.
         return await asyncio.shield(future)
 
@@ -44,23 +68,42 @@ class GroupCommit(Generic[T, R]):
             while self._queue:
                 batch = self._queue[: self._max_batch]
                 del self._queue[: self._max_batch]
-                try:
-                    results = await self._flush([item for item, _ in batch])
-                except Exception as error:
-                    if isinstance(error, BrokerUnavailable):
-                        # What queued while the store could not be reached fails with it, rather
-                        # than wait out another timeout: callers hear of an outage at once.
-                        batch += self._queue
-                        self._queue.clear()
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(error)
-                    continue
-                for (_, future), result in zip(batch, results, strict=True):
-                    if not future.done():
-                        future.set_result(result)
+                if await self._commit(batch):
+                    await self._wait_for_callers(len(batch))
         finally:
             self._flusher = None
+            self._regrouped = None
+
+    async def _commit(self, batch: list[tuple[T, asyncio.Future[R]]]) -> bool:
+        """Flush a batch and resolve its futures; committed?"""
+        try:
+            results = await self._flush([item for item, _ in batch])
+        except Exception as error:
+            if isinstance(error, BrokerUnavailable):
+                # What queued while the store could not be reached fails with it, rather than
+                # wait out another timeout: callers hear of an outage at once.
+                batch += self._queue
+                self._queue.clear()
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(error)
+            return False
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+        return True
+
+    async def _wait_for_callers(self, committed: int) -> None:
+        """Give the callers of the last commit ``regroup`` seconds to come back (see above)."""
+        enough = len(self._queue) + (committed * 3) // 4
+        if self._regroup <= 0 or committed < REGROUP_FROM or len(self._queue) >= enough:
+            return
+        self._enough = enough
+        self._regrouped = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait([self._regrouped], timeout=self._regroup)
+        finally:
+            self._regrouped = None
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:

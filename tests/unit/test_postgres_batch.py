@@ -1,0 +1,73 @@
+"""The PostgreSQL broker's group commit, with a stand-in flush (no server needed)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from callboard.brokers.postgres_batch import GroupCommit
+from callboard.errors import BrokerUnavailable
+
+
+class Store:
+    """A flush that takes ``delay`` seconds and records the size of every batch."""
+
+    def __init__(self, delay: float = 0.02) -> None:
+        self.delay = delay
+        self.batches: list[int] = []
+
+    async def flush(self, items: list[int]) -> list[int]:
+        self.batches.append(len(items))
+        await asyncio.sleep(self.delay)
+        return [item * 10 for item in items]
+
+
+async def callers(commit: GroupCommit[int, int], count: int, rounds: int) -> None:
+    """Callers that come back, each after its own short pause, with their next item."""
+
+    async def caller(n: int) -> None:
+        for _ in range(rounds):
+            assert await commit.submit(n) == n * 10
+            await asyncio.sleep(0.0005 * n)
+
+    await asyncio.gather(*(caller(n) for n in range(count)))
+
+
+async def test_callers_coming_back_share_the_next_commit() -> None:
+    store = Store()
+    await callers(GroupCommit(store.flush, 100, regroup=0.2), count=8, rounds=4)
+    # The next commit waits for three quarters of them, not only for the first one back.
+    assert store.batches[0] == 8
+    assert store.batches[1] >= 6, store.batches
+
+
+async def test_without_regrouping_callers_split_into_commits_of_their_own() -> None:
+    store = Store()
+    await callers(GroupCommit(store.flush, 100), count=8, rounds=4)
+    assert store.batches[0] == 8
+    assert store.batches[1] < 6, store.batches
+
+
+async def test_a_light_load_is_not_held_back() -> None:
+    store = Store(delay=0)
+    commit: GroupCommit[int, int] = GroupCommit(store.flush, 100, regroup=5.0)
+    async with asyncio.timeout(1):
+        for n in range(3):
+            assert await asyncio.gather(commit.submit(n), commit.submit(n)) == [n * 10] * 2
+    await commit.wait_idle()
+
+
+async def test_an_outage_fails_everything_queued() -> None:
+    async def down(items: list[int]) -> list[int]:
+        await asyncio.sleep(0.01)
+        raise BrokerUnavailable("down")
+
+    commit: GroupCommit[int, int] = GroupCommit(down, 100, regroup=0.05)
+    first = asyncio.ensure_future(commit.submit(1))
+    await asyncio.sleep(0)
+    later = asyncio.ensure_future(commit.submit(2))
+    for outcome in (first, later):
+        with pytest.raises(BrokerUnavailable):
+            await outcome
+    await commit.wait_idle()
