@@ -71,3 +71,16 @@ async def test_an_outage_fails_everything_queued() -> None:
         with pytest.raises(BrokerUnavailable):
             await outcome
     await commit.wait_idle()
+
+
+async def test_a_caller_giving_up_cancels_nobody_else() -> None:
+    store = Store()
+    commit: GroupCommit[int, int] = GroupCommit(store.flush, 100)
+    impatient = asyncio.ensure_future(commit.submit(1))
+    patient = asyncio.ensure_future(commit.submit(2))
+    await asyncio.sleep(0.005)  # both are in the flush
+    impatient.cancel()
+    assert await patient == 20
+    assert impatient.cancelled()
+    assert store.batches == [2]
+    await commit.wait_idle()
