@@ -23,7 +23,7 @@ table numbered by an identity ``seq``, ``subscriptions`` (consumer groups) with 
   for the disk (``synchronous_commit = off``): one lost in a server crash only means its events
   are handed out again.
 - Statements: a publish batch, a claim and an acknowledgement batch are each ONE statement (the
-  functions of ``0002_operations.sql``, a ``DELETE``) on a connection in autocommit mode, prepared
+  functions of ``0002_operations.sql``) on a connection in autocommit mode, prepared
   and with the batches' arrays in the binary format: one round trip each, and psycopg's Python
   work once per operation.
 - Wake-ups: ONE ``LISTEN`` connection per broker (``postgres_listener``) wakes local consumers on

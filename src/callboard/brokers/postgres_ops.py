@@ -6,8 +6,8 @@ N also sees every seq below it, and a group's position can move past what it has
 skipping an event still being committed.
 
 The pool's connections are in autocommit mode. The hot operations (a publish batch, a claim, an
-acknowledgement batch) are each ONE statement, a function of ``0002_operations.sql`` or a single
-``DELETE``, and so their own transaction: one round trip, a plan the server keeps (``prepare``),
+acknowledgement batch) are each ONE statement, a function of ``0002_operations.sql``, and so
+their own transaction: one round trip, a plan the server keeps (``prepare``),
 and psycopg's per-statement work paid once per operation instead of once per statement of a
 pipelined transaction. The rest runs in explicit transactions.
 """
@@ -206,7 +206,8 @@ def _seq(delivery: Delivery) -> int:
 async def ack(connection: Connection, q: Queries, batch: list[tuple[str, str, int]]) -> list[bool]:
     """Delete the leases still held by their acknowledging consumers; held, per item.
 
-    One statement, so its own transaction (which commits without waiting for the disk).
+    One statement (the ``ack`` function), so its own transaction, which commits without waiting
+    for the disk.
     """
     cursor = await connection.execute(
         q["ack"],

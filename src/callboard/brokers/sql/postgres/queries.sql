@@ -72,13 +72,9 @@ SELECT r_seq, r_attempt, r_id, r_topic, r_time_us, r_payload, r_metadata
 FROM {schema}.claim(%(group)s, %(consumer)s, %(limit)s::integer, %(lease)s::float8)
 
 -- name: ack
--- Delete leases still held by the consumers acknowledging them. Committed without waiting for
--- the disk: an acknowledgement lost in a server crash only means the event is delivered again.
-DELETE FROM {schema}.leases AS l
-USING unnest(%(groups)b::text[], %(seqs)b::bigint[], %(consumers)b::text[]) AS a (g, s, c),
-    (SELECT set_config('synchronous_commit', 'off', true)) AS relaxed
-WHERE l.subscription = a.g AND l.seq = a.s AND l.consumer = a.c
-RETURNING l.subscription, l.seq, l.consumer
+-- Delete the leases still held by the consumers acknowledging them (0002_operations.sql).
+SELECT r_subscription, r_seq, r_consumer
+FROM {schema}.ack(%(groups)b::text[], %(seqs)b::bigint[], %(consumers)b::text[])
 
 -- name: release
 -- Hand every lease of a consumer back to its group.

@@ -113,7 +113,13 @@ CREATE FUNCTION {schema}.claim(
     r_payload text,
     r_metadata text
 )
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Walk the events in seq order from the position and stop at the limit, whatever the statistics
+-- say: with a group far behind (or tables never analysed) the planner would rather read every
+-- event after the position, match each against the group's patterns and sort them all.
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+AS $$
 DECLARE
     pos bigint;
     rx text[];
@@ -191,5 +197,29 @@ BEGIN
     IF newest > pos THEN
         UPDATE {schema}.subscriptions SET position = greatest(position, newest) WHERE name = grp;
     END IF;
+END
+$$;
+
+CREATE FUNCTION {schema}.ack(
+    groups text[],
+    seqs bigint[],
+    consumers text[]
+) RETURNS TABLE (r_subscription text, r_seq bigint, r_consumer text)
+LANGUAGE plpgsql
+-- One lookup by primary key per acknowledgement, whatever the statistics say: a hash join would
+-- read every lease, and the dead rows of every lease acknowledged since the last vacuum.
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+AS $$
+BEGIN
+    -- Committed without waiting for the disk: an acknowledgement lost in a server crash only
+    -- means the event is delivered again.
+    PERFORM set_config('synchronous_commit', 'off', true);
+    -- Only leases still held by the consumers acknowledging them.
+    RETURN QUERY
+    DELETE FROM {schema}.leases AS l
+    USING unnest(groups, seqs, consumers) AS a (g, s, c)
+    WHERE l.subscription = a.g AND l.seq = a.s AND l.consumer = a.c
+    RETURNING l.subscription, l.seq, l.consumer;
 END
 $$;
