@@ -213,3 +213,42 @@ async def test_events_are_stored_as_json(tmp_path: Path) -> None:
         payload, metadata = connection.execute("SELECT payload, metadata FROM events").fetchone()
     assert json.loads(payload) == {"a": [1, 2]}
     assert json.loads(metadata) == {"k": ["x", "y"]}
+
+
+async def test_a_locked_file_holds_up_neither_the_loop_nor_the_publish(tmp_path: Path) -> None:
+    """Another process's write lock: the group waits on the broker's thread, not on the loop."""
+    import sqlite3
+
+    path = tmp_path / "cb.db"
+    broker = SQLiteBroker(str(path))
+    await broker.start()
+    try:
+        await broker.publish(Event(topic="jobs", payload={"n": 0}))  # opens the file
+        other = sqlite3.connect(path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # holds the write lock, as a writing process does
+        publish = asyncio.ensure_future(broker.publish(Event(topic="jobs", payload={"n": 1})))
+        ticks = 0
+        for _ in range(20):  # the loop keeps running while the publish waits for the lock
+            await asyncio.sleep(0.01)
+            ticks += 1
+        assert not publish.done()
+        other.execute("COMMIT")
+        other.close()
+        assert await asyncio.wait_for(publish, 5) is True
+        assert ticks == 20
+        # Free again: the next group commits on the loop.
+        assert await broker.publish(Event(topic="jobs", payload={"n": 2})) is True
+    finally:
+        await broker.close()
+    stored = sqlite3.connect(path).execute("SELECT count(*) FROM events").fetchone()
+    assert stored == (3,)
+
+
+async def test_full_synchronous_commits_off_the_loop(tmp_path: Path) -> None:
+    broker = SQLiteBroker.from_url(f"sqlite:///{tmp_path / 'cb.db'}?synchronous=full")
+    await broker.start()
+    try:
+        assert not broker._thread._inline
+        assert await broker.publish(Event(topic="jobs", payload={})) is True
+    finally:
+        await broker.close()
