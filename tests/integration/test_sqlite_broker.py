@@ -141,6 +141,37 @@ async def test_processes_share_one_file(tmp_path: Path) -> None:
         await broker.close()
 
 
+OPENER = """
+    import asyncio, sys, time
+    from callboard.brokers.sqlite import SQLiteBroker
+    from callboard.events import Event
+
+    async def main():
+        time.sleep(max(0.0, {start} - time.time()))  # all children open the file together
+        broker = SQLiteBroker(sys.argv[1])
+        await broker.start()
+        await broker.publish(Event(topic="jobs", payload={}))
+        await broker.close()
+
+    asyncio.run(main())
+"""
+
+
+@pytest.mark.slow
+def test_processes_may_open_a_new_file_at_once(tmp_path: Path) -> None:
+    """The second process to switch a new file to WAL is told it is busy, and waits."""
+    import sqlite3
+    import time
+
+    for round in range(3):
+        path = tmp_path / f"cb{round}.db"
+        opener = OPENER.replace("{start}", repr(time.time() + 1.5))
+        children = [_child(opener, path) for _ in range(8)]
+        assert [child.wait(20) for child in children] == [0] * 8
+        (count,) = sqlite3.connect(path).execute("SELECT count(*) FROM events").fetchone()
+        assert count == 8
+
+
 WORKER = """
     import asyncio, sys
     from callboard.brokers.sqlite import SQLiteBroker

@@ -54,8 +54,12 @@ def connect(path: str, *, synchronous: str, busy_timeout: float) -> sqlite3.Conn
     )
     # WAL: readers never block the writer, and a commit is one append (fsynced at checkpoints
     # with synchronous=NORMAL, which survives a killed process; FULL also survives power loss).
-    connection.execute("PRAGMA journal_mode = WAL")
-    connection.execute(f"PRAGMA synchronous = {synchronous}")
+    try:
+        connection.execute("PRAGMA journal_mode = WAL")
+        connection.execute(f"PRAGMA synchronous = {synchronous}")
+    except sqlite3.Error:
+        connection.close()
+        raise
     connection.create_function("callboard_match", 2, _match, deterministic=True)
     return connection
 

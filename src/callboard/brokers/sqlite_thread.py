@@ -210,8 +210,7 @@ class SQLiteThread:
                     break
                 if self._connection is None:
                     try:
-                        self._connection = self._connect()
-                        self._connection.execute("PRAGMA busy_timeout = 0")
+                        self._connection = self._open()
                     except sqlite3.Error as error:
                         self._post(jobs, [translate(error, self._path)] * len(jobs), None)
                         continue
@@ -224,6 +223,24 @@ class SQLiteThread:
             loop, stopped = self._loop, self._stopped
             if loop is not None and stopped is not None and not loop.is_closed():
                 loop.call_soon_threadsafe(_resolve, stopped, None)
+
+    def _open(self) -> sqlite3.Connection:
+        """Connect, trying again while another process holds the file.
+
+        Switching a new file to WAL needs it to itself; when two processes open one new file at
+        once, SQLite answers the second ``SQLITE_BUSY`` at once instead of waiting.
+        """
+        deadline = time.monotonic() + self._busy_timeout
+        while True:
+            try:
+                connection = self._connect()
+            except sqlite3.OperationalError as error:
+                if not _is_busy(error) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(BUSY_PAUSE)
+                continue
+            connection.execute("PRAGMA busy_timeout = 0")
+            return connection
 
     def _execute_waiting(
         self, connection: sqlite3.Connection, jobs: list[_Job]
