@@ -6,8 +6,9 @@ raises is called again after an exponentially growing delay; when the last attem
 is published on the subscription's dead-letter topic with the error, and then acknowledged.
 
 Acknowledgements are pipelined: the worker starts an event's acknowledgement and goes on to the
-next event without waiting for it, so the broker records the acknowledgements of a batch together
-(one statement, one commit) instead of one round trip per event. Before the next fetch, and before
+next event without waiting for it; those of events handled in one turn of the event loop go to
+the broker together (``Consumer.ack_many``), which records them in one statement and one commit
+instead of one round trip per event. Before the next fetch, and before
 the consumer is closed, the worker waits until every acknowledgement it started is recorded: at
 most one batch is ever unacknowledged, and an event is never delivered again because its
 acknowledgement was still on its way when the worker stopped. A crash loses at most those
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from time import time as wall_time
 
@@ -28,6 +30,10 @@ from callboard.metrics import Metrics
 from callboard.service import Handler
 
 logger = logging.getLogger("callboard.delivery")
+
+#: A handled delivery: when its handler finished, and whether it counts as delivered (not a
+#: dead letter).
+_Handled = tuple[Delivery, float, bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +94,9 @@ class SubscriptionWorker:
         # broker in memory records it at once, cheaper than starting a task for it.
         self._pipeline = broker.capabilities.durable
         #: Acknowledgements started and not yet recorded (at most one batch).
-        self._acks: list[asyncio.Task[None]] = []
+        self._acks: list[asyncio.Future[None]] = []
+        #: Handled in this turn of the loop, acknowledged together at its end.
+        self._unsent: list[_Handled] = []
 
     async def run(self) -> None:
         consumer = self._consumer
@@ -195,23 +203,36 @@ class SubscriptionWorker:
         await self._ack(delivery, delivered=False)
 
     async def _ack(self, delivery: Delivery, *, delivered: bool) -> None:
-        """Start acknowledging ``delivery``; ``_settle`` waits for it."""
-        acknowledge = self._acknowledge(delivery, wall_time(), delivered)
-        if self._pipeline:
-            self._acks.append(asyncio.ensure_future(acknowledge))
-        else:
-            await acknowledge
+        """Acknowledge ``delivery``: at once, or (pipelined) started now, awaited by ``_settle``."""
+        if not self._pipeline:
+            await self._consumer.ack(delivery)
+            self._count(((delivery, wall_time(), delivered),))
+            return
+        if not self._unsent:
+            asyncio.get_running_loop().call_soon(self._send_acks)
+        self._unsent.append((delivery, wall_time(), delivered))
 
-    async def _acknowledge(self, delivery: Delivery, handled_at: float, delivered: bool) -> None:
-        await self._consumer.ack(delivery)
-        if delivered:
-            event = delivery.event
-            self._metrics.count_delivered(
-                self.subscription, event.topic, max(0.0, handled_at - event.time.timestamp())
-            )
+    def _send_acks(self) -> None:
+        """Send the acknowledgements gathered in this turn of the loop, together."""
+        if self._unsent:
+            unsent, self._unsent = self._unsent, []
+            self._acks.append(asyncio.ensure_future(self._acknowledge(unsent)))
+
+    async def _acknowledge(self, acks: list[_Handled]) -> None:
+        await self._consumer.ack_many([delivery for delivery, _, _ in acks])
+        self._count(acks)
+
+    def _count(self, acks: Sequence[_Handled]) -> None:
+        for delivery, handled_at, delivered in acks:
+            if delivered:
+                event = delivery.event
+                self._metrics.count_delivered(
+                    self.subscription, event.topic, max(0.0, handled_at - event.time.timestamp())
+                )
 
     async def _settle(self) -> None:
         """Wait until every acknowledgement started is recorded; raise the first failure."""
+        self._send_acks()
         if not self._acks:
             return
         acks, self._acks = self._acks, []

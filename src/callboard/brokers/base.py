@@ -129,6 +129,10 @@ class Consumer(Protocol):
         """
         ...
 
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        """``ack`` for several deliveries, recorded together where the broker can."""
+        ...
+
     async def close(self) -> None:
         """Leave the group; events fetched and not acknowledged go back to the group."""
         ...

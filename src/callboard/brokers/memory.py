@@ -120,6 +120,10 @@ class MemoryConsumer:
             self._group.in_flight -= 1
             self._broker._settled(1)
 
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:
+            await self.ack(delivery)
+
     async def close(self) -> None:
         if self._closed:
             return

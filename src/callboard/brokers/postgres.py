@@ -392,8 +392,10 @@ class _Leases:
     async def claim(self, group: str, consumer: str, limit: int) -> list[Delivery]:
         return await self._broker._with(ops.claim, group, consumer, limit, self._broker.lease)
 
-    async def ack(self, group: str, consumer: str, seq: int) -> bool:
-        return await self._broker._acks.submit((group, consumer, seq))
+    async def ack(self, group: str, leases: Sequence[tuple[str, int]]) -> list[bool]:
+        return await self._broker._acks.submit_many(
+            [(group, consumer, seq) for consumer, seq in leases]
+        )
 
     async def release(self, group: str, consumer: str) -> None:
         await self._broker._with(ops.release, group, consumer)

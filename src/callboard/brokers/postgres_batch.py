@@ -17,7 +17,7 @@ fewer than ``REGROUP_FROM`` items) the next items go at once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 from callboard.errors import BrokerUnavailable
@@ -50,14 +50,26 @@ class GroupCommit(Generic[T, R]):
     async def submit(self, item: T) -> R:
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
-        if self._flusher is None:
-            self._flusher = asyncio.create_task(self._run(), name="callboard-group-commit")
-        elif self._regrouped is not None and len(self._queue) >= self._enough:
-            self._regrouped.cancel()  # enough are back: end the wait
+        self._kick()
         # A caller that gives up cancels its own future only: the flusher, which the others wait
         # on, does not await it, and skips it when the commit resolves the rest. (Hence no
         # ``asyncio.shield``, which costs a second future and its callbacks per caller.)
         return await future
+
+    def _kick(self) -> None:
+        """Start the flusher, or end its regrouping wait once enough callers are back."""
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._run(), name="callboard-group-commit")
+        elif self._regrouped is not None and len(self._queue) >= self._enough:
+            self._regrouped.cancel()  # enough are back: end the wait
+
+    async def submit_many(self, items: Sequence[T]) -> list[R]:
+        """``submit`` for several items at once; their results, in order."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[R]] = [loop.create_future() for _ in items]
+        self._queue.extend(zip(items, futures, strict=True))
+        self._kick()
+        return list(await asyncio.gather(*futures))
 
     async def wait_idle(self) -> None:
         """Wait until everything submitted so far is flushed."""

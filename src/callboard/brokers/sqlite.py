@@ -194,7 +194,8 @@ class SQLiteBroker:
         if event.topic.startswith(DEAD_LETTER_PREFIX):
             group = event.topic[len(DEAD_LETTER_PREFIX) :]
             return bool(await self._run(store.keep_dead_letter, group, stored))
-        return bool(await self._publishes.submit(stored))
+        (accepted,) = await self._publishes.submit([stored])
+        return bool(accepted)
 
     async def consume(
         self, group: str, topics: Sequence[str], *, start: Start = "end"
@@ -327,8 +328,8 @@ class _Leases:
         )
         return deliveries
 
-    async def ack(self, group: str, consumer: str, seq: int) -> bool:
-        return bool(await self._broker._acks.submit((group, consumer, seq)))
+    async def ack(self, group: str, leases: Sequence[tuple[str, int]]) -> list[bool]:
+        return await self._broker._acks.submit([(group, consumer, seq) for consumer, seq in leases])
 
     async def release(self, group: str, consumer: str) -> None:
         if self._broker._thread.running:
@@ -347,32 +348,34 @@ class _Batch(Generic[T, R]):
         self._broker = broker
         self._operation = operation
         self._items: list[T] = []
-        self._futures: list[asyncio.Future[R]] = []
+        #: One per ``submit``: how many of ``_items`` it added, and its future.
+        self._callers: list[tuple[int, asyncio.Future[list[R]]]] = []
 
-    def submit(self, item: T) -> asyncio.Future[R]:
+    def submit(self, items: Sequence[T]) -> asyncio.Future[list[R]]:
+        """Store ``items`` with the rest of this turn's; their results, in order."""
         if not self._items:
             self._broker._thread.gather(self._flush)
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._items.append(item)
-        self._futures.append(future)
+        future: asyncio.Future[list[R]] = asyncio.get_running_loop().create_future()
+        self._items.extend(items)
+        self._callers.append((len(items), future))
         return future
 
     def _flush(self) -> None:
-        items, futures = self._items, self._futures
-        self._items, self._futures = [], []
+        items, callers = self._items, self._callers
+        self._items, self._callers = [], []
         operation = self._operation
 
         def run(connection: sqlite3.Connection, changes: Changes) -> list[R]:
             return operation(connection, changes, items)
 
         def settle(results: list[R] | BaseException) -> None:
-            if isinstance(results, BaseException):
-                for future in futures:
-                    if not future.done():
-                        future.set_exception(results)
-                return
-            for future, result in zip(futures, results, strict=True):
+            start = 0
+            for count, future in callers:
                 if not future.done():
-                    future.set_result(result)
+                    if isinstance(results, BaseException):
+                        future.set_exception(results)
+                    else:
+                        future.set_result(results[start : start + count])
+                start += count
 
         self._broker._thread.enqueue(run, settle, writes=True)

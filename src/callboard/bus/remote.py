@@ -153,6 +153,10 @@ class RemoteConsumer:
         self._acks.append(ack_id)
         self._ack_signal.set()
 
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        for delivery in deliveries:
+            await self.ack(delivery)
+
     async def _flush_acks(self) -> None:
         while not self._closed.is_set():
             await self._ack_signal.wait()

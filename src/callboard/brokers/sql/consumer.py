@@ -39,8 +39,8 @@ class LeaseStore(Protocol):
         """Lease up to ``limit`` events of ``group`` to ``consumer``, oldest first."""
         ...
 
-    async def ack(self, group: str, consumer: str, seq: int) -> bool:
-        """Delete the lease; ``False`` if the consumer no longer held it."""
+    async def ack(self, group: str, leases: Sequence[tuple[str, int]]) -> list[bool]:
+        """Delete leases ``(consumer, seq)`` of ``group``; per lease, whether it was still held."""
         ...
 
     async def release(self, group: str, consumer: str) -> None:
@@ -178,36 +178,47 @@ class LeasedConsumer:
             await asyncio.wait_for(self._wake.wait(), seconds)
 
     async def ack(self, delivery: Delivery) -> None:
-        if not isinstance(delivery.token, tuple):
+        await self.ack_many((delivery,))
+
+    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+        leased: list[Delivery] = []
+        leases: list[tuple[str, int]] = []
+        for delivery in deliveries:
+            if isinstance(delivery.token, tuple):
+                claimer, seq = delivery.token
+                leased.append(delivery)
+                leases.append((claimer, seq))
+        if not leased:
             return
-        claimer, seq = delivery.token
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self._ack_patience
         delay = 0.05
         while True:
             try:
-                held = await self._store.ack(self.group, claimer, seq)
+                held = await self._store.ack(self.group, leases)
             except BrokerUnavailable as error:
                 if loop.time() + delay > give_up:
-                    self._rejoin()  # no longer renewed, the lease runs out as promised below
+                    self._rejoin()  # no longer renewed, the leases run out as promised below
                     logger.warning(
-                        "subscription %r could not acknowledge event %s; it will be delivered "
-                        "again: %s",
+                        "subscription %r could not acknowledge %d events (%s...); they will be "
+                        "delivered again: %s",
                         self.group,
-                        delivery.event.id,
+                        len(leased),
+                        leased[0].event.id,
                         error,
                     )
                     return
                 await asyncio.sleep(delay)
                 delay = min(MAX_BACKOFF, delay * 2)
                 continue
-            if not held:
-                logger.warning(
-                    "subscription %r acknowledged event %s after its lease ran out; another "
-                    "consumer has it now and it will be handled again",
-                    self.group,
-                    delivery.event.id,
-                )
+            for delivery, still_held in zip(leased, held, strict=True):
+                if not still_held:
+                    logger.warning(
+                        "subscription %r acknowledged event %s after its lease ran out; another "
+                        "consumer has it now and it will be handled again",
+                        self.group,
+                        delivery.event.id,
+                    )
             return
 
     def detach(self) -> None:
