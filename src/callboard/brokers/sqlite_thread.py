@@ -141,12 +141,9 @@ class SQLiteThread:
 
     def enqueue(self, operation: Operation, settle: Callable[[Any], None], *, writes: bool) -> None:
         """Run ``operation`` in the next group; ``settle`` gets its result after the commit."""
-        loop = self._running_loop()
+        self._running_loop()
         self._pending.append(_Job(operation, writes, settle))
-        if not self._busy:
-            # Gather what else this turn of the loop submits, then run it in one go.
-            self._busy = True
-            loop.call_soon(self._hand_over)
+        self._schedule()
 
     def gather(self, flush: Callable[[], None]) -> None:
         """Call ``flush`` just before the next group is formed; it may ``enqueue`` operations.
@@ -155,11 +152,15 @@ class SQLiteThread:
         one operation: their items then join the same group as everything else submitted in
         this turn of the loop, without a turn of their own.
         """
-        loop = self._running_loop()
+        self._running_loop()
         self._flushers.append(flush)
-        if not self._busy:
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if not self._busy and self._loop is not None:
+            # Gather what else this turn of the loop submits, then run it in one go.
             self._busy = True
-            loop.call_soon(self._hand_over)
+            self._loop.call_soon(self._hand_over)
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None or self._thread is None:
