@@ -358,11 +358,7 @@ class PostgresBroker:
         if release:
             await self._publishes.wait_idle()
             await self._acks.wait_idle()
-        for consumer in self._registry.close_all():
-            if release:
-                await consumer.close()
-            else:
-                consumer.detach()
+        await self._registry.end_all(release=release)
         await self._pool.close()
 
     async def _renew_leases(self) -> None:

@@ -289,11 +289,7 @@ class SQLiteBroker:
             return
         self._closed = True
         await cancel_all(self._tasks)
-        for consumer in self._registry.close_all():
-            if release:
-                await consumer.close()
-            else:
-                consumer.detach()
+        await self._registry.end_all(release=release)
         await self._thread.stop()
 
     async def _renew_leases(self) -> None:

@@ -78,10 +78,15 @@ class ConsumerRegistry:
             if consumer.group in names or any(map(consumer.matcher, topic_list)):
                 consumer.wake()
 
-    def close_all(self) -> list[LeasedConsumer]:
+    async def end_all(self, *, release: bool) -> None:
+        """End every live consumer: closed (leases handed back) or, if not ``release``, detached."""
         consumers = list(self._consumers.values())
         self._consumers.clear()
-        return consumers
+        for consumer in consumers:
+            if release:
+                await consumer.close()
+            else:
+                consumer.detach()
 
 
 class LeasedConsumer:
