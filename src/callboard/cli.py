@@ -65,6 +65,12 @@ def _admin_parsers(commands: Any) -> None:
         "subscriptions", help="list the broker's subscriptions with their topics and lag"
     )
     _config_argument(subs)
+    subs.add_argument(
+        "--delete",
+        metavar="ID",
+        help="forget this subscription instead: its position, leases and dead letters "
+        "(stop its subscribers first)",
+    )
 
     letters = commands.add_parser(
         "dead-letters", help="list or redrive a subscription's dead letters"
@@ -214,6 +220,8 @@ def admin(config: Config, args: argparse.Namespace) -> int:
         await broker.start()
         try:
             if args.command == "subscriptions":
+                if args.delete:
+                    return await ops.delete_subscription(broker, args.delete)
                 return await ops.list_subscriptions(broker)
             if args.command == "replay":
                 done = await ops.replay(

@@ -83,6 +83,25 @@ def test_replay_delivers_kept_events_again(
     command = ["replay", "--subscription", "svc.idle", "--since", "1h", "-c", config[0]]
     assert main(command) == 0
     assert "replayed 3 events on ['orders.created'] to svc.idle" in capsys.readouterr().out
+    # The group the replay read with is gone: only the two subscriptions remain.
+    assert main(["subscriptions", "-c", config[0]]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert listed == ["svc.bad", "svc.idle"]
+
+
+def test_a_subscription_is_deleted_with_its_dead_letters(
+    config: tuple[str, list[str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = config[0]
+    assert main(["subscriptions", "--delete", "svc.bad", "-c", path]) == 0
+    assert "deleted subscription svc.bad" in capsys.readouterr().out
+    assert main(["subscriptions", "-c", path]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
+    assert listed == ["svc.idle"]
+    assert main(["dead-letters", "list", "--subscription", "svc.bad", "-c", path]) == 0
+    assert "no dead letters" in capsys.readouterr().out
+    assert main(["subscriptions", "--delete", "svc.bad", "-c", path]) == 2
+    assert "no subscription 'svc.bad' to delete" in capsys.readouterr().err
 
 
 def test_memory_broker_has_nothing_to_inspect(

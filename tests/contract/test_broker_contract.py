@@ -355,6 +355,42 @@ async def test_subscriptions_are_listed_with_their_progress(broker: Broker) -> N
     assert listed["auditor"].backlog == 3
 
 
+async def test_a_deleted_group_is_forgotten_with_its_dead_letters(broker: Broker) -> None:
+    consumer = await broker.consume("retired", ["github.push"])
+    await broker.publish(event(n=1))
+    await fetch(consumer, 1)  # leased, never acknowledged
+    await broker.publish(dead_letter_event("retired", event(n=0), RuntimeError("boom"), 5))
+    await consumer.close()
+    assert await broker.delete_subscription("retired") is True
+    assert "retired" not in {s.name for s in await broker.subscriptions()}
+    assert await broker.take_dead_letters("retired") == []
+    assert await broker.delete_subscription("retired") is False
+    # Made again, the group starts afresh: at the end, nothing of the old one handed back.
+    again = await broker.consume("retired", ["github.push"])
+    await broker.publish(event(n=2))
+    assert numbers(await fetch(again, 1)) == [2]
+    await nothing(again)
+
+
+async def test_a_group_read_here_is_not_deleted(broker: Broker) -> None:
+    consumer = await broker.consume("busy", ["github.push"])
+    with pytest.raises(SubscriptionError, match="still read"):
+        await broker.delete_subscription("busy")
+    await broker.publish(event(n=1))
+    assert numbers(await fetch(consumer, 1)) == [1]
+
+
+async def test_a_group_deleted_elsewhere_stops_its_readers(kit: BrokerKit, broker: Broker) -> None:
+    if not broker.capabilities.shared:
+        pytest.skip("the broker is not shared between processes")
+    other = await kit.open()
+    reader = await other.consume("moved", ["github.push"])
+    assert await broker.delete_subscription("moved") is True
+    await broker.publish(event(n=1))
+    with pytest.raises(SubscriptionError, match="no longer exists"):
+        await fetch(reader, 1)
+
+
 async def test_retention_reports_a_group_that_fell_behind(kit: BrokerKit) -> None:
     policy = RetentionPolicy(min_age=0, max_age=3600, max_count=2, batch_size=2)
     broker = await kit.open(retention=policy)

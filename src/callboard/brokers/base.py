@@ -183,3 +183,12 @@ class Broker(Protocol):
     async def subscriptions(self) -> list[SubscriptionInfo]:
         """Every consumer group the broker holds, by name."""
         ...
+
+    async def delete_subscription(self, group: str) -> bool:
+        """Forget the consumer group ``group``: its position, its leases and its dead letters.
+
+        Events stay (other groups read them). Raises ``SubscriptionError`` while a consumer of
+        this broker still reads the group (close it first); consumers in other processes find
+        the group gone at their next fetch. Returns whether there was anything to forget.
+        """
+        ...

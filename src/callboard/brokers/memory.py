@@ -257,6 +257,16 @@ class MemoryBroker:
             for group in sorted(self._groups.values(), key=lambda g: g.name)
         ]
 
+    async def delete_subscription(self, group: str) -> bool:
+        # A group in memory lives as long as its consumers: only its dead letters outlive it.
+        live = self._groups.get(group)
+        if live is not None:
+            raise SubscriptionError(
+                f"subscription {group!r} is still read by {live.consumers} consumer(s) in this "
+                "process; stop them before deleting it"
+            )
+        return bool(self._dead_letters.pop(group, None))
+
     async def drain(self, timeout: float = 10.0) -> None:
         """Wait until every event published so far has been acknowledged by every group."""
         await asyncio.wait_for(self._idle.wait(), timeout)

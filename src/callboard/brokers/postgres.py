@@ -220,6 +220,14 @@ class PostgresBroker:
         self._check_open()
         return await self._with(ops.subscriptions)
 
+    async def delete_subscription(self, group: str) -> bool:
+        self._check_open()
+        self._registry.check_unread(group)
+        deleted = await self._with(ops.delete_subscription, group)
+        if deleted:
+            logger.info("deleted subscription %r", group)
+        return deleted
+
     async def clean(self) -> int:
         """Apply the retention policy now, in bounded batches; the number of events deleted."""
         self._check_open()

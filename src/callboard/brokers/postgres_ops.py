@@ -255,6 +255,13 @@ async def dead_letters(
     return [decode_event(*row[1:]) for row in rows]
 
 
+async def delete_subscription(connection: Connection, q: Queries, group: str) -> bool:
+    """Forget a subscription, its leases and its dead letters; was there anything?"""
+    cursor = await connection.execute(q["delete_subscription"], {"name": group})
+    row = await cursor.fetchone()
+    return bool(row and row[0])
+
+
 async def subscriptions(connection: Connection, q: Queries) -> list[SubscriptionInfo]:
     async with connection.transaction():
         cursor = await connection.execute(q["subscriptions"])

@@ -243,6 +243,14 @@ class SQLiteBroker:
         found: list[SubscriptionInfo] = await self._run(store.subscriptions, writes=False)
         return found
 
+    async def delete_subscription(self, group: str) -> bool:
+        self._check_open()
+        self._registry.check_unread(group)
+        deleted: bool = await self._run(store.delete_subscription, group)
+        if deleted:
+            logger.info("deleted subscription %r", group)
+        return deleted
+
     async def clean(self) -> int:
         """Apply the retention policy now, in bounded batches; the number of events deleted."""
         self._check_open()

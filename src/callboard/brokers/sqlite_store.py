@@ -332,6 +332,14 @@ def dead_letters(
     return [decode_event(*row[1:]) for row in rows]
 
 
+def delete_subscription(connection: sqlite3.Connection, changes: Changes, group: str) -> bool:
+    """Forget a subscription, its leases and its dead letters; was there anything?"""
+    args = {"name": group}
+    connection.execute(Q["delete_leases_of"], args)
+    letters = connection.execute(Q["delete_dead_letters_of"], args).rowcount
+    return bool(connection.execute(Q["delete_subscription"], args).rowcount + letters)
+
+
 def subscriptions(connection: sqlite3.Connection, changes: Changes) -> list[SubscriptionInfo]:
     found = []
     now = time.time()

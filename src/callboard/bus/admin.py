@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,8 +19,10 @@ from callboard.brokers.base import Broker
 from callboard.bus.listing import subscription_infos
 from callboard.deadletters import DeadLetter
 from callboard.default_service import DefaultEventsService
-from callboard.errors import SubscriptionError
+from callboard.errors import CallboardError, SubscriptionError
 from callboard.events import utc_now
+
+logger = logging.getLogger("callboard.admin")
 
 
 def require_durable(broker: Broker, url: str) -> None:
@@ -83,6 +86,12 @@ async def list_dead_letters(broker: Broker, subscription: str, limit: int) -> st
     return format_dead_letters(await service.dead_letters(subscription, limit=limit))
 
 
+async def delete_subscription(broker: Broker, subscription: str) -> str:
+    if await broker.delete_subscription(subscription):
+        return f"deleted subscription {subscription} with its leases and dead letters"
+    raise SubscriptionError(f"no subscription {subscription!r} to delete")
+
+
 async def redrive(broker: Broker, subscription: str, ids: Sequence[str] | None) -> str:
     count = await DefaultEventsService(broker).redrive(subscription, ids or None)
     return f"redrove {count} dead letters to {subscription}"
@@ -105,7 +114,8 @@ async def replay(
     """Deliver again to ``subscription`` every event on its topics kept since ``since``.
 
     A temporary group starting at ``since`` reads the kept events up to now; each one is handed
-    to the subscription alone (``deliver_to``), whose own position does not move.
+    to the subscription alone (``deliver_to``), whose own position does not move. The temporary
+    group is deleted at the end.
     """
     if not broker.capabilities.replay:
         raise SubscriptionError("this broker keeps no history to replay")
@@ -118,9 +128,8 @@ async def replay(
             )
         topics = found[0]
     until = utc_now()
-    reader = await broker.consume(
-        f"replay.{subscription}.{uuid.uuid4().hex[:8]}", topics, start=since
-    )
+    group = f"replay.{subscription}.{uuid.uuid4().hex[:8]}"
+    reader = await broker.consume(group, topics, start=since)
     delivered = 0
     try:
         while True:
@@ -140,4 +149,19 @@ async def replay(
     finally:
         with contextlib.suppress(Exception):
             await reader.close()
+        await _forget(broker, group)
     return ReplayResult(delivered, tuple(topics))
+
+
+async def _forget(broker: Broker, group: str) -> None:
+    """Delete the group a replay read with: it served that replay only."""
+    try:
+        await broker.delete_subscription(group)
+    except CallboardError as error:
+        logger.warning(
+            "the replay's reading group %r is left behind (%s); delete it with "
+            "`callboard subscriptions --delete %s`",
+            group,
+            error,
+            group,
+        )

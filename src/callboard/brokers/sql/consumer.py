@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from callboard.brokers.base import Delivery
-from callboard.errors import BrokerUnavailable
+from callboard.errors import BrokerUnavailable, SubscriptionError
 from callboard.topics import TopicMatcher
 
 logger = logging.getLogger("callboard.brokers")
@@ -65,6 +65,15 @@ class ConsumerRegistry:
 
     def group_patterns(self, group: str) -> set[tuple[str, ...]]:
         return {c.patterns for c in self._consumers.values() if c.group == group}
+
+    def check_unread(self, group: str) -> None:
+        """Refuse to forget a group that a live consumer of this broker still reads."""
+        readers = sum(1 for c in self._consumers.values() if c.group == group)
+        if readers:
+            raise SubscriptionError(
+                f"subscription {group!r} is still read by {readers} consumer(s) in this "
+                "process; stop them before deleting it"
+            )
 
     def wake(self, topics: Iterable[str] | None = None, groups: Iterable[str] = ()) -> None:
         """Wake consumers reading any of ``topics`` or belonging to ``groups`` (``None``: all)."""

@@ -97,6 +97,18 @@ ORDER BY seq LIMIT %(limit)s
 -- Take dead letters away by seq.
 DELETE FROM {schema}.dead_letters WHERE seq = ANY(%(seqs)s)
 
+-- name: delete_subscription
+-- Forget a subscription with its leases and dead letters, in one statement; how many rows of
+-- the subscription and its dead letters went.
+WITH leases AS (
+    DELETE FROM {schema}.leases WHERE subscription = %(name)s
+), letters AS (
+    DELETE FROM {schema}.dead_letters WHERE subscription = %(name)s RETURNING 1
+), gone AS (
+    DELETE FROM {schema}.subscriptions WHERE name = %(name)s RETURNING 1
+)
+SELECT (SELECT count(*) FROM gone) + (SELECT count(*) FROM letters)
+
 -- name: subscriptions
 -- Every subscription with its leases in flight and what waits for it.
 SELECT s.name, s.topics, s.lost,

@@ -116,6 +116,18 @@ ORDER BY seq LIMIT :limit;
 -- Take dead letters away by seq (a JSON array).
 DELETE FROM dead_letters WHERE seq IN (SELECT value FROM json_each(:seqs));
 
+-- name: delete_subscription
+-- Forget a subscription (its leases and dead letters go first).
+DELETE FROM subscriptions WHERE name = :name;
+
+-- name: delete_leases_of
+-- Every lease of a subscription.
+DELETE FROM leases WHERE subscription = :name;
+
+-- name: delete_dead_letters_of
+-- Every dead letter of a subscription.
+DELETE FROM dead_letters WHERE subscription = :name;
+
 -- name: subscriptions
 -- Every subscription with its lease counts.
 SELECT s.name, s.topics, s.position, s.lost,
