@@ -18,7 +18,9 @@ from callboard.app import CallboardApp, create_app
 from callboard.brokers.memory import MemoryBroker
 from callboard.bus.api import BusApp
 from callboard.bus.auth import StaticToken, StaticTokenAuth
+from callboard.bus.client import BusClient
 from callboard.config import parse_config
+from callboard.errors import SubscriptionError
 
 TOKEN = "bus-test-token-1"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -79,6 +81,7 @@ async def test_every_route_refuses_missing_or_wrong_tokens(headers: dict[str, st
             client.get(_path(SUB) + "/events", headers=headers),
             client.get(_path(SUB) + "/deliveries", headers=headers),
             client.post(_path(SUB) + "/acks", json={"ackIds": []}, headers=headers),
+            client.delete(_path(SUB), headers=headers),
         ]
         for call in calls:
             response = await call
@@ -323,3 +326,77 @@ async def test_bad_lease_is_a_400(bus: Any) -> None:
     assert (await _deliveries(client, lease_ms=0)).status_code == 400
     renew = await client.post(_path(SUB) + "/leases", json={"ackIds": ["x"]})
     assert renew.status_code == 400
+
+
+# -- deleting a subscription --------------------------------------------------------------------
+
+
+async def _listed(client: httpx.AsyncClient) -> list[str]:
+    response = await client.get("/subscriptions")
+    return [item["id"] for item in response.json()["subscriptions"]]
+
+
+async def test_delete_forgets_the_subscription_then_it_is_404(bus: Any) -> None:
+    _, client = bus
+    await client.put(_path(SUB), json={"topics": ["a"]})
+    assert await _listed(client) == [SUB]
+    deleted = await client.delete(_path(SUB))
+    assert deleted.status_code == 204
+    assert deleted.content == b""
+    assert await _listed(client) == []
+    assert await _publish(client, "a", "nobody reads it") == 204
+    assert (await client.get(_path(SUB) + "/events")).status_code == 404
+    again = await client.delete(_path(SUB))
+    assert again.status_code == 404
+    body = again.json()
+    assert body["error"] == {
+        "name": "NotFoundError",
+        "message": f"Subscription with ID '{SUB}' not found",
+    }
+    assert body["request"]["method"] == "DELETE"
+
+
+async def test_delete_lets_go_of_held_reads_and_leases(bus: Any) -> None:
+    _, client = bus  # notify timeout 5 s
+    await client.put(_path(SUB), json={"topics": ["a"]})
+    await _publish(client, "a", 1)
+    (delivery,) = (await _deliveries(client)).json()["deliveries"]
+    started = time.monotonic()
+    held = asyncio.create_task(client.get(_path(SUB) + "/events"))
+    await asyncio.sleep(0.1)  # let the read find nothing and hold (no event to await here)
+    assert not held.done()
+    assert (await client.delete(_path(SUB))).status_code == 204
+    assert (await held).status_code == 202
+    assert time.monotonic() - started < 4
+    late = await client.post(_path(SUB) + "/acks", json={"ackIds": [delivery["ackId"]]})
+    assert late.json() == {"done": [], "unknown": [delivery["ackId"]]}
+
+
+async def test_delete_is_409_while_the_servers_own_subscribers_read_it(bus: Any) -> None:
+    app, client = bus
+    await client.put(_path(SUB), json={"topics": ["a"]})
+    inside = await app.board.events.broker.consume(SUB, ["a"])  # as a module's subscriber would
+    try:
+        refused = await client.delete(_path(SUB))
+        assert refused.status_code == 409
+        error = refused.json()["error"]
+        assert error["name"] == "ConflictError"
+        assert SUB in error["message"]
+        assert "inside this callboard server" in error["message"]
+        assert "read it: " in error["message"]
+        # The client of the bus API hands the conflict on as a SubscriptionError.
+        bus_client = BusClient("http://callboard", TOKEN, transport=httpx.ASGITransport(app=app))
+        try:
+            with pytest.raises(SubscriptionError, match="stop them before deleting it"):
+                await bus_client.delete_subscription(SUB)
+        finally:
+            await bus_client.aclose()
+        # Still a subscription: the bus reads it again as before.
+        assert await _listed(client) == [SUB]
+        assert await _publish(client, "a", "still here") == 201
+        events = (await client.get(_path(SUB) + "/events")).json()["events"]
+        assert [e["payload"] for e in events] == ["still here"]
+    finally:
+        await inside.close()
+    assert (await client.delete(_path(SUB))).status_code == 204
+    assert await _listed(client) == []

@@ -18,7 +18,7 @@ from callboard.bus.remote import RemoteBroker
 from callboard.config import parse_config
 from callboard.default_service import DefaultEventsService
 from callboard.delivery import RetryPolicy
-from callboard.errors import BrokerError, BrokerUnavailable, ConfigError
+from callboard.errors import BrokerError, BrokerUnavailable, ConfigError, SubscriptionError
 from callboard.events import Event
 
 TOKEN = "remote-test-token"
@@ -206,6 +206,22 @@ async def test_closing_a_subscription_hands_unhandled_events_back() -> None:
             await two.subscribe("svc.slow", "jobs", second)
             await second.wait_for(3)
             assert sorted(e.payload for e in second.events) == [0, 1, 2]
+
+
+async def test_a_subscription_is_deleted_once_its_consumers_are_closed() -> None:
+    async with server(_free_port()) as url:
+        broker = _remote(url)
+        try:
+            consumer = await broker.consume("svc.retired", ["jobs"])
+            with pytest.raises(SubscriptionError, match="close it before deleting"):
+                await broker.delete_subscription("svc.retired")
+            assert [s.name for s in await broker.subscriptions()] == ["svc.retired"]
+            await consumer.close()
+            assert await broker.delete_subscription("svc.retired") is True
+            assert await broker.subscriptions() == []
+            assert await broker.delete_subscription("svc.retired") is False
+        finally:
+            await broker.close()
 
 
 @pytest.mark.skipif(

@@ -4,7 +4,8 @@ Backstage's three routes behave as its own events backend does (status codes, ba
 ``202`` held open with the ``backstage-events-notify-timeout`` header, then a 1-10 ms jitter), so a
 Backstage backend can use callboard as its events bus. Beside them, ``GET .../deliveries`` hands
 events out under a lease that ``POST .../acks`` settles, so a reader gets every event at least
-once. ``docs/bus-api.md`` describes every route and JSON shape.
+once, and ``DELETE .../subscriptions/{id}`` forgets a subscription nobody reads any more.
+``docs/bus-api.md`` describes every route and JSON shape.
 """
 
 from __future__ import annotations
@@ -206,6 +207,7 @@ class BusApp:
                 Route("/events", self._guard(self._post_event), methods=["POST"]),
                 Route("/subscriptions", self._guard(self._list), methods=["GET"]),
                 Route(sub, self._guard(self._put_subscription), methods=["PUT"]),
+                Route(sub, self._guard(self._delete_subscription), methods=["DELETE"]),
                 Route(sub + "/events", self._guard(self._get_events), methods=["GET"]),
                 Route(sub + "/events", self._guard(self._deliver_to), methods=["POST"]),
                 Route(sub + "/deliveries", self._guard(self._get_deliveries), methods=["GET"]),
@@ -420,6 +422,18 @@ class BusApp:
         else:
             items = [_info_to_wire(info) for info in infos]
         return _json({"subscriptions": items})
+
+    async def _delete_subscription(self, request: Request, principal: Principal) -> Response:
+        """Forget a subscription for good: its position, leases and dead letters.
+
+        A ``SubscriptionError`` (the server's own subscribers still read it) becomes the
+        ``409`` of ``_guard``.
+        """
+        id = request.path_params["id"]
+        if not await self.feeds.delete(id):
+            raise RequestRejected(f"Subscription with ID '{id}' not found", status_code=404)
+        logger.info("deleted subscription %r for %s", id, principal.created_by)
+        return Response(status_code=204)
 
     async def _dead_letters(self, request: Request, principal: Principal) -> Response:
         raw = request.query_params.get("limit", "100")

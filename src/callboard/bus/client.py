@@ -83,6 +83,17 @@ class BusClient:
         body = SubscriptionRequest(tuple(topics), start).to_wire()
         self._expect(await self._call("PUT", _path(id), json=body), 201)
 
+    async def delete_subscription(self, id: str) -> bool:
+        """Forget the subscription on the server; ``False`` when it had no such subscription.
+
+        ``SubscriptionError`` (a ``409``) means the server's own subscribers still read it.
+        """
+        response = await self._call("DELETE", _path(id))
+        if response.status_code == 404:
+            return False
+        self._expect(response, 204)
+        return True
+
     async def poll(self, id: str, lease_ms: int, *, head_timeout: float = 30.0) -> Polled:
         """Read deliveries; when there are none, wait as long as the server holds the read."""
         request = self._http.build_request(

@@ -164,7 +164,11 @@ class Feed:
             await self._replace(consumer)
             raise
         # Handing over must finish even if this fetch is cancelled now: the batch is taken.
-        await asyncio.shield(self._hand_over(consumer, kept))
+        # ``close`` awaits it too, so no consumer of a closed feed is left reading the group.
+        handing = asyncio.create_task(self._hand_over(consumer, kept))
+        self._tasks.add(handing)
+        handing.add_done_callback(self._tasks.discard)
+        await asyncio.shield(handing)
 
     async def _hand_over(self, consumer: Consumer, kept: list[Delivery]) -> None:
         # This consumer now holds the batch; a fresh one fetches next. It is opened first, so
@@ -172,10 +176,17 @@ class Feed:
         self._idle = None
         batch = Batch(consumer, kept)
         try:
-            self._idle = await self._broker.consume(self.id, self.topics)
+            fresh = None if self._closed else await self._broker.consume(self.id, self.topics)
         except Exception:
             await consumer.close()  # the batch goes back to the group
             raise
+        if fresh is None or self._closed:
+            # Closed meanwhile (left, or deleted): the batch goes back, nothing outlives the feed.
+            await consumer.close()
+            if fresh is not None:
+                await fresh.close()
+            return
+        self._idle = fresh
         self._ready.append(batch)
         batch.timer = asyncio.get_running_loop().call_later(
             self._hold, self._spawn_release, batch, "nobody came for it"
@@ -315,7 +326,7 @@ class Feed:
 
 class Feeds:
     """The feeds of this server, made on ``PUT`` or, for a group the broker already holds,
-    on first read."""
+    on first read, and ended on ``DELETE``."""
 
     def __init__(self, broker: Broker, *, batch_size: int = BATCH_SIZE, hold: float = 5.0) -> None:
         self._broker = broker
@@ -371,6 +382,30 @@ class Feeds:
                 await feed.open("end")  # an existing group resumes where it was
                 self._feeds[id] = feed
             return feed
+
+    async def delete(self, id: str) -> bool:
+        """Leave and forget the subscription ``id``; ``True`` when there was one to delete.
+
+        This server's feed is closed first (its unacknowledged events go back to the group),
+        since the broker refuses to forget a group that a consumer of it still reads. Both
+        happen under the lock, so a read arriving meanwhile cannot make the feed again in
+        between; it finds the subscription gone. A feed counts as something deleted even when
+        the broker then has nothing left to forget: an in-memory group ends with its last
+        member.
+        """
+        async with self._lock:
+            self._check_open()
+            feed = self._feeds.pop(id, None)
+            if feed is not None:
+                await feed.close()
+            try:
+                forgotten = await self._broker.delete_subscription(id)
+            except SubscriptionError as error:
+                raise SubscriptionError(
+                    f"cannot delete subscription {id!r}: subscribers inside this callboard "
+                    f"server (not bus readers) read it: {error}"
+                ) from error
+            return feed is not None or forgotten
 
     def _check_open(self) -> None:
         if self._closed:

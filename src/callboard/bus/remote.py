@@ -30,7 +30,7 @@ from callboard.brokers.base import (
     SubscriptionInfo,
 )
 from callboard.bus.client import BusClient
-from callboard.errors import BrokerError, ConfigError
+from callboard.errors import BrokerError, ConfigError, SubscriptionError
 from callboard.events import Event
 
 logger = logging.getLogger("callboard.bus.remote")
@@ -70,6 +70,11 @@ class RemoteConsumer:
         self._ack_signal = asyncio.Event()
         self._closed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def group(self) -> str:
+        """The subscription id this consumer reads."""
+        return self._group
 
     # -- fetch ---------------------------------------------------------------------------------
 
@@ -334,6 +339,20 @@ class RemoteBroker:
 
     async def subscriptions(self) -> list[SubscriptionInfo]:
         return await self.client.subscriptions()
+
+    async def delete_subscription(self, group: str) -> bool:
+        """Forget the subscription on the server, as ``DELETE .../subscriptions/{id}`` does.
+
+        Refused while a consumer of this broker still reads the group: it would subscribe again
+        at its next poll, making the subscription anew. Consumers of other processes do just
+        that too, so stop them first.
+        """
+        if any(consumer.group == group for consumer in self._consumers):
+            raise SubscriptionError(
+                f"subscription {group!r} is still read by a consumer of this RemoteBroker "
+                f"({self.server}); close it before deleting the subscription"
+            )
+        return await self.client.delete_subscription(group)
 
     def _forget(self, consumer: RemoteConsumer) -> None:
         self._consumers.discard(consumer)
