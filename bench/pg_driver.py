@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""CPU cost of the PostgreSQL broker's hot statements per driver: psycopg (used) and asyncpg.
+
+Runs the broker's own functions (``publish``, ``claim``, ``ack`` of ``0002_operations.sql``) in a
+schema of their own, one after the other on one connection, and prints per call the wall time
+and the CPU time of this process (the driver's work: encoding parameters, decoding rows, its
+wait loop). The server's time is not in the CPU figure.
+
+    python bench/pg_driver.py [--url postgresql://postgres@127.0.0.1:5432/postgres]
+
+asyncpg is measured when it is installed (``pip install asyncpg``); callboard does not need it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import resource
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from callboard.brokers.postgres import PostgresBroker
+
+SCHEMA = "callboard_bench_driver"
+# The request body of the ingest benchmark, from the shared folder beside the repository (as in
+# ``run.py``); a similar document when it is not there.
+SHARED = Path(
+    os.environ.get("CALLBOARD_BENCH_SHARED", Path(__file__).resolve().parents[2] / "shared")
+)
+BODY = SHARED / "anchors/backstage/github_push.json"
+BATCH = 27  # the size of a publish commit under the ingest benchmark's load
+ROUNDS = 400
+
+
+def cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+async def measure(name: str, call: Callable[[], Awaitable[Any]]) -> None:
+    for _ in range(20):
+        await call()
+    wall, used = time.perf_counter(), cpu()
+    for _ in range(ROUNDS):
+        await call()
+    wall, used = time.perf_counter() - wall, cpu() - used
+    print(f"| {name} | {wall / ROUNDS * 1e6:,.0f} | {used / ROUNDS * 1e6:,.0f} |")
+
+
+def publish_args(payload: str) -> list[Any]:
+    return [
+        1,
+        "bench",
+        "{}",
+        [f"id-{n}" for n in range(BATCH)],
+        ["plain"] * BATCH,
+        [None] * BATCH,
+        [None] * BATCH,
+        [1_700_000_000_000_000] * BATCH,
+        [payload] * BATCH,
+        ["{}"] * BATCH,
+    ]
+
+
+async def with_psycopg(url: str, payload: str) -> None:
+    connection = await psycopg.AsyncConnection.connect(url, autocommit=True)
+    await connection.execute("SET synchronous_commit = off")
+    s = SCHEMA
+    publish = (
+        f"SELECT * FROM {s}.publish(%s::bigint, %s, %s, %b::text[], %b::text[], %b::text[], "
+        "%b::text[], %b::bigint[], %b::text[], %b::text[])"
+    )
+    claim = f"SELECT * FROM {s}.claim(%s, %s, %s::integer, %s::float8)"
+    ack = f"SELECT * FROM {s}.ack(%b::text[], %b::bigint[], %b::text[])"
+
+    async def publish_once() -> None:
+        cursor = await connection.execute(publish, publish_args(payload), prepare=True)
+        await cursor.fetchall()
+
+    async def claim_and_ack() -> None:
+        cursor = await connection.execute(claim, ["g", "c", BATCH, 30.0], prepare=True)
+        seqs = [row[0] for row in await cursor.fetchall()]
+        cursor = await connection.execute(
+            ack, [["g"] * len(seqs), seqs, ["c"] * len(seqs)], prepare=True
+        )
+        await cursor.fetchall()
+
+    await measure(f"psycopg {psycopg.__version__}: publish {BATCH}", publish_once)
+    await measure(f"psycopg {psycopg.__version__}: claim + ack {BATCH}", claim_and_ack)
+    await connection.close()
+
+
+async def with_asyncpg(url: str, payload: str) -> None:
+    import asyncpg  # optional: only this comparison uses it
+
+    connection = await asyncpg.connect(url)
+    await connection.execute("SET synchronous_commit = off")
+    s = SCHEMA
+    publish = await connection.prepare(
+        f"SELECT * FROM {s}.publish($1::bigint, $2, $3, $4::text[], $5::text[], $6::text[], "
+        "$7::text[], $8::bigint[], $9::text[], $10::text[])"
+    )
+    claim = await connection.prepare(f"SELECT * FROM {s}.claim($1, $2, $3::integer, $4::float8)")
+    ack = await connection.prepare(f"SELECT * FROM {s}.ack($1::text[], $2::bigint[], $3::text[])")
+
+    async def publish_once() -> None:
+        await publish.fetch(*publish_args(payload))
+
+    async def claim_and_ack() -> None:
+        seqs = [row[0] for row in await claim.fetch("g", "c", BATCH, 30.0)]
+        await ack.fetch(["g"] * len(seqs), seqs, ["c"] * len(seqs))
+
+    await measure(f"asyncpg {asyncpg.__version__}: publish {BATCH}", publish_once)
+    await measure(f"asyncpg {asyncpg.__version__}: claim + ack {BATCH}", claim_and_ack)
+    await connection.close()
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    url = parser.parse_args().url
+    payload = BODY.read_text() if BODY.exists() else '{"ref": "refs/heads/main"}' * 12
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
+        await admin.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+    await PostgresBroker.from_url(f"{url}?schema={SCHEMA}").migrate()
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
+        await admin.execute(
+            f"INSERT INTO {SCHEMA}.subscriptions (name, topics, regexes, position) "
+            "VALUES ('g', '{plain}', '{^plain$}', 0)"
+        )
+    print(f"{ROUNDS} calls each, {len(payload)}-byte payloads\n")
+    print("| driver: statement | wall µs per call | client CPU µs per call |")
+    print("|---|---:|---:|")
+    try:
+        await with_psycopg(url, payload)
+        if importlib.util.find_spec("asyncpg") is not None:
+            await with_asyncpg(url, payload)
+        else:
+            print("\n(asyncpg is not installed: `pip install asyncpg` to compare)")
+    finally:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
+            await admin.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
