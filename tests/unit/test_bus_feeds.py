@@ -13,11 +13,12 @@ from callboard.events import Event
 
 
 class SlowToJoin:
-    """A memory broker whose joins after the first wait until ``let_in`` is set."""
+    """A memory broker whose joins after the first wait (``waiting``) until ``let_in`` is set."""
 
     def __init__(self, inner: MemoryBroker) -> None:
         self.inner = inner
         self.joins = 0
+        self.waiting = asyncio.Event()
         self.let_in = asyncio.Event()
 
     def __getattr__(self, name: str) -> Any:
@@ -28,6 +29,7 @@ class SlowToJoin:
     ) -> MemoryConsumer:
         self.joins += 1
         if self.joins > 1:
+            self.waiting.set()
             await self.let_in.wait()
         return await self.inner.consume(group, topics, start=start)
 
@@ -40,9 +42,8 @@ async def test_closing_a_feed_waits_for_the_batch_it_is_handing_over() -> None:
     await feed.open()
     await memory.publish(Event(topic="orders.created", payload=1))
     taking = asyncio.create_task(feed.take(5.0))
-    async with asyncio.timeout(3):
-        while broker.joins < 2:  # the batch is taken; the feed opens its next consumer
-            await asyncio.sleep(0.01)
+    # The batch is taken; the feed is opening its next consumer.
+    await asyncio.wait_for(broker.waiting.wait(), 3)
     closing = asyncio.create_task(feed.close())
     await asyncio.sleep(0.05)
     assert not closing.done()  # it waits for the hand-over in progress
