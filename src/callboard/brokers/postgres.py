@@ -1,7 +1,8 @@
-"""The durable broker for many instances: PostgreSQL, through psycopg 3.
+"""The durable broker for many instances: PostgreSQL, through asyncpg.
 
 ``postgresql://user@host:5432/db?schema=callboard`` (``schema`` defaults to ``callboard``; other
-query parameters go to libpq, e.g. ``sslmode``).
+query parameters go to asyncpg, which reads libpq's, e.g. ``sslmode``, and passes the ones it does
+not know to the server as settings).
 
 Design
 ------
@@ -23,14 +24,15 @@ table numbered by an identity ``seq``, ``subscriptions`` (consumer groups) with 
   for the disk (``synchronous_commit = off``): one lost in a server crash only means its events
   are handed out again.
 - Statements: a publish batch, a claim and an acknowledgement batch are each ONE statement (the
-  functions of ``0002_operations.sql``) on a connection in autocommit mode, prepared
-  and with the batches' arrays in the binary format: one round trip each, and psycopg's Python
-  work once per operation.
+  functions of ``0002_operations.sql``) outside a transaction block, so autocommitted; asyncpg
+  prepares each once per connection and sends the batches' arrays in the binary format: one round
+  trip each, and the driver's Python work once per operation. asyncpg was chosen over psycopg
+  for that work: about half the client CPU per statement (``bench/pg_driver.py``).
 - Wake-ups: ONE ``LISTEN`` connection per broker (``postgres_listener``) wakes local consumers on
   other instances' commits; while it is down consumers poll every ``fallback_poll`` seconds.
 - Failures: driver errors become ``BrokerUnavailable`` (connection, timeout) or ``BrokerError``
   at this boundary; connects and statements time out quickly so the HTTP ingress can answer 503
-  at once, and the pool reconnects by itself.
+  at once, and the pool replaces a connection that broke when it is next lent.
 """
 
 from __future__ import annotations
@@ -43,8 +45,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Seque
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import psycopg
-import psycopg_pool
+import asyncpg
 
 from callboard.brokers import postgres_ops as ops
 from callboard.brokers.base import (
@@ -78,6 +79,17 @@ T = TypeVar("T")
 #: in two halves would each wait for two of them.
 PUBLISH_REGROUP = 0.001
 
+#: What says the server cannot be reached or is going away, rather than refusing a statement:
+#: connection failures (class 08, a connection lost in the middle of a statement included),
+#: operator intervention (57: shutdown, restart, a statement cancelled by ``statement_timeout``)
+#: and a server full of connections.
+_UNAVAILABLE = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.OperatorInterventionError,
+    asyncpg.TooManyConnectionsError,
+)
+
 
 class PostgresBroker:
     """Durable broker on PostgreSQL. ``postgresql://...`` in configuration."""
@@ -103,7 +115,8 @@ class PostgresBroker:
         self.timeout = timeout
         self._q = ops.Queries(schema)
         self._pool_size = pool_size
-        self._pool = self._new_pool()
+        #: An ``asyncpg.Pool`` while started (asyncpg ships no type information).
+        self._pool: Any = None
         self._registry = ConsumerRegistry()
         self._listener = Listener(
             conninfo, self._q.channel, self._registry.wake, connect_timeout=timeout
@@ -136,7 +149,7 @@ class PostgresBroker:
         try:
             await self._migrate()
         except BaseException:
-            await self._pool.close()
+            await self._close_pool()
             raise
         self._closed = False
         self._spawn(self._listener.run(), "listener")
@@ -166,7 +179,7 @@ class PostgresBroker:
         try:
             return await self._migrate()
         finally:
-            await self._pool.close()
+            await self._close_pool()
 
     async def publish(self, event: Event) -> bool:
         self._check_open()
@@ -251,35 +264,36 @@ class PostgresBroker:
 
     # -- internals ---------------------------------------------------------------------------
 
-    def _new_pool(self) -> psycopg_pool.AsyncConnectionPool[Any]:
-        return psycopg_pool.AsyncConnectionPool(
-            self.conninfo,
-            min_size=1,
-            max_size=self._pool_size,
-            open=False,
-            timeout=self.timeout,
-            kwargs={
-                # A hot operation is one statement, its own transaction (``postgres_ops``).
-                "autocommit": True,
-                "connect_timeout": max(1, round(self.timeout)),
-                "application_name": "callboard",
-                # Short statements: a stuck server makes a publish fail fast (503), not hang.
-                "options": f"-c statement_timeout={int(self.timeout * 1000)}",
-            },
-            name=f"callboard-{self.schema}",
-        )
-
     async def _open_pool(self) -> None:
-        # A closed pool cannot be opened again: every start gets a new one.
-        self._pool = self._new_pool()
+        logging.getLogger("asyncpg.pool").addFilter(_one_line)  # once: filters are a set
         try:
-            await self._pool.open(wait=True, timeout=self.timeout)
-        except psycopg_pool.PoolTimeout as error:
-            await self._pool.close()
+            self._pool = await asyncpg.create_pool(
+                self.conninfo,
+                min_size=1,
+                max_size=self._pool_size,
+                timeout=self.timeout,
+                server_settings={
+                    "application_name": "callboard",
+                    # Short statements: a stuck server makes a publish fail fast (503), not hang.
+                    "statement_timeout": str(int(self.timeout * 1000)),
+                },
+                reset=_keep_session,
+            )
+        except (TimeoutError, *_UNAVAILABLE, asyncpg.PostgresError) as error:
             raise BrokerUnavailable(
                 f"cannot connect to PostgreSQL for the broker within {self.timeout}s; "
-                "check events.broker and that the server is up"
+                f"check events.broker and that the server is up ({_reason(error)})"
             ) from error
+
+    async def _close_pool(self) -> None:
+        """Close the pool politely, or abruptly once ``timeout`` is up (a server gone silent)."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), self.timeout)
+        except TimeoutError:
+            pool.terminate()
 
     async def _migrate(self) -> list[str]:
         applied = await self._with(ops.migrate, limit=None)
@@ -326,19 +340,23 @@ class PostgresBroker:
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[ops.Connection]:
+        # A connection that broke is closed by asyncpg; the pool connects anew when it next
+        # lends that slot. (A connection that broke while idle is found closed then too.)
         try:
-            async with self._pool.connection() as connection:
+            async with self._pool.acquire(timeout=self.timeout) as connection:
                 yield connection
-        except psycopg_pool.PoolTimeout as error:
+        except TimeoutError as error:
             raise BrokerUnavailable(
                 f"PostgreSQL is unreachable (no connection within {self.timeout}s)"
             ) from error
-        except psycopg.OperationalError as error:
-            # Connections idle in the pool may be dead too (a restarted server): check them.
-            asyncio.get_running_loop().create_task(self._pool.check())
+        except _UNAVAILABLE as error:
             raise BrokerUnavailable(f"PostgreSQL failed: {error}") from error
-        except psycopg.Error as error:
+        except asyncpg.PostgresError as error:
             raise BrokerError(f"PostgreSQL refused a broker statement: {error}") from error
+        except asyncpg.InterfaceError as error:
+            if _closed(error):
+                raise BrokerUnavailable(f"PostgreSQL failed: {error}") from error
+            raise BrokerError(f"the broker misused its PostgreSQL driver: {error}") from error
 
     async def _flush_publishes(self, batch: list[tuple[StoredEvent, str | None]]) -> list[bool]:
         results = await self._with(ops.insert_events, batch)
@@ -367,7 +385,7 @@ class PostgresBroker:
             await self._publishes.wait_idle()
             await self._acks.wait_idle()
         await self._registry.end_all(release=release)
-        await self._pool.close()
+        await self._close_pool()
 
     async def _renew_leases(self) -> None:
         consumers = self._registry.live_ids()
@@ -379,6 +397,42 @@ class PostgresBroker:
             await asyncio.sleep(self.fallback_poll)
             if not self._listener.up:
                 self._registry.wake()
+
+
+class _OneLine(logging.Filter):
+    """asyncpg's pool logs each failed reconnect (during an outage) with a traceback: one line.
+
+    The broker reports the outage itself, as warnings; a traceback would read as a crash.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.getMessage()}: {_reason(record.exc_info[1])}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+_one_line = _OneLine()
+
+
+async def _keep_session(connection: object) -> None:
+    """The pool's reset: nothing to undo, so no round trip on every release.
+
+    asyncpg's default reset (``RESET ALL``, unlisten, unlock advisory locks...) costs a round trip
+    per operation; the operations of ``postgres_ops`` leave nothing in the session: their
+    transactions always end and their advisory locks are transaction-level.
+    """
+
+
+def _reason(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
+
+def _closed(error: asyncpg.InterfaceError) -> bool:
+    """Whether the driver refused because the connection or the pool is closed (or closing)."""
+    return "closed" in str(error) or "closing" in str(error)
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -9,18 +9,22 @@ wakes every consumer, since notifications sent while it was away are lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
+from typing import Any
 
+import asyncpg
 import orjson
-import psycopg
-from psycopg import sql
 
 logger = logging.getLogger("callboard.brokers.postgres")
 
-#: Seconds without a notification after which the connection is checked with a query.
+#: Seconds between two checks of a quiet connection with a query.
 KEEPALIVE = 30.0
 MAX_BACKOFF = 10.0
+
+#: What a lost or unreachable server raises; anything else is a bug and ends the listener loudly.
+_FAILURES = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def notification(topics: set[str], groups: set[str]) -> str:
@@ -32,29 +36,30 @@ def notification(topics: set[str], groups: set[str]) -> str:
 class Listener:
     def __init__(
         self,
-        conninfo: str,
+        dsn: str,
         channel: str,
         wake: Callable[[list[str] | None, list[str]], None],
         *,
         connect_timeout: float,
     ) -> None:
-        self._conninfo = conninfo
+        self._dsn = dsn
         self._channel = channel
         self._wake = wake
         self._connect_timeout = connect_timeout
         self.up = False
-        self.connection: psycopg.AsyncConnection[object] | None = None
+        #: The ``asyncpg.Connection`` while listening.
+        self.connection: Any = None
 
     async def run(self) -> None:
         backoff = 0.1
         while True:
             try:
                 await self._listen()
-            except (psycopg.Error, OSError) as error:
+            except _FAILURES as error:
                 if self.up:
                     logger.warning(
                         "lost the PostgreSQL notification connection; polling until it is back: %s",
-                        error,
+                        str(error) or type(error).__name__,
                     )
                     backoff = 0.1
                 else:
@@ -64,22 +69,41 @@ class Listener:
             await asyncio.sleep(backoff)
 
     async def _listen(self) -> None:
-        async with await psycopg.AsyncConnection.connect(
-            self._conninfo,
-            autocommit=True,
-            connect_timeout=max(1, round(self._connect_timeout)),
-            application_name="callboard-listener",
-        ) as connection:
-            await connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
+        # Its own connection, not the pool's: LISTEN holds it for as long as the broker runs.
+        connection = await asyncpg.connect(
+            self._dsn,
+            timeout=self._connect_timeout,
+            server_settings={"application_name": "callboard-listener"},
+        )
+        try:
+            # asyncpg says when the connection is gone: no need to wait for the next check.
+            lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def terminated(_: object) -> None:
+                if not lost.done():
+                    lost.set_result(None)
+
+            connection.add_termination_listener(terminated)
+            # asyncpg quotes the channel in its LISTEN.
+            await connection.add_listener(self._channel, self._notified)
             self.connection = connection
             if not self.up:
                 logger.info("listening for PostgreSQL notifications on %r", self._channel)
             self.up = True
             self._wake(None, [])
             while True:
-                async for notice in connection.notifies(timeout=KEEPALIVE):
-                    self._received(notice.payload)
-                await connection.execute("SELECT 1")
+                await asyncio.wait([lost], timeout=KEEPALIVE)
+                if lost.done():
+                    raise ConnectionResetError("the server closed the connection")
+                # A server that stopped answering leaves the connection open: ask it something.
+                await connection.fetchval("SELECT 1", timeout=self._connect_timeout)
+        finally:
+            # Closing politely takes a round trip, which a partitioned server would never answer.
+            with contextlib.suppress(*_FAILURES):
+                await connection.close(timeout=1)
+
+    def _notified(self, connection: Any, pid: int, channel: str, payload: str) -> None:
+        self._received(payload)
 
     def _received(self, payload: str) -> None:
         if payload == "*":

@@ -5,11 +5,14 @@ transactions that add events commit in the order their seqs were drawn: a reader
 N also sees every seq below it, and a group's position can move past what it has read without
 skipping an event still being committed.
 
-The pool's connections are in autocommit mode. The hot operations (a publish batch, a claim, an
-acknowledgement batch) are each ONE statement, a function of ``0002_operations.sql``, and so
-their own transaction: one round trip, a plan the server keeps (``prepare``),
-and psycopg's per-statement work paid once per operation instead of once per statement of a
-pipelined transaction. The rest runs in explicit transactions.
+asyncpg runs a statement outside ``connection.transaction()`` as its own transaction
+(autocommit). The hot operations (a publish batch, a claim, an acknowledgement batch) are each
+ONE statement, a function of ``0002_operations.sql``, and so their own transaction: one round
+trip, a statement asyncpg prepares once per connection and keeps (with the plan the server
+keeps for it), and the driver's per-statement work paid once per operation instead of once per
+statement of a transaction. The rest runs in explicit transactions. Nothing here leaves state in
+the session (transactions always end, advisory locks are transaction-level), which is what lets
+the pool hand connections back without resetting them.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from psycopg import AsyncConnection, errors, sql
+import asyncpg
 
 from callboard.brokers.base import Delivery, RetentionPolicy, Start, SubscriptionInfo
 from callboard.brokers.postgres_listener import notification
@@ -37,7 +41,47 @@ from callboard.errors import SubscriptionError
 from callboard.events import Event
 from callboard.topics import ONE, REST, SEPARATOR, TopicMatcher
 
-Connection = AsyncConnection[Any]
+#: An ``asyncpg.Connection`` (or the pool's proxy of one); asyncpg ships no type information.
+Connection = Any
+#: A row: an ``asyncpg.Record``, read by index or unpacked.
+Row = Any
+
+_PLACEHOLDER = re.compile(r"%%|%\((\w+)\)s")
+
+
+@dataclass(frozen=True, slots=True)
+class Statement:
+    """A named query in asyncpg's form: ``$1..$n`` in ``text``, the name of each in ``names``."""
+
+    text: str
+    names: tuple[str, ...]
+
+    def args(self, params: Mapping[str, Any]) -> list[Any]:
+        """The parameters in the order of their numbers."""
+        return [params[name] for name in self.names]
+
+
+def numbered(text: str) -> Statement:
+    """``%(name)s`` as ``$n``, the same name the same number (and ``%%`` as ``%``).
+
+    ``queries.sql`` keeps named parameters, which read better than numbers; asyncpg takes numbers
+    only, so each query is converted once, when the broker is made.
+    """
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name is None:
+            return "%"
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    return Statement(_PLACEHOLDER.sub(number, text), tuple(names))
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 class Queries:
@@ -45,10 +89,9 @@ class Queries:
 
     def __init__(self, schema: str) -> None:
         self.schema = schema
-        identifier = sql.Identifier(schema)
-        # Rendered once: a ``Composed`` would be turned into bytes again at every execution.
-        self._compiled = {
-            name: sql.SQL(text).format(schema=identifier).as_bytes()
+        self._quoted = quote_identifier(schema)
+        self._statements = {
+            name: numbered(text.replace("{schema}", self._quoted))
             for name, text in queries("postgres").items()
         }
         digest = hashlib.blake2b(schema.encode(), digest_size=8).digest()
@@ -57,12 +100,29 @@ class Queries:
         self.publish_lock, self.migrate_lock, self.clean_lock = base, base + 1, base + 2
         self.channel = f"callboard.{schema}"[:63]
 
-    def __getitem__(self, name: str) -> bytes:
-        return self._compiled[name]
+    def __getitem__(self, name: str) -> Statement:
+        return self._statements[name]
 
-    def migration(self, name: str) -> sql.Composed:
-        text = read_sql("postgres", f"migrations/{name}")
-        return sql.SQL(text).format(schema=sql.Identifier(self.schema))
+    def migration(self, name: str) -> str:
+        """A migration script, run as it is (several statements, ``$$`` bodies, no parameters)."""
+        return read_sql("postgres", f"migrations/{name}").replace("{schema}", self._quoted)
+
+
+async def fetch(
+    connection: Connection, statement: Statement, params: Mapping[str, Any] | None = None
+) -> list[Row]:
+    """The rows of a statement, prepared by asyncpg once per connection and kept."""
+    rows: list[Row] = await connection.fetch(statement.text, *statement.args(params or {}))
+    return rows
+
+
+async def execute(
+    connection: Connection, statement: Statement, params: Mapping[str, Any] | None = None
+) -> int:
+    """Run a statement for its effect; the number of rows it touched."""
+    status: str = await connection.execute(statement.text, *statement.args(params or {}))
+    count = status.rsplit(" ", 1)[-1]
+    return int(count) if count.isdigit() else 0
 
 
 def pattern_regex(pattern: str) -> str:
@@ -83,14 +143,14 @@ async def migrate(connection: Connection, q: Queries) -> list[str]:
     """Apply the migrations not applied yet, in order, under a lock; their names."""
     applied: list[str] = []
     async with connection.transaction():
-        await connection.execute(q["lock"], {"key": q.migrate_lock})
-        await connection.execute(q["create_schema"])
-        cursor = await connection.execute(q["applied_migrations"])
-        done = {name for (name,) in await cursor.fetchall()}
+        await execute(connection, q["lock"], {"key": q.migrate_lock})
+        await execute(connection, q["create_schema"])
+        done = {name for (name,) in await fetch(connection, q["applied_migrations"])}
         for name in migration_names("postgres"):
             if name not in done:
+                # No parameters: the simple query protocol, which runs a script of statements.
                 await connection.execute(q.migration(name))
-                await connection.execute(q["record_migration"], {"name": name})
+                await execute(connection, q["record_migration"], {"name": name})
                 applied.append(name)
     return applied
 
@@ -113,7 +173,8 @@ async def insert_events(
     topics = {e.topic for e, t in rows if t is None}
     groups = {t for _, t in rows if t is not None}
     # One statement (the ``publish`` function): lock, insert and notification commit together.
-    cursor = await connection.execute(
+    found = await fetch(
+        connection,
         q["publish"],
         {
             "key": q.publish_lock,
@@ -127,11 +188,10 @@ async def insert_events(
             "payloads": [e.payload for e, _ in rows],
             "metadatas": [e.metadata for e, _ in rows],
         },
-        prepare=True,
     )
-    stored = set(await cursor.fetchall())
     if not seen:
         return accepted  # no delivery id to look for
+    stored = {(topic, delivery_id) for topic, delivery_id in found}
     for index, (event, target) in enumerate(batch):
         if accepted[index] and target is None and event.delivery_id:
             accepted[index] = (event.topic, event.delivery_id) in stored
@@ -143,7 +203,8 @@ async def keep_dead_letter(
     connection: Connection, q: Queries, group: str, event: StoredEvent
 ) -> None:
     async with connection.transaction():
-        await connection.execute(
+        await execute(
+            connection,
             q["insert_dead_letter"],
             {
                 "subscription": group,
@@ -157,8 +218,7 @@ async def keep_dead_letter(
 
 
 async def exists(connection: Connection, q: Queries, group: str) -> bool:
-    cursor = await connection.execute(q["subscription_exists"], {"name": group})
-    return await cursor.fetchone() is not None
+    return bool(await fetch(connection, q["subscription_exists"], {"name": group}))
 
 
 async def join(
@@ -168,7 +228,8 @@ async def join(
     topics = sorted(set(patterns))
     since = start if isinstance(start, datetime) else None
     async with connection.transaction():
-        cursor = await connection.execute(
+        rows = await fetch(
+            connection,
             q["join"],
             {
                 "name": group,
@@ -178,8 +239,7 @@ async def join(
                 "since": since,
             },
         )
-        row = await cursor.fetchone()
-    return bool(row and row[0])
+    return bool(rows and rows[0][0])
 
 
 async def claim(
@@ -188,12 +248,12 @@ async def claim(
     """Lease up to ``limit`` events of the group: those handed back first, then new ones."""
     args = {"group": group, "consumer": consumer, "limit": limit, "lease": lease}
     try:
-        cursor = await connection.execute(q["claim"], args, prepare=True)
-    except errors.NoDataFound as error:
+        rows = await fetch(connection, q["claim"], args)
+    except asyncpg.exceptions.NoDataFoundError as error:
         raise SubscriptionError(f"subscription {group!r} no longer exists") from error
     deliveries = [
         Delivery(decode_event(id, topic, time_us, payload, metadata), attempt, seq)
-        for seq, attempt, id, topic, time_us, payload, metadata in await cursor.fetchall()
+        for seq, attempt, id, topic, time_us, payload, metadata in rows
     ]
     deliveries.sort(key=_seq)
     return deliveries
@@ -209,31 +269,32 @@ async def ack(connection: Connection, q: Queries, batch: list[tuple[str, str, in
     One statement (the ``ack`` function), so its own transaction, which commits without waiting
     for the disk.
     """
-    cursor = await connection.execute(
+    rows = await fetch(
+        connection,
         q["ack"],
         {
             "groups": [g for g, _, _ in batch],
             "consumers": [c for _, c, _ in batch],
             "seqs": [s for _, _, s in batch],
         },
-        prepare=True,
     )
-    done = {(g, c, s) for g, s, c in await cursor.fetchall()}
+    done = {(g, c, s) for g, s, c in rows}
     return [item in done for item in batch]
 
 
 async def release(connection: Connection, q: Queries, group: str, consumer: str) -> None:
     async with connection.transaction():
-        cursor = await connection.execute(q["release"], {"group": group, "consumer": consumer})
-        if cursor.rowcount:
-            await connection.execute(
-                q["notify"], {"channel": q.channel, "message": notification(set(), {group})}
+        if await execute(connection, q["release"], {"group": group, "consumer": consumer}):
+            await execute(
+                connection,
+                q["notify"],
+                {"channel": q.channel, "message": notification(set(), {group})},
             )
 
 
 async def renew(connection: Connection, q: Queries, consumers: list[str], lease: float) -> None:
     async with connection.transaction():
-        await connection.execute(q["renew"], {"consumers": consumers, "lease": lease})
+        await execute(connection, q["renew"], {"consumers": consumers, "lease": lease})
 
 
 async def dead_letters(
@@ -245,27 +306,25 @@ async def dead_letters(
     limit: int,
 ) -> list[Event]:
     async with connection.transaction():
-        cursor = await connection.execute(
+        rows = await fetch(
+            connection,
             q["dead_letters"],
             {"subscription": group, "ids": None if ids is None else list(ids), "limit": limit},
         )
-        rows = await cursor.fetchall()
         if remove and rows:
-            await connection.execute(q["delete_dead_letters"], {"seqs": [r[0] for r in rows]})
+            await execute(connection, q["delete_dead_letters"], {"seqs": [r[0] for r in rows]})
     return [decode_event(*row[1:]) for row in rows]
 
 
 async def delete_subscription(connection: Connection, q: Queries, group: str) -> bool:
     """Forget a subscription, its leases and its dead letters; was there anything?"""
-    cursor = await connection.execute(q["delete_subscription"], {"name": group})
-    row = await cursor.fetchone()
-    return bool(row and row[0])
+    rows = await fetch(connection, q["delete_subscription"], {"name": group})
+    return bool(rows and rows[0][0])
 
 
 async def subscriptions(connection: Connection, q: Queries) -> list[SubscriptionInfo]:
     async with connection.transaction():
-        cursor = await connection.execute(q["subscriptions"])
-        rows = await cursor.fetchall()
+        rows = await fetch(connection, q["subscriptions"])
     return [
         SubscriptionInfo(
             name=name, topics=tuple(topics), in_flight=in_flight, backlog=backlog, lost=lost
@@ -278,33 +337,28 @@ async def expire(connection: Connection, q: Queries, policy: RetentionPolicy) ->
     """Delete one batch of events outside the window; ``None`` if another instance is at it."""
     async with connection.transaction():
         await connection.execute("SET LOCAL statement_timeout = '20s'")
-        cursor = await connection.execute(q["try_lock"], {"key": q.clean_lock})
-        locked = await cursor.fetchone()
-        if not (locked and locked[0]):
+        locked = await fetch(connection, q["try_lock"], {"key": q.clean_lock})
+        if not (locked and locked[0][0]):
             return None
         args = {"max_age": policy.max_age, "min_age": policy.min_age, "limit": policy.batch_size}
-        cursor = await connection.execute(q["expire_by_age"], args)
-        rows = await cursor.fetchall()
+        rows = await fetch(connection, q["expire_by_age"], args)
         if not rows:
-            cursor = await connection.execute(q["count_edge"], {"max_count": policy.max_count})
-            edge = await cursor.fetchone()
-            if edge is not None:
-                cursor = await connection.execute(q["expire_by_count"], {**args, "edge": edge[0]})
-                rows = await cursor.fetchall()
+            edge = await fetch(connection, q["count_edge"], {"max_count": policy.max_count})
+            if edge:
+                rows = await fetch(connection, q["expire_by_count"], {**args, "edge": edge[0][0]})
         if not rows:
             return Expired(0, {})
         lost: Counter[str] = Counter()
-        cursor = await connection.execute(q["subscription_positions"])
-        for name, topics, position in await cursor.fetchall():
+        for name, topics, position in await fetch(connection, q["subscription_positions"]):
             matcher = TopicMatcher(topics)
             lost[name] += sum(
                 1
                 for seq, topic, target in rows
                 if seq > position and (target == name or (target is None and matcher(topic)))
             )
-        cursor = await connection.execute(q["drop_leases"], {"upto": max(r[0] for r in rows)})
-        lost.update(name for (name,) in await cursor.fetchall())
+        dropped = await fetch(connection, q["drop_leases"], {"upto": max(r[0] for r in rows)})
+        lost.update(name for (name,) in dropped)
         for name, count in lost.items():
             if count:
-                await connection.execute(q["add_lost"], {"name": name, "lost": count})
+                await execute(connection, q["add_lost"], {"name": name, "lost": count})
     return Expired(len(rows), {name: count for name, count in lost.items() if count})

@@ -1,4 +1,7 @@
--- Named queries of the PostgreSQL broker; {schema} is the broker's schema, quoted.
+-- Named queries of the PostgreSQL broker; {schema} is the broker's schema, quoted. Parameters
+-- are named, %(name)s; the broker numbers them for asyncpg ($1, $2...) when it loads them.
+-- asyncpg sends each parameter in the type the server infers for it: cast where that is not
+-- the type of the value.
 
 -- name: create_schema
 -- The schema and the table recording applied migrations.
@@ -26,12 +29,11 @@ INSERT INTO {schema}.migrations (name) VALUES (%(name)s)
 
 -- name: publish
 -- Store a batch of events in order under the publishing lock and notify (0002_operations.sql);
--- the stored delivery ids. The arrays are sent in the binary format (%(...)b): the text format
--- escapes every quote of every payload in Python.
+-- the stored delivery ids.
 SELECT stored_topic, stored_delivery_id FROM {schema}.publish(
     %(key)s::bigint, %(channel)s, %(message)s,
-    %(ids)b::text[], %(topics)b::text[], %(targets)b::text[], %(delivery_ids)b::text[],
-    %(times)b::bigint[], %(payloads)b::text[], %(metadatas)b::text[]
+    %(ids)s::text[], %(topics)s::text[], %(targets)s::text[], %(delivery_ids)s::text[],
+    %(times)s::bigint[], %(payloads)s::text[], %(metadatas)s::text[]
 )
 
 -- name: notify
@@ -53,7 +55,7 @@ INSERT INTO {schema}.subscriptions AS s (name, topics, regexes, position)
 VALUES (
     %(name)s, %(topics)s, %(regexes)s,
     CASE
-        WHEN %(start)s = 'beginning' THEN 0
+        WHEN %(start)s::text = 'beginning' THEN 0
         WHEN %(since)s::timestamptz IS NOT NULL THEN coalesce(
             (SELECT min(seq) - 1 FROM {schema}.events WHERE stored_at >= %(since)s::timestamptz),
             (SELECT coalesce(max(seq), 0) FROM {schema}.events))
@@ -74,7 +76,7 @@ FROM {schema}.claim(%(group)s, %(consumer)s, %(limit)s::integer, %(lease)s::floa
 -- name: ack
 -- Delete the leases still held by the consumers acknowledging them (0002_operations.sql).
 SELECT r_subscription, r_seq, r_consumer
-FROM {schema}.ack(%(groups)b::text[], %(seqs)b::bigint[], %(consumers)b::text[])
+FROM {schema}.ack(%(groups)s::text[], %(seqs)s::bigint[], %(consumers)s::text[])
 
 -- name: release
 -- Hand every lease of a consumer back to its group.
