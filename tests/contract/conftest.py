@@ -16,7 +16,7 @@ import pytest
 
 from callboard.brokers.base import Broker, RetentionPolicy
 from callboard.brokers.memory import MemoryBroker
-from tests.services import POSTGRES_URL, require_service
+from tests.services import POSTGRES_URL, postgres_execute, require_service
 
 #: Lease and poll intervals of durable brokers under test, in seconds.
 LEASE = 2.0
@@ -100,10 +100,7 @@ def _postgres(tmp_path: Path) -> BrokerKit:
     kit = BrokerKit("postgresql", factory)
 
     async def drop_schema() -> None:
-        import psycopg
-
-        async with await psycopg.AsyncConnection.connect(POSTGRES_URL, autocommit=True) as conn:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+        await postgres_execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
     kit.teardown.append(drop_schema)
     return kit

@@ -38,7 +38,7 @@ from tests.integration.servers import (
     wait_for_records,
     write_config,
 )
-from tests.services import POSTGRES_URL, require_service
+from tests.services import POSTGRES_URL, drop_postgres_schema, postgres_rows, require_service
 
 pytestmark = pytest.mark.slow
 
@@ -63,12 +63,11 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
 def postgres_schema(fleet: Fleet) -> Iterator[str]:
     """A schema of this test's own, dropped once its servers are gone."""
     require_service("PostgreSQL", "127.0.0.1", 5432)
-    psycopg = pytest.importorskip("psycopg")
+    pytest.importorskip("asyncpg")
     name = f"callboard_multi_{uuid.uuid4().hex[:12]}"
     yield name
     fleet.kill_all()
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as connection:
-        connection.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    drop_postgres_schema(name)
 
 
 def postgres_url(schema: str, port: int | None = None) -> str:
@@ -304,13 +303,8 @@ async def _outage_under_load(
 
 
 async def leases(schema: str) -> list[tuple[str, int]]:
-    import psycopg
-
-    async with await psycopg.AsyncConnection.connect(POSTGRES_URL, autocommit=True) as connection:
-        cursor = await connection.execute(
-            f'SELECT subscription, seq FROM "{schema}".leases ORDER BY seq'
-        )
-        return [(name, seq) for name, seq in await cursor.fetchall()]
+    rows = await postgres_rows(f'SELECT subscription, seq FROM "{schema}".leases ORDER BY seq')
+    return [(name, seq) for name, seq in rows]
 
 
 @pytest.mark.postgres

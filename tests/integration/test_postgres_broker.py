@@ -16,11 +16,17 @@ from callboard.brokers.base import RetentionPolicy
 from callboard.cli import main
 from callboard.errors import BrokerUnavailable
 from callboard.events import Event
-from tests.services import POSTGRES_URL, require_service
+from tests.services import (
+    POSTGRES_URL,
+    drop_postgres_schema,
+    postgres_execute,
+    postgres_rows,
+    require_service,
+)
 
 pytestmark = pytest.mark.postgres
 
-psycopg = pytest.importorskip("psycopg")
+pytest.importorskip("asyncpg")
 
 from callboard.brokers.postgres import PostgresBroker  # noqa: E402
 from callboard.brokers.postgres_ops import Queries, pattern_regex  # noqa: E402
@@ -32,14 +38,7 @@ def schema() -> Iterator[str]:
     require_service("PostgreSQL", "127.0.0.1", 5432)
     name = f"callboard_test_{uuid.uuid4().hex[:12]}"
     yield name
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
-
-
-async def sql(query: str, *args: Any) -> list[tuple[Any, ...]]:
-    async with await psycopg.AsyncConnection.connect(POSTGRES_URL, autocommit=True) as conn:
-        cursor = await conn.execute(query, args or None)
-        return await cursor.fetchall() if cursor.description else []
+    drop_postgres_schema(name)
 
 
 def test_urls_name_a_database_and_a_schema() -> None:
@@ -71,7 +70,7 @@ async def test_patterns_match_in_sql_as_in_python(
     require_service("PostgreSQL", "127.0.0.1", 5432)
     regex = pattern_regex(pattern)
     for topic in matches + misses:
-        ((hit,),) = await sql("SELECT %s ~ %s", topic, regex)
+        ((hit,),) = await postgres_rows("SELECT $1::text ~ $2::text", topic, regex)
         assert hit is (topic in matches), (pattern, topic)
 
 
@@ -82,28 +81,25 @@ async def test_migrations_build_what_schema_sql_describes(schema: str) -> None:
     reference = schema + "_ref"
     text = read_sql("postgres", "schema.sql")
     try:
-        async with await psycopg.AsyncConnection.connect(POSTGRES_URL, autocommit=True) as conn:
-            await conn.execute(f'CREATE SCHEMA "{reference}"')
-            await conn.execute(
-                psycopg.sql.SQL(text).format(schema=psycopg.sql.Identifier(reference))
-            )
+        await postgres_execute(f'CREATE SCHEMA "{reference}"')
+        await postgres_execute(text.replace("{schema}", f'"{reference}"'))
 
         async def shape(name: str) -> list[tuple[Any, ...]]:
-            columns = await sql(
+            columns = await postgres_rows(
                 "SELECT table_name, column_name, data_type, is_nullable, column_default"
-                " FROM information_schema.columns WHERE table_schema = %s"
+                " FROM information_schema.columns WHERE table_schema = $1"
                 " AND table_name <> 'migrations' ORDER BY 1, 2",
                 name,
             )
-            indexes = await sql(
-                "SELECT indexname, replace(indexdef, %s, 'S') FROM pg_indexes"
-                " WHERE schemaname = %s AND tablename <> 'migrations' ORDER BY 1",
+            indexes = await postgres_rows(
+                "SELECT indexname, replace(indexdef, $1, 'S') FROM pg_indexes"
+                " WHERE schemaname = $2 AND tablename <> 'migrations' ORDER BY 1",
                 name,
                 name,
             )
-            functions = await sql(
-                "SELECT p.proname, replace(pg_get_functiondef(p.oid), %s, 'S') FROM pg_proc AS p"
-                " JOIN pg_namespace AS n ON n.oid = p.pronamespace WHERE n.nspname = %s"
+            functions = await postgres_rows(
+                "SELECT p.proname, replace(pg_get_functiondef(p.oid), $1, 'S') FROM pg_proc AS p"
+                " JOIN pg_namespace AS n ON n.oid = p.pronamespace WHERE n.nspname = $2"
                 " ORDER BY 1",
                 name,
                 name,
@@ -112,7 +108,7 @@ async def test_migrations_build_what_schema_sql_describes(schema: str) -> None:
 
         assert await shape(schema) == await shape(reference)
     finally:
-        await sql(f'DROP SCHEMA IF EXISTS "{reference}" CASCADE')
+        await postgres_execute(f'DROP SCHEMA IF EXISTS "{reference}" CASCADE')
 
 
 @pytest.fixture
@@ -165,8 +161,8 @@ async def test_notifications_wake_other_instances(schema: str) -> None:
 
 
 async def backends(application: str) -> list[int]:
-    rows = await sql(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND datname = 'postgres'",
+    rows = await postgres_rows(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND datname = 'postgres'",
         application,
     )
     return [pid for (pid,) in rows]
@@ -180,7 +176,7 @@ async def test_the_broker_recovers_when_its_connections_are_killed(schema: str) 
         await asyncio.sleep(0.3)
         before = set(await backends("callboard-listener"))
         for pid in set(await backends("callboard")) | before:
-            await sql("SELECT pg_terminate_backend(%s)", pid)
+            await postgres_rows("SELECT pg_terminate_backend($1)", pid)
         outcomes: list[bool | None] = []
         for n in range(20):
             try:
@@ -218,7 +214,7 @@ async def test_group_commit_batches_concurrent_publishes(schema: str) -> None:
         )
         elapsed = time.monotonic() - started
         assert all(accepted)
-        ((stored,),) = await sql(f'SELECT count(*) FROM "{schema}".events')
+        ((stored,),) = await postgres_rows(f'SELECT count(*) FROM "{schema}".events')
         assert stored == 2000
         assert elapsed < 5, f"2000 concurrent publishes took {elapsed:.1f}s"
     finally:
