@@ -51,7 +51,8 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
 
-from run import get, port_taken, stop, wait_for  # the ingest benchmark's process helpers
+# The ingest benchmark's process helpers, and its PostgreSQL one.
+from run import get, port_taken, postgres_execute, stop, wait_for
 
 from callboard import Event, ModuleContext, module
 
@@ -205,10 +206,7 @@ def summary(
 
 
 def drop_schema(postgres: str, schema: str) -> None:
-    import psycopg
-
-    with psycopg.connect(postgres, autocommit=True) as connection:
-        connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    postgres_execute(postgres, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 # -- Backstage: two backends on its PostgreSQL event bus (bench/backstage_instance.js) -----------
@@ -254,28 +252,35 @@ def backstage_config(port: int, postgres: str, database: str) -> str:
 
 
 def recreate_database(postgres: str, database: str, create: bool = True) -> None:
-    import psycopg
-
-    with psycopg.connect(postgres, autocommit=True) as connection:
-        connection.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        if create:
-            connection.execute(f'CREATE DATABASE "{database}"')
+    # One statement at a time: DROP and CREATE DATABASE refuse to run in a transaction block,
+    # which a script of several statements is.
+    postgres_execute(postgres, f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+    if create:
+        postgres_execute(postgres, f'CREATE DATABASE "{database}"')
 
 
 def bus_query(postgres: str, database: str, sql: str, *params: object) -> list[tuple[Any, ...]]:
-    import psycopg
+    """The rows of a query (parameters ``$1``...) on the Backstage bus's database."""
+    import asyncio
 
-    try:
-        with psycopg.connect(postgres, dbname=database, autocommit=True) as connection:
-            return connection.execute(sql, params).fetchall()
-    except psycopg.errors.UndefinedTable:  # the events plugin has not migrated yet
-        return []
+    import asyncpg
+
+    async def run() -> list[tuple[Any, ...]]:
+        connection = await asyncpg.connect(postgres, database=database)
+        try:
+            return [tuple(row) for row in await connection.fetch(sql, *params)]
+        except asyncpg.UndefinedTableError:  # the events plugin has not migrated yet
+            return []
+        finally:
+            await connection.close()
+
+    return asyncio.run(run())
 
 
 def wait_for_subscription(postgres: str, database: str, subscription: str) -> None:
     """B's poll loop creates its subscription lazily; events published before it are not kept."""
     deadline = time.monotonic() + 60
-    sql = "SELECT 1 FROM events.event_bus_subscriptions WHERE id = %s"
+    sql = "SELECT 1 FROM events.event_bus_subscriptions WHERE id = $1"
     while not bus_query(postgres, database, sql, subscription):
         if time.monotonic() > deadline:
             raise SystemExit(f"subscription {subscription} did not appear on the Backstage bus")
@@ -345,7 +350,7 @@ def measure_backstage(args: argparse.Namespace, workdir: Path, anchor: Path) -> 
             args.postgres,
             database,
             "SELECT id, (data_json::json->'payload'->>'n')::int FROM events.event_bus_events"
-            " WHERE NOT (data_json::json->'payload'->>'n')::int = ANY(%s) ORDER BY id",
+            " WHERE NOT (data_json::json->'payload'->>'n')::int = ANY($1::int[]) ORDER BY id",
             sorted(handled),
         )
     except BaseException:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CPU cost of the PostgreSQL broker's hot statements per driver: psycopg (used) and asyncpg.
+"""CPU cost of the PostgreSQL broker's hot statements per driver: asyncpg (used) and psycopg.
 
 Runs the broker's own functions (``publish``, ``claim``, ``ack`` of ``0002_operations.sql``) in a
 schema of their own, one after the other on one connection, and prints per call the wall time
@@ -8,14 +8,14 @@ wait loop). The server's time is not in the CPU figure.
 
     python bench/pg_driver.py [--url postgresql://postgres@127.0.0.1:5432/postgres]
 
-asyncpg is measured when it is installed (``pip install asyncpg``); callboard does not need it.
+psycopg (the broker's driver before asyncpg) is measured when it is installed
+(``pip install "psycopg[binary]"``); callboard does not need it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import os
 import resource
 import time
@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import psycopg
+import asyncpg
 
 from callboard.brokers.postgres import PostgresBroker
 
@@ -69,6 +69,11 @@ def publish_args(payload: str) -> list[Any]:
 
 
 async def with_psycopg(url: str, payload: str) -> None:
+    try:
+        import psycopg  # optional: only this comparison uses it
+    except ImportError:
+        print('\n(psycopg is not installed: `pip install "psycopg[binary]"` to compare)')
+        return
     connection = await psycopg.AsyncConnection.connect(url, autocommit=True)
     await connection.execute("SET synchronous_commit = off")
     s = SCHEMA
@@ -97,8 +102,6 @@ async def with_psycopg(url: str, payload: str) -> None:
 
 
 async def with_asyncpg(url: str, payload: str) -> None:
-    import asyncpg  # optional: only this comparison uses it
-
     connection = await asyncpg.connect(url)
     await connection.execute("SET synchronous_commit = off")
     s = SCHEMA
@@ -121,31 +124,34 @@ async def with_asyncpg(url: str, payload: str) -> None:
     await connection.close()
 
 
+async def admin(url: str, statement: str) -> None:
+    connection = await asyncpg.connect(url)
+    try:
+        await connection.execute(statement)
+    finally:
+        await connection.close()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", default="postgresql://postgres@127.0.0.1:5432/postgres")
     url = parser.parse_args().url
     payload = BODY.read_text() if BODY.exists() else '{"ref": "refs/heads/main"}' * 12
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
-        await admin.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+    await admin(url, f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
     await PostgresBroker.from_url(f"{url}?schema={SCHEMA}").migrate()
-    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
-        await admin.execute(
-            f"INSERT INTO {SCHEMA}.subscriptions (name, topics, regexes, position) "
-            "VALUES ('g', '{plain}', '{^plain$}', 0)"
-        )
+    await admin(
+        url,
+        f"INSERT INTO {SCHEMA}.subscriptions (name, topics, regexes, position) "
+        "VALUES ('g', '{plain}', '{^plain$}', 0)",
+    )
     print(f"{ROUNDS} calls each, {len(payload)}-byte payloads\n")
     print("| driver: statement | wall µs per call | client CPU µs per call |")
     print("|---|---:|---:|")
     try:
         await with_psycopg(url, payload)
-        if importlib.util.find_spec("asyncpg") is not None:
-            await with_asyncpg(url, payload)
-        else:
-            print("\n(asyncpg is not installed: `pip install asyncpg` to compare)")
+        await with_asyncpg(url, payload)
     finally:
-        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as admin:
-            await admin.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
+        await admin(url, f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
 
 
 if __name__ == "__main__":

@@ -132,11 +132,27 @@ def drop_bench_schema(broker: str) -> None:
     schema = params.pop("schema", "")
     if not parts.scheme.startswith("postgres") or not schema.startswith("callboard_bench"):
         return
-    import psycopg
-
     conninfo = urlunsplit(parts._replace(scheme="postgresql", query=urlencode(params)))
-    with psycopg.connect(conninfo, autocommit=True) as connection:
-        connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    postgres_execute(conninfo, f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def postgres_execute(url: str, script: str, *, database: str | None = None) -> None:
+    """Run SQL statements (no parameters) on a connection of their own, through asyncpg.
+
+    Imported here: only PostgreSQL runs need it.
+    """
+    import asyncio
+
+    import asyncpg
+
+    async def run() -> None:
+        connection = await asyncpg.connect(url, database=database)
+        try:
+            await connection.execute(script)
+        finally:
+            await connection.close()
+
+    asyncio.run(run())
 
 
 def main() -> int:

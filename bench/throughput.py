@@ -60,7 +60,7 @@ async def open_store(kind: str, postgres: str, workdir: Path) -> AsyncIterator[B
         finally:
             await broker.close()  # the file goes with the temporary directory
     elif kind == "postgresql":
-        import psycopg
+        import asyncpg
 
         from callboard.brokers.postgres import PostgresBroker
 
@@ -71,8 +71,11 @@ async def open_store(kind: str, postgres: str, workdir: Path) -> AsyncIterator[B
             yield broker
         finally:
             await broker.close()
-            async with await psycopg.AsyncConnection.connect(postgres, autocommit=True) as conn:
-                await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            connection = await asyncpg.connect(postgres)
+            try:
+                await connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            finally:
+                await connection.close()
     else:
         raise SystemExit(f"unknown broker {kind!r}: memory, sqlite or postgresql")
 
