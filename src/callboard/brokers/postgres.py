@@ -277,12 +277,16 @@ class PostgresBroker:
                     # Short statements: a stuck server makes a publish fail fast (503), not hang.
                     "statement_timeout": str(int(self.timeout * 1000)),
                 },
-                reset=_keep_session,
+                reset=_reset,
             )
         except (TimeoutError, *_UNAVAILABLE, asyncpg.PostgresError) as error:
             raise BrokerUnavailable(
                 f"cannot connect to PostgreSQL for the broker within {self.timeout}s; "
                 f"check events.broker and that the server is up ({_reason(error)})"
+            ) from error
+        except asyncpg.InterfaceError as error:  # a parameter of the URL asyncpg cannot use
+            raise ConfigError(
+                "events.broker", f"asyncpg refused the PostgreSQL URL: {error}"
             ) from error
 
     async def _close_pool(self) -> None:
@@ -402,11 +406,12 @@ class PostgresBroker:
 class _OneLine(logging.Filter):
     """asyncpg's pool logs each failed reconnect (during an outage) with a traceback: one line.
 
-    The broker reports the outage itself, as warnings; a traceback would read as a crash.
+    The broker reports the outage itself, as warnings; a traceback would read as a crash. Other
+    errors keep their traceback.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None:
+        if record.exc_info and isinstance(record.exc_info[1], (TimeoutError, *_UNAVAILABLE)):
             record.msg = f"{record.getMessage()}: {_reason(record.exc_info[1])}"
             record.args = None
             record.exc_info = None
@@ -417,13 +422,17 @@ class _OneLine(logging.Filter):
 _one_line = _OneLine()
 
 
-async def _keep_session(connection: object) -> None:
-    """The pool's reset: nothing to undo, so no round trip on every release.
+async def _reset(connection: Any) -> None:
+    """The pool's reset: no round trip on a release, unless a transaction was left open.
 
     asyncpg's default reset (``RESET ALL``, unlisten, unlock advisory locks...) costs a round trip
     per operation; the operations of ``postgres_ops`` leave nothing in the session: their
-    transactions always end and their advisory locks are transaction-level.
+    transactions end and their advisory locks and settings are transaction-level. Only an
+    operation cancelled while its rollback was under way could leave a transaction open, and the
+    next one would run inside it: end it.
     """
+    if connection.is_in_transaction():
+        await connection.execute("ROLLBACK")
 
 
 def _reason(error: BaseException) -> str:
