@@ -29,7 +29,7 @@ pytestmark = pytest.mark.postgres
 pytest.importorskip("asyncpg")
 
 from callboard.brokers.postgres import PostgresBroker  # noqa: E402
-from callboard.brokers.postgres_ops import Queries, pattern_regex  # noqa: E402
+from callboard.brokers.postgres_ops import Queries, numbered, pattern_regex  # noqa: E402
 from callboard.brokers.sql import read_sql  # noqa: E402
 
 
@@ -225,3 +225,14 @@ def test_queries_are_bound_to_the_schema() -> None:
     queries = Queries("cb")
     assert queries.channel == "callboard.cb"
     assert len({queries.publish_lock, queries.migrate_lock, queries.clean_lock}) == 3
+
+
+def test_named_parameters_are_numbered_for_asyncpg() -> None:
+    statement = numbered("SELECT %(a)s, %(b)s::bigint, %(a)s, 100%% FROM t WHERE x = %(c)s")
+    assert statement.text == "SELECT $1, $2::bigint, $1, 100% FROM t WHERE x = $3"
+    assert statement.names == ("a", "b", "c")
+    assert statement.args({"c": 3, "a": 1, "b": 2, "unused": 4}) == [1, 2, 3]
+    queries = Queries('we"ird')
+    for name in ("publish", "claim", "ack", "join", "expire_by_count"):
+        assert "%" not in queries[name].text, name
+        assert '"we""ird".' in queries[name].text, name
