@@ -7,7 +7,8 @@ Starts, on loopback:
   scenario asks for it) and a counting subscriber (``bench/counter.py``),
 - a bare Starlette route on port 7012 that only parses the JSON (and checks the HMAC),
 then drives all three with ``<shared>/bench/ingest_compare.py`` (wrk, rounds in turn) and checks
-that every request callboard accepted reached its subscriber.
+that every request callboard accepted reached its subscriber. It also prints the CPU time the
+callboard process spent per accepted request, accepting and delivering (Linux's ``/proc``).
 
     python bench/run.py                        # plain topic, memory broker
     python bench/run.py --scenario github      # signed GitHub pushes through the GitHub module
@@ -98,6 +99,16 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait(15)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """CPU time (user + system) a process has used so far; ``None`` without Linux's ``/proc``."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def callboard_config(scenario: str, broker: str) -> str:
@@ -212,6 +223,7 @@ def main() -> int:
         stack.callback(stop, bare)
         base = f"http://127.0.0.1:{CALLBOARD_PORT}"
         wait_for(f"{base}/readyz")
+        cpu_before = cpu_seconds(server.pid)
         time.sleep(1.5)  # the bare app has no health route; give uvicorn a moment
         targets += [
             f"callboard=http://127.0.0.1:{CALLBOARD_PORT}/api/events/http/{topic}",
@@ -249,6 +261,7 @@ def main() -> int:
             if delivered >= accepted:
                 break
             time.sleep(0.5)
+        cpu_after = cpu_seconds(server.pid)
 
     by_name = {row["target"]: row for row in rows}
     ours = by_name["callboard"]
@@ -271,6 +284,11 @@ def main() -> int:
         f"callboard / bare starlette: {ours['req_per_s'] / by_name['starlette']['req_per_s']:.0%}"
     )
     print(f"accepted by callboard: {accepted:,.0f}; delivered to the subscriber: {delivered:,.0f}")
+    cpu_per_request = None
+    if cpu_before is not None and cpu_after is not None and accepted:
+        # Everything the server did for the run, accepting and delivering, per accepted request.
+        cpu_per_request = (cpu_after - cpu_before) / accepted * 1e6
+        print(f"callboard CPU per accepted request (ingest and delivery): {cpu_per_request:.0f} µs")
     ok = delivered >= accepted > 0
     print("every accepted event delivered" if ok else "MISSING DELIVERIES")
     results = ROOT / "bench" / "results"
@@ -283,6 +301,7 @@ def main() -> int:
                 "rows": rows,
                 "accepted": accepted,
                 "delivered": delivered,
+                "cpu_us_per_request": cpu_per_request,
             },
             indent=2,
         )

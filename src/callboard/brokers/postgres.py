@@ -265,7 +265,8 @@ class PostgresBroker:
     # -- internals ---------------------------------------------------------------------------
 
     async def _open_pool(self) -> None:
-        logging.getLogger("asyncpg.pool").addFilter(_one_line)  # once: filters are a set
+        # Added once: ``addFilter`` skips a filter it already has.
+        logging.getLogger("asyncpg.pool").addFilter(_one_line)
         try:
             self._pool = await asyncpg.create_pool(
                 self.conninfo,
