@@ -89,6 +89,9 @@ _UNAVAILABLE = (
     asyncpg.OperatorInterventionError,
     asyncpg.TooManyConnectionsError,
 )
+#: What leaves a connection unfit to lend again: the failures above, and the driver finding it
+#: closed or in the middle of another operation.
+_BROKEN = (*_UNAVAILABLE, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
 class PostgresBroker:
@@ -345,11 +348,18 @@ class PostgresBroker:
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[ops.Connection]:
-        # A connection that broke is closed by asyncpg; the pool connects anew when it next
-        # lends that slot. (A connection that broke while idle is found closed then too.)
+        # A connection that broke is closed, and the pool connects anew when it next lends that
+        # slot. (A connection that broke while idle is found closed then too.)
         try:
             async with self._pool.acquire(timeout=self.timeout) as connection:
-                yield connection
+                try:
+                    yield connection
+                except _BROKEN:
+                    # asyncpg may not have closed it yet: a terminated backend's error arrives
+                    # before its socket closes, and lent again at once the connection would fail
+                    # the next operation too. Drop it now.
+                    connection.terminate()
+                    raise
         except TimeoutError as error:
             raise BrokerUnavailable(
                 f"PostgreSQL is unreachable (no connection within {self.timeout}s)"
@@ -362,6 +372,9 @@ class PostgresBroker:
             if _closed(error):
                 raise BrokerUnavailable(f"PostgreSQL failed: {error}") from error
             raise BrokerError(f"the broker misused its PostgreSQL driver: {error}") from error
+        except asyncpg.InternalClientError as error:
+            # A connection left mid-operation by a failure; it was dropped above.
+            raise BrokerUnavailable(f"PostgreSQL connection unusable: {error}") from error
 
     async def _flush_publishes(self, batch: list[tuple[StoredEvent, str | None]]) -> list[bool]:
         results = await self._with(ops.insert_events, batch)
