@@ -357,8 +357,10 @@ class PostgresBroker:
                 except _BROKEN:
                     # asyncpg may not have closed it yet: a terminated backend's error arrives
                     # before its socket closes, and lent again at once the connection would fail
-                    # the next operation too. Drop it now.
-                    connection.terminate()
+                    # the next operation too. Drop it now (unless asyncpg, finding it closed,
+                    # has taken it back already).
+                    with contextlib.suppress(asyncpg.InterfaceError):
+                        connection.terminate()
                     raise
         except TimeoutError as error:
             raise BrokerUnavailable(
