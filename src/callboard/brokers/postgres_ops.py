@@ -116,6 +116,13 @@ async def fetch(
     return rows
 
 
+async def fetch_value(
+    connection: Connection, statement: Statement, params: Mapping[str, Any] | None = None
+) -> Any:
+    """The first column of a statement's first row; ``None`` when there is no row."""
+    return await connection.fetchval(statement.text, *statement.args(params or {}))
+
+
 async def execute(
     connection: Connection, statement: Statement, params: Mapping[str, Any] | None = None
 ) -> int:
@@ -228,7 +235,7 @@ async def join(
     topics = sorted(set(patterns))
     since = start if isinstance(start, datetime) else None
     async with connection.transaction():
-        rows = await fetch(
+        created = await fetch_value(
             connection,
             q["join"],
             {
@@ -239,7 +246,7 @@ async def join(
                 "since": since,
             },
         )
-    return bool(rows and rows[0][0])
+    return bool(created)
 
 
 async def claim(
@@ -318,8 +325,7 @@ async def dead_letters(
 
 async def delete_subscription(connection: Connection, q: Queries, group: str) -> bool:
     """Forget a subscription, its leases and its dead letters; was there anything?"""
-    rows = await fetch(connection, q["delete_subscription"], {"name": group})
-    return bool(rows and rows[0][0])
+    return bool(await fetch_value(connection, q["delete_subscription"], {"name": group}))
 
 
 async def subscriptions(connection: Connection, q: Queries) -> list[SubscriptionInfo]:
@@ -337,15 +343,14 @@ async def expire(connection: Connection, q: Queries, policy: RetentionPolicy) ->
     """Delete one batch of events outside the window; ``None`` if another instance is at it."""
     async with connection.transaction():
         await connection.execute("SET LOCAL statement_timeout = '20s'")
-        locked = await fetch(connection, q["try_lock"], {"key": q.clean_lock})
-        if not (locked and locked[0][0]):
+        if not await fetch_value(connection, q["try_lock"], {"key": q.clean_lock}):
             return None
         args = {"max_age": policy.max_age, "min_age": policy.min_age, "limit": policy.batch_size}
         rows = await fetch(connection, q["expire_by_age"], args)
         if not rows:
-            edge = await fetch(connection, q["count_edge"], {"max_count": policy.max_count})
-            if edge:
-                rows = await fetch(connection, q["expire_by_count"], {**args, "edge": edge[0][0]})
+            edge = await fetch_value(connection, q["count_edge"], {"max_count": policy.max_count})
+            if edge is not None:
+                rows = await fetch(connection, q["expire_by_count"], {**args, "edge": edge})
         if not rows:
             return Expired(0, {})
         lost: Counter[str] = Counter()
