@@ -28,6 +28,7 @@ pytestmark = pytest.mark.postgres
 
 pytest.importorskip("asyncpg")
 
+from callboard.brokers import postgres_ops as ops  # noqa: E402
 from callboard.brokers.postgres import PostgresBroker  # noqa: E402
 from callboard.brokers.postgres_ops import Queries, numbered, pattern_regex  # noqa: E402
 from callboard.brokers.sql import read_sql  # noqa: E402
@@ -76,7 +77,11 @@ async def test_patterns_match_in_sql_as_in_python(
 
 async def test_migrations_build_what_schema_sql_describes(schema: str) -> None:
     migrated = PostgresBroker(POSTGRES_URL, schema=schema)
-    assert await migrated.migrate() == ["0001_init.sql", "0002_operations.sql"]
+    assert await migrated.migrate() == [
+        "0001_init.sql",
+        "0002_operations.sql",
+        "0003_leased_batches.sql",
+    ]
     assert await migrated.migrate() == []
     reference = schema + "_ref"
     text = read_sql("postgres", "schema.sql")
@@ -126,7 +131,10 @@ def test_migrate_command(schema: str, tmp_path: Any, capsys: pytest.CaptureFixtu
     config = tmp_path / "callboard.yaml"
     config.write_text(f"events:\n  broker: {POSTGRES_URL}?schema={schema}\n")
     assert main(["migrate", "-c", str(config)]) == 0
-    assert "applied 0001_init.sql, 0002_operations.sql" in capsys.readouterr().out
+    assert (
+        "applied 0001_init.sql, 0002_operations.sql, 0003_leased_batches.sql"
+        in capsys.readouterr().out
+    )
     assert main(["migrate", "-c", str(config)]) == 0
     assert capsys.readouterr().out.strip() == "schema up to date"
 
@@ -219,6 +227,139 @@ async def test_group_commit_batches_concurrent_publishes(schema: str) -> None:
         assert elapsed < 5, f"2000 concurrent publishes took {elapsed:.1f}s"
     finally:
         await broker.close()
+
+
+class Leasing:
+    """The broker's claim and ack functions called directly, in a migrated schema."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = schema
+
+    async def claim(self, consumer: str, limit: int = 10) -> list[tuple[int, int]]:
+        rows = await postgres_rows(
+            f'SELECT r_seq, r_attempt FROM "{self.schema}".claim($1, $2, $3, 30.0)',
+            "workers",
+            consumer,
+            limit,
+        )
+        return [(seq, attempt) for seq, attempt in rows]
+
+    async def ack(self, consumer: str, *seqs: int) -> list[int]:
+        rows = await postgres_rows(
+            f'SELECT r_seq FROM "{self.schema}".ack($1, $2, $3)',
+            ["workers"] * len(seqs),
+            list(seqs),
+            [consumer] * len(seqs),
+        )
+        return sorted(seq for (seq,) in rows)
+
+    async def run_out(self) -> None:
+        for table in ("leased_batches", "leases"):
+            await postgres_execute(
+                f"UPDATE \"{self.schema}\".{table} SET expires_at = now() - interval '1s'"
+            )
+
+    async def batches(self) -> list[tuple[str, list[int]]]:
+        rows = await postgres_rows(
+            f'SELECT consumer, pending FROM "{self.schema}".leased_batches ORDER BY first_seq'
+        )
+        return [(consumer, list(pending)) for consumer, pending in rows]
+
+    async def leases(self) -> list[tuple[int, str, int]]:
+        rows = await postgres_rows(
+            f'SELECT seq, consumer, attempt FROM "{self.schema}".leases ORDER BY seq'
+        )
+        return [(seq, consumer, attempt) for seq, consumer, attempt in rows]
+
+
+async def leasing(schema: str, events: int) -> tuple[Leasing, list[int]]:
+    """A schema with the group ``workers`` and ``events`` events for it; their seqs."""
+    broker = PostgresBroker(POSTGRES_URL, schema=schema)
+    await broker.start()
+    try:
+        await broker.consume("workers", ["jobs"])
+        await broker.abandon()
+    finally:
+        await broker.close()
+    broker = PostgresBroker(POSTGRES_URL, schema=schema)
+    await broker.start()
+    try:
+        for n in range(events):
+            await broker.publish(Event(topic="jobs", payload=n))
+    finally:
+        await broker.close()
+    rows = await postgres_rows(f'SELECT seq FROM "{schema}".events ORDER BY seq')
+    return Leasing(schema), [seq for (seq,) in rows]
+
+
+async def test_new_events_are_leased_as_one_batch_until_acknowledged(schema: str) -> None:
+    leasing_, seqs = await leasing(schema, 5)
+    assert await leasing_.claim("c1") == [(seq, 1) for seq in seqs]
+    assert await leasing_.batches() == [("c1", seqs)]
+    assert await leasing_.leases() == []
+    assert await leasing_.ack("c1", seqs[0], seqs[3]) == [seqs[0], seqs[3]]
+    assert await leasing_.batches() == [("c1", [seqs[1], seqs[2], seqs[4]])]
+    # Not held: acknowledged already, or by a consumer that does not hold them.
+    assert await leasing_.ack("c1", seqs[0]) == []
+    assert await leasing_.ack("c2", seqs[1]) == []
+    assert await leasing_.ack("c1", seqs[1], seqs[2], seqs[4]) == [seqs[1], seqs[2], seqs[4]]
+    assert await leasing_.batches() == []
+    assert await leasing_.claim("c1") == []
+
+
+async def test_a_batch_that_ran_out_is_handed_out_again_event_by_event(schema: str) -> None:
+    leasing_, seqs = await leasing(schema, 4)
+    await leasing_.claim("c1")
+    assert await leasing_.ack("c1", seqs[1]) == [seqs[1]]
+    await leasing_.run_out()
+    # The claim splits the batch; what it has no room for stays with c1, run out.
+    assert await leasing_.claim("c2", limit=1) == [(seqs[0], 2)]
+    assert await leasing_.batches() == []
+    assert await leasing_.leases() == [(seqs[0], "c2", 2), (seqs[2], "c1", 1), (seqs[3], "c1", 1)]
+    # c1 is late but nobody took seqs[2] yet: its acknowledgement counts. seqs[0] is c2's now.
+    assert await leasing_.ack("c1", seqs[0], seqs[2]) == [seqs[2]]
+    assert await leasing_.claim("c2") == [(seqs[3], 2)]
+    assert await leasing_.ack("c2", seqs[0], seqs[3]) == [seqs[0], seqs[3]]
+    assert await leasing_.leases() == []
+
+
+async def test_a_batch_handed_back_goes_to_the_next_claim(schema: str) -> None:
+    leasing_, seqs = await leasing(schema, 3)
+    await leasing_.claim("c1")
+    assert await leasing_.ack("c1", seqs[0]) == [seqs[0]]
+    ((count,),) = await postgres_rows(
+        f'SELECT count(*) FROM "{schema}".leased_batches WHERE consumer = $1', "c1"
+    )
+    assert count == 1
+    broker = PostgresBroker(POSTGRES_URL, schema=schema)
+    await broker.start()
+    try:
+        listed = {s.name: s for s in await broker.subscriptions()}
+        assert (listed["workers"].in_flight, listed["workers"].backlog) == (2, 0)
+        await broker._with(ops.release, "workers", "c1")
+        listed = {s.name: s for s in await broker.subscriptions()}
+        assert (listed["workers"].in_flight, listed["workers"].backlog) == (0, 2)
+    finally:
+        await broker.close()
+    assert await leasing_.claim("c2") == [(seqs[1], 2), (seqs[2], 2)]
+
+
+async def test_retention_counts_leased_events_it_deletes_as_lost(schema: str) -> None:
+    policy = RetentionPolicy(min_age=0, max_age=3600, max_count=1, batch_size=10)
+    leasing_, seqs = await leasing(schema, 3)
+    await leasing_.claim("c1")
+    await leasing_.ack("c1", seqs[0])
+    broker = PostgresBroker(POSTGRES_URL, schema=schema, retention=policy)
+    await broker.start()
+    try:
+        assert await broker.clean() == 2
+        listed = {s.name: s for s in await broker.subscriptions()}
+        assert (listed["workers"].lost, listed["workers"].in_flight) == (1, 1)
+    finally:
+        await broker.close()
+    assert await leasing_.batches() == []
+    assert await leasing_.leases() == [(seqs[2], "c1", 1)]
+    assert await leasing_.ack("c1", seqs[2]) == [seqs[2]]
 
 
 def test_queries_are_bound_to_the_schema() -> None:

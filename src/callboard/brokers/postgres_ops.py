@@ -291,7 +291,7 @@ async def ack(connection: Connection, q: Queries, batch: list[tuple[str, str, in
 
 async def release(connection: Connection, q: Queries, group: str, consumer: str) -> None:
     async with connection.transaction():
-        if await execute(connection, q["release"], {"group": group, "consumer": consumer}):
+        if await fetch_value(connection, q["release"], {"group": group, "consumer": consumer}):
             await execute(
                 connection,
                 q["notify"],
@@ -361,7 +361,9 @@ async def expire(connection: Connection, q: Queries, policy: RetentionPolicy) ->
                 for seq, topic, target in rows
                 if seq > position and (target == name or (target is None and matcher(topic)))
             )
-        dropped = await fetch(connection, q["drop_leases"], {"upto": max(r[0] for r in rows)})
+        upto = {"upto": max(r[0] for r in rows)}
+        await execute(connection, q["split_batches"], upto)
+        dropped = await fetch(connection, q["drop_leases"], upto)
         lost.update(name for (name,) in dropped)
         for name, count in lost.items():
             if count:

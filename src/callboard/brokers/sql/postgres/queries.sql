@@ -79,12 +79,24 @@ SELECT r_subscription, r_seq, r_consumer
 FROM {schema}.ack(%(groups)s::text[], %(seqs)s::bigint[], %(consumers)s::text[])
 
 -- name: release
--- Hand every lease of a consumer back to its group.
-UPDATE {schema}.leases SET consumer = NULL, expires_at = '-infinity'
-WHERE subscription = %(group)s AND consumer = %(consumer)s
+-- Hand every lease and leased batch of a consumer back to its group; how many there were.
+WITH batches AS (
+    UPDATE {schema}.leased_batches SET consumer = NULL, expires_at = '-infinity'
+    WHERE subscription = %(group)s AND consumer = %(consumer)s
+    RETURNING 1
+), singles AS (
+    UPDATE {schema}.leases SET consumer = NULL, expires_at = '-infinity'
+    WHERE subscription = %(group)s AND consumer = %(consumer)s
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM batches) + (SELECT count(*) FROM singles)
 
 -- name: renew
--- Push the deadline of every lease held by live consumers.
+-- Push the deadline of every lease and leased batch held by live consumers.
+WITH batches AS (
+    UPDATE {schema}.leased_batches SET expires_at = now() + make_interval(secs => %(lease)s)
+    WHERE consumer = ANY(%(consumers)s)
+)
 UPDATE {schema}.leases SET expires_at = now() + make_interval(secs => %(lease)s)
 WHERE consumer = ANY(%(consumers)s)
 
@@ -104,6 +116,8 @@ DELETE FROM {schema}.dead_letters WHERE seq = ANY(%(seqs)s)
 -- the subscription and its dead letters went.
 WITH leases AS (
     DELETE FROM {schema}.leases WHERE subscription = %(name)s
+), batches AS (
+    DELETE FROM {schema}.leased_batches WHERE subscription = %(name)s
 ), letters AS (
     DELETE FROM {schema}.dead_letters WHERE subscription = %(name)s RETURNING 1
 ), gone AS (
@@ -115,9 +129,13 @@ SELECT (SELECT count(*) FROM gone) + (SELECT count(*) FROM letters)
 -- Every subscription with its leases in flight and what waits for it.
 SELECT s.name, s.topics, s.lost,
     (SELECT count(*) FROM {schema}.leases AS l
-     WHERE l.subscription = s.name AND l.consumer IS NOT NULL AND l.expires_at > now()),
+     WHERE l.subscription = s.name AND l.consumer IS NOT NULL AND l.expires_at > now())
+    + (SELECT coalesce(sum(cardinality(b.pending)), 0) FROM {schema}.leased_batches AS b
+       WHERE b.subscription = s.name AND b.consumer IS NOT NULL AND b.expires_at > now()),
     (SELECT count(*) FROM {schema}.leases AS l
      WHERE l.subscription = s.name AND (l.consumer IS NULL OR l.expires_at <= now()))
+    + (SELECT coalesce(sum(cardinality(b.pending)), 0) FROM {schema}.leased_batches AS b
+       WHERE b.subscription = s.name AND (b.consumer IS NULL OR b.expires_at <= now()))
     + (SELECT count(*) FROM {schema}.events AS e
        WHERE e.seq > s.position
          AND (e.target = s.name OR (e.target IS NULL AND e.topic ~ ANY(s.regexes))))
@@ -152,6 +170,17 @@ RETURNING e.seq, e.topic, e.target
 -- name: subscription_positions
 -- Every subscription's topics and position, to account for what retention deletes.
 SELECT name, topics, position FROM {schema}.subscriptions
+
+-- name: split_batches
+-- Turn the leased batches holding events up to a seq into single leases, held as before (so
+-- that drop_leases sees each event).
+WITH split AS (
+    DELETE FROM {schema}.leased_batches WHERE first_seq <= %(upto)s
+    RETURNING subscription, consumer, expires_at, pending
+)
+INSERT INTO {schema}.leases (subscription, seq, consumer, expires_at, attempt)
+SELECT split.subscription, p.seq, split.consumer, split.expires_at, 1
+FROM split, unnest(split.pending) AS p (seq)
 
 -- name: drop_leases
 -- Delete leases whose event is gone, up to a seq.

@@ -50,6 +50,18 @@ CREATE INDEX leases_consumer ON {schema}.leases (consumer);
 
 CREATE INDEX leases_due ON {schema}.leases (subscription, expires_at);
 
+CREATE TABLE {schema}.leased_batches (
+    subscription text NOT NULL,
+    first_seq bigint NOT NULL,
+    consumer text,
+    expires_at timestamptz NOT NULL,
+    -- The batch's events not acknowledged yet, in seq order; empty: the batch is done.
+    pending bigint[] NOT NULL,
+    PRIMARY KEY (subscription, first_seq)
+);
+
+COMMENT ON TABLE {schema}.leased_batches IS 'Events leased together by one claim (first attempt), until acknowledged or split into leases';
+
 CREATE TABLE {schema}.dead_letters (
     seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     subscription text NOT NULL,
@@ -62,7 +74,7 @@ CREATE TABLE {schema}.dead_letters (
 
 CREATE INDEX dead_letters_subscription ON {schema}.dead_letters (subscription, seq);
 
--- The hot operations, one statement each (0002_operations.sql).
+-- The hot operations, one statement each (0002_operations.sql, 0003_leased_batches.sql).
 
 CREATE FUNCTION {schema}.publish(
     lock_key bigint,
@@ -124,7 +136,7 @@ DECLARE
     pos bigint;
     rx text[];
     room integer;
-    taken integer := 0;
+    taken bigint[] := '{}';
     newest bigint := 0;
     fresh record;
 BEGIN
@@ -137,6 +149,17 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'subscription % no longer exists', grp USING ERRCODE = 'no_data_found';
     END IF;
+    -- Batches whose lease ran out or was handed back become single leases of their events not
+    -- acknowledged yet (still run out, under their consumer: a late acknowledgement still
+    -- counts until another consumer takes the event); fully acknowledged ones just go.
+    WITH split AS (
+        DELETE FROM {schema}.leased_batches AS b
+        WHERE b.subscription = grp AND (b.expires_at <= now() OR b.pending = '{}')
+        RETURNING b.consumer, b.expires_at, b.pending
+    )
+    INSERT INTO {schema}.leases (subscription, seq, consumer, expires_at, attempt)
+    SELECT grp, p.seq, split.consumer, split.expires_at, 1
+    FROM split, unnest(split.pending) AS p (seq);
     -- First the group's events whose lease ran out or was handed back (a lease handed back runs
     -- out at -infinity), oldest first; competing consumers skip each other's rows. Looked up by
     -- leases_due: the primary key would visit every lease of the group, and the dead entries of
@@ -160,26 +183,23 @@ BEGIN
     IF room <= 0 THEN
         RETURN;
     END IF;
-    -- Then the next matching events after the position, with the newest seq of the same snapshot.
+    -- Then the next matching events after the position, with the newest seq of the same
+    -- snapshot, leased together as one batch.
     FOR fresh IN
-        WITH due AS (
-            SELECT ev.seq FROM {schema}.events AS ev
+        SELECT head.seq AS head, e.seq, e.id, e.topic, e.time_us, e.payload, e.metadata
+        FROM (SELECT coalesce(max(h.seq), 0) AS seq FROM {schema}.events AS h) AS head
+        LEFT JOIN LATERAL (
+            SELECT ev.seq, ev.id, ev.topic, ev.time_us, ev.payload, ev.metadata
+            FROM {schema}.events AS ev
             WHERE ev.seq > pos
               AND (ev.target = grp OR (ev.target IS NULL AND ev.topic ~ ANY(rx)))
             ORDER BY ev.seq LIMIT room
-        ), leased AS (
-            INSERT INTO {schema}.leases (subscription, seq, consumer, expires_at, attempt)
-            SELECT grp, due.seq, consumer_id, now() + make_interval(secs => lease), 1 FROM due
-            RETURNING leases.seq
-        )
-        SELECT head.seq AS head, e.seq, e.id, e.topic, e.time_us, e.payload, e.metadata
-        FROM (SELECT coalesce(max(h.seq), 0) AS seq FROM {schema}.events AS h) AS head
-        LEFT JOIN (leased JOIN {schema}.events AS e ON e.seq = leased.seq) ON true
+        ) AS e ON true
         ORDER BY e.seq
     LOOP
         newest := fresh.head;
         CONTINUE WHEN fresh.seq IS NULL;
-        taken := taken + 1;
+        taken := taken || fresh.seq;
         r_seq := fresh.seq;
         r_attempt := 1;
         r_id := fresh.id;
@@ -189,9 +209,13 @@ BEGIN
         r_metadata := fresh.metadata;
         RETURN NEXT;
     END LOOP;
+    IF cardinality(taken) > 0 THEN
+        INSERT INTO {schema}.leased_batches (subscription, first_seq, consumer, expires_at, pending)
+        VALUES (grp, taken[1], consumer_id, now() + make_interval(secs => lease), taken);
+    END IF;
     -- With fewer than asked for, everything up to the head was looked at: moving there spares
     -- the next claim from reading it again. With as many, up to the last one leased.
-    IF taken = room THEN
+    IF cardinality(taken) = room THEN
         newest := r_seq;
     END IF;
     IF newest > pos THEN
@@ -211,11 +235,47 @@ LANGUAGE plpgsql
 SET enable_seqscan = off
 SET enable_bitmapscan = off
 AS $$
+DECLARE
+    acked integer;
 BEGIN
     -- Committed without waiting for the disk: an acknowledgement lost in a server crash only
     -- means the event is delivered again.
     PERFORM set_config('synchronous_commit', 'off', true);
-    -- Only leases still held by the consumers acknowledging them.
+    -- Only what the acknowledging consumers still hold. First in batches: a batch goes once
+    -- all its events are acknowledged, or else loses the acknowledged ones from its pending
+    -- events. Both conditions and the new array are taken from the row as it is when it is
+    -- written, so concurrent acknowledgements of one batch add up.
+    RETURN QUERY
+    WITH asked AS (
+        SELECT a.g, a.c, array_agg(a.s) AS done
+        FROM unnest(groups, seqs, consumers) AS a (g, s, c)
+        GROUP BY a.g, a.c
+    ), hit AS (
+        SELECT b.subscription, b.first_seq, b.consumer, asked.done,
+            ARRAY(SELECT p FROM unnest(b.pending) AS p WHERE p = ANY(asked.done)) AS held
+        FROM asked JOIN {schema}.leased_batches AS b
+            ON b.subscription = asked.g AND b.consumer = asked.c AND b.pending && asked.done
+    ), finished AS (
+        DELETE FROM {schema}.leased_batches AS b
+        USING hit
+        WHERE b.subscription = hit.subscription AND b.first_seq = hit.first_seq
+          AND b.consumer = hit.consumer AND b.pending <@ hit.done
+        RETURNING b.subscription, b.pending AS done, b.consumer
+    ), shrunk AS (
+        UPDATE {schema}.leased_batches AS b
+        SET pending = ARRAY(SELECT p FROM unnest(b.pending) AS p WHERE p <> ALL(hit.done))
+        FROM hit
+        WHERE b.subscription = hit.subscription AND b.first_seq = hit.first_seq
+          AND b.consumer = hit.consumer AND NOT b.pending <@ hit.done
+        RETURNING b.subscription, hit.held AS done, b.consumer
+    )
+    SELECT h.subscription, d.s, h.consumer
+    FROM (SELECT * FROM finished UNION ALL SELECT * FROM shrunk) AS h, unnest(h.done) AS d (s);
+    -- Then single leases (events handed out again), unless every acknowledgement was of a batch.
+    GET DIAGNOSTICS acked = ROW_COUNT;
+    IF acked = cardinality(seqs) THEN
+        RETURN;
+    END IF;
     RETURN QUERY
     DELETE FROM {schema}.leases AS l
     USING unnest(groups, seqs, consumers) AS a (g, s, c)

@@ -1,0 +1,191 @@
+-- New events are leased a claim's batch at a time: one row of leased_batches per claim instead
+-- of one row of leases per event. A busy subscription then writes a row per claim and one or
+-- two changes of it per acknowledgement batch, where it wrote and deleted a row, with three
+-- index entries, per event. Once a batch's lease runs out or is handed back, the claim splits
+-- what is left of it into single leases (the leases table), which are handed out again one by
+-- one as before; so leases still holds every redelivery, with its attempt count.
+
+CREATE TABLE {schema}.leased_batches (
+    subscription text NOT NULL,
+    first_seq bigint NOT NULL,
+    consumer text,
+    expires_at timestamptz NOT NULL,
+    -- The batch's events not acknowledged yet, in seq order; empty: the batch is done.
+    pending bigint[] NOT NULL,
+    PRIMARY KEY (subscription, first_seq)
+);
+
+COMMENT ON TABLE {schema}.leased_batches IS 'Events leased together by one claim (first attempt), until acknowledged or split into leases';
+
+CREATE OR REPLACE FUNCTION {schema}.claim(
+    grp text,
+    consumer_id text,
+    lim integer,
+    lease double precision
+) RETURNS TABLE (
+    r_seq bigint,
+    r_attempt integer,
+    r_id text,
+    r_topic text,
+    r_time_us bigint,
+    r_payload text,
+    r_metadata text
+)
+LANGUAGE plpgsql
+-- Walk the events in seq order from the position and stop at the limit, whatever the statistics
+-- say: with a group far behind (or tables never analysed) the planner would rather read every
+-- event after the position, match each against the group's patterns and sort them all.
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+AS $$
+DECLARE
+    pos bigint;
+    rx text[];
+    room integer;
+    taken bigint[] := '{}';
+    newest bigint := 0;
+    fresh record;
+BEGIN
+    -- A claim commits without waiting for the disk: lost in a server crash, its events are only
+    -- handed out again.
+    PERFORM set_config('synchronous_commit', 'off', true);
+    -- The group's row serialises its claims: the position moves one claim at a time.
+    SELECT s.position, s.regexes INTO pos, rx
+    FROM {schema}.subscriptions AS s WHERE s.name = grp FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'subscription % no longer exists', grp USING ERRCODE = 'no_data_found';
+    END IF;
+    -- Batches whose lease ran out or was handed back become single leases of their events not
+    -- acknowledged yet (still run out, under their consumer: a late acknowledgement still
+    -- counts until another consumer takes the event); fully acknowledged ones just go.
+    WITH split AS (
+        DELETE FROM {schema}.leased_batches AS b
+        WHERE b.subscription = grp AND (b.expires_at <= now() OR b.pending = '{}')
+        RETURNING b.consumer, b.expires_at, b.pending
+    )
+    INSERT INTO {schema}.leases (subscription, seq, consumer, expires_at, attempt)
+    SELECT grp, p.seq, split.consumer, split.expires_at, 1
+    FROM split, unnest(split.pending) AS p (seq);
+    -- First the group's events whose lease ran out or was handed back (a lease handed back runs
+    -- out at -infinity), oldest first; competing consumers skip each other's rows. Looked up by
+    -- leases_due: the primary key would visit every lease of the group, and the dead entries of
+    -- every lease acknowledged since the last vacuum.
+    RETURN QUERY
+    UPDATE {schema}.leases AS l
+    SET consumer = consumer_id,
+        expires_at = now() + make_interval(secs => lease),
+        attempt = l.attempt + 1
+    FROM (
+        SELECT d.seq FROM {schema}.leases AS d
+        WHERE d.subscription = grp AND d.expires_at <= now()
+        ORDER BY d.seq LIMIT lim
+        FOR UPDATE SKIP LOCKED
+    ) AS due
+    JOIN {schema}.events AS e ON e.seq = due.seq
+    WHERE l.subscription = grp AND l.seq = due.seq
+    RETURNING l.seq, l.attempt, e.id, e.topic, e.time_us, e.payload, e.metadata;
+    GET DIAGNOSTICS room = ROW_COUNT;
+    room := lim - room;
+    IF room <= 0 THEN
+        RETURN;
+    END IF;
+    -- Then the next matching events after the position, with the newest seq of the same
+    -- snapshot, leased together as one batch.
+    FOR fresh IN
+        SELECT head.seq AS head, e.seq, e.id, e.topic, e.time_us, e.payload, e.metadata
+        FROM (SELECT coalesce(max(h.seq), 0) AS seq FROM {schema}.events AS h) AS head
+        LEFT JOIN LATERAL (
+            SELECT ev.seq, ev.id, ev.topic, ev.time_us, ev.payload, ev.metadata
+            FROM {schema}.events AS ev
+            WHERE ev.seq > pos
+              AND (ev.target = grp OR (ev.target IS NULL AND ev.topic ~ ANY(rx)))
+            ORDER BY ev.seq LIMIT room
+        ) AS e ON true
+        ORDER BY e.seq
+    LOOP
+        newest := fresh.head;
+        CONTINUE WHEN fresh.seq IS NULL;
+        taken := taken || fresh.seq;
+        r_seq := fresh.seq;
+        r_attempt := 1;
+        r_id := fresh.id;
+        r_topic := fresh.topic;
+        r_time_us := fresh.time_us;
+        r_payload := fresh.payload;
+        r_metadata := fresh.metadata;
+        RETURN NEXT;
+    END LOOP;
+    IF cardinality(taken) > 0 THEN
+        INSERT INTO {schema}.leased_batches (subscription, first_seq, consumer, expires_at, pending)
+        VALUES (grp, taken[1], consumer_id, now() + make_interval(secs => lease), taken);
+    END IF;
+    -- With fewer than asked for, everything up to the head was looked at: moving there spares
+    -- the next claim from reading it again. With as many, up to the last one leased.
+    IF cardinality(taken) = room THEN
+        newest := r_seq;
+    END IF;
+    IF newest > pos THEN
+        UPDATE {schema}.subscriptions SET position = greatest(position, newest) WHERE name = grp;
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION {schema}.ack(
+    groups text[],
+    seqs bigint[],
+    consumers text[]
+) RETURNS TABLE (r_subscription text, r_seq bigint, r_consumer text)
+LANGUAGE plpgsql
+-- One lookup by primary key per acknowledgement, whatever the statistics say: a hash join would
+-- read every lease, and the dead rows of every lease acknowledged since the last vacuum.
+SET enable_seqscan = off
+SET enable_bitmapscan = off
+AS $$
+DECLARE
+    acked integer;
+BEGIN
+    -- Committed without waiting for the disk: an acknowledgement lost in a server crash only
+    -- means the event is delivered again.
+    PERFORM set_config('synchronous_commit', 'off', true);
+    -- Only what the acknowledging consumers still hold. First in batches: a batch goes once
+    -- all its events are acknowledged, or else loses the acknowledged ones from its pending
+    -- events. Both conditions and the new array are taken from the row as it is when it is
+    -- written, so concurrent acknowledgements of one batch add up.
+    RETURN QUERY
+    WITH asked AS (
+        SELECT a.g, a.c, array_agg(a.s) AS done
+        FROM unnest(groups, seqs, consumers) AS a (g, s, c)
+        GROUP BY a.g, a.c
+    ), hit AS (
+        SELECT b.subscription, b.first_seq, b.consumer, asked.done,
+            ARRAY(SELECT p FROM unnest(b.pending) AS p WHERE p = ANY(asked.done)) AS held
+        FROM asked JOIN {schema}.leased_batches AS b
+            ON b.subscription = asked.g AND b.consumer = asked.c AND b.pending && asked.done
+    ), finished AS (
+        DELETE FROM {schema}.leased_batches AS b
+        USING hit
+        WHERE b.subscription = hit.subscription AND b.first_seq = hit.first_seq
+          AND b.consumer = hit.consumer AND b.pending <@ hit.done
+        RETURNING b.subscription, b.pending AS done, b.consumer
+    ), shrunk AS (
+        UPDATE {schema}.leased_batches AS b
+        SET pending = ARRAY(SELECT p FROM unnest(b.pending) AS p WHERE p <> ALL(hit.done))
+        FROM hit
+        WHERE b.subscription = hit.subscription AND b.first_seq = hit.first_seq
+          AND b.consumer = hit.consumer AND NOT b.pending <@ hit.done
+        RETURNING b.subscription, hit.held AS done, b.consumer
+    )
+    SELECT h.subscription, d.s, h.consumer
+    FROM (SELECT * FROM finished UNION ALL SELECT * FROM shrunk) AS h, unnest(h.done) AS d (s);
+    -- Then single leases (events handed out again), unless every acknowledgement was of a batch.
+    GET DIAGNOSTICS acked = ROW_COUNT;
+    IF acked = cardinality(seqs) THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    DELETE FROM {schema}.leases AS l
+    USING unnest(groups, seqs, consumers) AS a (g, s, c)
+    WHERE l.subscription = a.g AND l.seq = a.s AND l.consumer = a.c
+    RETURNING l.subscription, l.seq, l.consumer;
+END
+$$;
