@@ -81,6 +81,7 @@ async def test_migrations_build_what_schema_sql_describes(schema: str) -> None:
         "0001_init.sql",
         "0002_operations.sql",
         "0003_leased_batches.sql",
+        "0004_plain_publish.sql",
     ]
     assert await migrated.migrate() == []
     reference = schema + "_ref"
@@ -132,8 +133,8 @@ def test_migrate_command(schema: str, tmp_path: Any, capsys: pytest.CaptureFixtu
     config.write_text(f"events:\n  broker: {POSTGRES_URL}?schema={schema}\n")
     assert main(["migrate", "-c", str(config)]) == 0
     assert (
-        "applied 0001_init.sql, 0002_operations.sql, 0003_leased_batches.sql"
-        in capsys.readouterr().out
+        "applied 0001_init.sql, 0002_operations.sql, 0003_leased_batches.sql, "
+        "0004_plain_publish.sql" in capsys.readouterr().out
     )
     assert main(["migrate", "-c", str(config)]) == 0
     assert capsys.readouterr().out.strip() == "schema up to date"

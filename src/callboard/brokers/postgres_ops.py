@@ -190,7 +190,10 @@ async def insert_events(
             "ids": [e.id for e, _ in rows],
             "topics": [e.topic for e, _ in rows],
             "targets": [t for _, t in rows],
-            "delivery_ids": [e.delivery_id if t is None else None for e, t in rows],
+            # None: no row can conflict, the function stores them with a plain INSERT.
+            "delivery_ids": [e.delivery_id if t is None else None for e, t in rows]
+            if seen
+            else None,
             "times": [e.time_us for e, _ in rows],
             "payloads": [e.payload for e, _ in rows],
             "metadatas": [e.metadata for e, _ in rows],

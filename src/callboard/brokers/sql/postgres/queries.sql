@@ -28,7 +28,7 @@ SELECT name FROM {schema}.migrations
 INSERT INTO {schema}.migrations (name) VALUES (%(name)s)
 
 -- name: publish
--- Store a batch of events in order under the publishing lock and notify (0002_operations.sql);
+-- Store a batch of events in order under the publishing lock and notify (0004_plain_publish.sql);
 -- the stored delivery ids.
 SELECT stored_topic, stored_delivery_id FROM {schema}.publish(
     %(key)s::bigint, %(channel)s, %(message)s,
