@@ -345,6 +345,20 @@ async def test_a_batch_handed_back_goes_to_the_next_claim(schema: str) -> None:
     assert await leasing_.claim("c2") == [(seqs[1], 2), (seqs[2], 2)]
 
 
+async def test_the_broker_learns_which_acknowledgements_found_their_lease(schema: str) -> None:
+    leasing_, seqs = await leasing(schema, 3)
+    await leasing_.claim("c1")
+    broker = PostgresBroker(POSTGRES_URL, schema=schema)
+    await broker.start()
+    try:
+        acks = [("workers", "c1", seqs[0]), ("workers", "c2", seqs[1]), ("workers", "c1", seqs[2])]
+        assert await broker._with(ops.ack, acks) == [True, False, True]
+        assert await broker._with(ops.ack, acks[:1]) == [False]
+    finally:
+        await broker.close()
+    assert await leasing_.batches() == [("c1", [seqs[1]])]
+
+
 async def test_retention_counts_leased_events_it_deletes_as_lost(schema: str) -> None:
     policy = RetentionPolicy(min_age=0, max_age=3600, max_count=1, batch_size=10)
     leasing_, seqs = await leasing(schema, 3)

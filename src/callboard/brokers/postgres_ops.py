@@ -288,8 +288,8 @@ async def ack(connection: Connection, q: Queries, batch: list[tuple[str, str, in
             "seqs": [s for _, _, s in batch],
         },
     )
-    done = {(g, c, s) for g, s, c in rows}
-    return [item in done for item in batch]
+    missed = {n - 1 for (n,) in rows}
+    return [n not in missed for n in range(len(batch))]
 
 
 async def release(connection: Connection, q: Queries, group: str, consumer: str) -> None:

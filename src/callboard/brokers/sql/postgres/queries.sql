@@ -69,14 +69,23 @@ RETURNING (xmax = 0) AS created
 
 -- name: claim
 -- Lease up to a limit of the group's events to a consumer: handed back first, then new ones
--- (0002_operations.sql).
+-- (0003_leased_batches.sql).
 SELECT r_seq, r_attempt, r_id, r_topic, r_time_us, r_payload, r_metadata
 FROM {schema}.claim(%(group)s, %(consumer)s, %(limit)s::integer, %(lease)s::float8)
 
 -- name: ack
--- Delete the leases still held by the consumers acknowledging them (0002_operations.sql).
-SELECT r_subscription, r_seq, r_consumer
-FROM {schema}.ack(%(groups)s::text[], %(seqs)s::bigint[], %(consumers)s::text[])
+-- Delete the leases still held by the consumers acknowledging them (0003_leased_batches.sql);
+-- the positions (from 1) of the acknowledgements that found no lease held, usually none.
+WITH held AS (
+    SELECT r_subscription, r_seq, r_consumer
+    FROM {schema}.ack(%(groups)s::text[], %(seqs)s::bigint[], %(consumers)s::text[])
+)
+SELECT a.n
+FROM unnest(%(groups)s::text[], %(seqs)s::bigint[], %(consumers)s::text[])
+    WITH ORDINALITY AS a (g, s, c, n)
+WHERE NOT EXISTS (
+    SELECT 1 FROM held AS h WHERE h.r_subscription = a.g AND h.r_seq = a.s AND h.r_consumer = a.c
+)
 
 -- name: release
 -- Hand every lease and leased batch of a consumer back to its group; how many there were.
