@@ -84,3 +84,37 @@ async def test_a_caller_giving_up_cancels_nobody_else() -> None:
     assert impatient.cancelled()
     assert store.batches == [2]
     await commit.wait_idle()
+
+
+async def test_items_submitted_together_get_their_results_in_order_across_commits() -> None:
+    store = Store(delay=0.001)
+    commit: GroupCommit[int, int] = GroupCommit(store.flush, 4)
+    lone = asyncio.ensure_future(commit.submit(100))
+    assert await commit.submit_many(list(range(10))) == [n * 10 for n in range(10)]
+    assert await lone == 1000
+    assert store.batches == [4, 4, 3]
+    assert await commit.submit_many([]) == []
+    await commit.wait_idle()
+
+
+async def test_items_submitted_together_fail_together() -> None:
+    async def refuse(items: list[int]) -> list[int]:
+        raise BrokerUnavailable("down")
+
+    commit: GroupCommit[int, int] = GroupCommit(refuse, 2)
+    with pytest.raises(BrokerUnavailable):
+        await commit.submit_many([1, 2, 3])
+    await commit.wait_idle()
+
+
+async def test_giving_up_on_items_submitted_together_cancels_nobody_else() -> None:
+    store = Store()
+    commit: GroupCommit[int, int] = GroupCommit(store.flush, 100)
+    impatient = asyncio.ensure_future(commit.submit_many([1, 2]))
+    patient = asyncio.ensure_future(commit.submit(3))
+    await asyncio.sleep(0.005)
+    impatient.cancel()
+    assert await patient == 30
+    assert impatient.cancelled()
+    assert store.batches == [3]
+    await commit.wait_idle()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Generic, TypeVar
+from typing import Generic, TypeVar, cast
 
 from callboard.errors import BrokerUnavailable
 
@@ -28,6 +28,37 @@ R = TypeVar("R")
 #: The smallest commit after which the flusher regroups: below it the load is light and the next
 #: items go at once.
 REGROUP_FROM = 4
+
+
+class _Together(Generic[R]):
+    """The results of items submitted together (``submit_many``), in order, behind one future.
+
+    One future for the lot instead of one per item, gathered: an acknowledgement batch is
+    dozens of items, and a future with its gathering callback per item is most of the cost
+    of handing them over.
+    """
+
+    __slots__ = ("future", "left", "results")
+
+    def __init__(self, future: asyncio.Future[list[R]], count: int) -> None:
+        self.future = future
+        self.results: list[R | None] = [None] * count
+        self.left = count
+
+    def set_result(self, index: int, result: R) -> None:
+        self.results[index] = result
+        self.left -= 1
+        if not self.left and not self.future.done():
+            self.future.set_result(cast("list[R]", self.results))
+
+    def set_exception(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+#: Where an item's result goes: the future of a lone item, or its place among items submitted
+#: together.
+_Sink = asyncio.Future[R] | tuple[_Together[R], int]
 
 
 class GroupCommit(Generic[T, R]):
@@ -41,7 +72,7 @@ class GroupCommit(Generic[T, R]):
         self._flush = flush
         self._max_batch = max_batch
         self._regroup = regroup
-        self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        self._queue: list[tuple[T, _Sink[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
         #: While regrouping: how many queued items end the wait, and the wait's future.
         self._enough = 0
@@ -65,11 +96,13 @@ class GroupCommit(Generic[T, R]):
 
     async def submit_many(self, items: Sequence[T]) -> list[R]:
         """``submit`` for several items at once; their results, in order."""
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[R]] = [loop.create_future() for _ in items]
-        self._queue.extend(zip(items, futures, strict=True))
+        if not items:
+            return []
+        future: asyncio.Future[list[R]] = asyncio.get_running_loop().create_future()
+        together = _Together(future, len(items))
+        self._queue.extend((item, (together, index)) for index, item in enumerate(items))
         self._kick()
-        return list(await asyncio.gather(*futures))
+        return await future
 
     async def wait_idle(self) -> None:
         """Wait until everything submitted so far is flushed."""
@@ -87,7 +120,7 @@ class GroupCommit(Generic[T, R]):
             self._flusher = None
             self._regrouped = None
 
-    async def _commit(self, batch: list[tuple[T, asyncio.Future[R]]]) -> bool:
+    async def _commit(self, batch: list[tuple[T, _Sink[R]]]) -> bool:
         """Flush a batch and resolve its futures; committed?"""
         try:
             results = await self._flush([item for item, _ in batch])
@@ -97,13 +130,17 @@ class GroupCommit(Generic[T, R]):
                 # wait out another timeout: callers hear of an outage at once.
                 batch += self._queue
                 self._queue.clear()
-            for _, future in batch:
-                if not future.done():
-                    future.set_exception(error)
+            for _, sink in batch:
+                if isinstance(sink, tuple):
+                    sink[0].set_exception(error)
+                elif not sink.done():
+                    sink.set_exception(error)
             return False
-        for (_, future), result in zip(batch, results, strict=True):
-            if not future.done():
-                future.set_result(result)
+        for (_, sink), result in zip(batch, results, strict=True):
+            if isinstance(sink, tuple):
+                sink[0].set_result(sink[1], result)
+            elif not sink.done():
+                sink.set_result(result)
         return True
 
     async def _wait_for_callers(self, committed: int) -> None:
