@@ -118,3 +118,30 @@ async def test_giving_up_on_items_submitted_together_cancels_nobody_else() -> No
     assert impatient.cancelled()
     assert store.batches == [3]
     await commit.wait_idle()
+
+
+async def test_settled_hears_of_each_commit_after_its_callers_came_back() -> None:
+    store = Store()
+    heard: list[tuple[list[int], int]] = []
+    commit: GroupCommit[int, int] = GroupCommit(
+        store.flush, 100, regroup=0.2, settled=lambda items: heard.append((items, len(queued)))
+    )
+    queued = commit._queue  # what waits for the next commit when the hook runs
+    await callers(commit, count=8, rounds=2)
+    await commit.wait_idle()
+    assert sorted(heard[0][0]) == list(range(8))
+    # Three quarters of the first commit's callers were back, queued, before the hook ran.
+    assert heard[0][1] >= 6
+    assert sum(len(items) for items, _ in heard) == 16
+
+
+async def test_settled_does_not_hear_of_a_failed_commit() -> None:
+    async def refuse(items: list[int]) -> list[int]:
+        raise BrokerUnavailable("down")
+
+    heard: list[list[int]] = []
+    commit: GroupCommit[int, int] = GroupCommit(refuse, 10, settled=heard.append)
+    with pytest.raises(BrokerUnavailable):
+        await commit.submit(1)
+    await commit.wait_idle()
+    assert heard == []

@@ -8,7 +8,8 @@ Design
 ------
 The tables mirror the SQLite broker's (``sql/postgres/migrations``): an append-only ``events``
 table numbered by an identity ``seq``, ``subscriptions`` (consumer groups) with a ``position``,
-``leases`` for events handed out and not acknowledged, ``dead_letters`` kept until taken.
+``leased_batches`` and ``leases`` for events handed out and not acknowledged, ``dead_letters``
+kept until taken.
 
 - Publishing: a publish joins a queue and awaits its future; one flusher writes everything queued
   in one transaction (``INSERT ... SELECT FROM unnest``) under a per-schema advisory lock, notifies,
@@ -18,18 +19,23 @@ table numbered by an identity ``seq``, ``subscriptions`` (consumer groups) with 
   back (at most ``PUBLISH_REGROUP``) before the next, so they share it (``postgres_batch``).
 - Consuming: a claim locks the group's row (claims of one group take turns), re-leases expired or
   handed-back leases (``FOR UPDATE SKIP LOCKED``), then leases the next matching events after the
-  position and moves it. Competing consumers in any number of instances never share an event and
+  position, as ONE row of ``leased_batches`` for the lot, and moves the position. A batch whose
+  lease runs out or is handed back is split into single ``leases`` of its events not
+  acknowledged yet, which are handed out one by one (``0003_leased_batches.sql``). Competing consumers in any number of instances never share an event and
   each receives its events in publish order. Live consumers' leases are renewed; a dead instance's
   leases run out and go to another consumer. Claims and acknowledgements commit without waiting
   for the disk (``synchronous_commit = off``): one lost in a server crash only means its events
   are handed out again.
 - Statements: a publish batch, a claim and an acknowledgement batch are each ONE statement (the
-  functions of ``0002_operations.sql``) outside a transaction block, so autocommitted; asyncpg
+  functions of ``0002_operations.sql`` to ``0004_plain_publish.sql``) outside a transaction block, so autocommitted; asyncpg
   prepares each once per connection and sends the batches' arrays in the binary format: one round
   trip each, and the driver's Python work once per operation. asyncpg was chosen over psycopg
   for that work: about half the client CPU per statement (``bench/pg_driver.py``).
 - Wake-ups: ONE ``LISTEN`` connection per broker (``postgres_listener``) wakes local consumers on
-  other instances' commits; while it is down consumers poll every ``fallback_poll`` seconds.
+  other instances' commits; while it is down consumers poll every ``fallback_poll`` seconds. A
+  broker wakes its own consumers of its own commits (and its listener skips their
+  notifications) once the publishers of the commit have been answered, so under load delivery
+  runs while the next publish commit waits for the disk (``_published``).
 - Failures: driver errors become ``BrokerUnavailable`` (connection, timeout) or ``BrokerError``
   at this boundary; connects and statements time out quickly so the HTTP ingress can answer 503
   at once, and the pool replaces a connection that broke when it is next lent.
@@ -41,6 +47,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -121,11 +128,17 @@ class PostgresBroker:
         #: An ``asyncpg.Pool`` while started (asyncpg ships no type information).
         self._pool: Any = None
         self._registry = ConsumerRegistry()
+        #: Marks this broker's notifications, which its own listener skips (see ``_published``).
+        self._origin = uuid.uuid4().hex
         self._listener = Listener(
-            conninfo, self._q.channel, self._registry.wake, connect_timeout=timeout
+            conninfo,
+            self._q.channel,
+            self._registry.wake,
+            connect_timeout=timeout,
+            origin=self._origin,
         )
         self._publishes: GroupCommit[tuple[StoredEvent, str | None], bool] = GroupCommit(
-            self._flush_publishes, 1_000, regroup=PUBLISH_REGROUP
+            self._flush_publishes, 1_000, regroup=PUBLISH_REGROUP, settled=self._published
         )
         self._acks: GroupCommit[tuple[str, str, int], bool] = GroupCommit(self._flush_acks, 1_000)
         self._tasks: list[asyncio.Task[None]] = []
@@ -379,12 +392,18 @@ class PostgresBroker:
             raise BrokerUnavailable(f"PostgreSQL connection unusable: {error}") from error
 
     async def _flush_publishes(self, batch: list[tuple[StoredEvent, str | None]]) -> list[bool]:
-        results = await self._with(ops.insert_events, batch)
-        # This instance's consumers need not wait for the notification to come back.
+        return await self._with(ops.insert_events, batch, self._origin)
+
+    def _published(self, batch: list[tuple[StoredEvent, str | None]]) -> None:
+        """Wake this instance's consumers of a commit, once its publishers have been answered.
+
+        Not at the commit, nor when its notification comes back: under load the publishers'
+        callers are answered first, and the consumers claim and handle the events while the
+        next publish commit waits for the disk.
+        """
         self._registry.wake(
             {e.topic for e, t in batch if t is None}, {t for _, t in batch if t is not None}
         )
-        return results
 
     async def _flush_acks(self, batch: list[tuple[str, str, int]]) -> list[bool]:
         return await self._with(ops.ack, batch)

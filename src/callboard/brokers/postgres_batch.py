@@ -12,6 +12,10 @@ that commit AND their own: the callers settle into two halves taking turns, each
 commits. So after a commit of ``k`` items the flusher waits, at most ``regroup`` seconds, for
 three quarters of them to be back; then everybody rides one commit. Under light load (commits of
 fewer than ``REGROUP_FROM`` items) the next items go at once.
+
+``settled`` hears of each commit's items once its callers have had that time, just before the
+next commit goes out: work that follows from a commit but is nobody's answer (waking consumers)
+then runs while the next commit waits for the disk, instead of delaying the callers' return.
 """
 
 from __future__ import annotations
@@ -68,10 +72,12 @@ class GroupCommit(Generic[T, R]):
         max_batch: int,
         *,
         regroup: float = 0.0,
+        settled: Callable[[list[T]], None] | None = None,
     ) -> None:
         self._flush = flush
         self._max_batch = max_batch
         self._regroup = regroup
+        self._settled = settled
         self._queue: list[tuple[T, _Sink[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
         #: While regrouping: how many queued items end the wait, and the wait's future.
@@ -116,6 +122,8 @@ class GroupCommit(Generic[T, R]):
                 del self._queue[: self._max_batch]
                 if await self._commit(batch):
                     await self._wait_for_callers(len(batch))
+                    if self._settled is not None:
+                        self._settled([item for item, _ in batch])
         finally:
             self._flusher = None
             self._regrouped = None

@@ -27,9 +27,16 @@ MAX_BACKOFF = 10.0
 _FAILURES = (OSError, asyncio.TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
-def notification(topics: set[str], groups: set[str]) -> str:
-    """The payload of a notification; ``*`` when it would be too long for NOTIFY (8000 bytes)."""
-    message = orjson.dumps({"t": sorted(topics), "g": sorted(groups)}).decode()
+def notification(topics: set[str], groups: set[str], origin: str | None = None) -> str:
+    """The payload of a notification; ``*`` when it would be too long for NOTIFY (8000 bytes).
+
+    ``origin`` names the broker that sent it, whose own listener then skips it: that broker
+    wakes its consumers itself, when it chooses to.
+    """
+    fields: dict[str, object] = {"t": sorted(topics), "g": sorted(groups)}
+    if origin is not None:
+        fields["o"] = origin
+    message = orjson.dumps(fields).decode()
     return message if len(message) < 7_000 else "*"
 
 
@@ -41,11 +48,14 @@ class Listener:
         wake: Callable[[list[str] | None, list[str]], None],
         *,
         connect_timeout: float,
+        origin: str | None = None,
     ) -> None:
         self._dsn = dsn
         self._channel = channel
         self._wake = wake
         self._connect_timeout = connect_timeout
+        #: The ``origin`` of this listener's own broker's notifications, which it skips.
+        self._origin = origin
         self.up = False
         #: The ``asyncpg.Connection`` while listening.
         self.connection: Any = None
@@ -111,6 +121,8 @@ class Listener:
             return
         try:
             message = orjson.loads(payload)
+            if self._origin is not None and message.get("o") == self._origin:
+                return
             self._wake(list(message["t"]), list(message["g"]))
-        except (orjson.JSONDecodeError, KeyError, TypeError):
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
             logger.warning("ignored an unexpected notification on %r", self._channel)

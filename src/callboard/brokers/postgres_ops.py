@@ -163,9 +163,15 @@ async def migrate(connection: Connection, q: Queries) -> list[str]:
 
 
 async def insert_events(
-    connection: Connection, q: Queries, batch: list[tuple[StoredEvent, str | None]]
+    connection: Connection,
+    q: Queries,
+    batch: list[tuple[StoredEvent, str | None]],
+    origin: str | None = None,
 ) -> list[bool]:
-    """Store a batch in one transaction and notify; accepted (not a known delivery) per event."""
+    """Store a batch in one transaction and notify; accepted (not a known delivery) per event.
+
+    ``origin`` marks the notification as the publishing broker's own (see ``notification``).
+    """
     accepted = [True] * len(batch)
     rows: list[tuple[StoredEvent, str | None]] = []
     seen: set[tuple[str, str]] = set()
@@ -186,7 +192,7 @@ async def insert_events(
         {
             "key": q.publish_lock,
             "channel": q.channel,
-            "message": notification(topics, groups),
+            "message": notification(topics, groups, origin),
             "ids": [e.id for e, _ in rows],
             "topics": [e.topic for e, _ in rows],
             "targets": [t for _, t in rows],
