@@ -127,6 +127,7 @@ def serve(config: Config) -> int:
     import uvicorn
 
     from callboard.app import create_app
+    from callboard.http_protocol import GatheringHttpToolsProtocol
 
     app = create_app(config)
     listen = config.backend.listen
@@ -149,6 +150,8 @@ def serve(config: Config) -> int:
             host=listen.host,
             port=listen.port,
             lifespan="on",
+            # One socket write per response instead of two (head, then body).
+            http=GatheringHttpToolsProtocol,
             access_log=False,
             log_config=None,
             # callboard reads no client address, so X-Forwarded-* handling is work for nothing.
