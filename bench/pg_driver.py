@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """CPU cost of the PostgreSQL broker's hot statements per driver: asyncpg (used) and psycopg.
 
-Runs the broker's own functions (``publish``, ``claim``, ``ack`` of ``0002_operations.sql``) in a
-schema of their own, one after the other on one connection, and prints per call the wall time
-and the CPU time of this process (the driver's work: encoding parameters, decoding rows, its
-wait loop). The server's time is not in the CPU figure.
+Runs the broker's own functions (``publish``, ``claim``, ``ack`` of the migrations) in a schema
+of their own, one after the other on one connection, and prints per call the wall time and the
+CPU time of this process (the driver's work: encoding parameters, decoding rows, its wait loop).
+With asyncpg it also prints, per call, the WAL the server wrote and, when the server runs on this
+machine, the CPU time of its backend (``/proc/<pid>/schedstat``).
 
     python bench/pg_driver.py [--url postgresql://postgres@127.0.0.1:5432/postgres]
 
@@ -53,6 +54,40 @@ async def measure(name: str, call: Callable[[], Awaitable[Any]]) -> None:
     print(f"| {name} | {wall / ROUNDS * 1e6:,.0f} | {used / ROUNDS * 1e6:,.0f} |")
 
 
+def server_cpu(pid: int) -> float | None:
+    """Seconds on the CPU of a server backend, if it runs on this machine."""
+    try:
+        with open(f"/proc/{pid}/schedstat") as stat:
+            return int(stat.read().split()[0]) / 1e9
+    except OSError:
+        return None
+
+
+async def measure_server(
+    connection: Any,
+    name: str,
+    call: Callable[[], Awaitable[Any]],
+    after: Callable[[], Awaitable[Any]],
+) -> None:
+    """The server's side of ``call``: its backend's CPU and the WAL written, per call.
+
+    ``after`` runs between calls, unmeasured (a claim needs events, an ack needs a claim).
+    """
+    pid = await connection.fetchval("SELECT pg_backend_pid()")
+    lsn = "SELECT pg_current_wal_insert_lsn()"
+    spent, wal = 0.0, 0
+    for _ in range(ROUNDS):
+        start, before = server_cpu(pid), await connection.fetchval(lsn)
+        await call()
+        end, written = server_cpu(pid), await connection.fetchval(lsn)
+        wal += int(await connection.fetchval("SELECT $1::pg_lsn - $2::pg_lsn", written, before))
+        if start is not None and end is not None:
+            spent += end - start
+        await after()
+    backend = f"{spent / ROUNDS * 1e6:,.0f}" if spent else "(server not on this machine)"
+    print(f"| {name} | {backend} | {wal / ROUNDS:,.0f} |")
+
+
 def publish_args(payload: str) -> list[Any]:
     return [
         1,
@@ -61,7 +96,7 @@ def publish_args(payload: str) -> list[Any]:
         [f"id-{n}" for n in range(BATCH)],
         ["plain"] * BATCH,
         [None] * BATCH,
-        [None] * BATCH,
+        None,  # no delivery ids: the broker's plain insert (0004_plain_publish.sql)
         [1_700_000_000_000_000] * BATCH,
         [payload] * BATCH,
         ["{}"] * BATCH,
@@ -121,7 +156,38 @@ async def with_asyncpg(url: str, payload: str) -> None:
 
     await measure(f"asyncpg {asyncpg.__version__}: publish {BATCH}", publish_once)
     await measure(f"asyncpg {asyncpg.__version__}: claim + ack {BATCH}", claim_and_ack)
+
+    claimed: list[int] = []
+
+    async def claim_once() -> None:
+        claimed[:] = [row[0] for row in await claim.fetch("g", "c", BATCH, 30.0)]
+
+    async def ack_once() -> None:
+        await ack.fetch(["g"] * len(claimed), claimed, ["c"] * len(claimed))
+
+    async def nothing() -> None:
+        return None
+
+    print("\n| statement | server backend CPU µs per call | WAL bytes per call |")
+    print("|---|---:|---:|")
+    await measure_server(connection, f"publish {BATCH}", publish_once, nothing)
+    await measure_server(connection, f"claim {BATCH}", claim_once, ack_once)
+    await publish_once()
+    await claim_once()
+    await measure_server(
+        connection, f"ack {BATCH}", ack_once, publish_and_claim(publish_once, claim_once)
+    )
     await connection.close()
+
+
+def publish_and_claim(
+    publish: Callable[[], Awaitable[None]], claim: Callable[[], Awaitable[None]]
+) -> Callable[[], Awaitable[None]]:
+    async def both() -> None:
+        await publish()
+        await claim()
+
+    return both
 
 
 async def admin(url: str, statement: str) -> None:
