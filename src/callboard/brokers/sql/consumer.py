@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from callboard.brokers.base import Delivery
-from callboard.errors import BrokerUnavailable, SubscriptionError
+from callboard.errors import BrokerError, BrokerUnavailable, SubscriptionError
 from callboard.topics import TopicMatcher
 
 logger = logging.getLogger("callboard.brokers")
@@ -120,6 +120,7 @@ class LeasedConsumer:
         self._poll_interval = poll_interval
         self._ack_patience = ack_patience
         self._wake = asyncio.Event()
+        self._closing = asyncio.Event()
         self._ready: list[Delivery] = []
         self._claim: asyncio.Future[list[Delivery]] | None = None
         self._closed = False
@@ -147,6 +148,19 @@ class LeasedConsumer:
                     error,
                 )
                 await self._sleep(backoff)
+                backoff = min(MAX_BACKOFF, backoff * 2)
+                continue
+            except BrokerError as error:
+                # The store refused the claim (a deadlock, a serialization failure, a statement
+                # cancelled by an operator): rolled back, it leased nothing. Try again rather
+                # than end the subscription; a refusal that lasts is logged at every attempt.
+                logger.error(
+                    "subscription %r: the broker refused a claim; retrying in %.1fs: %s",
+                    self.group,
+                    backoff,
+                    error,
+                )
+                await self._pause(backoff)  # not cut short by wake-ups: they come at every commit
                 backoff = min(MAX_BACKOFF, backoff * 2)
                 continue
             backoff = self._poll_interval
@@ -191,6 +205,11 @@ class LeasedConsumer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), seconds)
 
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, woken early only by the consumer's end."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._closing.wait(), seconds)
+
     async def ack(self, delivery: Delivery) -> None:
         await self.ack_many((delivery,))
 
@@ -210,7 +229,8 @@ class LeasedConsumer:
         while True:
             try:
                 held = await self._store.ack(self.group, leases)
-            except BrokerUnavailable as error:
+            except BrokerError as error:
+                # Unreachable, or refused (rolled back): either way the leases are still held.
                 if loop.time() + delay > give_up:
                     self._rejoin()  # no longer renewed, the leases run out as promised below
                     logger.warning(
@@ -239,6 +259,7 @@ class LeasedConsumer:
         """End this consumer without handing its leases back (its broker stopped abruptly)."""
         self._closed = True
         self._wake.set()
+        self._closing.set()
         self._ready.clear()
         self._registry.remove(self)
 
@@ -247,6 +268,7 @@ class LeasedConsumer:
             return
         self._closed = True
         self._wake.set()
+        self._closing.set()
         claim = self._claim
         if claim is not None:
             # Let a claim in flight finish, so what it leases is handed back below.

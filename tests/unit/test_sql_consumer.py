@@ -1,0 +1,120 @@
+"""The SQL brokers' consumer when its store refuses a statement (a stand-in store, no database)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import pytest
+
+from callboard.brokers.base import Delivery
+from callboard.brokers.sql.consumer import ConsumerRegistry, LeasedConsumer
+from callboard.errors import BrokerError, SubscriptionError
+from callboard.events import Event
+
+
+class RefusingStore:
+    """Refuses the first ``claims`` claims and the first ``acks`` acknowledgements."""
+
+    def __init__(self, *, claims: int = 0, acks: int = 0, error: Exception | None = None) -> None:
+        self.refuse_claims = claims
+        self.refuse_acks = acks
+        self.error = error or BrokerError(
+            "PostgreSQL refused a broker statement: deadlock detected"
+        )
+        self.claims = 0
+        self.acked: list[tuple[str, int]] = []
+
+    async def claim(self, group: str, consumer: str, limit: int) -> list[Delivery]:
+        self.claims += 1
+        if self.refuse_claims:
+            self.refuse_claims -= 1
+            raise self.error
+        return [Delivery(Event(topic="jobs", payload=self.claims), 1, self.claims)]
+
+    async def ack(self, group: str, leases: Sequence[tuple[str, int]]) -> list[bool]:
+        if self.refuse_acks:
+            self.refuse_acks -= 1
+            raise self.error
+        self.acked.extend(leases)
+        return [True] * len(leases)
+
+    async def release(self, group: str, consumer: str) -> None:
+        return None
+
+
+def consumer(store: RefusingStore, ack_patience: float = 1.0) -> LeasedConsumer:
+    return LeasedConsumer(
+        store,
+        ConsumerRegistry(),
+        "workers",
+        ("jobs",),
+        poll_interval=0.01,
+        ack_patience=ack_patience,
+    )
+
+
+async def test_a_refused_claim_is_tried_again(caplog: pytest.LogCaptureFixture) -> None:
+    store = RefusingStore(claims=2)
+    reader = consumer(store)
+    (delivery,) = await asyncio.wait_for(reader.fetch(10), 2)
+    assert (delivery.event.payload, store.claims) == (3, 3)
+    assert caplog.text.count("the broker refused a claim; retrying") == 2
+    assert "deadlock detected" in caplog.text
+    await reader.close()
+
+
+async def test_wake_ups_do_not_hurry_a_refused_claim_again() -> None:
+    store = RefusingStore(claims=1)
+    reader = consumer(store)
+    fetching = asyncio.ensure_future(reader.fetch(10))
+    await asyncio.sleep(0)
+    for _ in range(20):
+        reader.wake()
+        await asyncio.sleep(0)
+    assert store.claims == 1
+    await asyncio.wait_for(fetching, 2)
+    await reader.close()
+
+
+async def test_closing_ends_the_pause_after_a_refused_claim() -> None:
+    store = RefusingStore(claims=100)
+    reader = LeasedConsumer(
+        store, ConsumerRegistry(), "workers", ("jobs",), poll_interval=5.0, ack_patience=1.0
+    )
+    fetching = asyncio.ensure_future(reader.fetch(10))
+    await asyncio.sleep(0.01)
+    await reader.close()
+    assert await asyncio.wait_for(fetching, 1) == ()
+
+
+async def test_a_deleted_subscription_still_ends_its_reader() -> None:
+    reader = consumer(RefusingStore(claims=1, error=SubscriptionError("no longer exists")))
+    with pytest.raises(SubscriptionError):
+        await reader.fetch(10)
+
+
+async def test_a_refused_acknowledgement_is_tried_again() -> None:
+    store = RefusingStore(acks=2)
+    reader = consumer(store)
+    batch = await reader.fetch(10)
+    await reader.ack_many(batch)
+    assert store.acked == [(reader.id, 1)]
+    await reader.close()
+
+
+async def test_an_acknowledgement_refused_for_good_lets_its_leases_run_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = RefusingStore(acks=1_000)
+    reader = consumer(store, ack_patience=0.2)
+    batch = await reader.fetch(10)
+    claimer = reader.id
+    with caplog.at_level(logging.WARNING):
+        await asyncio.wait_for(reader.ack_many(batch), 2)
+    assert store.acked == []
+    # Claiming under a new id: the old one is renewed no more, so its lease runs out.
+    assert reader.id != claimer
+    assert "could not acknowledge 1 events" in caplog.text
+    await reader.close()
