@@ -195,7 +195,8 @@ async def insert_events(
             "message": notification(topics, groups, origin),
             "ids": [e.id for e, _ in rows],
             "topics": [e.topic for e, _ in rows],
-            "targets": [t for _, t in rows],
+            # None rather than a list of Nones: asyncpg checks each element of an array.
+            "targets": [t for _, t in rows] if groups else None,
             # None: no row can conflict, the function stores them with a plain INSERT.
             "delivery_ids": [e.delivery_id if t is None else None for e, t in rows]
             if seen
