@@ -14,7 +14,7 @@ import pytest
 from callboard.brokers import open_broker
 from callboard.brokers.base import RetentionPolicy
 from callboard.cli import main
-from callboard.errors import BrokerUnavailable
+from callboard.errors import BrokerError, BrokerUnavailable
 from callboard.events import Event
 from tests.services import (
     POSTGRES_URL,
@@ -115,6 +115,16 @@ async def test_migrations_build_what_schema_sql_describes(schema: str) -> None:
         assert await shape(schema) == await shape(reference)
     finally:
         await postgres_execute(f'DROP SCHEMA IF EXISTS "{reference}" CASCADE')
+
+
+async def test_a_schema_migrated_by_a_newer_callboard_is_refused(schema: str) -> None:
+    broker = PostgresBroker(POSTGRES_URL, schema=schema)
+    await broker.migrate()
+    await postgres_execute(
+        f"INSERT INTO \"{schema}\".migrations (name) VALUES ('9999_from_the_future.sql')"
+    )
+    with pytest.raises(BrokerError, match=r"9999_from_the_future\.sql.*a newer callboard"):
+        await broker.migrate()
 
 
 @pytest.fixture
@@ -357,6 +367,90 @@ async def test_the_broker_learns_which_acknowledgements_found_their_lease(schema
     finally:
         await broker.close()
     assert await leasing_.batches() == [("c1", [seqs[1]])]
+
+
+async def connect() -> Any:
+    import asyncpg
+
+    return await asyncpg.connect(POSTGRES_URL)
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "held"),
+    [
+        # The second acknowledgement finishes the batch the first one shrank.
+        ((0,), (1, 2), [1, 2]),
+        # The same event twice: held once.
+        ((0,), (0,), []),
+    ],
+)
+async def test_concurrent_acknowledgements_of_a_batch_add_up(
+    schema: str, first: tuple[int, ...], second: tuple[int, ...], held: list[int]
+) -> None:
+    leasing_, seqs = await leasing(schema, 3)
+    await leasing_.claim("c1")
+    sql = f'SELECT r_seq FROM "{schema}".ack($1, $2, $3)'
+
+    def args(*picked: int) -> list[Any]:
+        return [["workers"] * len(picked), [seqs[n] for n in picked], ["c1"] * len(picked)]
+
+    one, two = await connect(), await connect()
+    try:
+        transaction = one.transaction()
+        await transaction.start()
+        assert sorted(r[0] for r in await one.fetch(sql, *args(*first))) == [seqs[n] for n in first]
+        later = asyncio.ensure_future(two.fetch(sql, *args(*second)))
+        await asyncio.sleep(0.3)
+        assert not later.done()  # waits for the first acknowledgement's lock
+        await transaction.commit()
+        assert sorted(r[0] for r in await later) == [seqs[n] for n in held]
+    finally:
+        await one.close()
+        await two.close()
+    left = [seqs[n] for n in range(3) if n not in first + second]
+    assert await leasing_.batches() == ([("c1", left)] if left else [])
+
+
+async def test_a_claim_does_not_wait_for_a_batch_that_retention_holds(schema: str) -> None:
+    leasing_, seqs = await leasing(schema, 3)
+    await leasing_.claim("c1")
+    await leasing_.run_out()
+    retention = await connect()
+    try:
+        transaction = retention.transaction()
+        await transaction.start()
+        await retention.execute(
+            f'SELECT 1 FROM "{schema}".leased_batches FOR UPDATE'  # as split_batches does
+        )
+        # The claim takes the group's row; the batch it cannot lock is left for the next one.
+        assert await asyncio.wait_for(leasing_.claim("c2"), 2) == []
+        await retention.execute(
+            f'UPDATE "{schema}".subscriptions SET lost = lost + 1 WHERE name = $1', "workers"
+        )
+        await transaction.commit()
+    finally:
+        await retention.close()
+    assert await leasing_.claim("c2") == [(seq, 2) for seq in seqs]
+
+
+async def test_deleting_a_subscription_during_a_claim_leaves_nothing_behind(schema: str) -> None:
+    leasing_, _ = await leasing(schema, 3)
+    claiming = await connect()
+    broker = PostgresBroker(POSTGRES_URL, schema=schema)
+    await broker.start()
+    try:
+        transaction = claiming.transaction()
+        await transaction.start()
+        await claiming.fetch(f'SELECT * FROM "{schema}".claim($1, $2, 10, 30.0)', "workers", "c1")
+        deleting = asyncio.ensure_future(broker._with(ops.delete_subscription, "workers"))
+        await asyncio.sleep(0.3)
+        assert not deleting.done()  # waits for the claim
+        await transaction.commit()
+        assert await deleting is True
+    finally:
+        await claiming.close()
+        await broker.close()
+    assert (await leasing_.batches(), await leasing_.leases()) == ([], [])
 
 
 async def test_retention_counts_leased_events_it_deletes_as_lost(schema: str) -> None:

@@ -37,7 +37,7 @@ from callboard.brokers.sql import (
     queries,
     read_sql,
 )
-from callboard.errors import SubscriptionError
+from callboard.errors import BrokerError, SubscriptionError
 from callboard.events import Event
 from callboard.topics import ONE, REST, SEPARATOR, TopicMatcher
 
@@ -153,7 +153,15 @@ async def migrate(connection: Connection, q: Queries) -> list[str]:
         await execute(connection, q["lock"], {"key": q.migrate_lock})
         await execute(connection, q["create_schema"])
         done = {name for (name,) in await fetch(connection, q["applied_migrations"])}
-        for name in migration_names("postgres"):
+        known = migration_names("postgres")
+        unknown = sorted(done - set(known))
+        if unknown:
+            raise BrokerError(
+                f"the PostgreSQL schema {q.schema!r} has migrations this callboard does not "
+                f"know ({', '.join(unknown)}): a newer callboard migrated it; run that version "
+                "on every instance"
+            )
+        for name in known:
             if name not in done:
                 # No parameters: the simple query protocol, which runs a script of statements.
                 await connection.execute(q.migration(name))
@@ -334,8 +342,16 @@ async def dead_letters(
 
 
 async def delete_subscription(connection: Connection, q: Queries, group: str) -> bool:
-    """Forget a subscription, its leases and its dead letters; was there anything?"""
-    return bool(await fetch_value(connection, q["delete_subscription"], {"name": group}))
+    """Forget a subscription, its leases and its dead letters; was there anything?
+
+    Two statements: the second one's snapshot comes after any claim of the group that the
+    first one waited for, so nothing that claim leased is left behind.
+    """
+    args = {"name": group}
+    async with connection.transaction():
+        gone = await execute(connection, q["delete_subscription"], args)
+        letters = await fetch_value(connection, q["delete_subscription_state"], args)
+    return bool(gone or letters)
 
 
 async def subscriptions(connection: Connection, q: Queries) -> list[SubscriptionInfo]:

@@ -121,18 +121,21 @@ ORDER BY seq LIMIT %(limit)s
 DELETE FROM {schema}.dead_letters WHERE seq = ANY(%(seqs)s)
 
 -- name: delete_subscription
--- Forget a subscription with its leases and dead letters, in one statement; how many rows of
--- the subscription and its dead letters went.
+-- Forget a subscription (first of two statements, in one transaction); how many rows went.
+-- Deleting its row waits for a claim of the group in progress to commit.
+DELETE FROM {schema}.subscriptions WHERE name = %(name)s
+
+-- name: delete_subscription_state
+-- Then its leases, leased batches and dead letters, with a snapshot taken after that claim's
+-- commit, so what it leased goes too; how many dead letters went.
 WITH leases AS (
     DELETE FROM {schema}.leases WHERE subscription = %(name)s
 ), batches AS (
     DELETE FROM {schema}.leased_batches WHERE subscription = %(name)s
 ), letters AS (
     DELETE FROM {schema}.dead_letters WHERE subscription = %(name)s RETURNING 1
-), gone AS (
-    DELETE FROM {schema}.subscriptions WHERE name = %(name)s RETURNING 1
 )
-SELECT (SELECT count(*) FROM gone) + (SELECT count(*) FROM letters)
+SELECT count(*) FROM letters
 
 -- name: subscriptions
 -- Every subscription with its leases in flight and what waits for it.
@@ -184,7 +187,14 @@ SELECT name, topics, position FROM {schema}.subscriptions
 -- Turn the leased batches holding events up to a seq into single leases, held as before (so
 -- that drop_leases sees each event).
 WITH split AS (
-    DELETE FROM {schema}.leased_batches WHERE first_seq <= %(upto)s
+    DELETE FROM {schema}.leased_batches
+    WHERE (subscription, first_seq) IN (
+        -- Locked in key order, as acknowledgements lock them: no deadlock between the two.
+        SELECT subscription, first_seq FROM {schema}.leased_batches
+        WHERE first_seq <= %(upto)s
+        ORDER BY subscription, first_seq
+        FOR UPDATE
+    )
     RETURNING subscription, consumer, expires_at, pending
 )
 INSERT INTO {schema}.leases (subscription, seq, consumer, expires_at, attempt)

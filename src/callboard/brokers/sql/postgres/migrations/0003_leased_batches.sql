@@ -57,10 +57,16 @@ BEGIN
     END IF;
     -- Batches whose lease ran out or was handed back become single leases of their events not
     -- acknowledged yet (still run out, under their consumer: a late acknowledgement still
-    -- counts until another consumer takes the event); fully acknowledged ones just go.
+    -- counts until another consumer takes the event); fully acknowledged ones just go. A batch
+    -- that another transaction holds (an acknowledgement, retention) is left to the next
+    -- claim: waiting for it while holding the group's row could deadlock with retention.
     WITH split AS (
         DELETE FROM {schema}.leased_batches AS b
-        WHERE b.subscription = grp AND (b.expires_at <= now() OR b.pending = '{}')
+        WHERE b.subscription = grp AND b.first_seq IN (
+            SELECT o.first_seq FROM {schema}.leased_batches AS o
+            WHERE o.subscription = grp AND (o.expires_at <= now() OR o.pending = '{}')
+            FOR UPDATE SKIP LOCKED
+        )
         RETURNING b.consumer, b.expires_at, b.pending
     )
     INSERT INTO {schema}.leases (subscription, seq, consumer, expires_at, attempt)
@@ -149,8 +155,9 @@ BEGIN
     PERFORM set_config('synchronous_commit', 'off', true);
     -- Only what the acknowledging consumers still hold. First in batches: a batch goes once
     -- all its events are acknowledged, or else loses the acknowledged ones from its pending
-    -- events. Both conditions and the new array are taken from the row as it is when it is
-    -- written, so concurrent acknowledgements of one batch add up.
+    -- events. The batches are locked first, in key order, and everything is decided from the
+    -- locked rows (READ COMMITTED hands a locker the newest version): concurrent
+    -- acknowledgements of one batch add up, and an event acknowledged twice is held once.
     RETURN QUERY
     WITH asked AS (
         SELECT a.g, a.c, array_agg(a.s) AS done
@@ -158,21 +165,22 @@ BEGIN
         GROUP BY a.g, a.c
     ), hit AS (
         SELECT b.subscription, b.first_seq, b.consumer, asked.done,
-            ARRAY(SELECT p FROM unnest(b.pending) AS p WHERE p = ANY(asked.done)) AS held
+            ARRAY(SELECT p FROM unnest(b.pending) AS p WHERE p = ANY(asked.done)) AS held,
+            b.pending <@ asked.done AS whole
         FROM asked JOIN {schema}.leased_batches AS b
             ON b.subscription = asked.g AND b.consumer = asked.c AND b.pending && asked.done
+        ORDER BY b.subscription, b.first_seq
+        FOR UPDATE OF b
     ), finished AS (
         DELETE FROM {schema}.leased_batches AS b
         USING hit
-        WHERE b.subscription = hit.subscription AND b.first_seq = hit.first_seq
-          AND b.consumer = hit.consumer AND b.pending <@ hit.done
-        RETURNING b.subscription, b.pending AS done, b.consumer
+        WHERE b.subscription = hit.subscription AND b.first_seq = hit.first_seq AND hit.whole
+        RETURNING b.subscription, hit.held AS done, b.consumer
     ), shrunk AS (
         UPDATE {schema}.leased_batches AS b
         SET pending = ARRAY(SELECT p FROM unnest(b.pending) AS p WHERE p <> ALL(hit.done))
         FROM hit
-        WHERE b.subscription = hit.subscription AND b.first_seq = hit.first_seq
-          AND b.consumer = hit.consumer AND NOT b.pending <@ hit.done
+        WHERE b.subscription = hit.subscription AND b.first_seq = hit.first_seq AND NOT hit.whole
         RETURNING b.subscription, hit.held AS done, b.consumer
     )
     SELECT h.subscription, d.s, h.consumer
