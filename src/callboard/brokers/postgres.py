@@ -21,16 +21,18 @@ kept until taken.
   handed-back leases (``FOR UPDATE SKIP LOCKED``), then leases the next matching events after the
   position, as ONE row of ``leased_batches`` for the lot, and moves the position. A batch whose
   lease runs out or is handed back is split into single ``leases`` of its events not
-  acknowledged yet, which are handed out one by one (``0003_leased_batches.sql``). Competing consumers in any number of instances never share an event and
-  each receives its events in publish order. Live consumers' leases are renewed; a dead instance's
-  leases run out and go to another consumer. Claims and acknowledgements commit without waiting
-  for the disk (``synchronous_commit = off``): one lost in a server crash only means its events
-  are handed out again.
+  acknowledged yet, which are handed out one by one (``0003_leased_batches.sql``). Competing
+  consumers in any number of instances never share an event and each receives its events in
+  publish order. Live consumers' leases are renewed; a dead instance's leases run out and go to
+  another consumer. Claims and acknowledgements commit without waiting for the disk
+  (``synchronous_commit = off``): one lost in a server crash only means its events are handed
+  out again.
 - Statements: a publish batch, a claim and an acknowledgement batch are each ONE statement (the
-  functions of ``0002_operations.sql`` to ``0004_plain_publish.sql``) outside a transaction block, so autocommitted; asyncpg
-  prepares each once per connection and sends the batches' arrays in the binary format: one round
-  trip each, and the driver's Python work once per operation. asyncpg was chosen over psycopg
-  for that work: about half the client CPU per statement (``bench/pg_driver.py``).
+  functions of ``0002_operations.sql`` to ``0004_plain_publish.sql``) outside a transaction
+  block, so autocommitted; asyncpg prepares each once per connection and sends the batches'
+  arrays in the binary format: one round trip each, and the driver's Python work once per
+  operation. asyncpg was chosen over psycopg for that work: about half the client CPU per
+  statement (``bench/pg_driver.py``).
 - Wake-ups: ONE ``LISTEN`` connection per broker (``postgres_listener``) wakes local consumers on
   other instances' commits; while it is down consumers poll every ``fallback_poll`` seconds. A
   broker wakes its own consumers of its own commits (and its listener skips their
