@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import re
+import socket
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -127,6 +128,7 @@ def serve(config: Config) -> int:
     import uvicorn
 
     from callboard.app import create_app
+    from callboard.gc_tuning import tune_for_serving
     from callboard.http_protocol import GatheringHttpToolsProtocol
 
     app = create_app(config)
@@ -143,6 +145,11 @@ def serve(config: Config) -> int:
             if loop is not None:
                 loop.call_soon_threadsafe(app.bus.release_held_reads)
             super().handle_exit(sig, frame)
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                tune_for_serving()  # after start-up: what it built stays alive (see gc_tuning)
 
     server = Server(
         uvicorn.Config(

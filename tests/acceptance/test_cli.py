@@ -19,6 +19,7 @@ import pytest
 pytestmark = pytest.mark.slow
 
 RECORDER = """
+import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,10 @@ def recorder(context):
 
     async def on_event(event):
         with path.open("a", encoding="utf-8") as out:
-            out.write(json.dumps({"topic": event.topic, "payload": event.payload}) + "\\n")
+            # How the serving process's collector is set while it delivers (see gc_tuning).
+            collector = {"young": gc.get_threshold()[0], "frozen": gc.get_freeze_count() > 0}
+            record = {"topic": event.topic, "payload": event.payload, "gc": collector}
+            out.write(json.dumps(record) + "\\n")
 
     context.subscribers.add_subscription("recorder", ">", on_event)
 
@@ -177,6 +181,8 @@ events:
     assert json.loads(received.read_text(encoding="utf-8")) == {
         "topic": "github",
         "payload": {"ref": "main"},
+        # Started, the server froze what start-up built and collects young objects less often.
+        "gc": {"young": 10_000, "frozen": True},
     }
     metrics = httpx.get(server.url + "/metrics").text
     assert 'callboard_ingress_requests_total{status="202",topic="github"} 1.0' in metrics
