@@ -277,18 +277,58 @@ def bus_query(postgres: str, database: str, sql: str, *params: object) -> list[t
     return asyncio.run(run())
 
 
-def wait_for_subscription(postgres: str, database: str, subscription: str) -> None:
+def subscription_appears(postgres: str, database: str, subscription: str) -> bool:
     """B's poll loop creates its subscription lazily; events published before it are not kept."""
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 20
     sql = "SELECT 1 FROM events.event_bus_subscriptions WHERE id = $1"
     while not bus_query(postgres, database, sql, subscription):
         if time.monotonic() > deadline:
-            raise SystemExit(f"subscription {subscription} did not appear on the Backstage bus")
+            return False
         time.sleep(0.2)
+    return True
 
 
 def records(port: int) -> dict[str, Any]:
     return dict(json.loads(get(f"http://127.0.0.1:{port}/api/benchlatency/records")))
+
+
+def start_backstage(
+    name: str,
+    port: int,
+    subscriber: str,
+    workdir: Path,
+    env: dict[str, str],
+    args: argparse.Namespace,
+    database: str,
+    processes: list[subprocess.Popen[bytes]],
+) -> None:
+    """Start instance ``name`` (added to ``processes``) and wait until it is ready.
+
+    With a subscriber, also until its subscription is on the bus. Backstage's events client
+    subscribes once, at start; if its own bus router answered 404 then ("events backend not
+    found") it stays local-only for good, so such an instance is started again.
+    """
+    path = workdir / f"backstage-{name}.yaml"
+    path.write_text(backstage_config(port, args.postgres, database))
+    subscription = f"benchlatency.{subscriber}"
+    for attempt in range(1, 4):
+        log = (workdir / f"backstage-{name}.log").open("wb")
+        processes.append(
+            subprocess.Popen(
+                ["node", str(HERE / "backstage_instance.js"), "--config", str(path)],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**env, "BENCH_SUBSCRIBER_ID": subscriber, "BENCH_TOPICS": TOPIC},
+                cwd=workdir,
+                start_new_session=True,
+            )
+        )
+        wait_for(f"http://127.0.0.1:{port}/.backstage/health/v1/readiness")
+        if not subscriber or subscription_appears(args.postgres, database, subscription):
+            return
+        stop(processes.pop())
+        print(f"{subscription} did not appear on the bus (attempt {attempt})", file=sys.stderr)
+    raise SystemExit(f"subscription {subscription} did not appear on the Backstage bus")
 
 
 def measure_backstage(args: argparse.Namespace, workdir: Path, anchor: Path) -> dict[str, Any]:
@@ -305,23 +345,7 @@ def measure_backstage(args: argparse.Namespace, workdir: Path, anchor: Path) -> 
     try:
         # B first: its subscription must exist on the bus before A publishes.
         for name, port, subscriber in (("b", b_port, BACKSTAGE_SUBSCRIBER), ("a", a_port, "")):
-            path = workdir / f"backstage-{name}.yaml"
-            path.write_text(backstage_config(port, args.postgres, database))
-            log = (workdir / f"backstage-{name}.log").open("wb")
-            processes.append(
-                subprocess.Popen(
-                    ["node", str(HERE / "backstage_instance.js"), "--config", str(path)],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    env={**env, "BENCH_SUBSCRIBER_ID": subscriber, "BENCH_TOPICS": TOPIC},
-                    cwd=workdir,
-                    start_new_session=True,
-                )
-            )
-            wait_for(f"http://127.0.0.1:{port}/.backstage/health/v1/readiness")
-            if subscriber:
-                subscription = f"benchlatency.{subscriber}"
-                wait_for_subscription(args.postgres, database, subscription)
+            start_backstage(name, port, subscriber, workdir, env, args, database, processes)
         urllib.request.urlopen(
             urllib.request.Request(f"http://127.0.0.1:{b_port}/api/benchlatency/reset", b"")
         ).close()
