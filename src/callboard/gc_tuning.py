@@ -6,7 +6,7 @@ headers, event, futures), and almost all of it is freed by reference counting, s
 young pass finds nothing to collect. Worse, what is alive at a pass (requests waiting for their
 commit) is promoted, and enough promotions trigger a full pass over the whole heap: every
 object built at start (configuration models, modules, compiled routes) is traversed again, a
-20 ms pause several times a second under load.
+20 ms pause about twice a second under load.
 
 So once the application has started, ``tune_for_serving`` moves everything alive into the
 permanent generation, which no pass traverses (``gc.freeze``), and raises the youngest
