@@ -312,17 +312,18 @@ def start_backstage(
     path.write_text(backstage_config(port, args.postgres, database))
     subscription = f"benchlatency.{subscriber}"
     for attempt in range(1, 4):
-        log = (workdir / f"backstage-{name}.log").open("wb")
-        processes.append(
-            subprocess.Popen(
-                ["node", str(HERE / "backstage_instance.js"), "--config", str(path)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**env, "BENCH_SUBSCRIBER_ID": subscriber, "BENCH_TOPICS": TOPIC},
-                cwd=workdir,
-                start_new_session=True,
+        # The child keeps its own copy of the log's descriptor; ours is closed at once.
+        with (workdir / f"backstage-{name}.log").open("wb") as log:
+            processes.append(
+                subprocess.Popen(
+                    ["node", str(HERE / "backstage_instance.js"), "--config", str(path)],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**env, "BENCH_SUBSCRIBER_ID": subscriber, "BENCH_TOPICS": TOPIC},
+                    cwd=workdir,
+                    start_new_session=True,
+                )
             )
-        )
         wait_for(f"http://127.0.0.1:{port}/.backstage/health/v1/readiness")
         if not subscriber or subscription_appears(args.postgres, database, subscription):
             return
