@@ -5,6 +5,7 @@ Every error callboard raises on purpose derives from ``CallboardError``::
     CallboardError
     ├── ConfigError            a configuration key is wrong (``path`` names it)
     ├── InvalidTopicError      a topic or topic pattern breaks the grammar
+    ├── InvalidEventError      an event can never be stored as it is (answered 400, never retried)
     ├── BrokerError            the broker failed (``retriable`` tells whether to try again)
     │   └── BrokerUnavailable  the broker cannot be reached right now
     ├── SubscriptionError      a subscription cannot be made as asked
@@ -42,6 +43,16 @@ class InvalidTopicError(CallboardError, ValueError):
         self.topic = topic
         self.reason = reason
         super().__init__(f"invalid topic {topic!r}: {reason}")
+
+
+class InvalidEventError(CallboardError, ValueError):
+    """An event holds something no broker can keep: a NUL character in a name or a text, a payload
+    nested too deeply to encode. Publishing it again can never succeed, so the HTTP answer is
+    ``400`` naming the problem, never ``503``."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        super().__init__(message)
 
 
 class BrokerError(CallboardError):
