@@ -64,6 +64,8 @@ class Callboard:
             metrics=metrics,
             batch_size=delivery.batch_size,
             shutdown_timeout=config.events.shutdown_timeout_ms / 1000,
+            handler_timeout=delivery.handler_timeout_ms / 1000 or None,
+            ordered=delivery.ordered,
         )
         http = config.events.http
         self.ingress = IngressApp(
@@ -71,6 +73,7 @@ class Callboard:
             _collect_ingresses(config, self.contexts),
             parsers=_collect_parsers(self.contexts),
             body_limit=http.body_limit,
+            max_metadata_bytes=http.max_metadata_bytes,
             keep_credentials=http.keep_credential_headers,
             detect_redeliveries=http.detect_redeliveries,
             metrics=metrics,
@@ -94,7 +97,12 @@ class Callboard:
             try:
                 for spec in context.subscribers.subscriptions:
                     await self.events.subscribe(
-                        spec.id, spec.topics, spec.handler, concurrency=spec.concurrency
+                        spec.id,
+                        spec.topics,
+                        spec.handler,
+                        concurrency=spec.concurrency,
+                        handler_timeout=spec.handler_timeout,
+                        ordered=spec.ordered,
                     )
                 for route in context.subscribers.routers:
                     router = EventRouter(
@@ -116,8 +124,15 @@ class Callboard:
         )
 
     async def observe_broker(self, timeout: float = 2.0) -> None:
-        """Refresh the broker gauges (health, and per subscription: backlog, in flight, lost)."""
+        """Refresh the broker gauges (health, and per subscription: backlog, in flight, lost).
+
+        The age of the oldest unsettled event is this process's own figure (the broker does not
+        know when a handler began), so it is refreshed even when the broker does not answer.
+        """
         metrics = self.metrics
+        metrics.set_per_subscription(
+            metrics.oldest_unacked, self.events.oldest_unacked().items(), max
+        )
         try:
             async with asyncio.timeout(timeout):
                 subscriptions = await self.events.broker.subscriptions()
@@ -126,10 +141,10 @@ class Callboard:
             metrics.broker_up.set(0)
             return
         metrics.broker_up.set(1)
-        for info in subscriptions:
-            metrics.backlog.labels(info.name).set(info.backlog)
-            metrics.subscription_in_flight.labels(info.name).set(info.in_flight)
-            metrics.lost.labels(info.name).set(info.lost)
+        per = metrics.set_per_subscription
+        per(metrics.backlog, ((info.name, info.backlog) for info in subscriptions))
+        per(metrics.subscription_in_flight, ((info.name, info.in_flight) for info in subscriptions))
+        per(metrics.lost, ((info.name, info.lost) for info in subscriptions))
 
     async def stop(self) -> None:
         self.ready = False
@@ -166,7 +181,12 @@ def build(
     chosen = broker if broker is not None else _module_broker(contexts)
     if chosen is None:
         chosen = open_broker(config.events.broker, retention=config.events.retention.policy())
-    return Callboard(config, contexts, chosen, metrics if metrics is not None else Metrics())
+    if metrics is None:
+        labels = config.events.metrics
+        metrics = Metrics(
+            max_topics=labels.max_topic_labels, max_subscriptions=labels.max_subscription_labels
+        )
+    return Callboard(config, contexts, chosen, metrics)
 
 
 def create_app(config: Config | None = None, **options: Any) -> CallboardApp:
@@ -215,6 +235,20 @@ class CallboardApp:
 
     async def _ready(self, request: Request) -> Response:
         if self.board.ready:
+            # A stalled handler holds up its own subscription only: the instance still takes
+            # webhooks and serves the bus, so it stays ready, and says what is stuck.
+            stalled = [
+                {
+                    "subscription": stall.subscription,
+                    "event": stall.event_id,
+                    "topic": stall.topic,
+                    "seconds": round(stall.seconds, 1),
+                    "timeout": stall.timeout,
+                }
+                for stall in self.board.events.stalled()
+            ]
+            if stalled:
+                return JSONResponse({"status": "ready", "stalled": stalled})
             return JSONResponse({"status": "ready"})
         return JSONResponse({"status": "not ready"}, status_code=503)
 

@@ -23,6 +23,8 @@ logger = logging.getLogger("callboard.cli")
 
 #: The broker ``serve`` runs on when the configuration names none: durable, next to the process.
 SERVE_BROKER = "sqlite:///callboard.db"
+#: Files ``serve`` keeps beside its connections (brokers, logs, the listening socket).
+RESERVED_FILES = 256
 
 
 def _config_argument(parser: argparse.ArgumentParser) -> None:
@@ -129,10 +131,21 @@ def serve(config: Config) -> int:
 
     from callboard.app import create_app
     from callboard.gc_tuning import tune_for_serving
-    from callboard.http_protocol import GatheringHttpToolsProtocol
+    from callboard.http_protocol import ServerLimits, protocol_for
 
     app = create_app(config)
     listen = config.backend.listen
+    bounds = config.backend.server
+    limits = ServerLimits(
+        max_request_line_bytes=bounds.max_request_line_bytes,
+        max_header_bytes=bounds.max_header_bytes,
+        max_headers_bytes=bounds.max_headers_bytes,
+        max_header_count=bounds.max_header_count,
+        headers_timeout=bounds.headers_timeout_ms / 1000,
+        body_timeout=bounds.body_timeout_ms / 1000,
+        keep_alive_timeout=bounds.keep_alive_timeout_ms / 1000,
+        max_connections=fit_open_files(bounds.max_connections),
+    )
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -157,8 +170,11 @@ def serve(config: Config) -> int:
             host=listen.host,
             port=listen.port,
             lifespan="on",
-            # One socket write per response instead of two (head, then body).
-            http=GatheringHttpToolsProtocol,
+            # One socket write per response instead of two (head, then body), and the bounds of
+            # backend.server on every connection.
+            http=protocol_for(limits),
+            # The protocol keeps this deadline itself, without uvicorn's timer per request.
+            timeout_keep_alive=max(1, round(limits.keep_alive_timeout)),
             access_log=False,
             log_config=None,
             # callboard reads no client address, so X-Forwarded-* handling is work for nothing.
@@ -170,6 +186,40 @@ def serve(config: Config) -> int:
     logger.info("callboard %s listening on http://%s:%d", __version__, listen.host, listen.port)
     server.run()
     return 0 if server.started else 1
+
+
+def fit_open_files(max_connections: int) -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` toward the hard one so ``max_connections`` fit.
+
+    Without room for its connections the process meets ``EMFILE`` on accept, and asyncio then
+    stops accepting for a second at a time: every new connection is reset. Returns how many
+    connections fit, which is less than asked (with a warning) when the hard limit is too low.
+    """
+    import resource
+
+    needed = max_connections + RESERVED_FILES
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    infinite = resource.RLIM_INFINITY
+    if soft != infinite and soft < needed:
+        target = needed if hard == infinite else min(needed, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as error:
+            logger.warning("could not raise the open-files limit to %d: %s", target, error)
+    if soft == infinite or soft >= needed:
+        return max_connections
+    fitting = max(soft - RESERVED_FILES, 1)
+    logger.warning(
+        "backend.server.maxConnections is %d but the process may open only %d files "
+        "(RLIMIT_NOFILE, hard limit %s): at most %d connections are kept open; raise the hard "
+        "limit (ulimit -Hn, systemd LimitNOFILE=) or lower backend.server.maxConnections",
+        max_connections,
+        soft,
+        "unlimited" if hard == infinite else hard,
+        fitting,
+    )
+    return fitting
 
 
 def check_config(config: Config) -> int:

@@ -15,7 +15,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 from callboard.brokers.base import RetentionPolicy
 from callboard.errors import ConfigError, InvalidTopicError
@@ -81,21 +88,65 @@ class BackendAuth(Section):
         return self
 
 
+def _size_in_bytes(value: Any) -> Any:
+    if isinstance(value, str):
+        match = _SIZE.match(value)
+        if match is None:
+            raise ValueError("expected a size in bytes, such as 65536 or '64kb'")
+        return int(match.group(1)) * _UNITS[match.group(2) and match.group(2).lower()]
+    return value
+
+
+#: A size in bytes, written as a number or with a unit ('64kb').
+Bytes = Annotated[int, BeforeValidator(_size_in_bytes)]
+
+
+class Server(Section):
+    """Bounds of ``callboard serve``'s HTTP server: requests' heads, timeouts, connections."""
+
+    max_request_line_bytes: Bytes = Field(
+        default=8 * 1024, alias="maxRequestLineBytes", ge=256, le=1024**2
+    )
+    max_header_bytes: Bytes = Field(default=16 * 1024, alias="maxHeaderBytes", ge=256, le=1024**2)
+    max_headers_bytes: Bytes = Field(
+        default=64 * 1024, alias="maxHeadersBytes", ge=1024, le=16 * 1024**2
+    )
+    max_header_count: int = Field(default=100, alias="maxHeaderCount", ge=8, le=10_000)
+    headers_timeout_ms: float = Field(default=10_000, alias="headersTimeoutMs", ge=10, le=600_000)
+    body_timeout_ms: float = Field(default=30_000, alias="bodyTimeoutMs", ge=10, le=600_000)
+    keep_alive_timeout_ms: float = Field(
+        default=5_000, alias="keepAliveTimeoutMs", ge=10, le=600_000
+    )
+    max_connections: int = Field(default=10_000, alias="maxConnections", ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _within_head(self) -> Server:
+        for key, value in (
+            ("maxRequestLineBytes", self.max_request_line_bytes),
+            ("maxHeaderBytes", self.max_header_bytes),
+        ):
+            if value > self.max_headers_bytes:
+                raise ValueError(f"{key} ({value}) exceeds maxHeadersBytes, the whole head")
+        return self
+
+
 class Backend(Section):
     # Backstage's backend section holds much else (baseUrl, database, auth, cors).
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
 
     listen: Listen = Listen()
     auth: BackendAuth = BackendAuth()
+    server: Server = Server()
 
 
 class Http(Section):
     topics: tuple[TopicName, ...] = ()
     body_limit: int = Field(default=5 * 1024 * 1024, alias="bodyLimit", gt=0)
+    max_metadata_bytes: int = Field(default=16 * 1024, alias="maxMetadataBytes", gt=0)
     keep_credential_headers: bool = Field(default=False, alias="keepCredentialHeaders")
     detect_redeliveries: bool = Field(default=True, alias="detectRedeliveries")
 
-    @field_validator("body_limit", mode="before")
+    @field_validator("body_limit", "max_metadata_bytes", mode="before")
     @classmethod
     def _size(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -112,6 +163,17 @@ class Delivery(Section):
     max_delay_ms: float = Field(default=30_000, alias="maxDelayMs", ge=0)
     multiplier: float = Field(default=2.0, ge=1)
     batch_size: int = Field(default=32, alias="batchSize", ge=1, le=10_000)
+    #: A handler call running longer is cancelled and counts as a failed attempt; 0: no limit.
+    handler_timeout_ms: float = Field(default=30_000, alias="handlerTimeoutMs", ge=0)
+    #: ``false``: a failed event waits for its retry aside while later events go ahead.
+    ordered: bool = True
+
+
+class EventsMetrics(Section):
+    """Bounds of the label sets of ``/metrics``: values beyond them count as ``other``."""
+
+    max_topic_labels: int = Field(default=200, alias="maxTopicLabels", ge=1)
+    max_subscription_labels: int = Field(default=200, alias="maxSubscriptionLabels", ge=1)
 
 
 class Retention(Section):
@@ -171,14 +233,26 @@ class BusBackstage(Section):
         return self
 
 
+class BusGrant(Section):
+    """Gives a bus caller an owner's rights on the subscriptions whose ids match a pattern."""
+
+    #: A static token's ``subject``, or ``plugin:<pluginId>`` for a Backstage plugin.
+    subject: str = Field(min_length=1)
+    #: Subscription ids; ``*`` stands for any run of characters.
+    subscriptions: tuple[str, ...] = Field(min_length=1)
+
+
 class Bus(Section):
     backstage: BusBackstage | None = None
+    grants: tuple[BusGrant, ...] = ()
+    max_topics_per_subscription: int = Field(default=1_000, alias="maxTopicsPerSubscription", ge=1)
 
 
 class Events(Section):
     broker: str = "memory://"
     http: Http = Http()
     delivery: Delivery = Delivery()
+    metrics: EventsMetrics = EventsMetrics()
     retention: Retention = Retention()
     bus: Bus = Bus()
     shutdown_timeout_ms: float = Field(default=10_000, alias="shutdownTimeoutMs", ge=0)

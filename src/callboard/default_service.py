@@ -8,14 +8,14 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
-from callboard.brokers.base import Broker, Start
+from callboard.brokers.base import IN_PROCESS, Broker, Start, name_problem
 from callboard.brokers.memory import MemoryBroker
 from callboard.deadletters import DeadLetter
-from callboard.delivery import RetryPolicy, SubscriptionWorker
+from callboard.delivery import RetryPolicy, Stall, SubscriptionWorker
 from callboard.errors import InvalidTopicError, ServiceClosedError, SubscriptionError
 from callboard.events import Event
 from callboard.metrics import Metrics
-from callboard.service import Handler, Subscriber
+from callboard.service import DEFAULT, Handler, HandlerTimeout, Subscriber
 from callboard.topics import normalize_patterns, validate_topic
 
 logger = logging.getLogger("callboard.events")
@@ -53,6 +53,10 @@ class RunningSubscription:
                 await asyncio.wait(pending)
         self._service._forget(self)
 
+    def oldest_unacked(self) -> float:
+        """Seconds since the oldest event its workers hold unsettled began; 0 when idle."""
+        return max((worker.oldest_unacked() for worker in self.workers), default=0.0)
+
     def __repr__(self) -> str:
         return f"<Subscription {self._id!r} topics={list(self._topics)}>"
 
@@ -72,11 +76,16 @@ class DefaultEventsService:
         metrics: Metrics | None = None,
         batch_size: int = 32,
         shutdown_timeout: float = 10.0,
+        handler_timeout: float | None = 30.0,
+        ordered: bool = True,
     ) -> None:
         self.broker: Broker = broker if broker is not None else MemoryBroker()
         self.retry = retry if retry is not None else RetryPolicy()
         self.metrics = metrics if metrics is not None else Metrics()
         self.shutdown_timeout = shutdown_timeout
+        #: Defaults of ``subscribe``: the handlers' time limit, and in-line (ordered) retries.
+        self.handler_timeout = handler_timeout or None
+        self.ordered = ordered
         self._batch_size = batch_size
         self._subscriptions: list[RunningSubscription] = []
         self._started = False
@@ -131,7 +140,7 @@ class DefaultEventsService:
         if accepted:
             self.metrics.count_published(event.topic)
         else:
-            self.metrics.duplicates.labels(event.topic).inc()
+            self.metrics.duplicates.labels(self.metrics.topic_label(event.topic)).inc()
         return accepted
 
     def _check_topic(self, topic: str) -> None:
@@ -153,18 +162,28 @@ class DefaultEventsService:
         *,
         start: Start = "end",
         concurrency: int = 1,
+        handler_timeout: HandlerTimeout = DEFAULT,
+        ordered: bool | None = None,
     ) -> RunningSubscription:
-        if not id:
-            raise SubscriptionError("a subscription id must not be empty")
+        problem = name_problem(id)
+        if problem is not None:
+            raise SubscriptionError(f"subscription {id!r}: {problem}")
         if concurrency < 1:
             raise SubscriptionError(f"subscription {id!r}: concurrency must be at least 1")
+        timeout = self.handler_timeout if handler_timeout is DEFAULT else handler_timeout
+        if timeout is not None and timeout < 0:
+            raise SubscriptionError(
+                f"subscription {id!r}: handler_timeout must be positive (seconds), 0 or None for "
+                "no time limit"
+            )
         patterns = normalize_patterns(topics)
         await self.start()
         if self._closed:
             raise ServiceClosedError("the events service is shutting down; subscribe refused")
         subscription = RunningSubscription(self, id, patterns)
         for _ in range(concurrency):
-            consumer = await self.broker.consume(id, patterns, start=start)
+            # Marked as the server's own: the bus API never hands its events to a caller.
+            consumer = await self.broker.consume(id, patterns, start=start, owner=IN_PROCESS)
             worker = SubscriptionWorker(
                 id,
                 consumer,
@@ -173,6 +192,10 @@ class DefaultEventsService:
                 policy=self.retry,
                 metrics=self.metrics,
                 batch_size=self._batch_size,
+                handler_timeout=timeout,
+                # Without a limit of its own, a call this long is still reported as stalled.
+                report_after=self.handler_timeout,
+                ordered=self.ordered if ordered is None else ordered,
             )
             subscription.workers.append(worker)
             subscription.tasks.append(
@@ -216,6 +239,19 @@ class DefaultEventsService:
     @property
     def subscriptions(self) -> tuple[RunningSubscription, ...]:
         return tuple(self._subscriptions)
+
+    def oldest_unacked(self) -> dict[str, float]:
+        """Per subscription of this process: seconds its oldest unsettled event has waited."""
+        ages: dict[str, float] = {}
+        for subscription in self._subscriptions:
+            age = subscription.oldest_unacked()
+            ages[subscription.id] = max(age, ages.get(subscription.id, 0.0))
+        return ages
+
+    def stalled(self) -> list[Stall]:
+        """Handler calls running longer than their subscription's time limit (or report age)."""
+        found = (w.stalled() for s in self._subscriptions for w in s.workers)
+        return [stall for stall in found if stall is not None]
 
     def _forget(self, subscription: RunningSubscription) -> None:
         if subscription in self._subscriptions:

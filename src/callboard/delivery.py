@@ -5,12 +5,28 @@ each event to the handler in order, and acknowledges it once the handler returne
 raises is called again after an exponentially growing delay; when the last attempt fails, the event
 is published on the subscription's dead-letter topic with the error, and then acknowledged.
 
+A handler call has a time limit (``events.delivery.handlerTimeoutMs``). It is kept by one timer
+per worker rather than one per call (``asyncio.wait_for`` or ``asyncio.timeout`` around every call
+would cost a good part of a delivery on the memory broker): the worker notes when its current call
+began, and the timer, when it fires, either finds that call past its deadline and cancels it, or
+sets itself again for the deadline of the call now running. A call cancelled so is a failed
+attempt, like one that raised. Without a limit the timer only reports a call that runs that long.
+
+An ordered subscription (the default) waits out a failed event's retry delays before it goes on,
+so its events are handled in order. An unordered one (``ordered=False``) sets the failed event
+aside and goes on with the next ones; the event is tried again when its delay has passed, between
+two others, and acknowledged only once it succeeded or became a dead letter. Until then the
+broker keeps it leased to this consumer (the SQL brokers renew the leases of every live consumer,
+whatever it holds), so no other consumer gets it meanwhile. At most ``batch_size`` events wait so
+per worker; with that many waiting, the worker fetches nothing new until one is settled.
+
 Acknowledgements are pipelined: the worker starts an event's acknowledgement and goes on to the
 next event without waiting for it; those of events handled in one turn of the event loop go to
 the broker together (``Consumer.ack_many``), which records them in one statement and one commit
 instead of one round trip per event. Before the next fetch, and before
 the consumer is closed, the worker waits until every acknowledgement it started is recorded: at
-most one batch is ever unacknowledged, and an event is never delivered again because its
+most one batch (and the retries waiting out of line) is ever unacknowledged, and an event is
+never delivered again because its
 acknowledgement was still on its way when the worker stopped. A crash loses at most those
 acknowledgements, and the broker delivers their events again (at least once).
 """
@@ -18,10 +34,13 @@ acknowledgements, and the broker delivers their events again (at least once).
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from time import monotonic
 from time import time as wall_time
 
 from callboard.brokers.base import Broker, Consumer, Delivery
@@ -34,6 +53,41 @@ logger = logging.getLogger("callboard.delivery")
 #: A handled delivery: when its handler finished, and whether it counts as delivered (not a
 #: dead letter).
 _Handled = tuple[Delivery, float, bool]
+#: A retry waiting out of line: when it is due, a tie-breaker, the delivery, the attempt it will
+#: be, and when the event's first attempt began (``monotonic``).
+_Waiting = tuple[float, int, Delivery, int, float]
+
+#: The configuration key that sets the handlers' time limit, named in what is logged.
+TIMEOUT_KEY = "events.delivery.handlerTimeoutMs"
+
+
+#: What a call ended by the time limit raised, before it is told as a ``HandlerTimeoutError``.
+_CANCELLED = Exception("cancelled by the time limit")
+
+
+class HandlerTimeoutError(TimeoutError):
+    """A handler call ran past its time limit and was cancelled: a failed attempt."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"the handler did not finish within {seconds:g}s and was cancelled "
+            f"({TIMEOUT_KEY}, or handler_timeout= of the subscription)"
+        )
+        self.seconds = seconds
+
+
+@dataclass(frozen=True, slots=True)
+class Stall:
+    """A handler call running longer than its subscription allows, for ``/readyz``."""
+
+    subscription: str
+    event_id: str
+    topic: str
+    #: Seconds the call has been running.
+    seconds: float
+    #: The call's time limit, or ``None`` when the subscription has none (then it is only
+    #: reported, past ``report_after``).
+    timeout: float | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,8 +134,12 @@ class SubscriptionWorker:
         policy: RetryPolicy,
         metrics: Metrics,
         batch_size: int = 32,
+        handler_timeout: float | None = None,
+        report_after: float | None = None,
+        ordered: bool = True,
     ) -> None:
         self.subscription = subscription
+        self._label = metrics.subscription_label(subscription)
         self._consumer = consumer
         self._handler = handler
         self._broker = broker
@@ -97,33 +155,59 @@ class SubscriptionWorker:
         self._acks: list[asyncio.Future[None]] = []
         #: Handled in this turn of the loop, acknowledged together at its end.
         self._unsent: list[_Handled] = []
+        self._ordered = ordered
+        #: Retries waiting out of line, the next due first (a heap).
+        self._waiting: list[_Waiting] = []
+        self._tie = itertools.count()
+        #: The time limit of a handler call, and after how long a call is reported as stalled.
+        self.handler_timeout = handler_timeout or None
+        self._deadline = self.handler_timeout or report_after or None
+        self._task: asyncio.Task[None] | None = None
+        self._watch: asyncio.TimerHandle | None = None
+        self._expired = False
+        self._reported: float | None = None
+        #: The delivery being handled, when it began, and when the running call began.
+        self._current: Delivery | None = None
+        self._since = 0.0
+        self._call_began: float | None = None
 
     async def run(self) -> None:
+        self._task = asyncio.current_task()
         consumer = self._consumer
+        waiting = self._waiting
         try:
             while True:
                 await self._settle()
+                if waiting:
+                    await self._retry_due()
                 if self._stop.is_set():
                     return
-                self._fetching = True
-                batch = await consumer.fetch(self._batch_size)
-                self._fetching = False
+                batch = await self._fetch()
+                if batch is None:
+                    continue  # a retry fell due before new events came
                 if not batch:
                     return
                 for delivery in batch:
                     if self._stop.is_set():
                         return
                     await self._deliver(delivery)
+                    if waiting and waiting[0][0] <= monotonic():
+                        await self._retry_due()
         except Exception:
             # Nobody awaits a worker's task until close: say so now, not when it is collected.
             logger.exception("subscription %r stopped: its consumer failed", self.subscription)
         finally:
+            if self._watch is not None:
+                self._watch.cancel()
+                self._watch = None
             try:
                 await self._settle()
             except Exception:
                 logger.exception(
                     "subscription %r could not acknowledge its last events", self.subscription
                 )
+            # Retries still waiting are left unacknowledged: the group gets them again.
+            waiting.clear()
             await consumer.close()
 
     async def stop(self) -> None:
@@ -132,42 +216,188 @@ class SubscriptionWorker:
         if self._fetching:
             await self._consumer.close()
 
-    async def _deliver(self, delivery: Delivery) -> None:
+    async def _fetch(self) -> Sequence[Delivery] | None:
+        """The next batch; ``None`` when a waiting retry fell due (or room for one is needed)."""
+        waiting = self._waiting
+        self._fetching = True
+        try:
+            if not waiting:
+                return await self._consumer.fetch(self._batch_size)
+            wait = max(0.0, waiting[0][0] - monotonic())
+            if len(waiting) >= self._batch_size:
+                # As many events set aside as a batch holds: take no more until one is settled.
+                self._fetching = False
+                await self._stopped_within(wait)
+                return None
+            try:
+                # Cancelling a fetch loses nothing (``Consumer.fetch``): what it took comes next.
+                async with asyncio.timeout(wait):
+                    return await self._consumer.fetch(self._batch_size)
+            except TimeoutError:
+                return None
+        finally:
+            self._fetching = False
+
+    async def _retry_due(self) -> None:
+        waiting = self._waiting
+        while waiting and waiting[0][0] <= monotonic() and not self._stop.is_set():
+            _, _, delivery, attempt, since = heapq.heappop(waiting)
+            self._since = since  # tried before: its age counts from the first attempt
+            await self._deliver(delivery, attempt)
+
+    async def _deliver(self, delivery: Delivery, attempt: int = 1) -> None:
+        """Handle one event until it is settled, set aside, or left to the group."""
+        event = delivery.event
+        metrics = self._metrics
+        metrics.in_flight.inc()
+        self._current = delivery
+        try:
+            while True:
+                # Kept to a few stores on the way of a handler that succeeds: on the memory
+                # broker a delivery costs about two microseconds in all.
+                self._call_began = began = monotonic()
+                if self._watch is None and self._deadline is not None:
+                    self._arm(self._deadline)
+                try:
+                    await self._handler(event)
+                except Exception as failure:
+                    error: Exception | None = failure
+                except asyncio.CancelledError:
+                    if not self._expired:
+                        raise
+                    error = _CANCELLED
+                else:
+                    self._call_began = None
+                    if not self._expired:
+                        await self._ack(delivery, delivered=True)
+                        return
+                    error = None
+                self._call_began = None
+                if self._expired:
+                    error = self._timed_out(error)
+                if error is None:
+                    await self._ack(delivery, delivered=True)
+                    return
+                if not self._since:
+                    self._since = began  # unsettled from its first attempt on
+                if await self._failed(delivery, error, attempt):
+                    return
+                attempt += 1
+        finally:
+            self._current = None
+            self._since = 0.0
+            metrics.in_flight.dec()
+
+    async def _failed(self, delivery: Delivery, error: Exception, attempt: int) -> bool:
+        """Count a failed attempt and wait for the next one; ``True`` when none comes now.
+
+        That is when the event became a dead letter, was set aside to be retried out of line,
+        or the worker is stopping (the event is left unacknowledged, delivered again later).
+        """
         event = delivery.event
         policy = self._policy
         metrics = self._metrics
-        attempt = 1
-        metrics.in_flight.inc()
-        try:
-            while True:
-                try:
-                    await self._handler(event)
-                except Exception as error:
-                    metrics.failures.labels(self.subscription, event.topic).inc()
-                    if attempt >= policy.attempts:
-                        await self._dead_letter(delivery, error, attempt)
-                        return
-                    delay = policy.delay(attempt)
-                    logger.warning(
-                        "subscription %r failed on event %s (topic %r), attempt %d of %d; "
-                        "retrying in %.2fs: %s",
-                        self.subscription,
-                        event.id,
-                        event.topic,
-                        attempt,
-                        policy.attempts,
-                        delay,
-                        error,
-                    )
-                    metrics.retries.labels(self.subscription).inc()
-                    attempt += 1
-                    if await self._stopped_within(delay):
-                        return  # left unacknowledged: delivered again later
-                    continue
-                await self._ack(delivery, delivered=True)
-                return
-        finally:
-            metrics.in_flight.dec()
+        metrics.failures.labels(self._label, metrics.topic_label(event.topic)).inc()
+        if attempt >= policy.attempts:
+            await self._dead_letter(delivery, error, attempt)
+            return True
+        delay = policy.delay(attempt)
+        logger.warning(
+            "subscription %r failed on event %s (topic %r), attempt %d of %d; "
+            "retrying in %.2fs%s: %s",
+            self.subscription,
+            event.id,
+            event.topic,
+            attempt,
+            policy.attempts,
+            delay,
+            "" if self._ordered else ", out of line",
+            error,
+        )
+        metrics.retries.labels(self._label).inc()
+        if not self._ordered:
+            due = monotonic() + delay
+            heapq.heappush(
+                self._waiting, (due, next(self._tie), delivery, attempt + 1, self._since)
+            )
+            return True
+        return await self._stopped_within(delay)
+
+    def _timed_out(self, error: Exception | None) -> Exception | None:
+        """Take back the watchdog's cancellation; what the call it ended counts as."""
+        self._expired = False
+        task = self._task
+        if task is not None and task.uncancel() > 0:
+            raise asyncio.CancelledError  # cancelled from outside too (a shutdown): let it end
+        if error is None:
+            return None  # the handler swallowed the cancellation and finished: it succeeded
+        # Whatever the handler turned the cancellation into, the attempt failed by running out
+        # of time, and the dead letter says so.
+        timeout = HandlerTimeoutError(self.handler_timeout or 0.0)
+        timeout.__cause__ = None if error is _CANCELLED else error
+        return timeout
+
+    def _arm(self, delay: float) -> None:
+        self._watch = asyncio.get_running_loop().call_later(delay, self._watchdog)
+
+    def _watchdog(self) -> None:
+        """Cancel (or, with no time limit, report) a call past its deadline; else set again."""
+        self._watch = None
+        began, deadline = self._call_began, self._deadline
+        if began is None or deadline is None or self._expired:
+            return  # idle: the next call sets the timer again
+        left = began + deadline - monotonic()
+        if left > 0.001:
+            self._arm(left)
+            return
+        delivery = self._current
+        event_id = delivery.event.id if delivery is not None else "?"
+        if self.handler_timeout is None:
+            if self._reported != began:
+                self._reported = began
+                logger.warning(
+                    "subscription %r has been handling event %s for more than %gs; it has no "
+                    "handler time limit, so it waits for the handler (set %s, or "
+                    "handler_timeout= of the subscription)",
+                    self.subscription,
+                    event_id,
+                    deadline,
+                    TIMEOUT_KEY,
+                )
+            return
+        task = self._task
+        if task is None or task.done():
+            return
+        logger.warning(
+            "subscription %r: the handler did not finish event %s within %gs (%s); cancelled, "
+            "the attempt counts as failed",
+            self.subscription,
+            event_id,
+            deadline,
+            TIMEOUT_KEY,
+        )
+        self._expired = True
+        task.cancel()
+
+    def oldest_unacked(self, now: float | None = None) -> float:
+        """Seconds since the oldest event this worker holds unsettled began; 0 when idle."""
+        now = monotonic() if now is None else now
+        begins = [since for _, _, _, _, since in self._waiting]
+        current = self._since or self._call_began
+        if self._current is not None and current is not None:
+            begins.append(current)
+        return max(0.0, now - min(begins)) if begins else 0.0
+
+    def stalled(self, now: float | None = None) -> Stall | None:
+        """The running handler call, if it has run longer than the subscription allows."""
+        began, delivery, deadline = self._call_began, self._current, self._deadline
+        if began is None or delivery is None or deadline is None:
+            return None
+        seconds = (monotonic() if now is None else now) - began
+        if seconds < deadline:
+            return None
+        event = delivery.event
+        return Stall(self.subscription, event.id, event.topic, seconds, self.handler_timeout)
 
     async def _dead_letter(self, delivery: Delivery, error: Exception, attempts: int) -> None:
         event = delivery.event
@@ -199,7 +429,7 @@ class SubscriptionWorker:
             error,
             exc_info=error,
         )
-        self._metrics.dead_letters.labels(self.subscription).inc()
+        self._metrics.dead_letters.labels(self._label).inc()
         await self._ack(delivery, delivered=False)
 
     async def _ack(self, delivery: Delivery, *, delivered: bool) -> None:
@@ -227,7 +457,7 @@ class SubscriptionWorker:
             if delivered:
                 event = delivery.event
                 self._metrics.count_delivered(
-                    self.subscription, event.topic, max(0.0, handled_at - event.time.timestamp())
+                    self._label, event.topic, max(0.0, handled_at - event.time.timestamp())
                 )
 
     async def _settle(self) -> None:

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from callboard.brokers.base import Broker
 from callboard.ingress.types import BodyParser, DeliveryIdReader, Ingress, Validator
 from callboard.routing import Destination
-from callboard.service import EventsService, Handler, Subscriber
+from callboard.service import DEFAULT, EventsService, Handler, HandlerTimeout, Subscriber
 from callboard.settings import validate_section
 from callboard.topics import normalize_patterns, validate_topic
 
@@ -68,6 +68,10 @@ class SubscriptionSpec:
     topics: tuple[str, ...]
     handler: Handler
     concurrency: int = 1
+    #: ``DEFAULT``: ``events.delivery.handlerTimeoutMs``; ``None`` or 0: no time limit.
+    handler_timeout: HandlerTimeout = DEFAULT
+    #: ``None``: ``events.delivery.ordered``.
+    ordered: bool | None = None
 
 
 class IngressPoint:
@@ -104,10 +108,20 @@ class SubscriberPoint:
         self.routers: list[RouterSpec] = []
 
     def add_subscription(
-        self, id: str, topics: str | Sequence[str], handler: Handler, *, concurrency: int = 1
+        self,
+        id: str,
+        topics: str | Sequence[str],
+        handler: Handler,
+        *,
+        concurrency: int = 1,
+        handler_timeout: HandlerTimeout = DEFAULT,
+        ordered: bool | None = None,
     ) -> None:
+        """Subscribe ``handler`` once the service runs (``EventsService.subscribe``'s options)."""
         self.subscriptions.append(
-            SubscriptionSpec(id, normalize_patterns(topics), handler, concurrency)
+            SubscriptionSpec(
+                id, normalize_patterns(topics), handler, concurrency, handler_timeout, ordered
+            )
         )
 
     def add_subscriber(self, subscriber: Subscriber, *, id: str | None = None) -> None:

@@ -4,13 +4,20 @@ The counters touched on every request and every delivery are plain integers, tur
 Prometheus samples only when ``/metrics`` is scraped: a labelled ``prometheus_client`` counter
 takes a lock and checks its state on each increment, which costs more than the rest of a
 delivery. Rarer events (failures, retries, dead letters) use ordinary instruments.
+
+Label values are bounded: topics and subscription ids come from outside (a webhook's path, a bus
+client's subscription), and one sample per value would let ``/metrics`` grow without end. The
+first ``max_topics`` topics (``max_subscriptions`` subscriptions) keep a label of their own; any
+later one is counted under ``"other"``, so totals stay right. Mapping a value to its label is a
+dict lookup, the only cost the hot path pays for the bound.
 """
 
 from __future__ import annotations
 
+import operator
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
@@ -21,6 +28,9 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+
+#: The label of every topic or subscription beyond the bound.
+OTHER = "other"
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -38,6 +48,25 @@ class Level:
 
     def dec(self) -> None:
         self.value -= 1
+
+
+class Labels:
+    """Label values for one label name: their own for the first ``limit`` seen, then ``OTHER``."""
+
+    __slots__ = ("_limit", "own")
+
+    def __init__(self, limit: int) -> None:
+        #: The values with a label of their own (read directly on the hot path).
+        self.own: dict[str, str] = {}
+        self._limit = limit
+
+    def __call__(self, value: str) -> str:
+        label = self.own.get(value)
+        if label is None:
+            if len(self.own) >= self._limit:
+                return OTHER  # not remembered: the map stays bounded too
+            label = self.own[value] = value
+        return label
 
 
 class _Latency:
@@ -63,9 +92,19 @@ class _Latency:
 class Metrics:
     """What callboard counts; ``exposition()`` renders it in Prometheus text format."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        max_topics: int = 200,
+        max_subscriptions: int = 200,
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
+        #: The label of a topic, and of a subscription (``OTHER`` beyond the bound).
+        self.topic_label = Labels(max_topics)
+        self.subscription_label = Labels(max_subscriptions)
+        self._topics = self.topic_label.own
         self.ingress: defaultdict[tuple[str, int], int] = defaultdict(int)
         self.published: defaultdict[str, int] = defaultdict(int)
         self.delivered: defaultdict[tuple[str, str], int] = defaultdict(int)
@@ -119,19 +158,49 @@ class Metrics:
             ["subscription"],
             registry=r,
         )
+        self.oldest_unacked = Gauge(
+            "callboard_subscription_oldest_unacked_seconds",
+            "Age of the oldest event this process is handling (or holding for a retry) for the "
+            "subscription, from its first attempt; 0 when idle.",
+            ["subscription"],
+            registry=r,
+        )
 
     def count_ingress(self, topic: str, status: int) -> None:
-        self.ingress[topic, status] += 1
+        self.ingress[self.topic_label(topic), status] += 1
 
     def count_published(self, topic: str) -> None:
-        self.published[topic] += 1
+        self.published[self.topic_label(topic)] += 1
 
     def count_delivered(self, subscription: str, topic: str, seconds: float) -> None:
-        self.delivered[subscription, topic] += 1
+        """Count a delivery; ``subscription`` is already a label (``subscription_label``)."""
+        # The lookup inline: calling ``topic_label`` costs more than the rest of this method.
+        label = self._topics.get(topic) or self.topic_label(topic)
+        self.delivered[subscription, label] += 1
         latency = self.latency.get(subscription)
         if latency is None:
             latency = self.latency[subscription] = _Latency()
         latency.observe(seconds)
+
+    def set_per_subscription(
+        self,
+        gauge: Gauge,
+        values: Iterable[tuple[str, float]],
+        combine: Callable[[float, float], float] = operator.add,
+    ) -> None:
+        """Replace every sample of ``gauge`` by one per subscription label.
+
+        Subscriptions beyond the bound share ``OTHER``, their values combined (summed, or for
+        an age the largest); subscriptions no longer listed lose their sample.
+        """
+        samples: dict[str, float] = {}
+        for subscription, value in values:
+            label = self.subscription_label(subscription)
+            known = samples.get(label)
+            samples[label] = value if known is None else combine(known, value)
+        gauge.clear()
+        for label, value in samples.items():
+            gauge.labels(label).set(value)
 
     def exposition(self) -> tuple[bytes, str]:
         """The registry in Prometheus text format, with its content type."""

@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Final, Literal, Protocol, TypeAlias, runtime_checkable
 
 from callboard.brokers.base import Start
 from callboard.events import Event
 
 Handler = Callable[[Event], Awaitable[None]]
+
+
+class UseDefault(enum.Enum):
+    """Marks an option left to the service's configuration (where ``None`` means something)."""
+
+    DEFAULT = "default"
+
+
+#: ``handler_timeout=DEFAULT``: the time limit of ``events.delivery.handlerTimeoutMs``.
+DEFAULT: Final = UseDefault.DEFAULT
+
+#: A handler's time limit in seconds; ``None`` (or 0) for none at all, ``DEFAULT`` for the
+#: configured one.
+HandlerTimeout: TypeAlias = float | Literal[UseDefault.DEFAULT] | None
 
 
 @runtime_checkable
@@ -54,7 +69,16 @@ class EventsService(Protocol):
         *,
         start: Start = "end",
         concurrency: int = 1,
-    ) -> Subscription: ...
+        handler_timeout: HandlerTimeout = DEFAULT,
+        ordered: bool | None = None,
+    ) -> Subscription:
+        """Run ``handler`` for each event on ``topics`` in the group ``id``.
+
+        ``handler_timeout`` bounds each handler call (a call past it is cancelled and counts as a
+        failed attempt); ``ordered=False`` lets later events go ahead while a failed one waits for
+        its retry. Both default to ``events.delivery``.
+        """
+        ...
 
     async def add_subscriber(
         self, subscriber: Subscriber, *, id: str | None = None

@@ -20,7 +20,9 @@ from callboard.bus.api import BusApp
 from callboard.bus.auth import StaticToken, StaticTokenAuth
 from callboard.bus.client import BusClient
 from callboard.config import parse_config
+from callboard.deadletters import dead_letter_event
 from callboard.errors import SubscriptionError
+from callboard.events import Event
 
 TOKEN = "bus-test-token-1"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -400,3 +402,182 @@ async def test_delete_is_409_while_the_servers_own_subscribers_read_it(bus: Any)
         await inside.close()
     assert (await client.delete(_path(SUB))).status_code == 204
     assert await _listed(client) == []
+
+
+# -- who may use which subscription ---------------------------------------------------------------
+
+OTHER = "bus-test-token-2"
+AS_OTHER = {"authorization": f"Bearer {OTHER}"}
+
+
+def _two_callers(**bus: Any) -> dict[str, Any]:
+    config = _config(notify_ms=50)
+    config["backend"]["auth"]["externalAccess"].append(
+        {"type": "static", "options": {"token": OTHER, "subject": "intruder"}}
+    )
+    config["events"]["bus"] = bus
+    return config
+
+
+async def _refused(response: httpx.Response, *words: str) -> None:
+    assert response.status_code == 403, response.text
+    error = response.json()["error"]
+    assert error["name"] == "NotAllowedError"
+    assert SUB in error["message"]
+    for word in words:
+        assert word in error["message"]
+
+
+async def test_a_caller_cannot_use_another_callers_subscription() -> None:
+    async with serve(_two_callers()) as (app, client):
+        assert (await client.put(_path(SUB), json={"topics": ["a"]})).status_code == 201
+        await _publish(client, "a", 1)
+        await app.board.events.broker.publish(
+            dead_letter_event(SUB, Event(topic="a", payload=0), RuntimeError("boom"), 1)
+        )
+        calls = [
+            client.put(_path(SUB), json={"topics": ["a"]}, headers=AS_OTHER),
+            client.get(_path(SUB) + "/events", headers=AS_OTHER),
+            client.get(_path(SUB) + "/deliveries", headers=AS_OTHER),
+            client.post(_path(SUB) + "/acks", json={"ackIds": ["x"]}, headers=AS_OTHER),
+            client.get(_path(SUB) + "/dead-letters", headers=AS_OTHER),
+            client.post(_path(SUB) + "/dead-letters/take", json={"remove": True}, headers=AS_OTHER),
+            client.post(
+                _path(SUB) + "/events",
+                json={"event": {"topic": "a", "payload": 2}},
+                headers=AS_OTHER,
+            ),
+            client.delete(_path(SUB), headers=AS_OTHER),
+        ]
+        for call in calls:
+            # The answer says who may, without naming the owner's subject.
+            await _refused(await call, "service=intruder", "events.bus.grants")
+            assert "backstage" not in (await client.get("/subscriptions", headers=AS_OTHER)).text
+        assert (await client.get("/subscriptions", headers=AS_OTHER)).json() == {
+            "subscriptions": []
+        }
+        # Its owner still has everything.
+        assert await _listed(client) == [SUB]
+        events = (await client.get(_path(SUB) + "/events")).json()["events"]
+        assert [e["payload"] for e in events] == [1]
+        letters = (await client.get(_path(SUB) + "/dead-letters")).json()["deadLetters"]
+        assert len(letters) == 1
+
+
+async def test_the_servers_own_subscriptions_are_never_read_over_the_bus() -> None:
+    async with serve(_two_callers(grants=[{"subject": "backstage", "subscriptions": ["*"]}])) as (
+        app,
+        client,
+    ):
+        handled: list[Any] = []
+
+        async def handler(event: Event) -> None:
+            handled.append(event.payload)
+
+        await app.board.events.subscribe(SUB, ["a"], handler)
+        for call in (
+            client.get(_path(SUB) + "/events"),
+            client.get(_path(SUB) + "/deliveries"),
+            client.put(_path(SUB), json={"topics": ["a"]}),
+            client.get(_path(SUB) + "/dead-letters"),
+            client.delete(_path(SUB)),
+        ):
+            await _refused(await call, "server's own modules")
+        assert await _listed(client) == []
+        for n in range(20):
+            assert await _publish(client, "a", n) == 201
+        await app.board.events.broker.drain()  # type: ignore[attr-defined]
+        assert sorted(handled) == list(range(20))
+
+
+async def test_grants_give_a_subject_an_owners_rights() -> None:
+    grants = [{"subject": "intruder", "subscriptions": ["catalog.*"]}]
+    async with serve(_two_callers(grants=grants)) as (_, client):
+        await client.put(_path(SUB), json={"topics": ["a"]})
+        await client.put(_path("other.sub"), json={"topics": ["a"]})
+        await _publish(client, "a", 1)
+        assert await _listed(client) == [SUB, "other.sub"]
+        listed = (await client.get("/subscriptions", headers=AS_OTHER)).json()["subscriptions"]
+        assert [item["id"] for item in listed] == [SUB]
+        events = (await client.get(_path(SUB) + "/events", headers=AS_OTHER)).json()["events"]
+        assert [e["payload"] for e in events] == [1]
+        refused = await client.get(_path("other.sub") + "/events", headers=AS_OTHER)
+        assert refused.status_code == 403
+
+
+async def test_a_subscription_without_an_owner_is_claimed_by_its_first_put() -> None:
+    async with serve(_two_callers()) as (app, client):
+        # As a subscription made before owners were recorded.
+        old = await app.board.events.broker.consume(SUB, ["a"])
+        try:
+            assert (await client.put(_path(SUB), json={"topics": ["a"]})).status_code == 201
+            await _refused(await client.put(_path(SUB), json={"topics": ["a"]}, headers=AS_OTHER))
+            owners = {s.name: s.owner for s in await app.board.events.broker.subscriptions()}  # type: ignore[attr-defined]
+            assert owners[SUB] == "service=backstage"
+        finally:
+            await old.close()
+
+
+# -- input that can never succeed is a 400 --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", _path(SUB) + "/dead-letters?limit=99999999999999999999", None),
+        ("GET", _path(SUB) + "/dead-letters?limit=0", None),
+        ("GET", _path(SUB) + "/dead-letters?limit=%C2%B2", None),
+        ("GET", _path(SUB) + "/deliveries?leaseMs=%C2%B2", None),
+        ("POST", _path(SUB) + "/dead-letters/take", {"limit": 99999999999999999999}),
+        ("POST", _path(SUB) + "/dead-letters/take", {"limit": True}),
+        ("PUT", "/subscriptions/%00", {"topics": ["a"]}),
+        ("PUT", "/subscriptions/a%01b", {"topics": ["a"]}),
+        ("PUT", "/subscriptions/" + "x" * 256, {"topics": ["a"]}),
+        ("GET", "/subscriptions/%00/events", None),
+        ("PUT", _path(SUB), {"topics": ["a\x00"]}),
+        ("POST", "/events", {"event": {"topic": "a\x00", "payload": 1}}),
+        ("POST", "/events", {"event": {"topic": "a", "payload": 1, "id": "e\x00"}}),
+        ("POST", "/events", {"event": {"topic": "a", "payload": "nul \x00 here"}}),
+        ("POST", "/events", {"event": {"topic": "a", "payload": {"k\x00": 1}}}),
+        ("POST", "/events", {"event": {"topic": "t" * 256, "payload": 1}}),
+        (
+            "POST",
+            "/events",
+            {"event": {"topic": "a", "payload": 1}, "notifiedSubscribers": ["\x00"]},
+        ),
+    ],
+)
+async def test_input_that_can_never_succeed_is_a_400(
+    bus: Any, method: str, path: str, body: Any
+) -> None:
+    _, client = bus
+    await client.put(_path(SUB), json={"topics": ["a"]})
+    response = await client.request(method, path, json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["name"] == "InputError"
+
+
+async def test_json_nested_too_deep_to_store_is_a_400(bus: Any) -> None:
+    _, client = bus
+    await client.put(_path(SUB), json={"topics": ["a"]})
+    deep = "[" * 300 + "]" * 300
+    body = '{"event": {"topic": "a", "payload": ' + deep + "}}"
+    response = await client.post(
+        "/events", content=body, headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert "254 levels" in response.json()["error"]["message"]
+    assert await _publish(client, "a", "the subscription still reads") == 201
+    events = (await client.get(_path(SUB) + "/events")).json()["events"]
+    assert [e["payload"] for e in events] == ["the subscription still reads"]
+
+
+async def test_topics_per_subscription_are_capped() -> None:
+    config = _config()
+    config["events"]["bus"] = {"maxTopicsPerSubscription": 3}
+    async with serve(config) as (_, client):
+        fine = await client.put(_path(SUB), json={"topics": ["a", "b", "c", "a"]})
+        assert fine.status_code == 201
+        over = await client.put(_path(SUB), json={"topics": ["a", "b", "c", "d"]})
+        assert over.status_code == 400
+        assert "events.bus.maxTopicsPerSubscription" in over.json()["error"]["message"]

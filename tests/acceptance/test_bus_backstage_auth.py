@@ -130,9 +130,12 @@ async def test_backstage_plugins_subscribe_publish_and_read_with_plugin_tokens(
         read = await client.get("/subscriptions/bench.bench-subscriber/events", headers=as_bench)
         assert read.status_code == 200
         assert [e["payload"] for e in read.json()["events"]] == [{"n": 1}]
-        # Static tokens keep working beside plugin tokens.
-        listed = await client.get("/subscriptions", headers=_bearer(STATIC))
+        listed = await client.get("/subscriptions", headers=as_bench)
         assert [s["id"] for s in listed.json()["subscriptions"]] == ["bench.bench-subscriber"]
+        # Static tokens keep working beside plugin tokens, and see only their own subscriptions.
+        listed = await client.get("/subscriptions", headers=_bearer(STATIC))
+        assert listed.status_code == 200
+        assert listed.json()["subscriptions"] == []
     assert sorted(backstage.fetches) == ["bench", "events"]  # once per plugin, then cached
 
 

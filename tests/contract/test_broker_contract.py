@@ -14,11 +14,18 @@ from datetime import UTC, datetime
 
 import pytest
 
-from callboard.brokers.base import Broker, Consumer, Delivery, RetentionPolicy, dead_letter_topic
+from callboard.brokers.base import (
+    IN_PROCESS,
+    Broker,
+    Consumer,
+    Delivery,
+    RetentionPolicy,
+    dead_letter_topic,
+)
 from callboard.deadletters import dead_letter_event
 from callboard.default_service import DefaultEventsService
 from callboard.delivery import RetryPolicy
-from callboard.errors import SubscriptionError
+from callboard.errors import InvalidEventError, SubscriptionError
 from callboard.events import DELIVERY_ID, Event
 from tests.contract.conftest import BrokerKit
 
@@ -372,6 +379,45 @@ async def test_a_deleted_group_is_forgotten_with_its_dead_letters(broker: Broker
     await nothing(again)
 
 
+async def owners(broker: Broker) -> dict[str, str | None]:
+    return {s.name: s.owner for s in await broker.subscriptions()}
+
+
+async def test_a_group_keeps_the_owner_it_was_made_with(broker: Broker) -> None:
+    first = await broker.consume("owned", ["github.push"], owner="service=one")
+    # Joining, with another owner or none, never replaces the owner.
+    second = await broker.consume("owned", ["github.push"], owner="service=two")
+    third = await broker.consume("owned", ["github.push"])
+    await broker.consume("anyone", ["github.push"])
+    assert (await owners(broker))["owned"] == "service=one"
+    assert (await owners(broker))["anyone"] is None
+    for consumer in (first, second, third):
+        await consumer.close()
+
+
+async def test_a_group_without_an_owner_is_claimed_by_the_next_owner(broker: Broker) -> None:
+    unowned = await broker.consume("legacy", ["github.push"])
+    await broker.publish(event(n=1))
+    claimed = await broker.consume("legacy", ["github.push"], owner=IN_PROCESS)
+    assert (await owners(broker))["legacy"] == IN_PROCESS
+    # Claiming moves nothing: the group still has its event.
+    assert numbers(await fetch(unowned, 1)) == [1]
+    await claimed.close()
+    await unowned.close()
+
+
+async def test_a_deleted_group_forgets_its_owner(kit: BrokerKit, broker: Broker) -> None:
+    consumer = await broker.consume("passed-on", ["github.push"], owner="service=one")
+    await consumer.close()
+    await broker.delete_subscription("passed-on")
+    again = await broker.consume("passed-on", ["github.push"], owner="service=two")
+    assert (await owners(broker))["passed-on"] == "service=two"
+    if broker.capabilities.shared:
+        other = await kit.open()  # another server on the same store sees the same owner
+        assert (await owners(other))["passed-on"] == "service=two"
+    await again.close()
+
+
 async def test_a_group_read_here_is_not_deleted(broker: Broker) -> None:
     consumer = await broker.consume("busy", ["github.push"])
     with pytest.raises(SubscriptionError, match="still read"):
@@ -409,6 +455,72 @@ async def test_retention_reports_a_group_that_fell_behind(kit: BrokerKit) -> Non
     # Delivery ids of retained events are still recognised; those of deleted ones are not.
     assert await broker.publish(event(n=9, **{DELIVERY_ID: "d-4"})) is False
     assert await broker.publish(event(n=9, **{DELIVERY_ID: "d-0"})) is True
+
+
+# -- events no broker can keep ------------------------------------------------------------------
+
+
+def _nested(depth: int) -> object:
+    value: object = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+UNSTORABLE = {
+    "nul-in-payload": (Event(topic="github.push", payload={"text": "a\x00b"}), "payload"),
+    "nul-in-payload-key": (Event(topic="github.push", payload={"a\x00": 1}), "payload"),
+    "nul-in-metadata": (Event(topic="github.push", metadata={"x-note": "a\x00b"}), "metadata"),
+    "nul-in-delivery-id": (
+        Event(topic="github.push", metadata={DELIVERY_ID: "d\x00"}),
+        "metadata",
+    ),
+    "nul-in-id": (Event(topic="github.push", id="ev\x00t"), "id"),
+    "nul-in-topic": (Event(topic="github.pu\x00sh"), "topic"),
+    "payload-too-deep": (Event(topic="github.push", payload=_nested(300)), "payload"),
+    "integer-too-large": (Event(topic="github.push", payload={"n": 2**70}), "payload"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSTORABLE))
+async def test_an_event_no_broker_can_keep_is_refused_as_invalid(broker: Broker, case: str) -> None:
+    unstorable, field = UNSTORABLE[case]
+    consumer = await broker.consume("indexer", ["github.*", "github.>"])
+    with pytest.raises(InvalidEventError, match=f"its {field} "):
+        await broker.publish(unstorable)
+    await broker.publish(event(n=1))
+    (delivery,) = await fetch(consumer)
+    assert numbers([delivery]) == [1]  # nothing of the refused event was stored
+
+
+async def test_a_dead_letter_no_broker_can_keep_is_refused_as_invalid(broker: Broker) -> None:
+    letter = Event(topic=dead_letter_topic("indexer"), payload={"text": "\x00"})
+    with pytest.raises(InvalidEventError, match="its payload "):
+        await broker.publish(letter)
+    assert await broker.take_dead_letters("indexer") == []
+
+
+async def test_a_refused_event_fails_only_its_own_publish(broker: Broker) -> None:
+    """Concurrent publishes share a commit on the durable brokers; one bad event spoils none."""
+    consumer = await broker.consume("indexer", ["github.push"])
+    sent = [event(n=n) for n in range(20)]
+    bad = Event(topic="github.push", payload={"text": "\x00"})
+    outcomes = await asyncio.gather(
+        *(broker.publish(e) for e in [*sent[:10], bad, *sent[10:]]), return_exceptions=True
+    )
+    assert isinstance(outcomes[10], InvalidEventError)
+    assert outcomes[:10] + outcomes[11:] == [True] * 20
+    got = await fetch(consumer, 20)
+    assert sorted(numbers(got)) == list(range(20))
+    await nothing(consumer)
+
+
+async def test_text_that_only_looks_like_a_nul_escape_is_kept(broker: Broker) -> None:
+    consumer = await broker.consume("indexer", ["github.push"])
+    kept = Event(topic="github.push", payload={"text": "\\u0000"})  # a backslash, then u0000
+    assert await broker.publish(kept) is True
+    (delivery,) = await fetch(consumer)
+    assert delivery.event.payload == {"text": "\\u0000"}
 
 
 # -- the events service on top ------------------------------------------------------------------

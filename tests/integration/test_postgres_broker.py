@@ -14,7 +14,7 @@ import pytest
 from callboard.brokers import open_broker
 from callboard.brokers.base import RetentionPolicy
 from callboard.cli import main
-from callboard.errors import BrokerError, BrokerUnavailable
+from callboard.errors import BrokerError, BrokerUnavailable, InvalidEventError
 from callboard.events import Event
 from tests.services import (
     POSTGRES_URL,
@@ -31,7 +31,7 @@ pytest.importorskip("asyncpg")
 from callboard.brokers import postgres_ops as ops  # noqa: E402
 from callboard.brokers.postgres import PostgresBroker  # noqa: E402
 from callboard.brokers.postgres_ops import Queries, numbered, pattern_regex  # noqa: E402
-from callboard.brokers.sql import read_sql  # noqa: E402
+from callboard.brokers.sql import StoredEvent, encode_event, read_sql  # noqa: E402
 
 
 @pytest.fixture
@@ -82,6 +82,7 @@ async def test_migrations_build_what_schema_sql_describes(schema: str) -> None:
         "0002_operations.sql",
         "0003_leased_batches.sql",
         "0004_plain_publish.sql",
+        "0005_subscription_owner.sql",
     ]
     assert await migrated.migrate() == []
     reference = schema + "_ref"
@@ -486,3 +487,59 @@ def test_named_parameters_are_numbered_for_asyncpg() -> None:
     for name in ("publish", "claim", "ack", "join", "expire_by_count"):
         assert "%" not in queries[name].text, name
         assert '"we""ird".' in queries[name].text, name
+
+
+async def test_leases_left_ahead_by_the_servers_clock_run_out_within_a_lease(schema: str) -> None:
+    """The server's clock moved back an hour after a dead instance's claim: not an hour's wait."""
+    dead = PostgresBroker(POSTGRES_URL, schema=schema, lease=0.6, poll_interval=0.05)
+    live = PostgresBroker(POSTGRES_URL, schema=schema, lease=0.6, poll_interval=0.05)
+    await dead.start()
+    await live.start()
+    try:
+        doomed = await dead.consume("workers", ["jobs"])
+        for n in range(3):
+            await dead.publish(Event(topic="jobs", payload=n))
+        held: list[Any] = []
+        async with asyncio.timeout(5):
+            while len(held) < 3:
+                held.extend(await doomed.fetch(3 - len(held)))
+        await dead.abandon()
+        for table in ("leased_batches", "leases"):
+            await postgres_execute(
+                f"UPDATE \"{schema}\".{table} SET expires_at = now() + interval '1 hour'"
+            )
+        consumer = await live.consume("workers", ["jobs"])
+        again: list[Any] = []
+        async with asyncio.timeout(5):
+            while len(again) < 3:
+                again.extend(await consumer.fetch(3 - len(again)))
+        assert sorted(d.event.payload for d in again) == [0, 1, 2]
+        assert {d.attempt for d in again} == {2}
+    finally:
+        await live.close()
+        await dead.close()
+
+
+async def test_data_the_server_refuses_fails_only_its_own_publish(schema: str) -> None:
+    """What the broker's own checks let through to the server and the server refuses (here a
+    NUL in the id, handed to the group commit directly) is ``InvalidEventError``, never an
+    outage, and spoils none of the publishes committed with it."""
+    broker = PostgresBroker(POSTGRES_URL, schema=schema)
+    await broker.start()
+    try:
+        await broker.consume("all", ["load.*"])
+        good = [encode_event(Event(topic="load.test", payload=n)) for n in range(10)]
+        bad = StoredEvent("ev\x00", "load.test", None, 0, "null", "{}")
+        outcomes = await asyncio.gather(
+            *(broker._publishes.submit((e, None)) for e in [*good[:5], bad, *good[5:]]),
+            return_exceptions=True,
+        )
+        assert isinstance(outcomes[5], InvalidEventError)
+        assert "its id" in str(outcomes[5])
+        assert outcomes[:5] + outcomes[6:] == [True] * 10
+        ((stored,),) = await postgres_rows(f'SELECT count(*) FROM "{schema}".events')
+        assert stored == 10
+        with pytest.raises(InvalidEventError, match="its id"):
+            await broker._publishes.submit((bad, None))
+    finally:
+        await broker.close()

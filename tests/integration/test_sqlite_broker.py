@@ -7,16 +7,19 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from callboard.brokers import open_broker
-from callboard.brokers.base import RetentionPolicy
+from callboard.brokers.base import Delivery, RetentionPolicy
+from callboard.brokers.sql.consumer import LeasedConsumer
 from callboard.brokers.sqlite import SQLiteBroker
 from callboard.cli import SERVE_BROKER, main
 from callboard.config import load_config
@@ -79,10 +82,37 @@ def test_migrate_command_creates_the_store(
     config = tmp_path / "callboard.yaml"
     config.write_text(f"events:\n  broker: sqlite:///{tmp_path}/cb.db\n")
     assert main(["migrate", "-c", str(config)]) == 0
-    assert "applied schema version 1" in capsys.readouterr().out
+    assert "applied schema version 2" in capsys.readouterr().out
     assert (tmp_path / "cb.db").exists()
     assert main(["migrate", "-c", str(config)]) == 0
     assert capsys.readouterr().out.strip() == "schema up to date"
+
+
+async def test_a_version_1_store_is_upgraded_with_subscription_owners(tmp_path: Path) -> None:
+    from callboard.brokers.sql import read_sql
+
+    path = tmp_path / "v1.db"
+    v1 = read_sql("sqlite", "schema.sql").replace(
+        "updated_at REAL NOT NULL,", "updated_at REAL NOT NULL"
+    )
+    v1 = v1.replace("    owner TEXT\n", "").replace("user_version = 2", "user_version = 1")
+    with sqlite3.connect(path) as connection:
+        connection.executescript(v1)
+        connection.execute(
+            "INSERT INTO subscriptions (name, topics, position, created_at, updated_at)"
+            " VALUES ('old', '[\"a\"]', 0, 0, 0)"
+        )
+    broker = SQLiteBroker(str(path))
+    await broker.start()
+    try:
+        assert [(s.name, s.owner) for s in await broker.subscriptions()] == [("old", None)]
+        consumer = await broker.consume("old", ["a"], owner="in-process")
+        assert [(s.name, s.owner) for s in await broker.subscriptions()] == [("old", "in-process")]
+        await consumer.close()
+    finally:
+        await broker.close()
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone() == (2,)
 
 
 async def test_an_unwritable_store_is_reported_at_start(tmp_path: Path) -> None:
@@ -281,5 +311,102 @@ async def test_full_synchronous_commits_off_the_loop(tmp_path: Path) -> None:
     try:
         assert not broker._thread._inline
         assert await broker.publish(Event(topic="jobs", payload={})) is True
+    finally:
+        await broker.close()
+
+
+# -- leases and a moving clock -------------------------------------------------------------------
+
+
+class Clock:
+    """A wall clock that can be set off, as an operator or a faulty host would."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+async def _fetched(consumer: LeasedConsumer, count: int, timeout: float = 5.0) -> list[Delivery]:
+    found: list[Delivery] = []
+    async with asyncio.timeout(timeout):
+        while len(found) < count:
+            found.extend(await consumer.fetch(count - len(found)))
+    return found
+
+
+def _sqlite(path: Path, clock: Clock) -> SQLiteBroker:
+    return SQLiteBroker(str(path), lease=1.0, poll_interval=0.05, watch_interval=0.02, clock=clock)
+
+
+async def test_leases_of_a_process_whose_clock_was_ahead_run_out(tmp_path: Path) -> None:
+    """A process restarted with its clock an hour behind still gets the dead one's events."""
+    path = tmp_path / "events.db"
+    right, behind = Clock(), Clock()
+    behind.offset = -3600.0
+    before = _sqlite(path, right)
+    await before.start()
+    doomed = await before.consume("workers", ["jobs"])
+    for n in range(3):
+        await before.publish(Event(topic="jobs", payload=n))
+    held = await _fetched(doomed, 3)
+    await before.abandon()  # killed: its leases end a lease from now, an hour ahead of `after`
+    after = _sqlite(path, behind)
+    await after.start()
+    try:
+        consumer = await after.consume("workers", ["jobs"])
+        again = await _fetched(consumer, 3)
+        assert [d.event for d in again] == [d.event for d in held]
+        assert {d.attempt for d in again} == {2}
+        await consumer.ack_many(again)
+        assert (await after.subscriptions())[0].in_flight == 0
+    finally:
+        await after.close()
+
+
+async def test_a_clock_that_jumps_ahead_loses_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Leases run out early: another consumer gets the event again, and the late ack says so."""
+    clock = Clock()
+    broker = _sqlite(tmp_path / "events.db", clock)
+    await broker.start()
+    try:
+        slow = await broker.consume("workers", ["jobs"])
+        await broker.publish(Event(topic="jobs", payload=1))
+        (held,) = await _fetched(slow, 1)
+        clock.offset = 3600.0  # every lease ran out at once
+        other = await broker.consume("workers", ["jobs"])
+        (again,) = await _fetched(other, 1)
+        assert again.event == held.event
+        assert again.attempt == 2
+        with caplog.at_level(logging.WARNING, logger="callboard.brokers"):
+            await slow.ack(held)  # too late: the other consumer holds the event now
+        assert "after its lease ran out" in caplog.text
+        await other.ack(again)
+        await broker.publish(Event(topic="jobs", payload=2))
+        (fresh,) = await _fetched(other, 1)
+        assert fresh.event.payload == 2  # the first event is done with, not handed out again
+        await other.ack(fresh)
+        (info,) = await broker.subscriptions()
+        assert (info.in_flight, info.backlog) == (0, 0)
+    finally:
+        await broker.close()
+
+
+async def test_an_expired_lease_still_held_is_acknowledged(tmp_path: Path) -> None:
+    """A lease that ran out early but went to nobody else still counts when acknowledged."""
+    clock = Clock()
+    broker = _sqlite(tmp_path / "events.db", clock)
+    await broker.start()
+    try:
+        consumer = await broker.consume("workers", ["jobs"])
+        await broker.publish(Event(topic="jobs", payload=1))
+        (held,) = await _fetched(consumer, 1)
+        clock.offset = 3600.0
+        await consumer.ack(held)
+        (info,) = await broker.subscriptions()
+        assert (info.in_flight, info.backlog) == (0, 0)
     finally:
         await broker.close()

@@ -25,13 +25,13 @@ class SlowToJoin:
         return getattr(self.inner, name)
 
     async def consume(
-        self, group: str, topics: Sequence[str], *, start: Start = "end"
+        self, group: str, topics: Sequence[str], *, start: Start = "end", owner: str | None = None
     ) -> MemoryConsumer:
         self.joins += 1
         if self.joins > 1:
             self.waiting.set()
             await self.let_in.wait()
-        return await self.inner.consume(group, topics, start=start)
+        return await self.inner.consume(group, topics, start=start, owner=owner)
 
 
 async def test_closing_a_feed_waits_for_the_batch_it_is_handing_over() -> None:

@@ -1,15 +1,29 @@
-"""One socket write per response: the gathering transport, alone and under uvicorn."""
+"""The HTTP protocol: one socket write per response, and the bounds of ``backend.server``."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import logging
+import resource
 import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 
-from callboard.http_protocol import GatheringHttpToolsProtocol, GatheringTransport
+from callboard import cli
+from callboard.config import parse_config
+from callboard.errors import ConfigError
+from callboard.http_protocol import (
+    BoundedHttpToolsProtocol,
+    GatheringTransport,
+    ServerLimits,
+    protocol_for,
+)
 
 
 class Recorder:
@@ -83,7 +97,7 @@ async def test_uvicorn_serves_small_and_streamed_responses_through_it() -> None:
     listener.listen()  # connections wait in the backlog until uvicorn accepts them
     port = listener.getsockname()[1]
     config = uvicorn.Config(
-        app, http=GatheringHttpToolsProtocol, lifespan="off", log_config=None, access_log=False
+        app, http=BoundedHttpToolsProtocol, lifespan="off", log_config=None, access_log=False
     )
     server = uvicorn.Server(config)
     serving = asyncio.create_task(server.serve(sockets=[listener]))
@@ -103,3 +117,301 @@ async def test_uvicorn_serves_small_and_streamed_responses_through_it() -> None:
         server.should_exit = True
         await serving
         listener.close()
+
+
+# The bounds, on a real uvicorn server and raw sockets.
+
+Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+
+#: Requests the bounded app saw end with ``http.disconnect`` before their body was complete.
+disconnects: list[str] = []
+
+
+class Gate:
+    """Holds ``/hold`` requests until a test opens it; made anew on each test's loop."""
+
+    opened = asyncio.Event()
+
+
+async def bounded_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            disconnects.append(scope["path"])
+            return
+        if not message.get("more_body"):
+            break
+    if scope["path"] == "/hold":
+        await Gate.opened.wait()
+    body = b'{"status":"accepted"}'
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"21")]
+    await send({"type": "http.response.start", "status": 202, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+SMALL = ServerLimits(
+    max_request_line_bytes=512,
+    max_header_bytes=400,
+    max_headers_bytes=2048,
+    max_header_count=10,
+    headers_timeout=5,
+    body_timeout=5,
+    keep_alive_timeout=5,
+    max_connections=100,
+)
+
+
+@contextlib.asynccontextmanager
+async def serving(limits: ServerLimits) -> AsyncIterator[Connect]:
+    """A uvicorn server running ``bounded_app`` under ``limits``; yields a connector."""
+    disconnects.clear()
+    Gate.opened = asyncio.Event()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    config = uvicorn.Config(
+        bounded_app, http=protocol_for(limits), lifespan="off", log_config=None, access_log=False
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[listener]))
+    writers: list[asyncio.StreamWriter] = []
+
+    async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writers.append(writer)
+        return reader, writer
+
+    try:
+        yield connect
+    finally:
+        Gate.opened.set()
+        for writer in writers:
+            writer.close()
+        server.should_exit = True
+        await task
+        listener.close()
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    status_line, *lines = head.decode("latin-1").split("\r\n")[:-2]
+    headers = dict(line.lower().split(": ", 1) for line in lines)
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split()[1]), headers, body
+
+
+async def closed(reader: asyncio.StreamReader) -> bool:
+    """Whether the server closes the connection (within 5 s) with nothing more sent."""
+    with contextlib.suppress(ConnectionResetError):
+        return await asyncio.wait_for(reader.read(), 5) == b""
+    return True
+
+
+def request(
+    target: str = "/hooks", headers: Sequence[tuple[str, str]] = (), body: bytes = b""
+) -> bytes:
+    lines = [f"POST {target} HTTP/1.1", "host: test", f"content-length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def refused(connect: Connect, data: bytes) -> tuple[int, dict[str, Any]]:
+    reader, writer = await connect()
+    writer.write(data)
+    status, headers, body = await read_response(reader)
+    assert headers["connection"] == "close"
+    assert await closed(reader)
+    return status, json.loads(body)
+
+
+async def served(connect: Connect, data: bytes) -> int:
+    reader, writer = await connect()
+    writer.write(data)
+    status, _, _ = await read_response(reader)
+    return status
+
+
+@pytest.mark.parametrize(
+    ("under", "over", "status", "key"),
+    [
+        # The target: 512 bytes at most.
+        (request("/" + "a" * 511), request("/" + "a" * 512), 414, "maxRequestLineBytes"),
+        # One header line: 400 bytes of name and value at most.
+        (
+            request(headers=[("x-big", "v" * 395)]),
+            request(headers=[("x-big", "v" * 396)]),
+            431,
+            "maxHeaderBytes",
+        ),
+        # Ten headers at most (host and content-length are two of them).
+        (
+            request(headers=[(f"x-{i}", "v") for i in range(8)]),
+            request(headers=[(f"x-{i}", "v") for i in range(9)]),
+            431,
+            "maxHeaderCount",
+        ),
+        # 2048 bytes of head in all, each header under its own limit.
+        (
+            request(headers=[(f"x-{i}", "v" * 250) for i in range(7)]),
+            request(headers=[(f"x-{i}", "v" * 250) for i in range(8)]),
+            431,
+            "maxHeadersBytes",
+        ),
+    ],
+    ids=["request-line", "header-line", "header-count", "headers-in-all"],
+)
+async def test_a_head_over_a_limit_is_refused_and_one_under_it_served(
+    under: bytes, over: bytes, status: int, key: str
+) -> None:
+    async with serving(SMALL) as connect:
+        assert await served(connect, under) == 202
+        answered, body = await refused(connect, over)
+        assert answered == status
+        assert body["response"] == {"statusCode": status}
+        assert f"backend.server.{key}" in body["error"]["message"]
+        assert body["error"]["name"] in ("URITooLongError", "RequestHeaderFieldsTooLargeError")
+        assert body["request"]["method"] == "POST"
+
+
+async def test_a_head_that_never_ends_is_refused_while_it_arrives() -> None:
+    async with serving(SMALL) as connect:
+        reader, writer = await connect()
+        writer.write(b"POST /hooks HTTP/1.1\r\nx-endless: ")
+        sent = 0
+
+        async def stream() -> None:
+            nonlocal sent
+            with contextlib.suppress(ConnectionError):
+                while sent < 64 * 1024 * 1024:
+                    writer.write(b"v" * 65536)
+                    sent += 65536
+                    await writer.drain()
+
+        streaming = asyncio.create_task(stream())
+        status, _, body = await read_response(reader)
+        streaming.cancel()
+        assert status == 431
+        assert "backend.server.maxHeadersBytes" in json.loads(body)["error"]["message"]
+        assert sent < 64 * 1024 * 1024  # answered long before the header's end
+
+
+async def test_pipelined_requests_whose_bodies_fill_a_chunk_are_served() -> None:
+    # Each head is under the 2048 bytes allowed, but two of them, or a body and a head, are not:
+    # bytes of one request must never count toward the next one's head.
+    head_sized = [("x-pad", "v" * 390)] * 4
+    one = request("/one", head_sized, b"b" * 3000)
+    two = request("/two", head_sized, b"c" * 10)
+    three = request("/three", head_sized)
+    async with serving(SMALL) as connect:
+        reader, writer = await connect()
+        # A chunk ends inside the next head, after a body or after a whole other head.
+        for first, second in [
+            (one + two[:600], two[600:]),
+            (three + three[:600], three[600:] + one),
+        ]:
+            writer.write(first)
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.write(second)
+        for _ in range(5):
+            status, _, _ = await read_response(reader)
+            assert status == 202
+
+
+async def test_a_slow_head_is_answered_408_and_closed() -> None:
+    limits = ServerLimits(headers_timeout=0.3, body_timeout=5, keep_alive_timeout=5)
+    async with serving(limits) as connect:
+        silent, _ = await connect()  # sends nothing at all
+        reader, writer = await connect()
+        writer.write(b"POST /hooks HTTP/1.1\r\nhost: te")
+        for stream in (reader, silent):
+            status, _, body = await read_response(stream)
+            assert status == 408
+            assert "backend.server.headersTimeoutMs" in json.loads(body)["error"]["message"]
+            assert await closed(stream)
+
+
+async def test_a_stalled_body_closes_the_connection_and_the_app_sees_a_disconnect() -> None:
+    limits = ServerLimits(headers_timeout=5, body_timeout=0.3, keep_alive_timeout=5)
+    async with serving(limits) as connect:
+        reader, writer = await connect()
+        writer.write(b"POST /stalled HTTP/1.1\r\nhost: test\r\ncontent-length: 100\r\n\r\nabc")
+        assert await closed(reader)
+        for _ in range(50):
+            if disconnects:
+                break
+            await asyncio.sleep(0.05)
+        assert disconnects == ["/stalled"]
+
+
+async def test_an_idle_kept_alive_connection_is_closed() -> None:
+    limits = ServerLimits(headers_timeout=5, body_timeout=5, keep_alive_timeout=0.3)
+    async with serving(limits) as connect:
+        reader, writer = await connect()
+        writer.write(request())
+        assert (await read_response(reader))[0] == 202
+        assert await closed(reader)
+
+
+async def test_at_the_cap_the_oldest_idle_connection_makes_room(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="callboard.http")
+    limits = ServerLimits(max_connections=3)
+    async with serving(limits) as connect:
+        busy_reader, busy = await connect()
+        busy.write(request("/hold"))  # running a request: never closed to make room
+        await asyncio.sleep(0.2)
+        oldest, _ = await connect()
+        _, younger = await connect()
+        await asyncio.sleep(0.2)
+        newest_reader, newest = await connect()
+        assert await closed(oldest)
+        newest.write(request())
+        assert (await read_response(newest_reader))[0] == 202
+        Gate.opened.set()
+        assert (await read_response(busy_reader))[0] == 202
+        for _ in range(50):
+            if caplog.records:
+                break
+            await asyncio.sleep(0.05)
+        younger.write(request())  # still served
+    warnings = [r.getMessage() for r in caplog.records if r.name == "callboard.http"]
+    assert len(warnings) == 1
+    assert "backend.server.maxConnections" in warnings[0]
+    assert "closed 1 idle or slow connections" in warnings[0]
+
+
+async def test_when_every_connection_runs_a_request_a_new_one_is_refused() -> None:
+    async with serving(ServerLimits(max_connections=2)) as connect:
+        for _ in range(2):
+            _, writer = await connect()
+            writer.write(request("/hold"))
+        await asyncio.sleep(0.2)
+        reader, _ = await connect()
+        assert await closed(reader)
+
+
+def test_the_open_files_limit_is_raised_for_the_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    limits = {"now": (1024, 4096)}
+    monkeypatch.setattr(resource, "getrlimit", lambda _: limits["now"])
+    monkeypatch.setattr(resource, "setrlimit", lambda _, value: limits.update(now=value))
+    assert cli.fit_open_files(2000) == 2000
+    assert limits["now"] == (2000 + cli.RESERVED_FILES, 4096)
+    # Past the hard limit: raised to it, and the cap shrinks to what fits.
+    assert cli.fit_open_files(10_000) == 4096 - cli.RESERVED_FILES
+    assert limits["now"] == (4096, 4096)
+
+
+def test_the_server_section_reads_sizes_and_checks_bounds() -> None:
+    server = parse_config({"backend": {"server": {"maxHeadersBytes": "32kb"}}}).backend.server
+    assert (server.max_headers_bytes, server.max_header_bytes) == (32 * 1024, 16 * 1024)
+    with pytest.raises(ConfigError, match=r"backend\.server\.maxHeaderCount"):
+        parse_config({"backend": {"server": {"maxHeaderCount": 0}}})
+    with pytest.raises(ConfigError, match=r"maxHeaderBytes .* exceeds maxHeadersBytes"):
+        parse_config({"backend": {"server": {"maxHeadersBytes": "8kb"}}})

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, MutableMapping, Sequence
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 
 from callboard import (
@@ -20,8 +21,8 @@ from callboard import (
     load_config,
     module,
 )
-from callboard.errors import MalformedBodyError
-from callboard.ingress.asgi import DEFAULT_BODY_LIMIT, IngressApp
+from callboard.errors import InvalidEventError, MalformedBodyError
+from callboard.ingress.asgi import DEFAULT_BODY_LIMIT, DEFAULT_METADATA_LIMIT, IngressApp
 from callboard.ingress.types import Ingress
 from callboard.metrics import Metrics
 from callboard.testing import RecordingEventsService
@@ -572,3 +573,254 @@ async def test_a_module_may_replace_a_default_parser() -> None:
             "/plain", content=b"{not json", headers={"Content-Type": "application/json"}
         )
     assert response.status_code == 202
+
+
+# --- verifying before parsing -----------------------------------------------------------------
+
+
+async def refuse_all(request: WebhookRequest) -> Rejection | None:
+    return Rejection(403, {"error": {"name": "SignatureMissingError", "message": "unsigned"}})
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", b"{not json"),
+        ("application/json", b""),
+        ("application/json", b"[" * 2000),
+        ("application/json", b'{"a": "\\u0000"}'),
+        ("application/json; charset=base64", b"e30="),
+        ("application/json; charset=nope", b"{}"),
+        ("text/plain", b"hello"),
+        ("", b"{}"),
+        (None, b"{}"),
+        ("application/x-www-form-urlencoded; charset=unicode_escape", b"a=\\ud800"),
+        ("application/x-www-form-urlencoded", b"a=1&&="),
+    ],
+)
+async def test_an_unauthenticated_request_is_refused_before_its_body_is_parsed(
+    events: RecordingEventsService, content_type: str | None, body: bytes
+) -> None:
+    parsed: list[bytes] = []
+
+    def parser(raw: bytes, media_type: MediaType, topic: str) -> Any:
+        parsed.append(raw)
+        raise MalformedBodyError("unreachable")
+
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    app = ingress_app(events, Ingress("github", refuse_all), parsers={"text/plain": parser})
+    async with client_for(app) as client:
+        response = await client.post("/github", content=body, headers=headers)
+    assert response.status_code == 403
+    assert response.json()["error"]["name"] == "SignatureMissingError"
+    assert parsed == []
+    assert events.published == []
+
+
+async def test_topics_without_a_validator_still_refuse_malformed_bodies(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post(
+        "/github", content=b"{", headers={"Content-Type": "application/json"}
+    )
+    assert_error(response, 400, "MalformedBodyError")
+    response = await client.post("/github", content=b"{}", headers={"Content-Type": "text/csv"})
+    assert_error(response, 415, "UnsupportedMediaTypeError")
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status", "name"),
+    [
+        ("application/json", b"{not json", 400, "MalformedBodyError"),
+        ("text/csv", b"{}", 415, "UnsupportedMediaTypeError"),
+        ("application/json; charset=rot13", b"{}", 415, "UnsupportedMediaTypeError"),
+        ("application/json", b'["\\u0000"]', 400, "InvalidEventError"),
+    ],
+)
+async def test_a_validator_reading_the_body_gets_the_parsers_refusal(
+    events: RecordingEventsService, content_type: str, body: bytes, status: int, name: str
+) -> None:
+    async def validator(request: WebhookRequest) -> Rejection | None:
+        return None if request.body else Rejection()
+
+    async with client_for(ingress_app(events, Ingress("github", validator))) as client:
+        response = await client.post(
+            "/github", content=body, headers={"Content-Type": content_type}
+        )
+    assert_error(response, status, name)
+    assert events.published == []
+
+
+async def test_the_body_is_parsed_once_when_the_validator_reads_it(
+    events: RecordingEventsService,
+) -> None:
+    calls: list[str] = []
+
+    def parser(raw: bytes, media_type: MediaType, topic: str) -> Any:
+        calls.append(topic)
+        return {"text": raw.decode()}
+
+    async def validator(request: WebhookRequest) -> Rejection | None:
+        return None if request.body == {"text": "hi"} else Rejection()
+
+    app = ingress_app(events, Ingress("notes", validator), parsers={"text/plain": parser})
+    async with client_for(app) as client:
+        response = await client.post(
+            "/notes", content=b"hi", headers={"Content-Type": "text/plain"}
+        )
+    assert response.status_code == 202
+    assert calls == ["notes"]
+    assert events.published[0].payload == {"text": "hi"}
+
+
+# --- input that can never be stored is 400, not 503 -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "charset",
+    ["base64", "hex", "rot13", "zlib", "punycode", "unicode_escape", "idna", "undefined", "utf-7"],
+)
+@pytest.mark.parametrize("media_type", ["application/json", "application/x-www-form-urlencoded"])
+async def test_a_charset_that_is_not_a_text_encoding_is_415(
+    client: httpx.AsyncClient, events: RecordingEventsService, charset: str, media_type: str
+) -> None:
+    response = await client.post(
+        "/github", content=b"a=1", headers={"Content-Type": f"{media_type}; charset={charset}"}
+    )
+    assert f"Unsupported charset: {charset}" in assert_error(
+        response, 415, "UnsupportedMediaTypeError"
+    )
+    assert events.published == []
+
+
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "problem"),
+    [
+        (nested(255), "application/json", "nested more than 250 levels"),
+        (nested(1024), "application/json", "nested more than 250 levels"),
+        (b'{"a": {"b": "x\\u0000y"}}', "application/json", "NUL"),
+        (b'{"k\\\\\\u0000": 1}', "application/json", "NUL"),
+        ('{"a": "\\u0000"}'.encode("utf-16"), "application/json; charset=utf-16", "NUL"),
+        (b"[18446744073709551616]", "application/json", "integer 18446744073709551616"),
+        (b'{"n": -9223372036854775809}', "application/json", "integer -9223372036854775809"),
+        (b"1" + b"0" * 300, "application/json", "(301 digits)"),
+        (b"a=x%00y", "application/x-www-form-urlencoded", "NUL"),
+        (b"payload=%5B%22%5Cu0000%22%5D", "application/x-www-form-urlencoded", "NUL"),
+        (
+            b"payload=" + nested(300),
+            "application/x-www-form-urlencoded",
+            "'payload' is nested more than 250 levels",
+        ),
+    ],
+)
+async def test_payloads_no_store_can_keep_are_400(
+    client: httpx.AsyncClient,
+    events: RecordingEventsService,
+    body: bytes,
+    content_type: str,
+    problem: str,
+) -> None:
+    response = await client.post("/github", content=body, headers={"Content-Type": content_type})
+    assert problem in assert_error(response, 400, "InvalidEventError")
+    assert "retry-after" not in response.headers
+    assert events.published == []
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        (b"a=%ED%A0%80", "application/x-www-form-urlencoded"),
+        (b"a=%00%D8", "application/x-www-form-urlencoded; charset=utf-16-le"),
+        (b'["\\ud800"]', "application/json"),
+    ],
+)
+async def test_lone_surrogates_are_400(
+    client: httpx.AsyncClient, events: RecordingEventsService, body: bytes, content_type: str
+) -> None:
+    response = await client.post("/github", content=body, headers={"Content-Type": content_type})
+    assert_error(response, 400, "MalformedBodyError")
+    assert events.published == []
+
+
+@pytest.mark.parametrize(
+    ("body", "payload"),
+    [
+        (nested(250), orjson.loads(nested(250))),
+        (b'["a\\\\u0000"]', ["a\\u0000"]),
+        (b"[18446744073709551615, -9223372036854775808]", [2**64 - 1, -(2**63)]),
+        (b'["12345678901234567890123"]', ["12345678901234567890123"]),
+        (b"[9007199254740993, 1.5e300]", [2**53 + 1, 1.5e300]),
+    ],
+)
+async def test_payloads_at_the_edges_are_kept_exactly(
+    client: httpx.AsyncClient, events: RecordingEventsService, body: bytes, payload: Any
+) -> None:
+    response = await client.post(
+        "/github", content=body, headers={"Content-Type": "application/json"}
+    )
+    assert response.status_code == 202
+    assert events.published[0].payload == payload
+    assert all(
+        type(a) is type(b) for a, b in zip(events.published[0].payload, payload, strict=True)
+    )
+
+
+async def test_an_event_the_broker_can_never_store_is_400_not_503() -> None:
+    async def publish(event: Event) -> bool:
+        raise InvalidEventError("the topic holds a NUL character")
+
+    async with client_for(IngressApp(publish, [Ingress("github")])) as client:
+        response = await client.post("/github", json={})
+    assert "NUL" in assert_error(response, 400, "InvalidEventError")
+    assert "retry-after" not in response.headers
+
+
+# --- metadata size ----------------------------------------------------------------------------
+
+
+async def test_headers_over_the_metadata_limit_are_left_out(
+    events: RecordingEventsService, caplog: pytest.LogCaptureFixture
+) -> None:
+    seen: list[str | None] = []
+
+    async def validator(request: WebhookRequest) -> Rejection | None:
+        seen.append(request.header("x-big"))
+        return None
+
+    app = ingress_app(events, Ingress("github", validator), max_metadata_bytes=1024)
+    headers = [("X-Small", "s"), ("X-Big", "secret-" + "v" * 2000), ("X-After", "a")]
+    async with client_for(app) as client:
+        response = await client.post("/github", json={}, headers=headers)
+    assert response.status_code == 202
+    metadata = events.published[0].metadata
+    assert metadata["x-small"] == "s"
+    assert metadata["x-after"] == "a"
+    assert "x-big" not in metadata
+    assert sum(len(k) + len(str(v)) for k, v in metadata.items()) <= 1024
+    assert seen == ["secret-" + "v" * 2000]  # the validator saw the whole request
+    assert "'x-big'" in caplog.text
+    assert "events.http.maxMetadataBytes" in caplog.text
+    assert "secret-" not in caplog.text
+
+
+async def test_the_default_metadata_limit_is_16_kb(events: RecordingEventsService) -> None:
+    assert DEFAULT_METADATA_LIMIT == 16 * 1024
+    headers = [(f"X-H{i}", "v" * 1000) for i in range(20)]
+    async with client_for(ingress_app(events)) as client:
+        response = await client.post("/github", json={}, headers=headers)
+    assert response.status_code == 202
+    metadata = events.published[0].metadata
+    assert "x-h0" in metadata
+    assert "x-h19" not in metadata
+    assert sum(len(k) + len(str(v)) for k, v in metadata.items()) <= 16 * 1024
+
+
+def test_the_metadata_limit_is_configured() -> None:
+    config = load_config(overrides={"events": {"http": {"maxMetadataBytes": "4kb"}}})
+    assert config.events.http.max_metadata_bytes == 4096
+    assert build(config, use_entry_points=False).ingress.max_metadata_bytes == 4096
+    assert load_config().events.http.max_metadata_bytes == 16 * 1024

@@ -7,8 +7,17 @@ from urllib.parse import urlencode
 import pytest
 
 from callboard import MediaType
-from callboard.errors import MalformedBodyError, UnsupportedMediaTypeError
-from callboard.ingress.parsers import DEFAULT_PARSERS, decode_text, parse_form, parse_json
+from callboard.errors import InvalidEventError, MalformedBodyError, UnsupportedMediaTypeError
+from callboard.ingress.parsers import (
+    ALLOWED_CHARSETS,
+    DEFAULT_PARSERS,
+    MAX_DEPTH,
+    charset_codec,
+    decode_text,
+    load_json,
+    parse_form,
+    parse_json,
+)
 
 JSON = MediaType.parse("application/json")
 FORM = MediaType.parse("application/x-www-form-urlencoded")
@@ -118,3 +127,78 @@ def test_form_honours_the_charset() -> None:
     assert parse_form(b"name=Zo%C3%AB", FORM, "t") == {"name": "Zoë"}
     with pytest.raises(MalformedBodyError, match="not valid form data"):
         parse_form(b"name=Zo%EB", FORM, "t")
+
+
+@pytest.mark.parametrize(
+    "charset",
+    [
+        *("UTF-8", "utf-8-sig", "UTF-16BE", "utf-32", "us-ascii", "latin-1", "ISO-8859-15"),
+        *("windows-1252", "cp1251", "koi8-r", "shift_jis", "euc-jp", "gb18030", "big5", "euc-kr"),
+    ],
+)
+def test_text_charsets_are_accepted(charset: str) -> None:
+    assert charset_codec(charset) in ALLOWED_CHARSETS
+
+
+@pytest.mark.parametrize(
+    "charset",
+    [
+        *("base64", "hex", "rot13", "zlib", "bz2", "punycode", "unicode_escape", "idna"),
+        *("raw_unicode_escape", "undefined", "utf-7", "uu", "quopri", "nope", "utf-8\x00", ""),
+    ],
+)
+def test_codecs_that_are_not_text_encodings_are_refused(charset: str) -> None:
+    assert charset_codec(charset) is None
+    with pytest.raises(UnsupportedMediaTypeError, match="Unsupported charset"):
+        decode_text(b"a", MediaType("text/plain", {"charset": charset}), default="x")
+
+
+@pytest.mark.parametrize(
+    "document",
+    [b'"\\u0000"', b'{"\\u0000": 1}', b'"\\\\\\u0000"', b'"a\\\\\\\\\\u0000"'],
+)
+def test_json_with_nul_is_invalid(document: bytes) -> None:
+    with pytest.raises(InvalidEventError, match="NUL"):
+        load_json(document)
+
+
+@pytest.mark.parametrize("document", [b'"\\\\u0000"', b'"\\\\\\\\u0000"', b'"u0000"'])
+def test_an_escaped_backslash_before_u0000_is_no_nul(document: bytes) -> None:
+    assert "\x00" not in load_json(document)
+
+
+def test_the_depth_limit() -> None:
+    assert load_json(b"[" * MAX_DEPTH + b"]" * MAX_DEPTH) is not None
+    assert load_json(b'"' + b"[" * 1000 + b'"') == "[" * 1000  # brackets in a string
+    deeper = b'{"a":' * (MAX_DEPTH + 1) + b"1" + b"}" * (MAX_DEPTH + 1)
+    with pytest.raises(InvalidEventError, match=f"more than {MAX_DEPTH} levels"):
+        load_json(deeper)
+
+
+@pytest.mark.parametrize(
+    ("document", "number"),
+    [
+        (b"18446744073709551616", "18446744073709551616"),
+        (b"[1, -9223372036854775809]", "-9223372036854775809"),
+        (b'{"a": "12345678901234567890", "b": 99999999999999999999}', "99999999999999999999"),
+    ],
+)
+def test_integers_beyond_64_bits_are_refused(document: bytes, number: str) -> None:
+    with pytest.raises(InvalidEventError, match=f"integer {number},"):
+        load_json(document)
+
+
+def test_integers_within_64_bits_stay_exact() -> None:
+    assert load_json(b"[18446744073709551615, -9223372036854775808, 9007199254740993]") == [
+        2**64 - 1,
+        -(2**63),
+        2**53 + 1,
+    ]
+    assert load_json(b"[1234567890123456789012.5]") == [1234567890123456789012.5]
+
+
+def test_forms_with_nul_are_invalid() -> None:
+    with pytest.raises(InvalidEventError, match="'a' holds the NUL"):
+        parse_form(b"a=x%00", FORM, "t")
+    with pytest.raises(InvalidEventError, match="NUL"):
+        parse_form(b"k%00=1", FORM, "t")

@@ -1,9 +1,18 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from callboard import InvalidTopicError
-from callboard.topics import TopicMatcher, TopicPattern, join, normalize_patterns, validate_topic
+from callboard.topics import (
+    TopicIndex,
+    TopicMatcher,
+    TopicPattern,
+    join,
+    normalize_patterns,
+    validate_topic,
+)
 
 
 @pytest.mark.parametrize(
@@ -93,3 +102,48 @@ def test_normalize_patterns() -> None:
         normalize_patterns([])
     with pytest.raises(InvalidTopicError):
         normalize_patterns(["github", "bad topic"])
+
+
+@pytest.mark.parametrize("name", ["a\x00b", "github.\x01push", "x\x7f", "a\u2028b"])
+def test_control_characters_are_not_topics_or_patterns(name: str) -> None:
+    with pytest.raises(InvalidTopicError, match="control characters"):
+        validate_topic(name)
+    with pytest.raises(InvalidTopicError, match="control characters"):
+        TopicPattern.parse(name)
+
+
+# -- the index of many subscriptions' patterns ---------------------------------------------------
+
+_SEGMENTS = st.sampled_from(["a", "b", "c", "$x", "repo:push"])
+_TOPICS = st.lists(_SEGMENTS, min_size=1, max_size=4).map(".".join)
+
+
+@st.composite
+def _patterns(draw: st.DrawFn) -> str:
+    segments = draw(st.lists(st.one_of(_SEGMENTS, st.just("*")), min_size=1, max_size=4))
+    if draw(st.booleans()):
+        segments.append(">")
+    return ".".join(segments)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    subscriptions=st.dictionaries(
+        st.sampled_from(["s1", "s2", "s3", "s4"]), st.lists(_patterns(), min_size=1, max_size=5)
+    ),
+    topics=st.lists(_TOPICS, min_size=1, max_size=10),
+)
+def test_the_index_finds_what_every_matcher_finds(
+    subscriptions: dict[str, list[str]], topics: list[str]
+) -> None:
+    index = TopicIndex(subscriptions)
+    matchers = {id: TopicMatcher(patterns) for id, patterns in subscriptions.items()}
+    for topic in topics * 2:  # the second round is answered from the cache
+        assert index(topic) == {id for id, matches in matchers.items() if matches(topic)}
+
+
+def test_the_index_keeps_reserved_topics_from_leading_wildcards() -> None:
+    index = TopicIndex({"all": [">"], "any": ["*.x"], "dead": ["$deadletter.*"]})
+    assert index("$deadletter.a") == {"dead"}
+    assert index("a.x") == {"all", "any"}
+    assert index("$a.x") == set()

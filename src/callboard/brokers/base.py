@@ -31,6 +31,31 @@ Start: TypeAlias = Literal["end", "beginning"] | datetime
 
 DEAD_LETTER_PREFIX = "$deadletter."
 
+#: The owner of the consumer groups the events service runs in its own process (modules'
+#: subscriptions). Bus callers are recorded as ``<type>=<subject>``, which never equals it.
+IN_PROCESS = "in-process"
+
+#: The longest subscription id, event id or topic accepted (Backstage keeps them in
+#: ``varchar(255)`` columns).
+MAX_NAME_LENGTH = 255
+
+
+def name_problem(name: str, what: str = "a subscription id") -> str | None:
+    """Why ``name`` cannot name a subscription (or an event), or ``None`` when it can.
+
+    A name is 1 to ``MAX_NAME_LENGTH`` printable characters. NUL and other control characters
+    are refused everywhere alike: PostgreSQL cannot store a NUL in ``text`` while SQLite can, so
+    letting one through would make a name valid on one broker and broken on another.
+    """
+    if not name:
+        return f"{what} must not be empty"
+    if len(name) > MAX_NAME_LENGTH:
+        return f"{what} must be at most {MAX_NAME_LENGTH} characters, not {len(name)}"
+    if not name.isprintable():
+        bad = next(c for c in name if not c.isprintable())
+        return f"{what} must hold only printable characters, not {bad!a}"
+    return None
+
 
 def dead_letter_topic(group: str) -> str:
     """The topic on which a subscription's dead letters are kept."""
@@ -89,6 +114,10 @@ class SubscriptionInfo:
     #: Events the retention window deleted before the group received them (0 for a
     #: group that has kept up).
     lost: int = 0
+    #: Who may read the group over the bus: ``IN_PROCESS`` for the events service's own
+    #: subscriptions, the bus caller that made it (``service=<subject>``), or ``None`` when no
+    #: owner was recorded (made before owners were, or by a tool).
+    owner: str | None = None
 
     @property
     def behind(self) -> bool:
@@ -157,11 +186,15 @@ class Broker(Protocol):
         """
         ...
 
-    async def consume(self, group: str, topics: Sequence[str], *, start: Start = "end") -> Consumer:
+    async def consume(
+        self, group: str, topics: Sequence[str], *, start: Start = "end", owner: str | None = None
+    ) -> Consumer:
         """Join (or create) the consumer group ``group`` reading ``topics`` (patterns).
 
         ``start`` applies when the group is created; a durable group that already exists resumes
-        where it was, whatever ``start`` says.
+        where it was, whatever ``start`` says. ``owner`` is recorded when the group is created or
+        has no owner yet; an owner once recorded is kept (``SubscriptionInfo.owner``) until the
+        group is deleted, so every server sharing the broker sees the same one.
         """
         ...
 

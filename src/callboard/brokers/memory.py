@@ -21,6 +21,7 @@ from callboard.brokers.base import (
     Start,
     SubscriptionInfo,
 )
+from callboard.brokers.storable import check_storable
 from callboard.errors import ServiceClosedError, SubscriptionError
 from callboard.events import Event
 from callboard.topics import TopicMatcher, normalize_patterns
@@ -156,6 +157,8 @@ class MemoryBroker:
         self._routes: dict[str, tuple[_Group, ...]] = {}
         self._window = _DeliveryWindow(dedupe_window_ids, dedupe_window_seconds)
         self._dead_letters: dict[str, list[Event]] = {}
+        #: Owners outlive their groups, as dead letters do, until the subscription is deleted.
+        self._owners: dict[str, str] = {}
         self._pending = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -182,6 +185,7 @@ class MemoryBroker:
     async def publish(self, event: Event) -> bool:
         if self._closed:
             raise ServiceClosedError("the memory broker is closed")
+        check_storable(event)  # refused here as every durable broker refuses it
         topic = event.topic
         if topic.startswith(DEAD_LETTER_PREFIX):
             self._dead_letters.setdefault(topic[len(DEAD_LETTER_PREFIX) :], []).append(event)
@@ -202,7 +206,7 @@ class MemoryBroker:
         return True
 
     async def consume(
-        self, group: str, topics: Sequence[str], *, start: Start = "end"
+        self, group: str, topics: Sequence[str], *, start: Start = "end", owner: str | None = None
     ) -> MemoryConsumer:
         if start != "end":
             raise SubscriptionError(
@@ -219,6 +223,8 @@ class MemoryBroker:
                 f"subscription {group!r} already reads {list(existing.matcher.patterns)}; "
                 f"cannot join it with {list(patterns)}: use another subscription id"
             )
+        if owner is not None:
+            self._owners.setdefault(group, owner)
         existing.consumers += 1
         return MemoryConsumer(self, existing)
 
@@ -253,6 +259,7 @@ class MemoryBroker:
                 topics=group.matcher.patterns,
                 in_flight=group.in_flight,
                 backlog=len(group.queue),
+                owner=self._owners.get(group.name),
             )
             for group in sorted(self._groups.values(), key=lambda g: g.name)
         ]
@@ -265,6 +272,7 @@ class MemoryBroker:
                 f"subscription {group!r} is still read by {live.consumers} consumer(s) in this "
                 "process; stop them before deleting it"
             )
+        self._owners.pop(group, None)
         return bool(self._dead_letters.pop(group, None))
 
     async def drain(self, timeout: float = 10.0) -> None:

@@ -24,9 +24,11 @@ kept until taken.
   acknowledged yet, which are handed out one by one (``0003_leased_batches.sql``). Competing
   consumers in any number of instances never share an event and each receives its events in
   publish order. Live consumers' leases are renewed; a dead instance's leases run out and go to
-  another consumer. Claims and acknowledgements commit without waiting for the disk
-  (``synchronous_commit = off``): one lost in a server crash only means its events are handed
-  out again.
+  another consumer. Lease times are the server's (``now()``), so the instances' clocks play no
+  part; a lease left more than a lease ahead by the server's clock moving back is brought back
+  to a lease from now by the next renewal of any instance. Claims and acknowledgements commit
+  without waiting for the disk (``synchronous_commit = off``): one lost in a server crash only
+  means its events are handed out again.
 - Statements: a publish batch, a claim and an acknowledgement batch are each ONE statement (the
   functions of ``0002_operations.sql`` to ``0004_plain_publish.sql``) outside a transaction
   block, so autocommitted; asyncpg prepares each once per connection and sends the batches'
@@ -39,8 +41,10 @@ kept until taken.
   notifications) once the publishers of the commit have been answered, so under load delivery
   runs while the next publish commit waits for the disk (``_published``).
 - Failures: driver errors become ``BrokerUnavailable`` (connection, timeout) or ``BrokerError``
-  at this boundary; connects and statements time out quickly so the HTTP ingress can answer 503
-  at once, and the pool replaces a connection that broke when it is next lent.
+  at this boundary, and data the server refuses to store (a NUL in text) ``InvalidEventError``,
+  for that event's publish alone (``postgres_ops.refused_data``); connects and statements time
+  out quickly so the HTTP ingress can answer 503 at once, and the pool replaces a connection
+  that broke when it is next lent.
 """
 
 from __future__ import annotations
@@ -73,6 +77,7 @@ from callboard.errors import (
     BrokerError,
     BrokerUnavailable,
     ConfigError,
+    InvalidEventError,
     ServiceClosedError,
     SubscriptionError,
 )
@@ -209,7 +214,7 @@ class PostgresBroker:
         return await self._publishes.submit((stored, None))
 
     async def consume(
-        self, group: str, topics: Sequence[str], *, start: Start = "end"
+        self, group: str, topics: Sequence[str], *, start: Start = "end", owner: str | None = None
     ) -> LeasedConsumer:
         self._check_open()
         patterns = normalize_patterns(topics)
@@ -219,7 +224,7 @@ class PostgresBroker:
                     f"subscription {group!r} already reads {list(live)}; cannot join it with "
                     f"{list(patterns)}: use another subscription id"
                 )
-        if await self._with(ops.join, group, patterns, start):
+        if await self._with(ops.join, group, patterns, start, owner):
             logger.info("created subscription %r on %s from %s", group, list(patterns), start)
         return LeasedConsumer(
             _Leases(self),
@@ -393,8 +398,23 @@ class PostgresBroker:
             # A connection left mid-operation by a failure; it was dropped above.
             raise BrokerUnavailable(f"PostgreSQL connection unusable: {error}") from error
 
-    async def _flush_publishes(self, batch: list[tuple[StoredEvent, str | None]]) -> list[bool]:
-        return await self._with(ops.insert_events, batch, self._origin)
+    async def _flush_publishes(
+        self, batch: list[tuple[StoredEvent, str | None]]
+    ) -> list[bool | BaseException]:
+        try:
+            return list(await self._with(ops.insert_events, batch, self._origin))
+        except InvalidEventError:
+            if len(batch) == 1:
+                raise
+        # PostgreSQL refused some event of the batch, and the whole statement with it: store the
+        # events one by one, so that only the refused one's publish fails.
+        results: list[bool | BaseException] = []
+        for item in batch:
+            try:
+                results.extend(await self._with(ops.insert_events, [item], self._origin))
+            except InvalidEventError as error:
+                results.append(error)
+        return results
 
     def _published(self, batch: list[tuple[StoredEvent, str | None]]) -> None:
         """Wake this instance's consumers of a commit, once its publishers have been answered.

@@ -2,8 +2,9 @@
 
 A caller submits an item and awaits its future. One flusher task takes everything queued, hands
 it to ``flush`` (one transaction) and resolves each future with its result, or every future with
-the error. While a flush runs, new items queue for the next one, so under load each commit carries
-many items and at rest a lone item goes out at once.
+the error; ``flush`` may also answer an item with an exception of its own (an event the store
+refused), which fails that item's caller alone. While a flush runs, new items queue for the next
+one, so under load each commit carries many items and at rest a lone item goes out at once.
 
 Regrouping: callers whose items were just committed usually come back at once with the next one
 (a webhook sender with a fixed number of connections, a publishing loop). Flushed at once, the
@@ -68,7 +69,7 @@ _Sink = asyncio.Future[R] | tuple[_Together[R], int]
 class GroupCommit(Generic[T, R]):
     def __init__(
         self,
-        flush: Callable[[list[T]], Awaitable[list[R]]],
+        flush: Callable[[list[T]], Awaitable[Sequence[R | BaseException]]],
         max_batch: int,
         *,
         regroup: float = 0.0,
@@ -145,7 +146,12 @@ class GroupCommit(Generic[T, R]):
                     sink.set_exception(error)
             return False
         for (_, sink), result in zip(batch, results, strict=True):
-            if isinstance(sink, tuple):
+            if isinstance(result, BaseException):
+                if isinstance(sink, tuple):
+                    sink[0].set_exception(result)
+                elif not sink.done():
+                    sink.set_exception(result)
+            elif isinstance(sink, tuple):
                 sink[0].set_result(sink[1], result)
             elif not sink.done():
                 sink.set_result(result)

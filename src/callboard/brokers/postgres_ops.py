@@ -17,10 +17,11 @@ the pool hand connections back without resetting them.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -37,7 +38,7 @@ from callboard.brokers.sql import (
     queries,
     read_sql,
 )
-from callboard.errors import BrokerError, SubscriptionError
+from callboard.errors import BrokerError, InvalidEventError, SubscriptionError
 from callboard.events import Event
 from callboard.topics import ONE, REST, SEPARATOR, TopicMatcher
 
@@ -194,26 +195,27 @@ async def insert_events(
     topics = {e.topic for e, t in rows if t is None}
     groups = {t for _, t in rows if t is not None}
     # One statement (the ``publish`` function): lock, insert and notification commit together.
-    found = await fetch(
-        connection,
-        q["publish"],
-        {
-            "key": q.publish_lock,
-            "channel": q.channel,
-            "message": notification(topics, groups, origin),
-            "ids": [e.id for e, _ in rows],
-            "topics": [e.topic for e, _ in rows],
-            # None rather than a list of Nones: asyncpg checks each element of an array.
-            "targets": [t for _, t in rows] if groups else None,
-            # None: no row can conflict, the function stores them with a plain INSERT.
-            "delivery_ids": [e.delivery_id if t is None else None for e, t in rows]
-            if seen
-            else None,
-            "times": [e.time_us for e, _ in rows],
-            "payloads": [e.payload for e, _ in rows],
-            "metadatas": [e.metadata for e, _ in rows],
-        },
-    )
+    with refused_data(batch):
+        found = await fetch(
+            connection,
+            q["publish"],
+            {
+                "key": q.publish_lock,
+                "channel": q.channel,
+                "message": notification(topics, groups, origin),
+                "ids": [e.id for e, _ in rows],
+                "topics": [e.topic for e, _ in rows],
+                # None rather than a list of Nones: asyncpg checks each element of an array.
+                "targets": [t for _, t in rows] if groups else None,
+                # None: no row can conflict, the function stores them with a plain INSERT.
+                "delivery_ids": [e.delivery_id if t is None else None for e, t in rows]
+                if seen
+                else None,
+                "times": [e.time_us for e, _ in rows],
+                "payloads": [e.payload for e, _ in rows],
+                "metadatas": [e.metadata for e, _ in rows],
+            },
+        )
     if not seen:
         return accepted  # no delivery id to look for
     stored = {(topic, delivery_id) for topic, delivery_id in found}
@@ -224,10 +226,39 @@ async def insert_events(
     return accepted
 
 
+@contextlib.contextmanager
+def refused_data(batch: Sequence[tuple[StoredEvent, str | None]]) -> Iterator[None]:
+    """PostgreSQL refusing an event's data (class 22: a NUL in text) as ``InvalidEventError``.
+
+    Storing the same event again can never succeed, so it must not read as the store being
+    unavailable (``503``, retried forever). The brokers refuse such events before they get
+    here (``storable``); this is the boundary's translation of whatever the checks miss. For a
+    batch the event at fault is not known: the broker stores the batch's events one by one.
+    """
+    try:
+        yield
+    except asyncpg.DataError as error:
+        if len(batch) == 1:
+            event, target = batch[0]
+            fields = [
+                name
+                for name, value in (("id", event.id), ("topic", event.topic), ("target", target))
+                if value is not None and "\x00" in value
+            ] or ["payload or metadata"]
+            raise InvalidEventError(
+                f"event {event.id!r} on {event.topic!r}: PostgreSQL cannot store its "
+                f"{fields[0]} ({type(error).__name__}: {error})"
+            ) from error
+        raise InvalidEventError(
+            f"PostgreSQL refused an event of a batch of {len(batch)} "
+            f"({type(error).__name__}: {error})"
+        ) from error
+
+
 async def keep_dead_letter(
     connection: Connection, q: Queries, group: str, event: StoredEvent
 ) -> None:
-    async with connection.transaction():
+    with refused_data([(event, group)]):
         await execute(
             connection,
             q["insert_dead_letter"],
@@ -247,9 +278,17 @@ async def exists(connection: Connection, q: Queries, group: str) -> bool:
 
 
 async def join(
-    connection: Connection, q: Queries, group: str, patterns: Sequence[str], start: Start
+    connection: Connection,
+    q: Queries,
+    group: str,
+    patterns: Sequence[str],
+    start: Start,
+    owner: str | None = None,
 ) -> bool:
-    """Create the group at ``start`` or point it at ``patterns``; created?"""
+    """Create the group at ``start`` or point it at ``patterns``; created?
+
+    ``owner`` is recorded on a new group and on one that has none yet, never replacing one.
+    """
     topics = sorted(set(patterns))
     since = start if isinstance(start, datetime) else None
     async with connection.transaction():
@@ -262,6 +301,7 @@ async def join(
                 "regexes": [pattern_regex(p) for p in topics],
                 "start": start if isinstance(start, str) else "time",
                 "since": since,
+                "owner": owner,
             },
         )
     return bool(created)
@@ -359,9 +399,14 @@ async def subscriptions(connection: Connection, q: Queries) -> list[Subscription
         rows = await fetch(connection, q["subscriptions"])
     return [
         SubscriptionInfo(
-            name=name, topics=tuple(topics), in_flight=in_flight, backlog=backlog, lost=lost
+            name=name,
+            topics=tuple(topics),
+            in_flight=in_flight,
+            backlog=backlog,
+            lost=lost,
+            owner=owner,
         )
-        for name, topics, lost, in_flight, backlog in rows
+        for name, topics, lost, in_flight, backlog, owner in rows
     ]
 
 

@@ -23,6 +23,10 @@ patterns and moves ``position`` past them. Competing consumers of one group ther
 the same event, each one receives its events in publish order, and a group's progress is
 ``position`` less what is still leased. While a process lives it renews its consumers' leases; a
 process killed with ``kill -9`` stops renewing, and its leases run out and go to another consumer.
+Lease times are the wall clock's (``clock``), which the processes on one machine share; a claim
+takes a lease ending more than a lease's length from now as run out, since only a clock that
+moved back since it was written (a process restarted with its clock behind) puts it there. A
+clock that jumps ahead runs leases out early: the events go out again, which at-least-once allows.
 
 Database work goes through one connection per broker (``sqlite_thread``): whatever is submitted
 in one turn of the event loop commits in one ``BEGIN IMMEDIATE`` transaction, so concurrent
@@ -83,8 +87,11 @@ class SQLiteBroker:
         retention: RetentionPolicy | None = None,
         synchronous: Literal["normal", "full"] = "normal",
         busy_timeout: float = 10.0,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = path
+        #: What lease times are read from: the wall clock, shared by the processes on the file.
+        self.clock = clock
         self.lease = lease
         self.poll_interval = poll_interval
         self.watch_interval = watch_interval
@@ -198,7 +205,7 @@ class SQLiteBroker:
         return bool(accepted)
 
     async def consume(
-        self, group: str, topics: Sequence[str], *, start: Start = "end"
+        self, group: str, topics: Sequence[str], *, start: Start = "end", owner: str | None = None
     ) -> LeasedConsumer:
         self._check_open()
         patterns = normalize_patterns(topics)
@@ -208,7 +215,7 @@ class SQLiteBroker:
                     f"subscription {group!r} already reads {list(live)}; cannot join it with "
                     f"{list(patterns)}: use another subscription id"
                 )
-        created = await self._run(store.join, group, patterns, start)
+        created = await self._run(store.join, group, patterns, start, owner)
         if created:
             logger.info("created subscription %r on %s from %s", group, list(patterns), start)
         return LeasedConsumer(
@@ -303,7 +310,7 @@ class SQLiteBroker:
     async def _renew_leases(self) -> None:
         consumers = self._registry.live_ids()
         if consumers:
-            await self._run(store.renew, consumers, self.lease)
+            await self._run(store.renew, consumers, self.lease, self.clock)
 
     async def _watch(self) -> None:
         last: int | None = None
@@ -328,7 +335,7 @@ class _Leases:
     async def claim(self, group: str, consumer: str, limit: int) -> list[Delivery]:
         broker = self._broker
         deliveries: list[Delivery] = await broker._run(
-            store.claim, group, consumer, limit, broker.lease
+            store.claim, group, consumer, limit, broker.lease, broker.clock
         )
         return deliveries
 

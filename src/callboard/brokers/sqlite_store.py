@@ -10,7 +10,7 @@ import json
 import sqlite3
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import lru_cache
 
@@ -24,7 +24,7 @@ from callboard.events import Event
 from callboard.topics import TopicMatcher, TopicPattern
 
 Q = queries("sqlite")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _EVENT_COLUMNS = "seq, id, topic, time_us, payload, metadata"
 
@@ -72,6 +72,10 @@ def migrate(connection: sqlite3.Connection, changes: Changes) -> int:
             f"the SQLite store has schema version {version}, newer than this callboard "
             f"understands ({SCHEMA_VERSION}); upgrade callboard"
         )
+    if version == 1:
+        # The tables exist (CREATE TABLE IF NOT EXISTS would leave them as they are): add
+        # what version 2 added to them. The write lock is held, so only one process does it.
+        connection.execute(Q["add_owner"])
     if version < SCHEMA_VERSION:
         # Statement by statement: executescript() would commit the surrounding transaction.
         statement = ""
@@ -193,8 +197,12 @@ def join(
     group: str,
     topics: Sequence[str],
     start: Start,
+    owner: str | None = None,
 ) -> bool:
-    """Create the group at ``start``, or point an existing one at ``topics``; created?"""
+    """Create the group at ``start``, or point an existing one at ``topics``; created?
+
+    ``owner`` is recorded on a new group and on one that has none yet, never replacing one.
+    """
     now = time.time()
     encoded = json.dumps(sorted(set(topics)))
     row = connection.execute(Q["subscription"], {"name": group}).fetchone()
@@ -202,9 +210,11 @@ def join(
         position = _start_position(connection, start)
         connection.execute(
             Q["insert_subscription"],
-            {"name": group, "topics": encoded, "position": position, "now": now},
+            {"name": group, "topics": encoded, "position": position, "now": now, "owner": owner},
         )
         return True
+    if owner is not None:
+        connection.execute(Q["claim_owner"], {"name": group, "owner": owner})
     if row[0] != encoded:
         connection.execute(Q["update_topics"], {"name": group, "topics": encoded, "now": now})
     return False
@@ -217,13 +227,20 @@ def claim(
     consumer: str,
     limit: int,
     lease: float,
+    clock: Callable[[], float] = time.time,
 ) -> list[Delivery]:
-    """Lease up to ``limit`` events of the group: those handed back first, then new ones."""
+    """Lease up to ``limit`` events of the group: those handed back first, then new ones.
+
+    Leases are times of ``clock`` (the wall clock, which every process on the machine shares).
+    One that ends more than ``lease`` from now was written before the clock moved back (by a
+    process restarted with its clock behind, say) and is taken as run out: trusted, it would
+    hold its event for as long as the clock was off.
+    """
     row = connection.execute(Q["subscription"], {"name": group}).fetchone()
     if row is None:
         raise SubscriptionError(f"subscription {group!r} no longer exists")
     topics, position = row
-    now = time.time()
+    now = clock()
     expires_at = now + lease
     attempts: dict[int, int] = dict(
         connection.execute(
@@ -304,10 +321,14 @@ def release(connection: sqlite3.Connection, changes: Changes, group: str, consum
 
 
 def renew(
-    connection: sqlite3.Connection, changes: Changes, consumers: list[str], lease: float
+    connection: sqlite3.Connection,
+    changes: Changes,
+    consumers: list[str],
+    lease: float,
+    clock: Callable[[], float] = time.time,
 ) -> None:
     connection.execute(
-        Q["renew"], {"consumers": json.dumps(consumers), "expires_at": time.time() + lease}
+        Q["renew"], {"consumers": json.dumps(consumers), "expires_at": clock() + lease}
     )
 
 
@@ -343,7 +364,7 @@ def delete_subscription(connection: sqlite3.Connection, changes: Changes, group:
 def subscriptions(connection: sqlite3.Connection, changes: Changes) -> list[SubscriptionInfo]:
     found = []
     now = time.time()
-    for name, topics, position, lost, in_flight, returned in connection.execute(
+    for name, topics, position, lost, owner, in_flight, returned in connection.execute(
         Q["subscriptions"], {"now": now}
     ).fetchall():
         (waiting,) = connection.execute(
@@ -356,6 +377,7 @@ def subscriptions(connection: sqlite3.Connection, changes: Changes) -> list[Subs
                 in_flight=in_flight,
                 backlog=waiting + returned,
                 lost=lost,
+                owner=owner,
             )
         )
     return found

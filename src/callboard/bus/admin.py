@@ -36,22 +36,28 @@ def require_durable(broker: Broker, url: str) -> None:
 
 
 def format_subscriptions(infos: Sequence[object]) -> str:
-    rows = [("SUBSCRIPTION", "TOPICS", "IN FLIGHT", "LAG", "LOST")]
-    for info in infos:
+    # The age of the oldest unacknowledged event is a column only when the broker tells it
+    # (``oldest_unacked_seconds``). None of the bundled brokers records when a handler began:
+    # that is known to the serving process alone (its /metrics and /readyz), and the table
+    # shows what the broker knows, the events in flight. Rows stay one per line, for scripts.
+    ages = [getattr(info, "oldest_unacked_seconds", None) for info in infos]
+    with_age = any(age is not None for age in ages)
+    header = ("SUBSCRIPTION", "TOPICS", "IN FLIGHT", "LAG", "LOST")
+    rows = [(*header, "OLDEST") if with_age else header]
+    for info, age in zip(infos, ages, strict=True):
         in_flight: int = getattr(info, "in_flight", 0)
         backlog: int = getattr(info, "backlog", 0)
         lost: int = getattr(info, "lost", 0)
         topics: Sequence[str] = getattr(info, "topics", ())
-        rows.append(
-            (
-                str(getattr(info, "name", "")),
-                ",".join(topics),
-                str(in_flight),
-                str(backlog + in_flight),
-                str(lost),
-            )
+        row = (
+            str(getattr(info, "name", "")),
+            ",".join(topics),
+            str(in_flight),
+            str(backlog + in_flight),
+            str(lost),
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        rows.append((*row, "-" if age is None else f"{age:.1f}s") if with_age else row)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(
             cell.ljust(width) if i < 2 else cell.rjust(width)

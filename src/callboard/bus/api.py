@@ -23,7 +23,8 @@ from starlette.responses import Response
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
-from callboard.brokers.base import DEAD_LETTER_PREFIX, Broker
+from callboard.brokers.base import DEAD_LETTER_PREFIX, MAX_NAME_LENGTH, Broker, name_problem
+from callboard.bus.access import Access, Grant
 from callboard.bus.auth import (
     PLUGIN_ID,
     Authenticator,
@@ -37,6 +38,7 @@ from callboard.bus.listing import stored_subscriptions, subscription_infos
 from callboard.bus.plugin_keys import PluginKeys, PluginTokenVerifier, plugin_base_urls
 from callboard.bus.wire import (
     BATCH_SIZE,
+    MAX_DEAD_LETTERS,
     NOTIFIED,
     NOTIFY_TIMEOUT_HEADER,
     PUBLISH_RESULT_HEADER,
@@ -44,11 +46,13 @@ from callboard.bus.wire import (
     AckResult,
     PublishRequest,
     SubscriptionRequest,
+    check_storable,
     event_from_wire,
     event_to_wire,
 )
 from callboard.errors import (
     BrokerError,
+    InvalidEventError,
     InvalidTopicError,
     MalformedBodyError,
     PayloadTooLargeError,
@@ -59,7 +63,7 @@ from callboard.errors import (
 )
 from callboard.events import Event
 from callboard.ingress.asgi import error_body
-from callboard.topics import TopicMatcher, normalize_patterns, validate_topic
+from callboard.topics import TopicIndex, normalize_patterns, validate_topic
 
 if TYPE_CHECKING:
     from callboard.config import Config
@@ -72,6 +76,7 @@ Handler = Callable[[Request, Principal], Awaitable[Response]]
 BODY_LIMIT = 5 * 1024 * 1024
 DEFAULT_LEASE_MS = 30_000
 MAX_LEASE_MS = 600_000
+DEFAULT_MAX_TOPICS = 1_000
 
 _ERROR_NAMES = {
     400: "InputError",
@@ -155,6 +160,33 @@ class _Batched(Response):
             await asyncio.shield(self._feed.finish(self._batch, handled=sent))
 
 
+def _bounded(raw: str, name: str, low: int, high: int) -> int:
+    """A query parameter that must be an integer from ``low`` to ``high``, else a ``400``."""
+    # isascii: "²".isdigit() holds, and int() refuses it.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= len(str(high))) or not (
+        low <= int(raw) <= high
+    ):
+        raise MalformedBodyError(f"{name} must be an integer from {low} to {high}")
+    return int(raw)
+
+
+def _subscription_id(request: Request) -> str:
+    """The subscription id of the path, if it can name a subscription on every broker."""
+    id: str = request.path_params["id"]
+    problem = name_problem(id)
+    if problem is not None:
+        raise MalformedBodyError(f"{problem} (subscription {id[:MAX_NAME_LENGTH]!r})")
+    return id
+
+
+def _letter_ids(ids: list[str] | None) -> list[str] | None:
+    for letter in ids or ():
+        problem = name_problem(letter, "a dead letter id")
+        if problem is not None:
+            raise MalformedBodyError(problem)
+    return ids
+
+
 def _info_to_wire(info: Any) -> dict[str, Any]:
     lost: int = getattr(info, "lost", 0)
     return {
@@ -192,15 +224,19 @@ class BusApp:
         batch_size: int = BATCH_SIZE,
         grace: float = 0.05,
         hold: float = 5.0,
+        access: Access | None = None,
+        max_topics: int = DEFAULT_MAX_TOPICS,
     ) -> None:
         self.broker = broker
         self.auth = auth
+        self.access = access if access is not None else Access()
+        self.max_topics = max_topics
         self.feeds = Feeds(broker, batch_size=batch_size, hold=hold)
         self.notify_timeout_ms = notify_timeout_ms
         self._publish = publish if publish is not None else broker.publish
         self._grace = grace
         self._released = asyncio.Event()
-        self._matchers: dict[tuple[str, ...], TopicMatcher] = {}
+        self._index: TopicIndex | None = None
         sub = "/subscriptions/{id}"
         self.router = Router(
             routes=[
@@ -227,11 +263,14 @@ class BusApp:
             [entry.model_dump(by_alias=True) for entry in auth.external_access],
             disable_default_policy=auth.dangerously_disable_default_auth_policy,
         )
+        bus = config.events.bus
         return cls(
             broker,
             BusAuth(static, _plugin_tokens(config)),
             publish=publish,
             notify_timeout_ms=config.events.notify_timeout_ms,
+            access=Access(Grant.parse(g.subject, g.subscriptions) for g in bus.grants),
+            max_topics=bus.max_topics_per_subscription,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -256,7 +295,7 @@ class BusApp:
                 return await handler(request, verdict)
             except RequestRejected as error:
                 return _error(request.scope, error.status_code, error.message)
-            except InvalidTopicError as error:
+            except (InvalidTopicError, InvalidEventError) as error:
                 return _error(request.scope, 400, str(error))
             except SubscriptionError as error:
                 return _error(request.scope, 409, str(error))
@@ -301,22 +340,47 @@ class BusApp:
         except orjson.JSONDecodeError:
             raise MalformedBodyError("the body is not valid JSON") from None
 
-    async def _feed(self, request: Request) -> Feed:
-        id = request.path_params["id"]
-        feed = await self.feeds.find(id, None)
+    async def _feed(self, request: Request, principal: Principal) -> Feed:
+        """The feed of the path's subscription, once ``principal`` may read it."""
+        id = _subscription_id(request)
+        feed = self.feeds.local_feed(id)
         if feed is None:
-            feed = await self.feeds.find(id, await stored_subscriptions(self.broker))
-        if feed is None:
-            raise RequestRejected(f"Subscription with ID '{id}' not found", status_code=404)
+            info = await self._stored(id)
+            if info is None:
+                raise RequestRejected(f"Subscription with ID '{id}' not found", status_code=404)
+            # Checked before a consumer joins: joining would take events from their owner.
+            self.access.check(principal, id, info.owner)
+            claim = principal.created_by if info.owner is None else info.owner
+            feed = await self.feeds.find(id, tuple(info.topics), claim)
+            if feed is None:
+                raise RequestRejected(f"Subscription with ID '{id}' not found", status_code=404)
+        self.access.check(principal, id, feed.owner)
         return feed
 
-    def _matches(self, patterns: tuple[str, ...], topic: str) -> bool:
-        matcher = self._matchers.get(patterns)
-        if matcher is None:
-            if len(self._matchers) > 10_000:
-                self._matchers.clear()
-            matcher = self._matchers[patterns] = TopicMatcher(patterns)
-        return matcher(topic)
+    async def _stored(self, id: str) -> Any:
+        """The broker's ``SubscriptionInfo`` of ``id``, or ``None`` (none, or no list)."""
+        infos = await subscription_infos(self.broker)
+        return next((info for info in infos or () if info.name == id), None)
+
+    async def _check(self, request: Request, principal: Principal) -> str:
+        """The path's subscription id, once it exists and ``principal`` may use it."""
+        id = _subscription_id(request)
+        feed = self.feeds.local_feed(id)
+        if feed is not None:
+            owner = feed.owner
+        else:
+            info = await self._stored(id)
+            if info is None:
+                raise RequestRejected(f"Subscription with ID '{id}' not found", status_code=404)
+            owner = info.owner
+        self.access.check(principal, id, owner)
+        return id
+
+    def _topic_index(self, stored: dict[str, tuple[str, ...]]) -> TopicIndex:
+        """An index of the stored subscriptions' patterns, made again when they change."""
+        if self._index is None or self._index.subscriptions != stored:
+            self._index = TopicIndex(stored)
+        return self._index
 
     # -- Backstage's routes --------------------------------------------------------------------
 
@@ -324,19 +388,18 @@ class BusApp:
         published = PublishRequest.from_wire(await self._body(request))
         event, notified = published.event, set(published.notified)
         validate_topic(event.topic)
+        check_storable(event)
         dead_letter = event.topic.startswith(DEAD_LETTER_PREFIX)
         if event.topic.startswith("$") and not dead_letter:
             raise InvalidTopicError(event.topic, "topics starting with '$' are callboard's own")
         if not dead_letter:
             stored = await stored_subscriptions(self.broker)
-            if stored is not None and not any(
-                id not in notified and self._matches(topics, event.topic)
-                for id, topics in stored.items()
-            ):
+            if stored is not None and not self._topic_index(stored)(event.topic) - notified:
                 logger.debug("skipped an event on %r: no subscription left to notify", event.topic)
                 return Response(status_code=204, headers={PUBLISH_RESULT_HEADER: "no-readers"})
         if notified:
             event = replace(event, metadata={**event.metadata, NOTIFIED: sorted(notified)})
+            check_storable(event)
         # A remote worker's dead letter is stored as the broker keeps dead letters; the events
         # service refuses reserved topics from applications.
         publish = self.broker.publish if dead_letter else self._publish
@@ -346,12 +409,24 @@ class BusApp:
         return _json({"id": event.id}, 201)
 
     async def _put_subscription(self, request: Request, principal: Principal) -> Response:
-        id = request.path_params["id"]
+        id = _subscription_id(request)
         wanted = SubscriptionRequest.from_wire(await self._body(request))
+        if len(set(wanted.topics)) > self.max_topics:
+            raise MalformedBodyError(
+                f"subscription {id!r} asks for {len(set(wanted.topics))} topics, over the "
+                f"limit of {self.max_topics} (events.bus.maxTopicsPerSubscription)"
+            )
         topics = normalize_patterns(wanted.topics)
         if any(topic.startswith("$") for topic in topics):
             raise InvalidTopicError(topics[0], "topics starting with '$' are callboard's own")
-        created = await self.feeds.upsert(id, topics, wanted.start)
+        local = self.feeds.local_feed(id)
+        info = None if local is not None else await self._stored(id)
+        owner = local.owner if local is not None else info.owner if info is not None else None
+        self.access.check(principal, id, owner)
+        claim = principal.created_by if owner is None else owner
+        created = await self.feeds.upsert(id, topics, wanted.start, claim)
+        if owner is None:
+            await self._confirm_claim(id, principal, claim)
         logger.info(
             "%s subscription %r to %s for %s",
             "created" if created else "updated",
@@ -361,8 +436,19 @@ class BusApp:
         )
         return _json({"id": id, "topics": list(topics)}, 201)
 
+    async def _confirm_claim(self, id: str, principal: Principal, claim: str) -> None:
+        """After claiming ``id``: another caller may have claimed it first, elsewhere."""
+        info = await self._stored(id)
+        feed = self.feeds.local_feed(id)
+        if info is None or info.owner in (None, claim) or feed is None:
+            return
+        feed.owner = info.owner
+        if not self.access.may(principal, id, info.owner):
+            await self.feeds.leave(id)
+            self.access.check(principal, id, info.owner)
+
     async def _get_events(self, request: Request, principal: Principal) -> Response:
-        feed = await self._feed(request)
+        feed = await self._feed(request, principal)
         batch = await feed.take(self._grace)
         if batch is None:
             return _Held(feed, self.notify_timeout_ms, self._released)
@@ -372,21 +458,21 @@ class BusApp:
 
     async def _get_deliveries(self, request: Request, principal: Principal) -> Response:
         raw = request.query_params.get("leaseMs", str(DEFAULT_LEASE_MS))
-        if not raw.isdigit() or not 1 <= int(raw) <= MAX_LEASE_MS:
-            raise MalformedBodyError(f"leaseMs must be an integer from 1 to {MAX_LEASE_MS}")
-        lease_ms = int(raw)
-        feed = await self._feed(request)
+        lease_ms = _bounded(raw, "leaseMs", 1, MAX_LEASE_MS)
+        feed = await self._feed(request, principal)
         batch = await feed.take(self._grace)
         if batch is None:
             return _Held(feed, self.notify_timeout_ms, self._released)
         deliveries = feed.lease(batch, lease_ms / 1000)
         return _json({"deliveries": [d.to_wire() for d in deliveries], "leaseMs": lease_ms})
 
-    async def _settle(self, request: Request, kind: str) -> Response:
+    async def _settle(self, request: Request, principal: Principal, kind: str) -> Response:
         asked = AckRequest.from_wire(await self._body(request))
-        feed = self.feeds.local_feed(request.path_params["id"])
+        id = _subscription_id(request)
+        feed = self.feeds.local_feed(id)
         if feed is None:  # not held here (another server, or before a restart)
             return _json(AckResult((), asked.ack_ids).to_wire())
+        self.access.check(principal, id, feed.owner)
         if kind == "ack":
             done, unknown = await feed.ack(asked.ack_ids)
         elif kind == "nack":
@@ -398,29 +484,37 @@ class BusApp:
         return _json(AckResult(tuple(done), tuple(unknown)).to_wire())
 
     async def _ack(self, request: Request, principal: Principal) -> Response:
-        return await self._settle(request, "ack")
+        return await self._settle(request, principal, "ack")
 
     async def _nack(self, request: Request, principal: Principal) -> Response:
-        return await self._settle(request, "nack")
+        return await self._settle(request, principal, "nack")
 
     async def _renew(self, request: Request, principal: Principal) -> Response:
-        return await self._settle(request, "renew")
+        return await self._settle(request, principal, "renew")
 
     async def _deliver_to(self, request: Request, principal: Principal) -> Response:
+        id = await self._check(request, principal)
         body = await self._body(request)
-        event = event_from_wire(body.get("event") if isinstance(body, dict) else None)
+        event = check_storable(
+            event_from_wire(body.get("event") if isinstance(body, dict) else None)
+        )
         try:
-            await self.broker.deliver_to(request.path_params["id"], event)
+            await self.broker.deliver_to(id, event)
         except SubscriptionError as error:
             raise RequestRejected(str(error), status_code=404) from error
         return _json({"id": event.id}, 201)
 
     async def _list(self, request: Request, principal: Principal) -> Response:
         infos = await subscription_infos(self.broker)
+        may = self.access.may
         if infos is None:
-            items = [{"id": id, "topics": list(t)} for id, t in self.feeds.local().items()]
+            items = [
+                {"id": id, "topics": list(t)}
+                for id, t in self.feeds.local().items()
+                if may(principal, id, self.feeds.owner(id))
+            ]
         else:
-            items = [_info_to_wire(info) for info in infos]
+            items = [_info_to_wire(i) for i in infos if may(principal, i.name, i.owner)]
         return _json({"subscriptions": items})
 
     async def _delete_subscription(self, request: Request, principal: Principal) -> Response:
@@ -429,21 +523,17 @@ class BusApp:
         A ``SubscriptionError`` (the server's own subscribers still read it) becomes the
         ``409`` of ``_guard``.
         """
-        id = request.path_params["id"]
+        id = await self._check(request, principal)
         if not await self.feeds.delete(id):
             raise RequestRejected(f"Subscription with ID '{id}' not found", status_code=404)
         logger.info("deleted subscription %r for %s", id, principal.created_by)
         return Response(status_code=204)
 
     async def _dead_letters(self, request: Request, principal: Principal) -> Response:
-        raw = request.query_params.get("limit", "100")
-        if not raw.isdigit():
-            raise MalformedBodyError("limit must be a positive integer")
-        letters = await self.broker.take_dead_letters(
-            request.path_params["id"],
-            ids=request.query_params.getlist("id") or None,
-            limit=int(raw),
-        )
+        limit = _bounded(request.query_params.get("limit", "100"), "limit", 1, MAX_DEAD_LETTERS)
+        ids = _letter_ids(request.query_params.getlist("id") or None)
+        id = await self._check(request, principal)
+        letters = await self.broker.take_dead_letters(id, ids=ids, limit=limit)
         return _json({"deadLetters": [event_to_wire(e) for e in letters]})
 
     async def _take(self, request: Request, principal: Principal) -> Response:
@@ -453,9 +543,16 @@ class BusApp:
         ids, limit, remove = body.get("ids"), body.get("limit", 100), body.get("remove", False)
         if ids is not None and not (isinstance(ids, list) and all(isinstance(i, str) for i in ids)):
             raise MalformedBodyError("ids must be a list of strings")
-        if not isinstance(limit, int) or limit < 0 or not isinstance(remove, bool):
-            raise MalformedBodyError("limit must be a count and remove a boolean")
+        if not isinstance(remove, bool):
+            raise MalformedBodyError("remove must be a boolean")
+        if (
+            isinstance(limit, bool)
+            or not isinstance(limit, int)
+            or not 1 <= limit <= MAX_DEAD_LETTERS
+        ):
+            raise MalformedBodyError(f"limit must be an integer from 1 to {MAX_DEAD_LETTERS}")
+        id = await self._check(request, principal)
         letters = await self.broker.take_dead_letters(
-            request.path_params["id"], ids=ids, remove=remove, limit=limit
+            id, ids=_letter_ids(ids), remove=remove, limit=limit
         )
         return _json({"deadLetters": [event_to_wire(e) for e in letters]})

@@ -19,6 +19,7 @@ import httpx
 from callboard.brokers.base import Start, SubscriptionInfo
 from callboard.bus.wire import (
     BUS_PATH,
+    MAX_DEAD_LETTERS,
     NOTIFY_TIMEOUT_HEADER,
     PUBLISH_RESULT_HEADER,
     AckRequest,
@@ -147,7 +148,14 @@ class BusClient:
     async def dead_letters(
         self, id: str, *, ids: Sequence[str] | None, limit: int, remove: bool
     ) -> list[Event]:
-        body = {"ids": None if ids is None else list(ids), "limit": limit, "remove": remove}
+        if limit < 1:
+            return []
+        # The server hands out at most MAX_DEAD_LETTERS at once; ask for no more than that.
+        body = {
+            "ids": None if ids is None else list(ids),
+            "limit": min(limit, MAX_DEAD_LETTERS),
+            "remove": remove,
+        }
         response = await self._call("POST", _path(id) + "/dead-letters/take", json=body)
         self._expect(response, 200)
         return events_from_wire(self._json(response), "deadLetters")

@@ -61,9 +61,13 @@ class Feed:
         batch_size: int = BATCH_SIZE,
         hold: float = 5.0,
         linger: float = 1.0,
+        owner: str | None = None,
     ) -> None:
         self.id = id
         self.topics = topics
+        #: Who may read it (``SubscriptionInfo.owner``); recorded with every consumer opened,
+        #: so a group made before owners were recorded is claimed by its first bus reader.
+        self.owner = owner
         self._broker = broker
         self._batch_size = batch_size
         self._hold = hold
@@ -78,7 +82,7 @@ class Feed:
         self._closed = False
 
     async def open(self, start: Start = "end") -> None:
-        self._idle = await self._broker.consume(self.id, self.topics, start=start)
+        self._idle = await self._broker.consume(self.id, self.topics, start=start, owner=self.owner)
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -145,7 +149,7 @@ class Feed:
 
     async def _run_fetch(self) -> None:
         if self._idle is None:
-            self._idle = await self._broker.consume(self.id, self.topics)
+            self._idle = await self._broker.consume(self.id, self.topics, owner=self.owner)
         consumer = self._idle
         try:
             kept: list[Delivery] = []
@@ -176,7 +180,11 @@ class Feed:
         self._idle = None
         batch = Batch(consumer, kept)
         try:
-            fresh = None if self._closed else await self._broker.consume(self.id, self.topics)
+            fresh = (
+                None
+                if self._closed
+                else await self._broker.consume(self.id, self.topics, owner=self.owner)
+            )
         except Exception:
             await consumer.close()  # the batch goes back to the group
             raise
@@ -200,7 +208,7 @@ class Feed:
             self._idle = None
             if not self._closed:
                 with contextlib.suppress(Exception):
-                    self._idle = await self._broker.consume(self.id, self.topics)
+                    self._idle = await self._broker.consume(self.id, self.topics, owner=self.owner)
         await consumer.close()
 
     def _pop_ready(self) -> Batch | None:
@@ -336,24 +344,36 @@ class Feeds:
         self._lock = asyncio.Lock()
         self._closed = False
 
-    def _new(self, id: str, topics: tuple[str, ...]) -> Feed:
-        return Feed(self._broker, id, topics, batch_size=self._batch_size, hold=self._hold)
+    def _new(self, id: str, topics: tuple[str, ...], owner: str | None) -> Feed:
+        return Feed(
+            self._broker, id, topics, batch_size=self._batch_size, hold=self._hold, owner=owner
+        )
 
     def local_feed(self, id: str) -> Feed | None:
         return self._feeds.get(id)
+
+    def owner(self, id: str) -> str | None:
+        """The owner of this server's feed for ``id`` (``None``: no feed, or none recorded)."""
+        feed = self._feeds.get(id)
+        return None if feed is None else feed.owner
 
     def local(self) -> dict[str, tuple[str, ...]]:
         """Subscription id -> topics, for the feeds of this server."""
         return {id: feed.topics for id, feed in self._feeds.items()}
 
-    async def upsert(self, id: str, topics: tuple[str, ...], start: Start = "end") -> bool:
-        """Create the subscription or replace its topics; ``True`` when it was new here."""
+    async def upsert(
+        self, id: str, topics: tuple[str, ...], start: Start = "end", owner: str | None = None
+    ) -> bool:
+        """Create the subscription or replace its topics; ``True`` when it was new here.
+
+        ``owner`` is recorded if the broker has none for the group yet.
+        """
         async with self._lock:
             self._check_open()
             known = self._feeds.get(id)
             if known is not None and set(known.topics) == set(topics):
                 return False
-            feed = self._new(id, topics)
+            feed = self._new(id, topics, owner)
             try:
                 await feed.open(start if known is None else "end")
             except SubscriptionError:
@@ -369,19 +389,29 @@ class Feeds:
             self._feeds[id] = feed
             return known is None
 
-    async def find(self, id: str, stored: dict[str, tuple[str, ...]] | None) -> Feed | None:
-        """This server's feed for ``id``; made from the broker's record when it has one."""
+    async def find(
+        self, id: str, topics: tuple[str, ...] | None, owner: str | None = None
+    ) -> Feed | None:
+        """This server's feed for ``id``; made from the broker's record (its ``topics`` and
+        ``owner``) when it has one."""
         feed = self._feeds.get(id)
-        if feed is not None or not stored or id not in stored:
+        if feed is not None or not topics:
             return feed
         async with self._lock:
             self._check_open()
             feed = self._feeds.get(id)
             if feed is None:
-                feed = self._new(id, stored[id])
+                feed = self._new(id, topics, owner)
                 await feed.open("end")  # an existing group resumes where it was
                 self._feeds[id] = feed
             return feed
+
+    async def leave(self, id: str) -> None:
+        """Close this server's feed for ``id``, leaving the group as it is in the broker."""
+        async with self._lock:
+            feed = self._feeds.pop(id, None)
+        if feed is not None:
+            await feed.close()
 
     async def delete(self, id: str) -> bool:
         """Leave and forget the subscription ``id``; ``True`` when there was one to delete.

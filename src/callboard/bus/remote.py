@@ -307,8 +307,9 @@ class RemoteBroker:
         return await self.client.publish(event)
 
     async def consume(
-        self, group: str, topics: Sequence[str], *, start: Start = "end"
+        self, group: str, topics: Sequence[str], *, start: Start = "end", owner: str | None = None
     ) -> RemoteConsumer:
+        # ``owner`` is not sent: the server records the caller its token names as the owner.
         try:
             await self.client.put_subscription(group, topics, start)
             subscribed = True

@@ -1,21 +1,30 @@
 """The webhook ingress as a raw ASGI application: ``POST /{topic}`` under its mount point.
 
 Per request: look up the topic, check the method and size, read the body (refusing it as soon
-as it passes the limit), parse it by media type, let the topic's validator accept or reject it,
-publish the event and answer ``202`` once the broker has accepted it. Every refusal is JSON in
-one shape, ``{"error": {"name", "message"}, "request": {...}, "response": {"statusCode"}}``.
+as it passes the limit), let the topic's validator accept or reject the raw request, parse the
+body by media type, publish the event and answer ``202`` once the broker has accepted it.
+
+Verifying comes before parsing: an unauthenticated request is answered with the validator's
+refusal (``403``) whatever its body or media type, and no parser ever reads what such a sender
+wrote. Input that can never be stored is ``400`` (``InvalidEventError``), never ``503``: a
+``503`` tells the sender to try again, which only helps when the store is unavailable.
+
+Every refusal is JSON in one shape,
+``{"error": {"name", "message"}, "request": {...}, "response": {"statusCode"}}``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import NoReturn
 
 import orjson
 from starlette.types import Receive, Scope, Send
 
 from callboard.errors import (
     BrokerError,
+    InvalidEventError,
     PayloadTooLargeError,
     RequestRejected,
     ServiceClosedError,
@@ -32,6 +41,8 @@ Publish = Callable[[Event], Awaitable[bool]]
 
 CREDENTIAL_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization"})
 DEFAULT_BODY_LIMIT = 5 * 1024 * 1024
+#: What the headers copied into an event's metadata may add up to (names and values).
+DEFAULT_METADATA_LIMIT = 16 * 1024
 
 _ACCEPTED = b'{"status":"accepted"}'
 _CONTENT_TYPE = (b"content-type", b"application/json")
@@ -49,6 +60,7 @@ class IngressApp:
         *,
         parsers: Mapping[str, BodyParser] | None = None,
         body_limit: int = DEFAULT_BODY_LIMIT,
+        max_metadata_bytes: int = DEFAULT_METADATA_LIMIT,
         keep_credentials: bool = False,
         detect_redeliveries: bool = True,
         metrics: Metrics | None = None,
@@ -57,6 +69,7 @@ class IngressApp:
         self.ingresses = {ingress.topic: ingress for ingress in ingresses}
         self.parsers = {**DEFAULT_PARSERS, **(parsers or {})}
         self.body_limit = body_limit
+        self.max_metadata_bytes = max_metadata_bytes
         self._keep_credentials = keep_credentials
         self._detect_redeliveries = detect_redeliveries
         self._metrics = metrics if metrics is not None else Metrics()
@@ -103,6 +116,8 @@ class IngressApp:
             await self._error(
                 scope, send, topic, error.status_code, type(error).__name__, error.message
             )
+        except InvalidEventError as error:
+            await self._error(scope, send, topic, 400, "InvalidEventError", error.message)
         except (BrokerError, ServiceClosedError) as error:
             logger.warning("ingress %r could not publish: %s", topic, error)
             await self._error(
@@ -128,7 +143,9 @@ class IngressApp:
     async def _accept(self, scope: Scope, receive: Receive, send: Send, ingress: Ingress) -> None:
         topic = ingress.topic
         headers: dict[str, str | list[str]] = {}
+        header_bytes = 0
         for raw_name, raw_value in scope["headers"]:
+            header_bytes += len(raw_name) + len(raw_value)
             name = raw_name.decode("latin-1").lower()
             value = raw_value.decode("latin-1")
             known = headers.get(name)
@@ -144,15 +161,18 @@ class IngressApp:
         raw = await self._read_body(receive)
 
         media_type, parser = self._parser_for(headers.get("content-type"))
-        payload = parser(raw, media_type, topic)
-        request = WebhookRequest(topic, headers, raw, payload, media_type)
+        request = WebhookRequest(topic, headers, raw, media_type, parser)
         if ingress.validator is not None:
             rejection = await ingress.validator(request)
             if rejection is not None:
                 await self._reject(scope, send, topic, rejection)
                 return
+        payload = request.body  # parsed now, or already by a validator that read it
         redacted = self._redacted[topic]
-        metadata = {k: v for k, v in headers.items() if k not in redacted}
+        if header_bytes <= self.max_metadata_bytes:
+            metadata = {k: v for k, v in headers.items() if k not in redacted}
+        else:
+            metadata = self._bounded_metadata(topic, headers, redacted)
         if ingress.delivery_id is not None and self._detect_redeliveries:
             delivery_id = ingress.delivery_id(request)
             if delivery_id:
@@ -162,14 +182,49 @@ class IngressApp:
         await send({"type": "http.response.start", "status": 202, "headers": _ACCEPTED_HEADERS})
         await send({"type": "http.response.body", "body": _ACCEPTED})
 
+    def _bounded_metadata(
+        self, topic: str, headers: Mapping[str, str | list[str]], redacted: frozenset[str]
+    ) -> dict[str, str | list[str]]:
+        """The metadata headers that fit in ``max_metadata_bytes``, in the order received.
+
+        A header that does not fit is left out of the metadata (validators saw it); the drop is
+        logged with the header names, never their values.
+        """
+        budget = self.max_metadata_bytes
+        metadata: dict[str, str | list[str]] = {}
+        dropped: list[str] = []
+        for name, value in headers.items():
+            if name in redacted:
+                continue
+            size = len(name) + (len(value) if isinstance(value, str) else sum(map(len, value)))
+            if size > budget:
+                dropped.append(name)
+                continue
+            budget -= size
+            metadata[name] = value
+        if dropped:
+            logger.warning(
+                "ingress %r left %d header(s) out of an event's metadata, over the %d bytes of "
+                "events.http.maxMetadataBytes: %s",
+                topic,
+                len(dropped),
+                self.max_metadata_bytes,
+                ", ".join(repr(name[:64]) for name in dropped[:10]),
+            )
+        return metadata
+
     def _parser_for(self, content_type: str | list[str] | None) -> tuple[MediaType, BodyParser]:
-        """The media type of the request and its parser; 415 when there is none."""
+        """The media type of the request and its parser.
+
+        Nothing is refused here: the validator decides first. Without a parser for the media
+        type, the parser returned refuses the body with 415 when it is read.
+        """
         if isinstance(content_type, list):
-            raise UnsupportedMediaTypeError(
+            return _NO_MEDIA_TYPE, _refusing(
                 f"the request has {len(content_type)} Content-Type headers; send exactly one"
             )
         if not content_type or not content_type.strip():
-            raise UnsupportedMediaTypeError(
+            return _NO_MEDIA_TYPE, _refusing(
                 "the request has no Content-Type header; send application/json or "
                 "application/x-www-form-urlencoded, or add a body parser for your media type "
                 "in a module (context.ingress.add_body_parser)"
@@ -181,9 +236,9 @@ class IngressApp:
                 self._media_types[content_type] = media_type
         parser = self.parsers.get(media_type.type)
         if parser is None:
-            raise UnsupportedMediaTypeError(
-                f"Unsupported media type: {media_type.type}. Add a body parser for it in a "
-                "module (context.ingress.add_body_parser), or send one of: "
+            return media_type, _refusing(
+                f"Unsupported media type: {media_type.type[:100]}. Add a body parser for it in "
+                "a module (context.ingress.add_body_parser), or send one of: "
                 + ", ".join(sorted(self.parsers))
             )
         return media_type, parser
@@ -238,6 +293,18 @@ class IngressApp:
         self._metrics.count_ingress(topic, status)
         body = error_body(scope, status, name, message)
         await _send_json(send, status, body, extra_headers)
+
+
+_NO_MEDIA_TYPE = MediaType("")
+
+
+def _refusing(message: str) -> BodyParser:
+    """A parser that refuses every body with 415 and ``message``."""
+
+    def refuse(raw: bytes, media_type: MediaType, topic: str) -> NoReturn:
+        raise UnsupportedMediaTypeError(message)
+
+    return refuse
 
 
 async def _send_json(

@@ -8,6 +8,8 @@ from typing import Any, TypeAlias
 
 Headers: TypeAlias = Mapping[str, str | list[str]]
 
+_UNPARSED: Any = object()
+
 
 @dataclass(frozen=True, slots=True)
 class MediaType:
@@ -34,16 +36,40 @@ class MediaType:
 
 @dataclass(frozen=True, slots=True)
 class WebhookRequest:
-    """One received webhook as validators see it."""
+    """One received webhook as validators see it.
+
+    A validator runs before the body is parsed: a signature is checked over ``raw_body``, so a
+    request that is not authentic is refused with the validator's answer whatever its body
+    holds, and nothing an unauthenticated sender wrote reaches a parser. ``body`` parses the raw
+    bytes on first use and keeps the result; the ingress publishes that same payload once the
+    validator accepted.
+    """
 
     topic: str
     #: Request headers under lower-cased names; repeated headers become lists.
     headers: Headers
     #: The exact bytes received, for signature checks.
     raw_body: bytes
-    #: The body as its parser turned it into a payload.
-    body: Any
+    #: The ``Content-Type`` as sent; ``MediaType("")`` when there is no single one.
     media_type: MediaType
+    #: The topic's parser for the media type, which ``body`` calls.
+    parser: BodyParser = field(repr=False, compare=False)
+    _body: Any = field(default=_UNPARSED, init=False, repr=False, compare=False)
+
+    @property
+    def body(self) -> Any:
+        """The body as its parser turns it into a payload, parsed on first use.
+
+        Raises what the parser raises (``MalformedBodyError`` for 400,
+        ``UnsupportedMediaTypeError`` for 415, ``InvalidEventError`` for 400), which the
+        ingress answers as it does for a topic without a validator.
+        """
+        body = self._body
+        if body is _UNPARSED:
+            body = self.parser(self.raw_body, self.media_type, self.topic)
+            # Frozen for callers; the cache is the one field set after construction.
+            object.__setattr__(self, "_body", body)
+        return body
 
     def header(self, name: str) -> str | None:
         """The first value of a header, or ``None``."""
@@ -61,10 +87,13 @@ class Rejection:
     body: Any = field(default_factory=dict)
 
 
-#: Accepts a request by returning ``None``, or refuses it with a ``Rejection``.
+#: Accepts a request by returning ``None``, or refuses it with a ``Rejection``. It runs before
+#: the body is parsed: check ``raw_body``; read ``body`` only when the decision needs it.
 Validator = Callable[[WebhookRequest], Awaitable[Rejection | None]]
-#: Turns the raw body into the event payload; raises ``MalformedBodyError`` or
-#: ``UnsupportedMediaTypeError``. Arguments: raw body, media type, topic.
+#: Turns the raw body into the event payload; raises ``MalformedBodyError`` (400),
+#: ``UnsupportedMediaTypeError`` (415) or ``InvalidEventError`` (400, a payload no broker can
+#: keep). Arguments: raw body, media type, topic. Called only once the topic's validator
+#: accepted the request (or when the validator itself reads ``WebhookRequest.body``).
 BodyParser = Callable[[bytes, MediaType, str], Any]
 #: The sender's own id of a delivery, to recognise redeliveries.
 DeliveryIdReader = Callable[[WebhookRequest], str | None]

@@ -10,7 +10,7 @@ from callboard.brokers.memory import MemoryBroker
 from callboard.default_service import DefaultEventsService, RunningSubscription
 from callboard.delivery import RetryPolicy
 from callboard.events import Event
-from callboard.service import Handler
+from callboard.service import DEFAULT, Handler, HandlerTimeout
 
 #: Retries in tests should not wait: the same number of attempts, no delay.
 FAST_RETRY = RetryPolicy(attempts=3, initial_delay=0.0, max_delay=0.0, jitter=0.0)
@@ -47,9 +47,17 @@ class RecordingEventsService(DefaultEventsService):
         *,
         start: Start = "end",
         concurrency: int = 1,
+        handler_timeout: HandlerTimeout = DEFAULT,
+        ordered: bool | None = None,
     ) -> RunningSubscription:
         subscription = await super().subscribe(
-            id, topics, handler, start=start, concurrency=concurrency
+            id,
+            topics,
+            handler,
+            start=start,
+            concurrency=concurrency,
+            handler_timeout=handler_timeout,
+            ordered=ordered,
         )
         self.subscribed.append(SubscribeCall(id, subscription.topics))
         return subscription

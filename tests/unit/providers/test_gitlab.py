@@ -3,6 +3,7 @@ from __future__ import annotations
 import time
 
 from callboard import Event
+from callboard.ingress.parsers import parse_json
 from callboard.ingress.types import MediaType, WebhookRequest
 from callboard.providers import gitlab, standard_webhooks
 from callboard.testing import new_standard_webhooks_secret, sign_gitlab
@@ -73,7 +74,7 @@ def test_sub_topic_prefers_event_name() -> None:
 
 
 def request(headers: dict[str, str]) -> WebhookRequest:
-    return WebhookRequest("gitlab", headers, b"{}", {}, MediaType("application/json"))
+    return WebhookRequest("gitlab", headers, b"{}", MediaType("application/json"), parse_json)
 
 
 def test_delivery_id_order() -> None:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from callboard.ingress.parsers import parse_json
 from callboard.ingress.types import MediaType, WebhookRequest
 from callboard.providers import azure, bitbucket, gerrit, gitea
 from callboard.testing import (
@@ -113,7 +114,7 @@ async def test_azure_secret_header_is_kept_out_of_metadata() -> None:
 
 def azure_request(body: object) -> WebhookRequest:
     raw = json.dumps(body).encode()
-    return WebhookRequest("azureDevOps", {}, raw, body, MediaType("application/json"))
+    return WebhookRequest("azureDevOps", {}, raw, MediaType("application/json"), parse_json)
 
 
 def test_azure_delivery_id() -> None:

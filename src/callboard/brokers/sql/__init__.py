@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from callboard.brokers.storable import encode_checked
 from callboard.errors import BrokerError
 from callboard.events import Event
 
@@ -71,14 +72,9 @@ class StoredEvent:
 
 
 def encode_event(event: Event) -> StoredEvent:
-    try:
-        payload = orjson.dumps(event.payload).decode()
-        metadata = orjson.dumps(dict(event.metadata)).decode()
-    except TypeError as error:
-        raise BrokerError(
-            f"event {event.id} on {event.topic!r} cannot be stored: its payload and metadata "
-            f"must be JSON-compatible ({error})"
-        ) from error
+    """The event in its stored columns; ``InvalidEventError`` for what no broker can keep."""
+    payload_json, metadata_json = encode_checked(event)
+    payload, metadata = payload_json.decode(), metadata_json.decode()
     delta = event.time - _EPOCH
     time_us = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
     return StoredEvent(event.id, event.topic, event.delivery_id, time_us, payload, metadata)

@@ -50,8 +50,9 @@ VALUES (%(subscription)s, %(id)s, %(topic)s, %(time_us)s, %(payload)s, %(metadat
 SELECT 1 FROM {schema}.subscriptions WHERE name = %(name)s
 
 -- name: join
--- Create a subscription at its start, or point an existing one at new topics; created?
-INSERT INTO {schema}.subscriptions AS s (name, topics, regexes, position)
+-- Create a subscription at its start, or point an existing one at new topics; created? An
+-- owner is recorded on a new subscription and on one without an owner, never replacing one.
+INSERT INTO {schema}.subscriptions AS s (name, topics, regexes, position, owner)
 VALUES (
     %(name)s, %(topics)s, %(regexes)s,
     CASE
@@ -60,11 +61,14 @@ VALUES (
             (SELECT min(seq) - 1 FROM {schema}.events WHERE stored_at >= %(since)s::timestamptz),
             (SELECT coalesce(max(seq), 0) FROM {schema}.events))
         ELSE (SELECT coalesce(max(seq), 0) FROM {schema}.events)
-    END
+    END,
+    %(owner)s::text
 )
 ON CONFLICT (name) DO UPDATE
-    SET topics = excluded.topics, regexes = excluded.regexes, updated_at = now()
+    SET topics = excluded.topics, regexes = excluded.regexes, updated_at = now(),
+        owner = coalesce(s.owner, excluded.owner)
     WHERE s.topics IS DISTINCT FROM excluded.topics
+       OR (s.owner IS NULL AND excluded.owner IS NOT NULL)
 RETURNING (xmax = 0) AS created
 
 -- name: claim
@@ -101,13 +105,16 @@ WITH batches AS (
 SELECT (SELECT count(*) FROM batches) + (SELECT count(*) FROM singles)
 
 -- name: renew
--- Push the deadline of every lease and leased batch held by live consumers.
+-- Push the deadline of every lease and leased batch held by live consumers. Any other ending
+-- more than a lease from now was written before the server's clock moved back: it is brought
+-- back to a lease from now, so that it runs out within a lease if nobody renews it, rather than
+-- after as long as the clock was off.
 WITH batches AS (
     UPDATE {schema}.leased_batches SET expires_at = now() + make_interval(secs => %(lease)s)
-    WHERE consumer = ANY(%(consumers)s)
+    WHERE consumer = ANY(%(consumers)s) OR expires_at > now() + make_interval(secs => %(lease)s)
 )
 UPDATE {schema}.leases SET expires_at = now() + make_interval(secs => %(lease)s)
-WHERE consumer = ANY(%(consumers)s)
+WHERE consumer = ANY(%(consumers)s) OR expires_at > now() + make_interval(secs => %(lease)s)
 
 -- name: dead_letters
 -- A subscription's dead letters, oldest first, all or those with the given ids.
@@ -138,7 +145,7 @@ WITH leases AS (
 SELECT count(*) FROM letters
 
 -- name: subscriptions
--- Every subscription with its leases in flight and what waits for it.
+-- Every subscription with its leases in flight, what waits for it, and its owner.
 SELECT s.name, s.topics, s.lost,
     (SELECT count(*) FROM {schema}.leases AS l
      WHERE l.subscription = s.name AND l.consumer IS NOT NULL AND l.expires_at > now())
@@ -150,7 +157,8 @@ SELECT s.name, s.topics, s.lost,
        WHERE b.subscription = s.name AND (b.consumer IS NULL OR b.expires_at <= now()))
     + (SELECT count(*) FROM {schema}.events AS e
        WHERE e.seq > s.position
-         AND (e.target = s.name OR (e.target IS NULL AND e.topic ~ ANY(s.regexes))))
+         AND (e.target = s.name OR (e.target IS NULL AND e.topic ~ ANY(s.regexes)))),
+    s.owner
 FROM {schema}.subscriptions AS s ORDER BY s.name
 
 -- name: expire_by_age

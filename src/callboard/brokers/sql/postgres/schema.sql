@@ -29,11 +29,13 @@ CREATE TABLE {schema}.subscriptions (
     position bigint NOT NULL,
     lost bigint NOT NULL DEFAULT 0,
     created_at timestamptz NOT NULL DEFAULT now(),
-    updated_at timestamptz NOT NULL DEFAULT now()
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    owner text
 );
 
 COMMENT ON COLUMN {schema}.subscriptions.position IS 'Every event up to here was handed out';
 COMMENT ON COLUMN {schema}.subscriptions.lost IS 'Events retention deleted before the subscription received them';
+COMMENT ON COLUMN {schema}.subscriptions.owner IS 'Who may read it over the bus: in-process, service=<subject>, or NULL (not recorded)';
 
 CREATE TABLE {schema}.leases (
     subscription text NOT NULL,

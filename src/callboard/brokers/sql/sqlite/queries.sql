@@ -34,8 +34,16 @@ SELECT topics, position FROM subscriptions WHERE name = :name;
 
 -- name: insert_subscription
 -- Create a subscription at a position.
-INSERT INTO subscriptions (name, topics, position, created_at, updated_at)
-VALUES (:name, :topics, :position, :now, :now);
+INSERT INTO subscriptions (name, topics, position, created_at, updated_at, owner)
+VALUES (:name, :topics, :position, :now, :now, :owner);
+
+-- name: claim_owner
+-- Record the owner of a subscription that has none yet; an owner once set is kept.
+UPDATE subscriptions SET owner = :owner WHERE name = :name AND owner IS NULL;
+
+-- name: add_owner
+-- Upgrade a version 1 file: subscriptions get their owner column (NULL: not recorded).
+ALTER TABLE subscriptions ADD COLUMN owner TEXT;
 
 -- name: update_topics
 -- Change the topics an existing subscription reads.
@@ -43,10 +51,13 @@ UPDATE subscriptions SET topics = :topics, updated_at = :now WHERE name = :name;
 
 -- name: reclaim
 -- Lease to a consumer the group's events whose lease ran out or was handed back, oldest first.
+-- A lease ending after :expires_at (now + a lease's length) was written before the clock moved
+-- back: it is taken as run out rather than trusted for as long as the clock was off.
 UPDATE leases SET consumer = :consumer, expires_at = :expires_at, attempt = attempt + 1
 WHERE subscription = :group AND seq IN (
     SELECT seq FROM leases
-    WHERE subscription = :group AND (consumer IS NULL OR expires_at <= :now)
+    WHERE subscription = :group
+      AND (consumer IS NULL OR expires_at <= :now OR expires_at > :expires_at)
     ORDER BY seq LIMIT :limit
 )
 RETURNING seq, attempt;
@@ -129,8 +140,8 @@ DELETE FROM leases WHERE subscription = :name;
 DELETE FROM dead_letters WHERE subscription = :name;
 
 -- name: subscriptions
--- Every subscription with its lease counts.
-SELECT s.name, s.topics, s.position, s.lost,
+-- Every subscription with its owner and lease counts.
+SELECT s.name, s.topics, s.position, s.lost, s.owner,
        (SELECT count(*) FROM leases l
         WHERE l.subscription = s.name AND l.consumer IS NOT NULL AND l.expires_at > :now),
        (SELECT count(*) FROM leases l

@@ -1,4 +1,4 @@
--- The SQLite broker's schema (PRAGMA user_version 1). Applied at start; every statement is
+-- The SQLite broker's schema (PRAGMA user_version 2). Applied at start; every statement is
 -- idempotent so several processes may start on one file at once.
 
 -- Every published event, in publish order. AUTOINCREMENT: a seq is never handed out twice, even
@@ -32,7 +32,10 @@ CREATE TABLE IF NOT EXISTS subscriptions (
     -- Events retention deleted before the subscription received them.
     lost INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    -- Who may read it over the bus: 'in-process', a bus caller (service=<subject>), or NULL.
+    -- Version 1 files get the column from the add_owner query.
+    owner TEXT
 ) WITHOUT ROWID;
 
 -- Events handed out and not acknowledged. consumer NULL or expires_at past: back with the group.
@@ -60,4 +63,4 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 
 CREATE INDEX IF NOT EXISTS dead_letters_subscription ON dead_letters (subscription, seq);
 
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;
