@@ -12,8 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import orjson
-
+from callboard.brokers import storable
 from callboard.brokers.base import Start, name_problem
 from callboard.errors import InvalidEventError, MalformedBodyError
 from callboard.events import Event, MetadataValue
@@ -220,35 +219,16 @@ def events_from_wire(value: Any, key: str) -> list[Event]:
     return [event_from_wire(item, key) for item in items]
 
 
-def _holds_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, dict):
-        return any("\x00" in key or _holds_nul(item) for key, item in value.items())
-    if isinstance(value, list | tuple):
-        return any(_holds_nul(item) for item in value)
-    return False
-
-
 def check_storable(event: Event) -> Event:
     """Return ``event`` if every broker can keep it, else raise ``InvalidEventError``.
 
-    Such an event would be refused by one broker and kept by another, or kept and then never
-    handed out (its batch could not be encoded): its id and topic must be names
-    (``name_problem``), its payload and metadata JSON that encodes (orjson stops at 254
-    nested levels), and no text in them may hold a NUL, which PostgreSQL cannot keep.
+    Its id and topic must be names (``name_problem``: printable, bounded), and its payload and
+    metadata what the brokers' own check at publish accepts (``brokers.storable``), so a
+    ``deliver_to`` is refused alike on every broker.
     """
     for what, name in (("event.id", event.id), ("event.topic", event.topic)):
         problem = name_problem(name, what)
         if problem is not None:
             raise InvalidEventError(problem)
-    try:
-        encoded = orjson.dumps(event.payload) + orjson.dumps(dict(event.metadata))
-    except orjson.JSONEncodeError as error:
-        raise InvalidEventError(
-            f"event.payload cannot be encoded as JSON ({error}): nest it at most 254 levels deep"
-        ) from None
-    # The quick test can be fooled by a text holding a backslash and "u0000": look closer.
-    if b"\\u0000" in encoded and (_holds_nul(event.payload) or _holds_nul(event.metadata)):
-        raise InvalidEventError("event.payload and event.metadata must not hold NUL characters")
+    storable.check_storable(event)
     return event
