@@ -435,7 +435,7 @@ class SubscriptionWorker:
     async def _ack(self, delivery: Delivery, *, delivered: bool) -> None:
         """Acknowledge ``delivery``: at once, or (pipelined) started now, awaited by ``_settle``."""
         if not self._pipeline:
-            await self._consumer.ack(delivery)
+            await self._consumer.ack((delivery,))
             self._count(((delivery, wall_time(), delivered),))
             return
         if not self._unsent:
@@ -449,7 +449,7 @@ class SubscriptionWorker:
             self._acks.append(asyncio.ensure_future(self._acknowledge(unsent)))
 
     async def _acknowledge(self, acks: list[_Handled]) -> None:
-        await self._consumer.ack_many([delivery for delivery, _, _ in acks])
+        await self._consumer.ack([delivery for delivery, _, _ in acks])
         self._count(acks)
 
     def _count(self, acks: Sequence[_Handled]) -> None:

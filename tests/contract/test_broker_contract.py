@@ -67,7 +67,7 @@ def numbers(deliveries: Sequence[Delivery]) -> list[int]:
 
 async def ack_all(consumer: Consumer, deliveries: Sequence[Delivery]) -> None:
     for delivery in deliveries:
-        await consumer.ack(delivery)
+        await consumer.ack((delivery,))
 
 
 # -- publish and consume ------------------------------------------------------------------------
@@ -80,7 +80,7 @@ async def test_a_group_receives_what_is_published(broker: Broker) -> None:
     (delivery,) = await fetch(consumer)
     assert delivery.event == sent
     assert delivery.attempt == 1
-    await consumer.ack(delivery)
+    await consumer.ack((delivery,))
     await nothing(consumer)
 
 
@@ -206,7 +206,7 @@ async def test_a_live_consumer_keeps_its_lease_while_handling(kit: BrokerKit) ->
     await broker.publish(event(n=1))
     (held,) = await fetch(one, 1)
     await nothing(two, 1.0)  # more than three leases long: renewed, not handed on
-    await one.ack(held)
+    await one.ack((held,))
     await nothing(two, 0.1)
 
 
@@ -353,7 +353,7 @@ async def test_subscriptions_are_listed_with_their_progress(broker: Broker) -> N
     for n in range(3):
         await broker.publish(event(n=n))
     held = await fetch(consumer, 2)
-    await consumer.ack(held[0])
+    await consumer.ack((held[0],))
     listed = {s.name: s for s in await broker.subscriptions()}
     assert set(listed) >= {"indexer", "auditor"}
     indexer = listed["indexer"]

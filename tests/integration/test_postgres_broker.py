@@ -211,7 +211,7 @@ async def test_the_broker_recovers_when_its_connections_are_killed(schema: str) 
             while len(received) < len(published):
                 for delivery in await consumer.fetch(50):
                     received.append(delivery.event.payload)
-                    await consumer.ack(delivery)
+                    await consumer.ack((delivery,))
         assert received == published
         for _ in range(50):
             if set(await backends("callboard-listener")) - before:

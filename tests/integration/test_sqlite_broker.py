@@ -163,7 +163,7 @@ async def test_processes_share_one_file(tmp_path: Path) -> None:
             while sum(map(len, seen.values())) < 600:
                 for delivery in await consumer.fetch(100):
                     seen[delivery.event.payload["by"]].append(delivery.event.payload["n"])
-                    await consumer.ack(delivery)
+                    await consumer.ack((delivery,))
         for child in children:
             assert child.wait(10) == 0
         assert seen == {"a": list(range(300)), "b": list(range(300))}
@@ -218,7 +218,7 @@ WORKER = """
         while True:
             for delivery in await consumer.fetch(7):
                 if acked < 40:
-                    await consumer.ack(delivery)
+                    await consumer.ack((delivery,))
                     acked += 1
                     print("acked", delivery.event.payload["n"], flush=True)
             if acked >= 40:
@@ -359,7 +359,7 @@ async def test_leases_of_a_process_whose_clock_was_ahead_run_out(tmp_path: Path)
         again = await _fetched(consumer, 3)
         assert [d.event for d in again] == [d.event for d in held]
         assert {d.attempt for d in again} == {2}
-        await consumer.ack_many(again)
+        await consumer.ack(again)
         assert (await after.subscriptions())[0].in_flight == 0
     finally:
         await after.close()
@@ -382,13 +382,13 @@ async def test_a_clock_that_jumps_ahead_loses_nothing(
         assert again.event == held.event
         assert again.attempt == 2
         with caplog.at_level(logging.WARNING, logger="callboard.brokers"):
-            await slow.ack(held)  # too late: the other consumer holds the event now
+            await slow.ack((held,))  # too late: the other consumer holds the event now
         assert "after its lease ran out" in caplog.text
-        await other.ack(again)
+        await other.ack((again,))
         await broker.publish(Event(topic="jobs", payload=2))
         (fresh,) = await _fetched(other, 1)
         assert fresh.event.payload == 2  # the first event is done with, not handed out again
-        await other.ack(fresh)
+        await other.ack((fresh,))
         (info,) = await broker.subscriptions()
         assert (info.in_flight, info.backlog) == (0, 0)
     finally:
@@ -405,7 +405,7 @@ async def test_an_expired_lease_still_held_is_acknowledged(tmp_path: Path) -> No
         await broker.publish(Event(topic="jobs", payload=1))
         (held,) = await _fetched(consumer, 1)
         clock.offset = 3600.0
-        await consumer.ack(held)
+        await consumer.ack((held,))
         (info,) = await broker.subscriptions()
         assert (info.in_flight, info.backlog) == (0, 0)
     finally:

@@ -46,7 +46,7 @@ async def test_a_group_receives_matching_events_in_publish_order(broker: MemoryB
     assert topics_of(batch) == ["github.push", "github.issues", "github.pull_request"]
     assert all(d.attempt == 1 for d in batch)
     for delivery in batch:
-        await consumer.ack(delivery)
+        await consumer.ack((delivery,))
     await broker.drain(timeout=1)
 
 
@@ -65,7 +65,7 @@ async def test_drain_waits_for_acknowledgement(broker: MemoryBroker) -> None:
     [delivery] = await consumer.fetch(1)
     with pytest.raises(TimeoutError):
         await broker.drain(timeout=0.05)
-    await consumer.ack(delivery)
+    await consumer.ack((delivery,))
     await broker.drain(timeout=1)
 
 
@@ -116,7 +116,7 @@ async def test_unacknowledged_events_go_back_to_the_group_first_in_order(
     for n in range(3):
         await broker.publish(Event(topic="t", payload=n))
     batch = await leaving.fetch(10)
-    await leaving.ack(batch[0])
+    await leaving.ack((batch[0],))
     await broker.publish(Event(topic="t", payload=3))
     await leaving.close()
 
@@ -125,7 +125,7 @@ async def test_unacknowledged_events_go_back_to_the_group_first_in_order(
     assert [d.attempt for d in again] == [2, 2, 1]
     assert again[0].event is batch[1].event
     for delivery in again:
-        await staying.ack(delivery)
+        await staying.ack((delivery,))
     await broker.drain(timeout=1)
 
 
@@ -217,7 +217,7 @@ async def test_deliver_to_reaches_one_group_only(broker: MemoryBroker) -> None:
     await broker.deliver_to("one", Event(topic="elsewhere", payload="x"))
     [delivery] = await one.fetch(5)
     assert delivery.event.payload == "x"
-    await one.ack(delivery)
+    await one.ack((delivery,))
     await broker.drain(timeout=1)
     await two.close()
     with pytest.raises(SubscriptionError):

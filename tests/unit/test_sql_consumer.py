@@ -99,7 +99,7 @@ async def test_a_refused_acknowledgement_is_tried_again() -> None:
     store = RefusingStore(acks=2)
     reader = consumer(store)
     batch = await reader.fetch(10)
-    await reader.ack_many(batch)
+    await reader.ack(batch)
     assert store.acked == [(reader.id, 1)]
     await reader.close()
 
@@ -112,7 +112,7 @@ async def test_an_acknowledgement_refused_for_good_lets_its_leases_run_out(
     batch = await reader.fetch(10)
     claimer = reader.id
     with caplog.at_level(logging.WARNING):
-        await asyncio.wait_for(reader.ack_many(batch), 2)
+        await asyncio.wait_for(reader.ack(batch), 2)
     assert store.acked == []
     # Claiming under a new id: the old one is renewed no more, so its lease runs out.
     assert reader.id != claimer

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal, Protocol, TypeAlias
+from typing import Literal, Protocol, TypeAlias, runtime_checkable
 
 from callboard.events import Event
 
@@ -149,17 +149,24 @@ class Consumer(Protocol):
         """
         ...
 
-    async def ack(self, delivery: Delivery) -> None:
-        """The event is handled: never deliver it to this group again.
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        """The events are handled: never deliver them to this group again.
 
-        An acknowledgement that cannot be recorded (the store stayed unreachable, or the lease
+        Deliveries acknowledged together are recorded together where the broker can. An
+        acknowledgement that cannot be recorded (the store stayed unreachable, or the lease
         expired and another consumer took the event) is dropped with a warning; the event is
-        then delivered again, which at-least-once delivery allows.
+        then delivered again, which at-least-once delivery allows. Deliveries this consumer does
+        not hold (already acknowledged or released) are ignored.
         """
         ...
 
-    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
-        """``ack`` for several deliveries, recorded together where the broker can."""
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Hand deliveries back to the group unhandled, without counting a failure.
+
+        They are delivered again (to this consumer or another member), as soon as possible and
+        before newer events where the broker keeps an order; their ``attempt`` still grows by
+        one. Deliveries this consumer does not hold are ignored.
+        """
         ...
 
     async def close(self) -> None:
@@ -168,21 +175,32 @@ class Consumer(Protocol):
 
 
 class Broker(Protocol):
-    """The transport behind the events service, chosen by URL (``memory://``, ``sqlite:///...``)."""
+    """The transport behind the events service, chosen by URL (``memory://``, ``sqlite:///...``).
+
+    This is all the events service needs. What operators do (list and delete subscriptions,
+    dead letters, retention, migrations) is ``BrokerAdmin``, which the brokers of callboard also
+    implement.
+    """
 
     @property
     def capabilities(self) -> Capabilities: ...
 
-    async def start(self) -> None: ...
+    async def start(self) -> None:
+        """Connect, create or check the schema, start background work. Idempotent."""
+        ...
 
-    async def close(self) -> None: ...
+    async def close(self) -> None:
+        """Stop; consumers still open hand their events back. Idempotent."""
+        ...
 
     async def publish(self, event: Event) -> bool:
         """Store the event (for a durable broker, on disk) and return ``True``.
 
         Returns ``False`` without storing when an event with the same delivery id
         (``Event.delivery_id``) was already accepted on the same topic within the broker's
-        redelivery window. Raises ``BrokerUnavailable`` when the event could not be accepted.
+        redelivery window. Raises ``InvalidEventError`` for an event no broker can keep (it is
+        never retried) and ``BrokerUnavailable`` when the event could not be accepted now. An
+        event on ``$deadletter.<group>`` is kept as a dead letter of that group.
         """
         ...
 
@@ -198,20 +216,11 @@ class Broker(Protocol):
         """
         ...
 
-    async def deliver_to(self, group: str, event: Event) -> None:
-        """Hand an event to one group only, whatever its topic (redriving a dead letter)."""
-        ...
 
-    async def take_dead_letters(
-        self,
-        group: str,
-        *,
-        ids: Sequence[str] | None = None,
-        remove: bool = False,
-        limit: int = 100,
-    ) -> list[Event]:
-        """The dead letters of ``group``, oldest first; with ``remove`` they are taken away."""
-        ...
+@runtime_checkable
+class BrokerAdmin(Protocol):
+    """The operations on a broker: what ``callboard subscriptions``, ``dead-letters``,
+    ``replay`` and ``migrate``, the bus's subscription routes and retention use."""
 
     async def subscriptions(self) -> list[SubscriptionInfo]:
         """Every consumer group the broker holds, by name."""
@@ -225,3 +234,43 @@ class Broker(Protocol):
         the group gone at their next fetch. Returns whether there was anything to forget.
         """
         ...
+
+    async def take_dead_letters(
+        self,
+        group: str,
+        *,
+        ids: Sequence[str] | None = None,
+        remove: bool = False,
+        limit: int = 100,
+    ) -> list[Event]:
+        """The dead letters of ``group``, oldest first; with ``remove`` they are taken away."""
+        ...
+
+    async def deliver_to(self, group: str, event: Event) -> None:
+        """Hand an event to one group only, whatever its topic (redriving, replaying)."""
+        ...
+
+    async def clean(self) -> int:
+        """Apply the retention policy now; the number of events deleted (0 without one)."""
+        ...
+
+    async def migrate(self) -> list[str]:
+        """Create or upgrade the broker's schema; what was applied (``[]``: up to date or none).
+
+        May be called on a broker that was not started.
+        """
+        ...
+
+
+class BrokerFactory(Protocol):
+    """Builds a broker from its URL: what the ``callboard.brokers`` entry points name.
+
+    A package adds a broker for the scheme ``foo://`` by declaring, in its ``pyproject.toml``::
+
+        [project.entry-points."callboard.brokers"]
+        foo = "foo_broker:FooBroker.from_url"
+
+    Raise ``ConfigError`` (key ``events.broker``) for a URL the broker cannot use.
+    """
+
+    def __call__(self, url: str, *, retention: RetentionPolicy | None = None) -> Broker: ...

@@ -116,14 +116,15 @@ class MemoryConsumer:
             group.wake_one()
         return batch
 
-    async def ack(self, delivery: Delivery) -> None:
-        if self._unacked.pop(id(delivery), None) is not None:
-            self._group.in_flight -= 1
-            self._broker._settled(1)
-
-    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        unacked = self._unacked
+        settled = 0
         for delivery in deliveries:
-            await self.ack(delivery)
+            if unacked.pop(id(delivery), None) is not None:
+                settled += 1
+        if settled:
+            self._group.in_flight -= settled
+            self._broker._settled(settled)
 
     async def close(self) -> None:
         if self._closed:

@@ -16,7 +16,7 @@ kept until taken.
   commits (synchronously) and only then resolves the futures, so a ``202`` means the event is on
   disk. The lock makes seqs visible in order across instances (see ``postgres_ops``), which is
   what lets a position move safely. Under load the flusher lets the callers of one commit come
-  back (at most ``PUBLISH_REGROUP``) before the next, so they share it (``postgres_batch``).
+  back (at most ``PUBLISH_REGROUP``) before the next, so they share it (``callboard.group_commit``).
 - Consuming: a claim locks the group's row (claims of one group take turns), re-leases expired or
   handed-back leases (``FOR UPDATE SKIP LOCKED``), then leases the next matching events after the
   position, as ONE row of ``leased_batches`` for the lot, and moves the position. A batch whose
@@ -69,7 +69,7 @@ from callboard.brokers.base import (
     Start,
     SubscriptionInfo,
 )
-from callboard.brokers.postgres_batch import GroupCommit
+from callboard.group_commit import GroupCommit
 from callboard.brokers.postgres_listener import Listener
 from callboard.brokers.sql import StoredEvent, cancel_all, encode_event, repeat
 from callboard.brokers.sql.consumer import ConsumerRegistry, LeasedConsumer
@@ -89,7 +89,7 @@ logger = logging.getLogger("callboard.brokers.postgres")
 T = TypeVar("T")
 
 #: Seconds a publish commit waits, at most, for the callers of the previous one to come back
-#: (``postgres_batch``): a commit waits for the disk (about 1.5 ms here), and callers taking turns
+#: (``callboard.group_commit``): a commit waits for the disk (about 1.5 ms here), and callers taking turns
 #: in two halves would each wait for two of them.
 PUBLISH_REGROUP = 0.001
 

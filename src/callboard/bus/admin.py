@@ -148,7 +148,7 @@ async def replay(
             fresh = [d for d in batch if d.event.time <= until]
             for delivery in fresh:
                 await broker.deliver_to(subscription, delivery.event)
-                await reader.ack(delivery)
+                await reader.ack((delivery,))
                 delivered += 1
             if len(fresh) < len(batch):
                 break  # reached events published after the replay began

@@ -160,7 +160,7 @@ class Feed:
                 for delivery in batch:
                     if self.id in _notified(delivery):
                         # Its publisher already delivered it to this subscription in-process.
-                        await consumer.ack(delivery)
+                        await consumer.ack((delivery,))
                     else:
                         kept.append(delivery)
         except asyncio.CancelledError:
@@ -226,7 +226,7 @@ class Feed:
         """Backstage's read: acknowledge the whole batch, or give it back if it was not sent."""
         if handled:
             for delivery in batch.deliveries.values():
-                await batch.consumer.ack(delivery)
+                await batch.consumer.ack((delivery,))
         await self._end(batch)
 
     def lease(self, batch: Batch, seconds: float) -> list[WireDelivery]:
@@ -269,7 +269,7 @@ class Feed:
                 unknown.append(ack_id)
                 continue
             if acknowledge:
-                await batch.consumer.ack(batch.deliveries[ack_id])
+                await batch.consumer.ack((batch.deliveries[ack_id],))
             batch.open.discard(ack_id)
             done.append(ack_id)
             if not batch.open:

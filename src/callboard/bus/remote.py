@@ -150,17 +150,15 @@ class RemoteConsumer:
 
     # -- acknowledging -------------------------------------------------------------------------
 
-    async def ack(self, delivery: Delivery) -> None:
-        ack_id = str(delivery.token)
-        if self._outstanding.pop(ack_id, None) is None:
-            return
-        # Sent in batches by one task: many handlers finishing at once cost one request.
-        self._acks.append(ack_id)
-        self._ack_signal.set()
-
-    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        outstanding = self._outstanding
         for delivery in deliveries:
-            await self.ack(delivery)
+            ack_id = str(delivery.token)
+            if outstanding.pop(ack_id, None) is not None:
+                # Sent in batches by one task: many handlers finishing at once cost one request.
+                self._acks.append(ack_id)
+        if self._acks:
+            self._ack_signal.set()
 
     async def _flush_acks(self) -> None:
         while not self._closed.is_set():

@@ -210,10 +210,7 @@ class LeasedConsumer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._closing.wait(), seconds)
 
-    async def ack(self, delivery: Delivery) -> None:
-        await self.ack_many((delivery,))
-
-    async def ack_many(self, deliveries: Sequence[Delivery]) -> None:
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
         leased: list[Delivery] = []
         leases: list[tuple[str, int]] = []
         for delivery in deliveries:

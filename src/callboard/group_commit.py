@@ -1,4 +1,4 @@
-"""Group commit: many concurrent callers, one transaction.
+"""Group commit: many concurrent callers, one transaction (or one request).
 
 A caller submits an item and awaits its future. One flusher task takes everything queued, hands
 it to ``flush`` (one transaction) and resolves each future with its result, or every future with

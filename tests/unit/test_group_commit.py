@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from callboard.brokers.postgres_batch import GroupCommit
+from callboard.group_commit import GroupCommit
 from callboard.errors import BrokerUnavailable
 
 
