@@ -220,7 +220,16 @@ def anchor_dir(shared: Path) -> Path:
     if not shutil.which("node"):
         raise SystemExit("the backstage entry needs Node.js (node) on the PATH")
     setup = shared / "anchors/backstage/setup.sh"
-    result = subprocess.run([str(setup)], check=True, capture_output=True, text=True)
+    if not setup.is_file():
+        raise SystemExit(
+            f"the backstage entry needs the Backstage anchor: no {setup} (set --shared or "
+            "CALLBOARD_BENCH_SHARED to the folder that holds anchors/backstage), or leave "
+            "backstage out of --brokers"
+        )
+    result = subprocess.run([str(setup)], capture_output=True, text=True)
+    if result.returncode:
+        last = (result.stderr.strip().splitlines() or ["no message"])[-1]
+        raise SystemExit(f"the Backstage anchor could not be installed ({setup}: {last})")
     return Path(result.stdout.strip().splitlines()[-1])
 
 
@@ -454,9 +463,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the table as JSON")
     args = parser.parse_args(argv)
     rows = []
+    kinds = [k.strip() for k in args.brokers.split(",") if k.strip()]
+    # Found before anything runs, so a missing anchor is said at once, not after the others.
+    anchor = anchor_dir(args.shared) if "backstage" in kinds else None
     with tempfile.TemporaryDirectory(prefix="callboard-latency-") as tmp:
         workdir = Path(tmp)
-        for kind in [k.strip() for k in args.brokers.split(",") if k.strip()]:
+        for kind in kinds:
             if kind == "sqlite":
                 rows.append(measure(kind, f"sqlite:///{workdir / 'bench.db'}", args, workdir))
             elif kind == "postgresql":
@@ -467,8 +479,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(measure(kind, url, args, workdir))
                 finally:
                     drop_schema(args.postgres, schema)
-            elif kind == "backstage":
-                rows.append(measure_backstage(args, workdir, anchor_dir(args.shared)))
+            elif kind == "backstage" and anchor is not None:
+                rows.append(measure_backstage(args, workdir, anchor))
             else:
                 raise SystemExit(f"unknown broker {kind!r}: sqlite, postgresql or backstage")
     if args.json:

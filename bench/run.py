@@ -6,31 +6,40 @@ Starts, on loopback:
 - ``callboard serve`` on port 7010 with the topic ``plain`` (and the GitHub module when the
   scenario asks for it) and a counting subscriber (``bench/counter.py``),
 - a bare Starlette route on port 7012 that only parses the JSON (and checks the HMAC),
-then drives all three with ``<shared>/bench/ingest_compare.py`` (wrk, rounds in turn) and checks
-that every request callboard accepted reached its subscriber. It also prints the CPU time the
-callboard process spent per accepted request, accepting and delivering (Linux's ``/proc``).
+then drives them with wrk (one target after the other, round after round, so a drift of the
+machine hits all alike; medians of the rounds) and checks that every request callboard accepted
+reached its subscriber. It also prints the CPU time the callboard process spent per accepted
+request, accepting and delivering (Linux's ``/proc``).
 
+    python bench/run.py --no-anchor            # callboard and the bare route only
     python bench/run.py                        # plain topic, memory broker
     python bench/run.py --scenario github      # signed GitHub pushes through the GitHub module
     python bench/run.py --broker sqlite:///bench.db
     python bench/run.py --anchor-config app-config.pg.yaml \
         --broker 'postgresql://postgres@127.0.0.1:5432/postgres?schema=callboard_bench'
 
-A PostgreSQL schema whose name starts with ``callboard_bench`` is dropped at the end, so every
-run starts from an empty store.
+Every request is the same signed GitHub push (``BODY`` below, 414 bytes). A PostgreSQL schema
+whose name starts with ``callboard_bench`` is dropped at the end, so every run starts from an
+empty store.
 
-``<shared>`` is the folder that holds the anchor and the driver, by default ``../shared``
-beside the repository (``--shared`` or ``CALLBOARD_BENCH_SHARED`` to change it).
+Only the Backstage anchor lives outside the repository: ``<shared>`` is the folder that holds
+``anchors/backstage``, by default ``../shared`` beside the repository (``--shared`` or
+``CALLBOARD_BENCH_SHARED`` to change it). With ``--no-anchor`` nothing outside the repository
+is needed but wrk (the Debian package ``wrk``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import json
 import os
+import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,12 +47,41 @@ import time
 import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 CALLBOARD_PORT = 7010
 BARE_PORT = 7012
 ANCHOR_PORT = 7007
+
+# The request every target gets: a GitHub push, as the Backstage anchor's github_push.json.
+PUSH = {
+    "ref": "refs/heads/main",
+    "before": "0" * 40,
+    "after": "1" * 40,
+    "repository": {
+        "id": 1,
+        "name": "demo",
+        "full_name": "acme/demo",
+        "html_url": "https://github.com/acme/demo",
+        "default_branch": "main",
+    },
+    "pusher": {"name": "octo"},
+    "commits": [
+        {
+            "id": "1" * 40,
+            "message": "fix",
+            "added": ["catalog-info.yaml"],
+            "removed": [],
+            "modified": [],
+        }
+    ],
+}
+BODY = json.dumps(PUSH, separators=(",", ":")).encode()
+SECRET = b"bench-secret"  # the GitHub module's webhookSecret, here and in the anchor
+# One delivery id on every request: the benchmark measures ingest, not redelivery detection.
+DELIVERY = "72d3162e-cc78-11e3-81ab-4c9367dc0958"
 
 
 def wait_for(url: str, seconds: float = 60.0) -> None:
@@ -84,6 +122,92 @@ def ensure_wrk() -> None:
         subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=True, capture_output=True)
     if not shutil.which("wrk"):
         raise SystemExit("wrk is needed: install the Debian package 'wrk'")
+
+
+def wrk_script(body: bytes, secret: bytes) -> str:
+    """wrk's Lua script: POST the signed body; print requests, errors, p50 and p99 at the end."""
+    signature = "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+    errors = " + ".join(
+        f"summary.errors.{kind}" for kind in ("status", "connect", "read", "write", "timeout")
+    )
+    return (
+        'wrk.method = "POST"\n'
+        f"wrk.body = [[{body.decode()}]]\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        'wrk.headers["X-GitHub-Event"] = "push"\n'
+        f'wrk.headers["X-GitHub-Delivery"] = "{DELIVERY}"\n'
+        f'wrk.headers["X-Hub-Signature-256"] = "{signature}"\n'
+        "done = function(summary, latency, requests)\n"
+        '  io.write(string.format("RESULT %d %d %d %d\\n", summary.requests, '
+        f"{errors}, latency:percentile(50), latency:percentile(99)))\n"
+        "end\n"
+    )
+
+
+def run_wrk(url: str, script: Path, seconds: int, connections: int) -> dict[str, float]:
+    """One wrk run against ``url``: requests/s, errors, and p50 and p99 in microseconds."""
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    result = re.search(r"RESULT (\d+) (\d+) (\d+) (\d+)", out)
+    if rate is None or result is None:
+        raise SystemExit(f"wrk printed no result for {url}:\n{out}")
+    _, errors, p50, p99 = (int(x) for x in result.groups())
+    return {"req_per_s": float(rate.group(1)), "errors": errors, "p50": p50, "p99": p99}
+
+
+def drive(
+    targets: list[tuple[str, str]], script: Path, *, seconds: int, rounds: int, connections: int
+) -> list[dict[str, Any]]:
+    """Every target in turn, round after round; each target's medians and its errors."""
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in targets}
+    for _ in range(rounds):
+        for name, url in targets:
+            runs[name].append(run_wrk(url, script, seconds, connections))
+    first = statistics.median(r["req_per_s"] for r in runs[targets[0][0]])
+    rows: list[dict[str, Any]] = []
+    for name, _ in targets:
+        rate = statistics.median(r["req_per_s"] for r in runs[name])
+        rows.append(
+            {
+                "target": name,
+                "req_per_s": round(rate, 1),
+                "errors": int(sum(r["errors"] for r in runs[name])),
+                # wrk reports latency in microseconds
+                "p50_ms": round(statistics.median(r["p50"] for r in runs[name]) / 1000, 2),
+                "p99_ms": round(statistics.median(r["p99"] for r in runs[name]) / 1000, 2),
+                "ratio_to_first": round(rate / first, 2) if first else None,
+            }
+        )
+    return rows
+
+
+def wait_for_port(port: int, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not port_taken(port):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"nothing listens on port {port} after {seconds:.0f}s")
+        time.sleep(0.1)
+
+
+def start_anchor(shared: Path, config: str) -> int:
+    """Start the Backstage anchor from ``<shared>``; its process id. A clear error without it."""
+    script = shared / "anchors/backstage/start.sh"
+    if not script.is_file():
+        raise SystemExit(
+            f"the Backstage anchor is missing: no {script} (set --shared or "
+            "CALLBOARD_BENCH_SHARED to the folder that holds anchors/backstage), "
+            "or pass --no-anchor to leave it out"
+        )
+    started = subprocess.run([str(script), config], stderr=subprocess.PIPE, text=True)
+    if started.returncode:
+        last = (started.stderr.strip().splitlines() or ["no message"])[-1]
+        raise SystemExit(
+            f"the Backstage anchor did not start ({script} {config}: {last}); "
+            "pass --no-anchor to leave it out"
+        )
+    anchor_dir = Path(os.environ.get("ANCHOR_DIR", "/tmp/backstage-anchor"))
+    return int((anchor_dir / "anchor.pid").read_text())
 
 
 def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -192,21 +316,23 @@ def main() -> int:
     drop_bench_schema(args.broker)
     with ExitStack() as stack:
         stack.callback(drop_bench_schema, args.broker)
-        targets: list[str] = []
+        targets: list[tuple[str, str]] = []
         if not args.no_anchor:
             if port_taken(ANCHOR_PORT):
                 raise SystemExit(
                     f"port {ANCHOR_PORT} is taken; the Backstage anchor needs it: stop what "
                     "listens there (a callboard serve on its default port, an old anchor) first"
                 )
-            subprocess.run(
-                [str(args.shared / "anchors/backstage/start.sh"), args.anchor_config], check=True
-            )
-            anchor_dir = Path(os.environ.get("ANCHOR_DIR", "/tmp/backstage-anchor"))
-            pid = int((anchor_dir / "anchor.pid").read_text())
+            pid = start_anchor(args.shared, args.anchor_config)
             stack.callback(lambda: os.killpg(os.getpgid(pid), signal.SIGTERM))
-            targets.append(f"backstage=http://127.0.0.1:{ANCHOR_PORT}/api/events/http/{topic}")
+            targets.append(("backstage", f"http://127.0.0.1:{ANCHOR_PORT}/api/events/http/{topic}"))
 
+        for port, what in ((CALLBOARD_PORT, "callboard serve"), (BARE_PORT, "the bare route")):
+            if port_taken(port):
+                raise SystemExit(
+                    f"port {port} is taken; {what} needs it: stop what listens there "
+                    "(another benchmark run?) first"
+                )
         config = workdir / "callboard.yaml"
         config.write_text(callboard_config(args.scenario, args.broker))
         path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(HERE)]))
@@ -223,27 +349,20 @@ def main() -> int:
         stack.callback(stop, bare)
         base = f"http://127.0.0.1:{CALLBOARD_PORT}"
         wait_for(f"{base}/readyz")
+        wait_for_port(BARE_PORT)
         cpu_before = cpu_seconds(server.pid)
-        time.sleep(1.5)  # the bare app has no health route; give uvicorn a moment
         targets += [
-            f"callboard=http://127.0.0.1:{CALLBOARD_PORT}/api/events/http/{topic}",
-            f"starlette=http://127.0.0.1:{BARE_PORT}/api/events/http/{topic}",
+            ("callboard", f"http://127.0.0.1:{CALLBOARD_PORT}/api/events/http/{topic}"),
+            ("starlette", f"http://127.0.0.1:{BARE_PORT}/api/events/http/{topic}"),
         ]
-        command = [
-            python,
-            str(args.shared / "bench/ingest_compare.py"),
-            "--seconds",
-            str(args.seconds),
-            "--rounds",
-            str(args.rounds),
-            "--connections",
-            str(args.connections),
-            "--json",
-        ]
-        for target in targets:
-            command += ["--target", target]
-        rows = json.loads(
-            subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        script = workdir / "push.lua"
+        script.write_text(wrk_script(BODY, SECRET))
+        rows = drive(
+            targets,
+            script,
+            seconds=args.seconds,
+            rounds=args.rounds,
+            connections=args.connections,
         )
 
         # Every request callboard accepted must reach the subscriber.
