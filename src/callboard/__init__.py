@@ -1,8 +1,22 @@
 """callboard: webhooks in, validated, routed and delivered at least once."""
 
 from callboard.app import Callboard, CallboardApp, build, create_app
-from callboard.brokers.base import Broker, Capabilities, Consumer, Delivery, Start
+from callboard.brokers.base import (
+    DEAD_LETTER_PREFIX,
+    IN_PROCESS,
+    Broker,
+    BrokerAdmin,
+    BrokerFactory,
+    Capabilities,
+    Consumer,
+    Delivery,
+    RetentionPolicy,
+    Start,
+    SubscriptionInfo,
+    dead_letter_topic,
+)
 from callboard.brokers.memory import MemoryBroker
+from callboard.brokers.storable import check_storable
 from callboard.config import Config, load_config
 from callboard.deadletters import DeadLetter
 from callboard.default_service import DefaultEventsService
@@ -12,12 +26,16 @@ from callboard.errors import (
     BrokerUnavailable,
     CallboardError,
     ConfigError,
+    HandlerTimeoutError,
     InvalidEventError,
     InvalidTopicError,
+    MalformedBodyError,
     ModuleError,
+    PayloadTooLargeError,
     RequestRejected,
     ServiceClosedError,
     SubscriptionError,
+    UnsupportedMediaTypeError,
 )
 from callboard.events import DELIVERY_ID, Event
 from callboard.extensions import (
@@ -32,15 +50,20 @@ from callboard.extensions import (
 from callboard.ingress.types import BodyParser, MediaType, Rejection, Validator, WebhookRequest
 from callboard.routing import EventRouter, SubTopicEventRouter
 from callboard.service import EventsService, Handler, Subscriber, Subscription
+from callboard.topics import TopicMatcher
 
 __version__ = "0.1.0"
 
 
 __all__ = [
+    "DEAD_LETTER_PREFIX",
     "DELIVERY_ID",
+    "IN_PROCESS",
     "BodyParser",
     "Broker",
+    "BrokerAdmin",
     "BrokerError",
+    "BrokerFactory",
     "BrokerPoint",
     "BrokerUnavailable",
     "Callboard",
@@ -57,17 +80,21 @@ __all__ = [
     "EventRouter",
     "EventsService",
     "Handler",
+    "HandlerTimeoutError",
     "IngressPoint",
     "InvalidEventError",
     "InvalidTopicError",
     "LifecyclePoint",
+    "MalformedBodyError",
     "MediaType",
     "MemoryBroker",
     "Module",
     "ModuleContext",
     "ModuleError",
+    "PayloadTooLargeError",
     "Rejection",
     "RequestRejected",
+    "RetentionPolicy",
     "RetryPolicy",
     "ServiceClosedError",
     "Start",
@@ -76,11 +103,16 @@ __all__ = [
     "SubscriberPoint",
     "Subscription",
     "SubscriptionError",
+    "SubscriptionInfo",
+    "TopicMatcher",
+    "UnsupportedMediaTypeError",
     "Validator",
     "WebhookRequest",
     "__version__",
     "build",
+    "check_storable",
     "create_app",
+    "dead_letter_topic",
     "load_config",
     "module",
 ]

@@ -20,8 +20,11 @@ from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from callboard.brokers import open_broker, redact_url
-from callboard.brokers.base import Broker
-from callboard.bus.api import BusApp
+from callboard.brokers.base import Broker, BrokerAdmin
+from callboard.bus.access import Access, Grant
+from callboard.bus.api import BusApp, Publish
+from callboard.bus.auth import PLUGIN_ID, BusAuth, StaticTokenAuth
+from callboard.bus.plugin_keys import PluginKeys, PluginTokenVerifier, plugin_base_urls
 from callboard.bus.wire import BUS_PATH
 from callboard.config import Config
 from callboard.default_service import DefaultEventsService
@@ -126,16 +129,23 @@ class Callboard:
     async def observe_broker(self, timeout: float = 2.0) -> None:
         """Refresh the broker gauges (health, and per subscription: backlog, in flight, lost).
 
-        The age of the oldest unsettled event is this process's own figure (the broker does not
-        know when a handler began), so it is refreshed even when the broker does not answer.
+        Whether this process still consumes each of its subscriptions, and the age of the
+        oldest unsettled event, are this process's own figures (the broker does not know when a
+        handler began), so they are refreshed even when the broker does not answer.
         """
         metrics = self.metrics
         metrics.set_per_subscription(
             metrics.oldest_unacked, self.events.oldest_unacked().items(), max
         )
+        stopped = {stop.subscription for stop in self.events.stopped()}
+        running = ((s.id, 0.0 if s.id in stopped else 1.0) for s in self.events.subscriptions)
+        metrics.set_per_subscription(metrics.running, running, min)
+        broker = self.events.broker
+        if not isinstance(broker, BrokerAdmin):
+            return  # it cannot list its subscriptions: nothing more to tell
         try:
             async with asyncio.timeout(timeout):
-                subscriptions = await self.events.broker.subscriptions()
+                subscriptions = await broker.subscriptions()
         except (CallboardError, TimeoutError) as error:
             logger.warning("the broker did not answer for /metrics: %s", error)
             metrics.broker_up.set(0)
@@ -200,7 +210,7 @@ class CallboardApp:
     def __init__(self, board: Callboard) -> None:
         self.board = board
         self._ingress_base = INGRESS_PREFIX + "/"
-        self.bus = BusApp.from_config(board.config, board.events.broker, board.events.publish)
+        self.bus = bus_app(board.config, board.events.broker, board.events.publish)
         self.starlette = Starlette(
             routes=[
                 Route("/healthz", self._health),
@@ -234,6 +244,19 @@ class CallboardApp:
         return JSONResponse({"status": "ok"})
 
     async def _ready(self, request: Request) -> Response:
+        stopped = self.board.events.stopped() if self.board.ready else []
+        if stopped:
+            # A subscription that stopped consuming (its group was deleted under it) takes
+            # webhooks nobody here handles any more: the instance is not ready until restarted.
+            return JSONResponse(
+                {
+                    "status": "not ready",
+                    "stopped": [
+                        {"subscription": s.subscription, "reason": s.reason} for s in stopped
+                    ],
+                },
+                status_code=503,
+            )
         if self.board.ready:
             # A stalled handler holds up its own subscription only: the instance still takes
             # webhooks and serves the bus, so it stays ready, and says what is stuck.
@@ -256,6 +279,37 @@ class CallboardApp:
         await self.board.observe_broker()
         body, content_type = self.board.metrics.exposition()
         return Response(body, headers={"content-type": content_type})
+
+
+def bus_app(config: Config, broker: Broker, publish: Publish | None = None) -> BusApp:
+    """The bus routes as ``backend.auth`` and ``events.bus`` configure them."""
+    auth = config.backend.auth
+    static = StaticTokenAuth.from_settings(
+        [entry.model_dump(by_alias=True) for entry in auth.external_access],
+        disable_default_policy=auth.dangerously_disable_default_auth_policy,
+    )
+    bus = config.events.bus
+    return BusApp(
+        broker,
+        BusAuth(static, _plugin_tokens(config)),
+        publish=publish,
+        notify_timeout_ms=config.events.notify_timeout_ms,
+        access=Access(Grant.parse(g.subject, g.subscriptions) for g in bus.grants),
+        max_topics=bus.max_topics_per_subscription,
+    )
+
+
+def _plugin_tokens(config: Config) -> PluginTokenVerifier | None:
+    """The verifier of Backstage plugin tokens ``events.bus.backstage`` asks for, if any."""
+    backstage = config.events.bus.backstage
+    if backstage is None:
+        return None
+    keys = PluginKeys(
+        plugin_base_urls(base_url=backstage.base_url, target=backstage.target),
+        cache_ttl=backstage.key_cache_ms / 1000,
+        fetch_timeout=backstage.fetch_timeout_ms / 1000,
+    )
+    return PluginTokenVerifier(keys, audience=PLUGIN_ID, plugins=backstage.plugins)
 
 
 def _module_broker(contexts: Sequence[ModuleContext]) -> Broker | None:

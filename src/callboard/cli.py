@@ -71,8 +71,15 @@ def _admin_parsers(commands: Any) -> None:
     subs.add_argument(
         "--delete",
         metavar="ID",
-        help="forget this subscription instead: its position, leases and dead letters "
-        "(stop its subscribers first)",
+        help="forget this subscription instead: its position, leases and dead letters. A "
+        "server consuming it stops consuming it (its /readyz and /metrics say so until it "
+        "restarts): stop its subscribers first",
+    )
+    subs.add_argument(
+        "--force",
+        action="store_true",
+        help="with --delete: delete a subscription that a server's events service owns or "
+        "that has events in flight",
     )
 
     letters = commands.add_parser(
@@ -240,14 +247,14 @@ def migrate(config: Config) -> int:
     import asyncio
 
     from callboard.brokers import open_broker
+    from callboard.brokers.base import BrokerAdmin
 
     url = config.events.broker
     broker = open_broker(url, retention=config.events.retention.policy())
-    run = getattr(broker, "migrate", None)
-    if run is None:
+    if not isinstance(broker, BrokerAdmin) or not broker.capabilities.durable:
         print(f"the broker {url.partition('://')[0]}:// keeps no schema; nothing to migrate")
         return 0
-    applied: list[str] = asyncio.run(run())
+    applied = asyncio.run(broker.migrate())
     print("schema up to date" + (f"; applied {', '.join(applied)}" if applied else ""))
     return 0
 
@@ -281,7 +288,7 @@ def admin(config: Config, args: argparse.Namespace) -> int:
         try:
             if args.command == "subscriptions":
                 if args.delete:
-                    return await ops.delete_subscription(broker, args.delete)
+                    return await ops.delete_subscription(broker, args.delete, force=args.force)
                 return await ops.list_subscriptions(broker)
             if args.command == "replay":
                 done = await ops.replay(

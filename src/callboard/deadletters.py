@@ -1,11 +1,18 @@
-"""Dead letters: events a subscription gave up on, kept with the reason."""
+"""Dead letters: events a subscription gave up on, kept with the reason.
+
+A broker keeps them as events on ``$deadletter.<subscription>``; ``read_dead_letters`` and
+``redrive`` are the two things done with them, over any broker's operations (``BrokerAdmin``):
+the events service, the bus and the ``callboard dead-letters`` command all use these.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from callboard.brokers.base import dead_letter_topic
+from callboard.brokers.base import BrokerAdmin, dead_letter_topic
 from callboard.events import (
     DEAD_LETTER_ATTEMPTS,
     DEAD_LETTER_ERROR,
@@ -14,6 +21,8 @@ from callboard.events import (
     Event,
     utc_now,
 )
+
+logger = logging.getLogger("callboard.events")
 
 DEAD_LETTER_EVENT_ID = "callboard-event-id"
 DEAD_LETTER_EVENT_TIME = "callboard-event-time"
@@ -86,3 +95,25 @@ def dead_letter_event(
         },
         time=utc_now(),
     )
+
+
+async def read_dead_letters(
+    admin: BrokerAdmin, subscription: str, *, limit: int = 100
+) -> list[DeadLetter]:
+    """The dead letters of a subscription, oldest first."""
+    letters = await admin.take_dead_letters(subscription, limit=limit)
+    return [DeadLetter.from_event(letter) for letter in letters]
+
+
+async def redrive(admin: BrokerAdmin, subscription: str, ids: Sequence[str] | None = None) -> int:
+    """Deliver dead letters (all, or those with the given ids) to the subscription again."""
+    letters = await admin.take_dead_letters(subscription, ids=ids, limit=1_000_000)
+    for letter in letters:
+        await admin.deliver_to(subscription, DeadLetter.from_event(letter).event)
+    # Taken only once delivered again, so a failed redrive loses nothing.
+    await admin.take_dead_letters(
+        subscription, ids=[letter.id for letter in letters], remove=True, limit=len(letters)
+    )
+    if letters:
+        logger.info("redrove %d dead letters of subscription %r", len(letters), subscription)
+    return len(letters)

@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Self
 
+from callboard.brokers import admin, open_broker
 from callboard.brokers.base import IN_PROCESS, Broker, Start, name_problem
-from callboard.brokers.memory import MemoryBroker
-from callboard.deadletters import DeadLetter
-from callboard.delivery import RetryPolicy, Stall, SubscriptionWorker
+from callboard.deadletters import DeadLetter, read_dead_letters
+from callboard.deadletters import redrive as redrive_dead_letters
+from callboard.delivery import RetryPolicy, Stall, Stopped, SubscriptionWorker
 from callboard.errors import InvalidTopicError, ServiceClosedError, SubscriptionError
 from callboard.events import Event
 from callboard.metrics import Metrics
@@ -57,6 +58,16 @@ class RunningSubscription:
         """Seconds since the oldest event its workers hold unsettled began; 0 when idle."""
         return max((worker.oldest_unacked() for worker in self.workers), default=0.0)
 
+    @property
+    def ended(self) -> bool:
+        """Every worker has stopped (closed, or by itself)."""
+        return all(task.done() for task in self.tasks)
+
+    @property
+    def failure(self) -> str | None:
+        """Why its consumers stopped by themselves (its group was deleted); ``None`` if they run."""
+        return next((w.failure for w in self.workers if w.failure is not None), None)
+
     def __repr__(self) -> str:
         return f"<Subscription {self._id!r} topics={list(self._topics)}>"
 
@@ -65,7 +76,7 @@ class DefaultEventsService:
     """Publishes through a broker and runs subscriptions with retries and dead letters.
 
     Use it as an async context manager, or call ``start()`` and ``close()``; it starts itself on
-    first use. With no broker it runs on an in-process ``MemoryBroker``.
+    first use. With no broker it runs on an in-process one (``memory://``).
     """
 
     def __init__(
@@ -79,7 +90,7 @@ class DefaultEventsService:
         handler_timeout: float | None = 30.0,
         ordered: bool = True,
     ) -> None:
-        self.broker: Broker = broker if broker is not None else MemoryBroker()
+        self.broker: Broker = broker if broker is not None else open_broker("memory://")
         self.retry = retry if retry is not None else RetryPolicy()
         self.metrics = metrics if metrics is not None else Metrics()
         self.shutdown_timeout = shutdown_timeout
@@ -201,6 +212,9 @@ class DefaultEventsService:
             subscription.tasks.append(
                 asyncio.create_task(worker.run(), name=f"callboard-subscription-{id}")
             )
+        # Subscribed again: what stopped under this id before is no longer news.
+        for old in [s for s in self._subscriptions if s.id == id and s.ended]:
+            self._forget(old)
         self._subscriptions.append(subscription)
         logger.debug("subscribed %r to %s", id, list(patterns))
         return subscription
@@ -219,22 +233,12 @@ class DefaultEventsService:
     async def dead_letters(self, subscription: str, *, limit: int = 100) -> list[DeadLetter]:
         """The dead letters of a subscription, oldest first."""
         await self.start()
-        letters = await self.broker.take_dead_letters(subscription, limit=limit)
-        return [DeadLetter.from_event(letter) for letter in letters]
+        return await read_dead_letters(admin(self.broker), subscription, limit=limit)
 
     async def redrive(self, subscription: str, ids: Sequence[str] | None = None) -> int:
         """Deliver dead letters (all, or those with the given ids) to the subscription again."""
         await self.start()
-        letters = await self.broker.take_dead_letters(subscription, ids=ids, limit=1_000_000)
-        for letter in letters:
-            await self.broker.deliver_to(subscription, DeadLetter.from_event(letter).event)
-        # Taken only once delivered again, so a failed redrive loses nothing.
-        await self.broker.take_dead_letters(
-            subscription, ids=[letter.id for letter in letters], remove=True, limit=len(letters)
-        )
-        if letters:
-            logger.info("redrove %d dead letters of subscription %r", len(letters), subscription)
-        return len(letters)
+        return await redrive_dead_letters(admin(self.broker), subscription, ids)
 
     @property
     def subscriptions(self) -> tuple[RunningSubscription, ...]:
@@ -252,6 +256,16 @@ class DefaultEventsService:
         """Handler calls running longer than their subscription's time limit (or report age)."""
         found = (w.stalled() for s in self._subscriptions for w in s.workers)
         return [stall for stall in found if stall is not None]
+
+    def stopped(self) -> list[Stopped]:
+        """Subscriptions of this process whose consumers stopped by themselves, and why.
+
+        That happens when the broker no longer has the subscription's group (deleted with
+        ``callboard subscriptions --delete`` while this process consumed it). It stays listed
+        until the subscription is closed or subscribed again.
+        """
+        found = ((s.id, s.failure) for s in self._subscriptions)
+        return [Stopped(id, failure) for id, failure in found if failure is not None]
 
     def _forget(self, subscription: RunningSubscription) -> None:
         if subscription in self._subscriptions:

@@ -22,13 +22,18 @@ per worker; with that many waiting, the worker fetches nothing new until one is 
 
 Acknowledgements are pipelined: the worker starts an event's acknowledgement and goes on to the
 next event without waiting for it; those of events handled in one turn of the event loop go to
-the broker together (``Consumer.ack_many``), which records them in one statement and one commit
+the broker together (``Consumer.ack``), which records them in one statement and one commit
 instead of one round trip per event. Before the next fetch, and before
 the consumer is closed, the worker waits until every acknowledgement it started is recorded: at
 most one batch (and the retries waiting out of line) is ever unacknowledged, and an event is
 never delivered again because its
 acknowledgement was still on its way when the worker stopped. A crash loses at most those
 acknowledgements, and the broker delivers their events again (at least once).
+
+A worker stops by itself only when its consumer cannot go on: the broker no longer has the
+subscription's group (an operator deleted it while this process consumed it: a
+``SubscriptionError``), or the consumer failed. It then says why (``failure``), once in the log
+and for as long as it is not subscribed again in ``/readyz`` and ``/metrics``.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ from time import time as wall_time
 
 from callboard.brokers.base import Broker, Consumer, Delivery
 from callboard.deadletters import dead_letter_event
+from callboard.errors import HandlerTimeoutError, SubscriptionError
 from callboard.metrics import Metrics
 from callboard.service import Handler
 
@@ -65,17 +71,6 @@ TIMEOUT_KEY = "events.delivery.handlerTimeoutMs"
 _CANCELLED = Exception("cancelled by the time limit")
 
 
-class HandlerTimeoutError(TimeoutError):
-    """A handler call ran past its time limit and was cancelled: a failed attempt."""
-
-    def __init__(self, seconds: float) -> None:
-        super().__init__(
-            f"the handler did not finish within {seconds:g}s and was cancelled "
-            f"({TIMEOUT_KEY}, or handler_timeout= of the subscription)"
-        )
-        self.seconds = seconds
-
-
 @dataclass(frozen=True, slots=True)
 class Stall:
     """A handler call running longer than its subscription allows, for ``/readyz``."""
@@ -88,6 +83,15 @@ class Stall:
     #: The call's time limit, or ``None`` when the subscription has none (then it is only
     #: reported, past ``report_after``).
     timeout: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Stopped:
+    """A subscription whose consumer stopped by itself, for ``/readyz``."""
+
+    subscription: str
+    #: Why: the broker's words (``subscription 'x' no longer exists``).
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +174,8 @@ class SubscriptionWorker:
         self._current: Delivery | None = None
         self._since = 0.0
         self._call_began: float | None = None
+        #: Why the worker stopped by itself; ``None`` while it runs or when it was stopped.
+        self.failure: str | None = None
 
     async def run(self) -> None:
         self._task = asyncio.current_task()
@@ -193,9 +199,8 @@ class SubscriptionWorker:
                     await self._deliver(delivery)
                     if waiting and waiting[0][0] <= monotonic():
                         await self._retry_due()
-        except Exception:
-            # Nobody awaits a worker's task until close: say so now, not when it is collected.
-            logger.exception("subscription %r stopped: its consumer failed", self.subscription)
+        except Exception as error:
+            self._stopped_by(error)
         finally:
             if self._watch is not None:
                 self._watch.cancel()
@@ -209,6 +214,25 @@ class SubscriptionWorker:
             # Retries still waiting are left unacknowledged: the group gets them again.
             waiting.clear()
             await consumer.close()
+
+    def _stopped_by(self, error: Exception) -> None:
+        """Say why the worker stops by itself: nobody awaits its task until close, so now."""
+        if isinstance(error, SubscriptionError):
+            # The group is gone (deleted while this process consumed it): nothing is left to
+            # consume, and a traceback would explain nothing.
+            self.failure = str(error)
+            logger.error(
+                "subscription %r stopped: %s (it was deleted while this process consumed it); "
+                "it is reported as stopped in /readyz and /metrics until it is subscribed again "
+                "(a restart subscribes the modules' subscriptions again, from the newest events)",
+                self.subscription,
+                error,
+            )
+            return
+        self.failure = f"its consumer failed: {error}"
+        logger.error(
+            "subscription %r stopped: its consumer failed", self.subscription, exc_info=error
+        )
 
     async def stop(self) -> None:
         """Finish the delivery in progress, then stop; an idle worker stops at once."""

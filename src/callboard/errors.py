@@ -9,6 +9,7 @@ Every error callboard raises on purpose derives from ``CallboardError``::
     ├── BrokerError            the broker failed (``retriable`` tells whether to try again)
     │   └── BrokerUnavailable  the broker cannot be reached right now
     ├── SubscriptionError      a subscription cannot be made as asked
+    ├── HandlerTimeoutError    a handler ran past its time limit (also a ``TimeoutError``)
     ├── ModuleError            a module failed to load, register or start (``module`` names it)
     ├── RequestRejected        an HTTP request was refused (``status_code``)
     │   ├── MalformedBodyError         400: the body does not parse as its media type says
@@ -74,6 +75,17 @@ class BrokerUnavailable(BrokerError):
 
 class SubscriptionError(CallboardError):
     """A subscription cannot be made or used as asked."""
+
+
+class HandlerTimeoutError(CallboardError, TimeoutError):
+    """A handler call ran past its time limit and was cancelled: a failed attempt, retried."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"the handler did not finish within {seconds:g}s and was cancelled "
+            "(events.delivery.handlerTimeoutMs, or handler_timeout= of the subscription)"
+        )
+        self.seconds = seconds
 
 
 class ModuleError(CallboardError):

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from callboard.ingress.asgi import error_body
+from callboard.http_errors import error_body
 
 logger = logging.getLogger("callboard.http")
 

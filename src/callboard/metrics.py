@@ -158,6 +158,13 @@ class Metrics:
             ["subscription"],
             registry=r,
         )
+        self.running = Gauge(
+            "callboard_subscription_running",
+            "1 while this process consumes the subscription, 0 once its consumers stopped by "
+            "themselves (the broker no longer has its group: it was deleted).",
+            ["subscription"],
+            registry=r,
+        )
         self.oldest_unacked = Gauge(
             "callboard_subscription_oldest_unacked_seconds",
             "Age of the oldest event this process is handling (or holding for a retry) for the "

@@ -153,6 +153,33 @@ async def test_metrics(app: CallboardApp, client: httpx.AsyncClient) -> None:
     assert value("callboard_broker_up") == 1
     assert value("callboard_subscription_backlog", subscription="inbox") == 0
     assert value("callboard_subscription_lost", subscription="inbox") == 0
+    assert value("callboard_subscription_running", subscription="inbox") == 1
+
+
+async def test_a_subscription_whose_group_is_gone_makes_the_instance_not_ready(
+    app: CallboardApp, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from callboard import SubscriptionError
+    from callboard.brokers.memory import MemoryConsumer
+
+    async def gone(self: MemoryConsumer, max_count: int) -> list[Any]:
+        raise SubscriptionError("subscription 'inbox' no longer exists")
+
+    async with app.board.lifespan():
+        assert (await client.get("/readyz")).status_code == 200
+        # What a SQL broker's consumer raises once another process deleted its group.
+        monkeypatch.setattr(MemoryConsumer, "fetch", gone)
+        await app.board.events.broker.publish(Event(topic="plain", payload=1))  # wakes it
+        [subscription] = app.board.events.subscriptions
+        await asyncio.wait_for(asyncio.gather(*subscription.tasks), 5)
+        ready = await client.get("/readyz")
+        found = samples((await client.get("/metrics")).text)
+    assert ready.status_code == 503
+    assert ready.json() == {
+        "status": "not ready",
+        "stopped": [{"subscription": "inbox", "reason": "subscription 'inbox' no longer exists"}],
+    }
+    assert found[("callboard_subscription_running", frozenset({("subscription", "inbox")}))] == 0
 
 
 async def test_metrics_report_a_broker_that_does_not_answer(

@@ -281,3 +281,60 @@ def test_sigterm_ends_held_bus_reads_at_once(serve: Any, workdir: Path) -> None:
     # Without the release the held read would keep the server up for the graceful timeout.
     assert time.monotonic() - started < 5, err
     assert code in (0, -signal.SIGTERM), err
+
+
+def test_deleting_a_subscription_a_server_consumes_stops_it_visibly(
+    workdir: Path, serve: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from callboard.cli import main
+
+    config = write_config(
+        workdir,
+        f"""
+events:
+  broker: sqlite:///{workdir / "cb.db"}
+  http:
+    topics: [plain]
+  load: ["cb_cli_modules:recorder"]
+  modules:
+    recorder:
+      path: {json.dumps(str(workdir / "received.jsonl"))}
+""",
+    )
+    server: Server = serve(config)
+    server.wait_ready()
+    delete = ["subscriptions", "--delete", "recorder", "-c", str(config)]
+
+    # The server's own subscription: the command cannot see the server, so it asks for --force.
+    assert main(delete) == 2
+    refused = capsys.readouterr().err
+    assert "subscription 'recorder' belongs to a server's events service" in refused
+    assert "--force" in refused
+    assert httpx.get(server.url + "/readyz").status_code == 200
+
+    assert main([*delete, "--force"]) == 0
+    deleted = capsys.readouterr().out
+    assert "deleted subscription recorder" in deleted
+    assert "report it as stopped in /readyz and /metrics" in deleted
+
+    deadline = time.monotonic() + 10
+    while httpx.get(server.url + "/readyz").status_code == 200 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the server finds the group gone at its next claim, in its own process
+    ready = httpx.get(server.url + "/readyz")
+    assert ready.status_code == 503, server.stop()[1]
+    assert ready.json() == {
+        "status": "not ready",
+        "stopped": [
+            {"subscription": "recorder", "reason": "subscription 'recorder' no longer exists"}
+        ],
+    }
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'callboard_subscription_running{subscription="recorder"} 0.0' in metrics
+
+    code, err = server.stop()
+    assert code in (0, -signal.SIGTERM), err
+    assert "Traceback" not in err
+    stopped = [line for line in err.splitlines() if "subscription 'recorder' stopped" in line]
+    assert len(stopped) == 1, err
+    assert "ERROR" in stopped[0]
+    assert "no longer exists" in stopped[0]

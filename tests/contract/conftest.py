@@ -1,127 +1,90 @@
-"""Brokers for the contract suite: one kit per broker, each test on a store of its own.
+"""The contract suite runs every test once per kit: callboard's own brokers, or the one named.
 
-A kit opens brokers on its test's store (several, for tests of shared and crashed consumers) and
-closes them all at the end. Durable brokers run with short leases and polls so the suite stays
-fast; a test that simulates a crash asks for a shorter lease still.
+``pytest tests/contract`` runs it against memory, SQLite, PostgreSQL and the remote broker
+(``-k sqlite`` and the like pick one). A broker from another package is tested with its own kit,
+or through its URL::
+
+    pytest tests/contract --broker-kit foo_broker.testing:contract_kit
+    pytest tests/contract --broker-url 'foo://localhost/{unique}'
+
+``--broker-kit`` names a function of the test's directory (a ``pathlib.Path``) returning a
+``tests.contract.kit.BrokerKit``, or an awaitable of one. ``--broker-url`` builds the kit with
+``BrokerKit.from_url`` (``{tmp_path}`` and ``{unique}`` give each test a store of its own).
 """
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+import importlib
+import inspect
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol
 
 import pytest
 
-from callboard.brokers.base import Broker, RetentionPolicy
-from callboard.brokers.memory import MemoryBroker
-from tests.services import POSTGRES_URL, postgres_execute, require_service
+from callboard.brokers.base import Broker
+from tests.contract.kit import BrokerKit
+from tests.contract.kits import KITS
 
-#: Lease and poll intervals of durable brokers under test, in seconds.
-LEASE = 2.0
-POLL = 0.05
+#: The test id of a kit named on the command line.
+CUSTOM = "custom"
 
-
-class _Crashable(Protocol):
-    async def abandon(self) -> None: ...
+_MARKS = {"postgresql": [pytest.mark.postgres]}
 
 
-class _Cleanable(Protocol):
-    async def clean(self) -> int: ...
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("callboard", "the broker contract suite (tests/contract)")
+    group.addoption(
+        "--broker-kit",
+        metavar="MODULE:FUNCTION",
+        help="run the broker contract suite against the kit this function of tmp_path returns",
+    )
+    group.addoption(
+        "--broker-url",
+        metavar="URL",
+        help="run the broker contract suite against open_broker(URL); "
+        "{tmp_path} and {unique} make a store per test",
+    )
 
 
-class BrokerKit:
-    """Opens brokers of one kind on one store."""
-
-    def __init__(self, name: str, factory: Callable[..., Broker]) -> None:
-        self.name = name
-        self._factory = factory
-        self._opened: list[Broker] = []
-        self.teardown: list[Callable[[], Awaitable[None]]] = []
-
-    async def open(
-        self, *, lease: float = LEASE, retention: RetentionPolicy | None = None
-    ) -> Broker:
-        """A started broker on this test's store (the same store for every call)."""
-        broker = self._factory(lease=lease, retention=retention)
-        await broker.start()
-        self._opened.append(broker)
-        return broker
-
-    async def crash(self, broker: Broker) -> None:
-        """Stop ``broker`` as a killed process would (durable brokers only)."""
-        crashable: _Crashable = broker  # type: ignore[assignment]
-        await crashable.abandon()
-
-    async def clean(self, broker: Broker) -> int:
-        """Apply the broker's retention policy now (durable brokers only)."""
-        cleanable: _Cleanable = broker  # type: ignore[assignment]
-        return await cleanable.clean()
-
-    async def close(self) -> None:
-        for broker in reversed(self._opened):
-            await broker.close()
-        for step in self.teardown:
-            await step()
+def _custom(config: pytest.Config) -> tuple[str | None, str | None]:
+    kit: str | None = config.getoption("broker_kit", default=None)
+    url: str | None = config.getoption("broker_url", default=None)
+    if kit and url:
+        raise pytest.UsageError("give --broker-kit or --broker-url, not both")
+    return kit, url
 
 
-def _memory(tmp_path: Path) -> BrokerKit:
-    def factory(*, lease: float, retention: RetentionPolicy | None) -> Broker:
-        return MemoryBroker.from_url("memory://", retention=retention)
-
-    return BrokerKit("memory", factory)
-
-
-def _sqlite(tmp_path: Path) -> BrokerKit:
-    from callboard.brokers.sqlite import SQLiteBroker
-
-    path = str(tmp_path / "callboard.db")
-
-    def factory(*, lease: float, retention: RetentionPolicy | None) -> Broker:
-        return SQLiteBroker(
-            path, lease=lease, poll_interval=POLL, watch_interval=POLL / 2, retention=retention
-        )
-
-    return BrokerKit("sqlite", factory)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "kit" not in metafunc.fixturenames:
+        return
+    if any(_custom(metafunc.config)):
+        params = [pytest.param(CUSTOM)]
+    else:
+        params = [pytest.param(name, marks=_MARKS.get(name, [])) for name in KITS]
+    metafunc.parametrize("kit", params, indirect=True)
 
 
-def _postgres(tmp_path: Path) -> BrokerKit:
-    require_service("PostgreSQL", "127.0.0.1", 5432)
-    from callboard.brokers.postgres import PostgresBroker
-
-    schema = f"callboard_test_{uuid.uuid4().hex[:12]}"
-
-    def factory(*, lease: float, retention: RetentionPolicy | None) -> Broker:
-        return PostgresBroker(
-            POSTGRES_URL, schema=schema, lease=lease, poll_interval=POLL, retention=retention
-        )
-
-    kit = BrokerKit("postgresql", factory)
-
-    async def drop_schema() -> None:
-        await postgres_execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-
-    kit.teardown.append(drop_schema)
-    return kit
+async def _build(config: pytest.Config, name: str, tmp_path: Path) -> BrokerKit:
+    if name != CUSTOM:
+        return await KITS[name](tmp_path)
+    spec, url = _custom(config)
+    if url is not None:
+        return BrokerKit.from_url(CUSTOM, url, tmp_path)
+    assert spec is not None
+    module_name, _, attribute = spec.partition(":")
+    if not attribute:
+        raise pytest.UsageError(f"--broker-kit {spec!r}: expected MODULE:FUNCTION")
+    made = getattr(importlib.import_module(module_name), attribute)(tmp_path)
+    if inspect.isawaitable(made):
+        made = await made
+    if not isinstance(made, BrokerKit):
+        raise pytest.UsageError(f"--broker-kit {spec!r} returned {made!r}, not a BrokerKit")
+    return made
 
 
-KITS: dict[str, Callable[[Path], BrokerKit]] = {
-    "memory": _memory,
-    "sqlite": _sqlite,
-    "postgresql": _postgres,
-}
-
-
-@pytest.fixture(
-    params=[
-        pytest.param("memory"),
-        pytest.param("sqlite"),
-        pytest.param("postgresql", marks=pytest.mark.postgres),
-    ]
-)
+@pytest.fixture
 async def kit(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[BrokerKit]:
-    made = KITS[request.param](tmp_path)
+    made = await _build(request.config, request.param, tmp_path)
     try:
         yield made
     finally:

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -15,7 +17,7 @@ from callboard import (
 )
 from callboard.brokers.base import Delivery
 from callboard.brokers.memory import MemoryConsumer
-from callboard.delivery import SubscriptionWorker
+from callboard.delivery import Stopped, SubscriptionWorker
 from callboard.service import Handler
 from callboard.testing import RecordingEventsService
 
@@ -302,5 +304,60 @@ async def test_a_worker_whose_consumer_fails_says_so(
     async with DefaultEventsService(MemoryBroker()) as events:
         subscription = await events.subscribe("s", "t", Flaky(failures=0))
         await asyncio.wait_for(asyncio.gather(*subscription.tasks), 5)
+        assert events.stopped() == [Stopped("s", "its consumer failed: connection lost")]
     assert "subscription 's' stopped: its consumer failed" in caplog.text
     assert "connection lost" in caplog.text
+
+
+class GoneConsumer:
+    """A consumer whose group another process deleted, as a SQL broker's finds it."""
+
+    def __init__(self, group: str) -> None:
+        self.group = group
+
+    async def fetch(self, max_count: int) -> list[Delivery]:
+        raise SubscriptionError(f"subscription {self.group!r} no longer exists")
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        pass
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+class DeletedElsewhere(MemoryBroker):
+    """A memory broker on which the groups named in ``deleted`` are gone."""
+
+    def __init__(self, *deleted: str) -> None:
+        super().__init__()
+        self.deleted = set(deleted)
+
+    async def consume(self, group: str, topics: Sequence[str], **options: Any) -> Any:
+        if group in self.deleted:
+            return GoneConsumer(group)
+        return await super().consume(group, topics, **options)
+
+
+async def test_a_subscription_whose_group_was_deleted_stops_and_says_so_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    broker = DeletedElsewhere("s")
+    async with DefaultEventsService(broker) as events:
+        subscription = await events.subscribe("s", "t", Flaky(failures=0))
+        running = await events.subscribe("other", "t", Flaky(failures=0))
+        await asyncio.wait_for(asyncio.gather(*subscription.tasks), 5)
+        assert events.stopped() == [Stopped("s", "subscription 's' no longer exists")]
+        [record] = [r for r in caplog.records if "stopped" in r.getMessage()]
+        assert record.levelname == "ERROR"
+        assert record.exc_info is None  # one line: a traceback would explain nothing
+        assert record.getMessage().startswith(
+            "subscription 's' stopped: subscription 's' no longer exists"
+        )
+        # Subscribed again (the group is made again), it is no longer reported.
+        broker.deleted.clear()
+        again = await events.subscribe("s", "t", Flaky(failures=0))
+        assert events.stopped() == []
+        assert events.subscriptions == (running, again)

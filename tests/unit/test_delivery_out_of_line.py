@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -72,9 +73,9 @@ async def test_an_event_retried_out_of_line_keeps_its_backoff_and_becomes_a_dead
     acks: Counter[object] = Counter()
     ack = MemoryConsumer.ack
 
-    async def counting_ack(self: MemoryConsumer, delivery: Delivery) -> None:
-        acks[delivery.event.payload] += 1
-        await ack(self, delivery)
+    async def counting_ack(self: MemoryConsumer, deliveries: Sequence[Delivery]) -> None:
+        acks.update(delivery.event.payload for delivery in deliveries)
+        await ack(self, deliveries)
 
     monkeypatch.setattr(MemoryConsumer, "ack", counting_ack)
     loop = asyncio.get_running_loop()

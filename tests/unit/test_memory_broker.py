@@ -6,7 +6,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from callboard import DELIVERY_ID, Event, MemoryBroker, ServiceClosedError, SubscriptionError
-from callboard.brokers import open_broker
+from callboard.brokers import admin, open_broker
+from callboard.brokers.base import BrokerAdmin
 from callboard.errors import ConfigError
 from callboard.testing import RecordingEventsService
 
@@ -127,6 +128,61 @@ async def test_unacknowledged_events_go_back_to_the_group_first_in_order(
     for delivery in again:
         await staying.ack((delivery,))
     await broker.drain(timeout=1)
+
+
+async def test_released_events_go_back_first_in_fetch_order(broker: MemoryBroker) -> None:
+    consumer = await broker.consume("g", ["t"])
+    for n in range(4):
+        await broker.publish(Event(topic="t", payload=n))
+    batch = await consumer.fetch(3)
+    await consumer.release([batch[2], batch[0]])  # handed back in another order
+    (info,) = await broker.subscriptions()
+    assert (info.in_flight, info.backlog) == (1, 3)
+    again = await consumer.fetch(10)
+    assert [d.event.payload for d in again] == [0, 2, 3]
+    assert [d.attempt for d in again] == [2, 2, 1]
+    # Still to be acknowledged: released is not settled.
+    with pytest.raises(TimeoutError):
+        await broker.drain(timeout=0.01)
+    await consumer.ack([*again, batch[1]])
+    await broker.drain(timeout=1)
+
+
+async def test_a_release_wakes_a_waiting_member(broker: MemoryBroker) -> None:
+    holding = await broker.consume("g", ["t"])
+    waiting = await broker.consume("g", ["t"])
+    await broker.publish(Event(topic="t", payload="x"))
+    (held,) = await holding.fetch(5)
+    fetching = asyncio.create_task(waiting.fetch(5))
+    await asyncio.sleep(0)
+    assert not fetching.done()
+    await holding.release((held,))
+    (again,) = await asyncio.wait_for(fetching, 1)
+    assert (again.event, again.attempt) == (held.event, 2)
+
+
+async def test_release_ignores_what_the_consumer_does_not_hold(broker: MemoryBroker) -> None:
+    one = await broker.consume("g", ["t"])
+    two = await broker.consume("g", ["t"])
+    await broker.publish(Event(topic="t", payload=1))
+    await broker.publish(Event(topic="t", payload=2))
+    (first,) = await one.fetch(1)
+    (second,) = await two.fetch(1)
+    await one.ack((first,))
+    await one.release((first, second))  # acknowledged already; held by the other member
+    (info,) = await broker.subscriptions()
+    assert (info.in_flight, info.backlog) == (1, 0)
+    await one.close()
+    await one.release((first,))  # closed: nothing to hand back
+    await two.ack((second,))
+    await broker.drain(timeout=1)
+
+
+async def test_the_memory_broker_offers_the_operations(broker: MemoryBroker) -> None:
+    assert isinstance(broker, BrokerAdmin)
+    assert admin(broker) is broker
+    assert await broker.clean() == 0
+    assert await broker.migrate() == []
 
 
 async def test_a_member_leaving_after_being_woken_passes_the_event_on(

@@ -74,3 +74,58 @@ def test_every_public_class_and_function_is_exported(package: ModuleType) -> Non
 
 def test_the_version_is_a_string() -> None:
     assert re.fullmatch(r"\d+\.\d+\.\d+\S*", callboard.__version__)
+
+
+#: What the author of a broker, a body parser or a validator writes against.
+AUTHORS_NEED = {
+    "broker": [
+        "Broker",
+        "BrokerAdmin",
+        "BrokerFactory",
+        "Consumer",
+        "Delivery",
+        "Capabilities",
+        "Start",
+        "SubscriptionInfo",
+        "RetentionPolicy",
+        "DEAD_LETTER_PREFIX",
+        "dead_letter_topic",
+        "IN_PROCESS",
+        "check_storable",
+        "TopicMatcher",
+        "Event",
+        "DELIVERY_ID",
+        "BrokerError",
+        "BrokerUnavailable",
+        "ConfigError",
+        "InvalidEventError",
+        "SubscriptionError",
+    ],
+    "parser": [
+        "BodyParser",
+        "MediaType",
+        "MalformedBodyError",
+        "UnsupportedMediaTypeError",
+        "InvalidEventError",
+    ],
+    "validator": ["Validator", "WebhookRequest", "Rejection"],
+}
+
+
+@pytest.mark.parametrize("author", list(AUTHORS_NEED))
+def test_what_an_author_writes_against_is_public(author: str) -> None:
+    missing = set(AUTHORS_NEED[author]) - set(callboard.__all__)
+    assert missing == set(), f"a {author} author needs these from callboard"
+
+
+def test_the_broker_contract_is_exported_as_declared() -> None:
+    import callboard.brokers.base as base
+
+    for name in ("Broker", "BrokerAdmin", "BrokerFactory", "Consumer", "SubscriptionInfo"):
+        assert getattr(callboard, name) is getattr(base, name)
+    assert callboard.dead_letter_topic("g") == callboard.DEAD_LETTER_PREFIX + "g"
+
+
+def test_the_api_page_points_broker_authors_to_their_guide() -> None:
+    assert "docs/brokers.md" in API_DOC.read_text(encoding="utf-8")
+    assert (API_DOC.parent / "brokers.md").is_file()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 from collections.abc import Sequence
 
 import pytest
@@ -246,9 +247,20 @@ async def test_the_service_starts_itself_and_refuses_work_once_closed() -> None:
         await service.start()
 
 
-def test_the_default_service_meets_the_protocol() -> None:
-    service: EventsService = DefaultEventsService()
-    assert service is not None
+@pytest.mark.parametrize("implementation", [DefaultEventsService, RecordingEventsService])
+def test_an_events_service_takes_what_the_protocol_declares(implementation: type) -> None:
+    members = [
+        name
+        for name, value in vars(EventsService).items()
+        if inspect.isfunction(value) and not name.startswith("_")
+    ]
+    assert {"publish", "subscribe", "add_subscriber"} <= set(members)
+    for name in members:
+        declared, offered = getattr(EventsService, name), getattr(implementation, name)
+        assert inspect.iscoroutinefunction(offered) == inspect.iscoroutinefunction(declared)
+        assert [
+            (p.name, p.kind, p.default) for p in inspect.signature(offered).parameters.values()
+        ] == [(p.name, p.kind, p.default) for p in inspect.signature(declared).parameters.values()]
 
 
 async def test_close_finishes_a_delivery_in_progress_and_acknowledges_it(
@@ -257,9 +269,9 @@ async def test_close_finishes_a_delivery_in_progress_and_acknowledges_it(
     acked: list[object] = []
     original_ack = MemoryConsumer.ack
 
-    async def ack(self: MemoryConsumer, delivery: Delivery) -> None:
-        acked.append(delivery.event.payload)
-        await original_ack(self, delivery)
+    async def ack(self: MemoryConsumer, deliveries: Sequence[Delivery]) -> None:
+        acked.extend(delivery.event.payload for delivery in deliveries)
+        await original_ack(self, deliveries)
 
     monkeypatch.setattr(MemoryConsumer, "ack", ack)
     started, release = asyncio.Event(), asyncio.Event()

@@ -1,27 +1,45 @@
-"""Choosing a broker by URL. Drivers are imported only when their scheme is asked for."""
+"""Choosing a broker by URL, through the ``callboard.brokers`` entry points.
+
+The scheme of the URL names an entry point of the group ``callboard.brokers``; its value is a
+``BrokerFactory`` (``callboard.brokers.base``), loaded only when its scheme is asked for, so a
+driver is imported only by those who use it. callboard declares its own brokers that way in its
+``pyproject.toml``; a package adds one the same way, without touching callboard::
+
+    [project.entry-points."callboard.brokers"]
+    foo = "foo_broker:FooBroker.from_url [foo]"
+
+The optional extra in brackets is what ``pip install`` needs for the broker's driver: it is named
+in the error when the factory cannot be imported.
+"""
 
 from __future__ import annotations
 
-import importlib
-from typing import Protocol
+import functools
+from collections.abc import Mapping
+from importlib import metadata
+from typing import cast
 from urllib.parse import urlsplit, urlunsplit
 
-from callboard.brokers.base import Broker, RetentionPolicy
+from callboard.brokers.base import Broker, BrokerAdmin, BrokerFactory, RetentionPolicy
 from callboard.errors import ConfigError
 
-#: scheme -> (module, class, extra to install)
-SCHEMES: dict[str, tuple[str, str, str | None]] = {
-    "memory": ("callboard.brokers.memory", "MemoryBroker", None),
-    "sqlite": ("callboard.brokers.sqlite", "SQLiteBroker", None),
-    "postgresql": ("callboard.brokers.postgres", "PostgresBroker", "postgres"),
-    "postgres": ("callboard.brokers.postgres", "PostgresBroker", "postgres"),
-    "callboard+http": ("callboard.bus.remote", "RemoteBroker", "remote"),
-    "callboard+https": ("callboard.bus.remote", "RemoteBroker", "remote"),
-}
+#: The entry-point group brokers are declared in.
+ENTRY_POINT_GROUP = "callboard.brokers"
 
 
-class _FromUrl(Protocol):
-    def __call__(self, url: str, *, retention: RetentionPolicy | None = None) -> Broker: ...
+@functools.cache
+def broker_entry_points() -> Mapping[str, tuple[metadata.EntryPoint, ...]]:
+    """Every declared broker, by lower-case scheme (several when packages disagree).
+
+    Read once per process; ``broker_entry_points.cache_clear()`` reads them again.
+    """
+    found: dict[str, list[metadata.EntryPoint]] = {}
+    for entry in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        same = found.setdefault(entry.name.lower(), [])
+        # A package seen twice on the path declares the same value twice: one is enough.
+        if all(other.value != entry.value for other in same):
+            same.append(entry)
+    return {scheme: tuple(entries) for scheme, entries in sorted(found.items())}
 
 
 def open_broker(
@@ -29,24 +47,85 @@ def open_broker(
 ) -> Broker:
     """The broker for ``url`` (``memory://``, ``sqlite:///var/callboard.db``, ``postgresql://...``).
 
-    ``retention`` is the window a durable broker keeps events in (``events.retention``).
+    ``retention`` is the window a durable broker keeps events in (``events.retention``). Raises
+    ``ConfigError`` (at ``key``) for a scheme no installed package declares, and for one whose
+    driver is not installed, naming what to install.
     """
+    return broker_factory(url, key=key)(url, retention=retention)
+
+
+def broker_factory(url: str, *, key: str = "events.broker") -> BrokerFactory:
+    """The factory the entry point of ``url``'s scheme names, loaded."""
     scheme, sep, _ = url.partition("://")
-    entry = SCHEMES.get(scheme.lower()) if sep else None
-    if entry is None:
+    declared = broker_entry_points()
+    entries = declared.get(scheme.lower(), ()) if sep else ()
+    if not declared:
+        raise ConfigError(
+            key,
+            f"no broker is declared in the {ENTRY_POINT_GROUP!r} entry points, not even "
+            "callboard's own: install callboard (pip install callboard, or pip install -e . in "
+            "a checkout) rather than running it from its sources alone",
+        )
+    if not entries:
         raise ConfigError(
             key,
             f"unknown broker URL {url!r}; expected one of "
-            + ", ".join(f"{s}://..." for s in SCHEMES),
+            + ", ".join(f"{known}://..." for known in declared)
+            + f" (a package adds a scheme through the {ENTRY_POINT_GROUP!r} entry points)",
         )
-    module_name, class_name, extra = entry
+    if len(entries) > 1:
+        raise ConfigError(
+            key,
+            f"the {scheme}:// broker is declared by several installed packages ("
+            + ", ".join(f"{_package(entry)}: {entry.value}" for entry in entries)
+            + "); uninstall all but one",
+        )
+    (entry,) = entries
     try:
-        module = importlib.import_module(module_name)
+        loaded = entry.load()
     except ImportError as error:
-        hint = f"; install it with: pip install 'callboard[{extra}]'" if extra else ""
-        raise ConfigError(key, f"the {scheme} broker cannot be loaded: {error}{hint}") from error
-    from_url: _FromUrl = getattr(module, class_name).from_url
-    return from_url(url, retention=retention)
+        raise ConfigError(
+            key, f"the {scheme} broker cannot be loaded: {error}{_install_hint(entry)}"
+        ) from error
+    except AttributeError as error:
+        raise ConfigError(
+            key, f"the {scheme} broker's entry point {entry.value!r} names nothing: {error}"
+        ) from error
+    if not callable(loaded):
+        raise ConfigError(
+            key, f"the {scheme} broker's entry point {entry.value!r} names no broker factory"
+        )
+    return cast(BrokerFactory, loaded)
+
+
+def admin(broker: Broker) -> BrokerAdmin:
+    """``broker`` as ``BrokerAdmin``, for the operations on it (subscriptions, dead letters,
+    retention, migrations).
+
+    Raises ``ConfigError`` (key ``events.broker``) when the broker offers no operations.
+    """
+    if isinstance(broker, BrokerAdmin):
+        return broker
+    raise ConfigError(
+        "events.broker",
+        f"the broker {type(broker).__name__} offers no operations (subscriptions, dead letters, "
+        "replay, retention, migrations): it does not implement callboard.BrokerAdmin",
+    )
+
+
+def _package(entry: metadata.EntryPoint) -> str:
+    """The distribution that declares ``entry``, as ``pip`` names it."""
+    return entry.dist.name if entry.dist is not None else "an unknown package"
+
+
+def _install_hint(entry: metadata.EntryPoint) -> str:
+    """What to install for a broker whose driver is missing: the extras its entry point names."""
+    if not entry.extras:
+        return ""
+    extras = ",".join(entry.extras)
+    if entry.dist is None:
+        return f"; install the extra [{extras}] of the package that declares it"
+    return f"; install it with: pip install '{entry.dist.name}[{extras}]'"
 
 
 def redact_url(url: str) -> str:

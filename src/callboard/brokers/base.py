@@ -68,7 +68,9 @@ class Capabilities:
 
     #: Events survive the process (and, for a server, a restart of the server).
     durable: bool = False
-    #: Several processes can share one consumer group.
+    #: Several processes can share one consumer group. What a consumer fetched is leased to it
+    #: while it lives and comes back to the group when its process dies; a group deleted by
+    #: another process is noticed at the next fetch.
     shared: bool = False
     #: A new group can start from the beginning or from a time.
     replay: bool = False
@@ -165,7 +167,8 @@ class Consumer(Protocol):
 
         They are delivered again (to this consumer or another member), as soon as possible and
         before newer events where the broker keeps an order; their ``attempt`` still grows by
-        one. Deliveries this consumer does not hold are ignored.
+        one. Deliveries this consumer does not hold (already acknowledged or released, or held by
+        another member) are ignored.
         """
         ...
 
@@ -268,9 +271,11 @@ class BrokerFactory(Protocol):
     A package adds a broker for the scheme ``foo://`` by declaring, in its ``pyproject.toml``::
 
         [project.entry-points."callboard.brokers"]
-        foo = "foo_broker:FooBroker.from_url"
+        foo = "foo_broker:FooBroker.from_url [foo]"
 
-    Raise ``ConfigError`` (key ``events.broker``) for a URL the broker cannot use.
+    (the extra in brackets, optional, is named in the error when the driver is missing). Raise
+    ``ConfigError`` (key ``events.broker``) for a URL the broker cannot use. ``docs/brokers.md``
+    says what a broker must do and how to run the contract suite against it.
     """
 
     def __call__(self, url: str, *, retention: RetentionPolicy | None = None) -> Broker: ...

@@ -126,6 +126,15 @@ class MemoryConsumer:
             self._group.in_flight -= settled
             self._broker._settled(settled)
 
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        unacked = self._unacked
+        wanted = {id(delivery) for delivery in deliveries}
+        # In the order they were fetched, whatever the order they are handed back in.
+        released = [unacked.pop(key) for key in list(unacked) if key in wanted]
+        if released:
+            self._group.in_flight -= len(released)
+            self._hand_back(released)
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -141,17 +150,21 @@ class MemoryConsumer:
             # The last member left: the in-memory subscription ends with it.
             self._broker._remove_group(group, len(unacked))
             return
-        # Unacknowledged events go back to the group, first in line, in their order.
-        for delivery in reversed(unacked):
-            group.put(Delivery(delivery.event, delivery.attempt + 1), front=True)
+        self._hand_back(unacked)
         if group.queue:
             # This member may have been woken for events it will now never take: pass the
             # wake-up on, or the others sleep while events wait.
             group.wake_one()
 
+    def _hand_back(self, deliveries: Sequence[Delivery]) -> None:
+        """Put deliveries back first in line, in their order, each one attempt further."""
+        group = self._group
+        for delivery in reversed(deliveries):
+            group.put(Delivery(delivery.event, delivery.attempt + 1), front=True)
+
 
 class MemoryBroker:
-    """In-process broker. ``memory://`` in configuration."""
+    """In-process broker. ``memory://`` in configuration; a ``Broker`` and a ``BrokerAdmin``."""
 
     def __init__(self, *, dedupe_window_ids: int = 10_000, dedupe_window_seconds: float = 600.0):
         self._groups: dict[str, _Group] = {}
@@ -275,6 +288,14 @@ class MemoryBroker:
             )
         self._owners.pop(group, None)
         return bool(self._dead_letters.pop(group, None))
+
+    async def clean(self) -> int:
+        """Nothing is kept beyond the process, so there is nothing to delete: 0."""
+        return 0
+
+    async def migrate(self) -> list[str]:
+        """No schema: ``[]``."""
+        return []
 
     async def drain(self, timeout: float = 10.0) -> None:
         """Wait until every event published so far has been acknowledged by every group."""

@@ -1,8 +1,16 @@
 """Operations on a broker's subscriptions from a separate process: the ``callboard
 subscriptions``, ``dead-letters`` and ``replay`` commands.
 
-They open the configured broker directly, so they see what a durable broker keeps; an in-memory
-broker keeps everything inside the serving process, and there is nothing to look at from here.
+They open the configured broker directly and use its operations (``BrokerAdmin``), so they see
+what a durable broker keeps; an in-memory broker keeps everything inside the serving process,
+and there is nothing to look at from here.
+
+Deleting a subscription that a server consumes stops that server's consumer of it: the broker
+cannot reach consumers in other processes, which find the group gone at their next fetch and
+then report the subscription as stopped (``/readyz`` not ready, naming it;
+``callboard_subscription_running`` 0 in ``/metrics``) until they restart. So a subscription of a
+server's events service (owner ``in-process``), or one with events in flight, is deleted only
+with ``force``.
 """
 
 from __future__ import annotations
@@ -15,10 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from callboard.brokers.base import Broker
-from callboard.bus.listing import subscription_infos
-from callboard.deadletters import DeadLetter
-from callboard.default_service import DefaultEventsService
+from callboard.brokers import admin
+from callboard.brokers.base import IN_PROCESS, Broker, BrokerAdmin, SubscriptionInfo
+from callboard.deadletters import DeadLetter, read_dead_letters
+from callboard.deadletters import redrive as redrive_dead_letters
 from callboard.errors import CallboardError, SubscriptionError
 from callboard.events import utc_now
 
@@ -69,9 +77,7 @@ def format_subscriptions(infos: Sequence[object]) -> str:
 
 
 async def list_subscriptions(broker: Broker) -> str:
-    infos = await subscription_infos(broker)
-    if infos is None:
-        raise SubscriptionError("this broker cannot list its subscriptions")
+    infos = await admin(broker).subscriptions()
     if not infos:
         return "no subscriptions"
     return format_subscriptions(infos)
@@ -88,18 +94,44 @@ def format_dead_letters(letters: Sequence[DeadLetter]) -> str:
 
 
 async def list_dead_letters(broker: Broker, subscription: str, limit: int) -> str:
-    service = DefaultEventsService(broker)
-    return format_dead_letters(await service.dead_letters(subscription, limit=limit))
+    return format_dead_letters(await read_dead_letters(admin(broker), subscription, limit=limit))
 
 
-async def delete_subscription(broker: Broker, subscription: str) -> str:
-    if await broker.delete_subscription(subscription):
-        return f"deleted subscription {subscription} with its leases and dead letters"
-    raise SubscriptionError(f"no subscription {subscription!r} to delete")
+async def delete_subscription(broker: Broker, subscription: str, *, force: bool = False) -> str:
+    """Forget ``subscription``; one a server may be consuming only with ``force``."""
+    operations = admin(broker)
+    infos = await operations.subscriptions()
+    signs = next((_signs_of_consumers(i) for i in infos if i.name == subscription), [])
+    if signs and not force:
+        raise SubscriptionError(
+            f"subscription {subscription!r} {' and '.join(signs)}: deleting it stops the "
+            "consumer of every server that runs it (they report it as stopped in /readyz and "
+            "/metrics until they restart). Stop those servers first, or pass --force to delete "
+            "it anyway"
+        )
+    if not await operations.delete_subscription(subscription):
+        raise SubscriptionError(f"no subscription {subscription!r} to delete")
+    done = f"deleted subscription {subscription} with its leases and dead letters"
+    if signs:
+        done += (
+            "; servers that consumed it stop consuming it and report it as stopped in /readyz "
+            "and /metrics until they restart"
+        )
+    return done
+
+
+def _signs_of_consumers(info: SubscriptionInfo) -> list[str]:
+    """What the broker knows of the group's consumers (it cannot see other processes')."""
+    signs = []
+    if info.owner == IN_PROCESS:
+        signs.append("belongs to a server's events service (a module's subscription)")
+    if info.in_flight:
+        signs.append(f"has {info.in_flight} events in flight")
+    return signs
 
 
 async def redrive(broker: Broker, subscription: str, ids: Sequence[str] | None) -> str:
-    count = await DefaultEventsService(broker).redrive(subscription, ids or None)
+    count = await redrive_dead_letters(admin(broker), subscription, ids or None)
     return f"redrove {count} dead letters to {subscription}"
 
 
@@ -125,8 +157,9 @@ async def replay(
     """
     if not broker.capabilities.replay:
         raise SubscriptionError("this broker keeps no history to replay")
+    operations = admin(broker)
     if topics is None:
-        infos = await subscription_infos(broker) or []
+        infos = await operations.subscriptions()
         found = [tuple(i.topics) for i in infos if i.name == subscription]
         if not found:
             raise SubscriptionError(
@@ -147,7 +180,7 @@ async def replay(
                 break
             fresh = [d for d in batch if d.event.time <= until]
             for delivery in fresh:
-                await broker.deliver_to(subscription, delivery.event)
+                await operations.deliver_to(subscription, delivery.event)
                 await reader.ack((delivery,))
                 delivered += 1
             if len(fresh) < len(batch):
@@ -155,14 +188,14 @@ async def replay(
     finally:
         with contextlib.suppress(Exception):
             await reader.close()
-        await _forget(broker, group)
+        await _forget(operations, group)
     return ReplayResult(delivered, tuple(topics))
 
 
-async def _forget(broker: Broker, group: str) -> None:
+async def _forget(operations: BrokerAdmin, group: str) -> None:
     """Delete the group a replay read with: it served that replay only."""
     try:
-        await broker.delete_subscription(group)
+        await operations.delete_subscription(group)
     except CallboardError as error:
         logger.warning(
             "the replay's reading group %r is left behind (%s); delete it with "

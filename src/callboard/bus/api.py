@@ -15,7 +15,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import orjson
 from starlette.requests import Request
@@ -23,19 +23,18 @@ from starlette.responses import Response
 from starlette.routing import Route, Router
 from starlette.types import Receive, Scope, Send
 
-from callboard.brokers.base import DEAD_LETTER_PREFIX, MAX_NAME_LENGTH, Broker, name_problem
-from callboard.bus.access import Access, Grant
-from callboard.bus.auth import (
-    PLUGIN_ID,
-    Authenticator,
-    BusAuth,
-    Principal,
-    Refusal,
-    StaticTokenAuth,
+from callboard.brokers.base import (
+    DEAD_LETTER_PREFIX,
+    MAX_NAME_LENGTH,
+    Broker,
+    BrokerAdmin,
+    SubscriptionInfo,
+    name_problem,
 )
+from callboard.bus.access import Access
+from callboard.bus.auth import Authenticator, Principal, Refusal
 from callboard.bus.feeds import Batch, Feed, Feeds
 from callboard.bus.listing import stored_subscriptions, subscription_infos
-from callboard.bus.plugin_keys import PluginKeys, PluginTokenVerifier, plugin_base_urls
 from callboard.bus.wire import (
     BATCH_SIZE,
     MAX_DEAD_LETTERS,
@@ -62,11 +61,8 @@ from callboard.errors import (
     UnsupportedMediaTypeError,
 )
 from callboard.events import Event
-from callboard.ingress.asgi import error_body
+from callboard.http_errors import error_body
 from callboard.topics import TopicIndex, normalize_patterns, validate_topic
-
-if TYPE_CHECKING:
-    from callboard.config import Config
 
 logger = logging.getLogger("callboard.bus")
 
@@ -87,6 +83,7 @@ _ERROR_NAMES = {
     413: "PayloadTooLargeError",
     415: "UnsupportedMediaTypeError",
     500: "InternalServerError",
+    501: "NotImplementedError",
     503: "ServiceUnavailableError",
 }
 _JSON = "application/json; charset=utf-8"
@@ -187,28 +184,14 @@ def _letter_ids(ids: list[str] | None) -> list[str] | None:
     return ids
 
 
-def _info_to_wire(info: Any) -> dict[str, Any]:
-    lost: int = getattr(info, "lost", 0)
+def _info_to_wire(info: SubscriptionInfo) -> dict[str, Any]:
     return {
         "id": info.name,
         "topics": list(info.topics),
         "inFlight": info.in_flight,
         "backlog": info.backlog,
-        "lost": lost,
+        "lost": info.lost,
     }
-
-
-def _plugin_tokens(config: Config) -> PluginTokenVerifier | None:
-    """The verifier of Backstage plugin tokens ``events.bus.backstage`` asks for, if any."""
-    backstage = config.events.bus.backstage
-    if backstage is None:
-        return None
-    keys = PluginKeys(
-        plugin_base_urls(base_url=backstage.base_url, target=backstage.target),
-        cache_ttl=backstage.key_cache_ms / 1000,
-        fetch_timeout=backstage.fetch_timeout_ms / 1000,
-    )
-    return PluginTokenVerifier(keys, audience=PLUGIN_ID, plugins=backstage.plugins)
 
 
 class BusApp:
@@ -228,6 +211,9 @@ class BusApp:
         max_topics: int = DEFAULT_MAX_TOPICS,
     ) -> None:
         self.broker = broker
+        #: The operations on the broker (listing, dead letters, delivering to one group), when it
+        #: offers them: without, the bus knows only the subscriptions made on this server.
+        self.admin: BrokerAdmin | None = broker if isinstance(broker, BrokerAdmin) else None
         self.auth = auth
         self.access = access if access is not None else Access()
         self.max_topics = max_topics
@@ -254,23 +240,6 @@ class BusApp:
                 Route(sub + "/dead-letters/take", self._guard(self._take), methods=["POST"]),
             ],
             default=self._not_found,
-        )
-
-    @classmethod
-    def from_config(cls, config: Config, broker: Broker, publish: Publish | None = None) -> BusApp:
-        auth = config.backend.auth
-        static = StaticTokenAuth.from_settings(
-            [entry.model_dump(by_alias=True) for entry in auth.external_access],
-            disable_default_policy=auth.dangerously_disable_default_auth_policy,
-        )
-        bus = config.events.bus
-        return cls(
-            broker,
-            BusAuth(static, _plugin_tokens(config)),
-            publish=publish,
-            notify_timeout_ms=config.events.notify_timeout_ms,
-            access=Access(Grant.parse(g.subject, g.subscriptions) for g in bus.grants),
-            max_topics=bus.max_topics_per_subscription,
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -357,10 +326,20 @@ class BusApp:
         self.access.check(principal, id, feed.owner)
         return feed
 
-    async def _stored(self, id: str) -> Any:
+    async def _stored(self, id: str) -> SubscriptionInfo | None:
         """The broker's ``SubscriptionInfo`` of ``id``, or ``None`` (none, or no list)."""
-        infos = await subscription_infos(self.broker)
+        infos = await subscription_infos(self.admin)
         return next((info for info in infos or () if info.name == id), None)
+
+    def _operations(self) -> BrokerAdmin:
+        """The broker's operations, or a ``501`` when it offers none."""
+        if self.admin is None:
+            raise RequestRejected(
+                f"the broker {type(self.broker).__name__} keeps no dead letters and cannot "
+                "deliver to one subscription (it does not implement BrokerAdmin)",
+                status_code=501,
+            )
+        return self.admin
 
     async def _check(self, request: Request, principal: Principal) -> str:
         """The path's subscription id, once it exists and ``principal`` may use it."""
@@ -393,7 +372,7 @@ class BusApp:
         if event.topic.startswith("$") and not dead_letter:
             raise InvalidTopicError(event.topic, "topics starting with '$' are callboard's own")
         if not dead_letter:
-            stored = await stored_subscriptions(self.broker)
+            stored = await stored_subscriptions(self.admin)
             if stored is not None and not self._topic_index(stored)(event.topic) - notified:
                 logger.debug("skipped an event on %r: no subscription left to notify", event.topic)
                 return Response(status_code=204, headers={PUBLISH_RESULT_HEADER: "no-readers"})
@@ -499,13 +478,13 @@ class BusApp:
             event_from_wire(body.get("event") if isinstance(body, dict) else None)
         )
         try:
-            await self.broker.deliver_to(id, event)
+            await self._operations().deliver_to(id, event)
         except SubscriptionError as error:
             raise RequestRejected(str(error), status_code=404) from error
         return _json({"id": event.id}, 201)
 
     async def _list(self, request: Request, principal: Principal) -> Response:
-        infos = await subscription_infos(self.broker)
+        infos = await subscription_infos(self.admin)
         may = self.access.may
         if infos is None:
             items = [
@@ -533,7 +512,7 @@ class BusApp:
         limit = _bounded(request.query_params.get("limit", "100"), "limit", 1, MAX_DEAD_LETTERS)
         ids = _letter_ids(request.query_params.getlist("id") or None)
         id = await self._check(request, principal)
-        letters = await self.broker.take_dead_letters(id, ids=ids, limit=limit)
+        letters = await self._operations().take_dead_letters(id, ids=ids, limit=limit)
         return _json({"deadLetters": [event_to_wire(e) for e in letters]})
 
     async def _take(self, request: Request, principal: Principal) -> Response:
@@ -552,7 +531,7 @@ class BusApp:
         ):
             raise MalformedBodyError(f"limit must be an integer from 1 to {MAX_DEAD_LETTERS}")
         id = await self._check(request, principal)
-        letters = await self.broker.take_dead_letters(
+        letters = await self._operations().take_dead_letters(
             id, ids=_letter_ids(ids), remove=remove, limit=limit
         )
         return _json({"deadLetters": [event_to_wire(e) for e in letters]})

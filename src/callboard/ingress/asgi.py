@@ -31,6 +31,7 @@ from callboard.errors import (
     UnsupportedMediaTypeError,
 )
 from callboard.events import DELIVERY_ID, Event
+from callboard.http_errors import error_body
 from callboard.ingress.parsers import DEFAULT_PARSERS
 from callboard.ingress.types import BodyParser, Ingress, MediaType, Rejection, WebhookRequest
 from callboard.metrics import Metrics
@@ -313,17 +314,3 @@ async def _send_json(
     headers = [_CONTENT_TYPE, (b"content-length", str(len(body)).encode()), *(extra_headers or [])]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
-
-
-def error_body(scope: Scope, status: int, name: str, message: str) -> bytes:
-    """callboard's JSON error shape, the same as Backstage's error responses."""
-    url = scope["path"]
-    if scope.get("query_string"):
-        url += "?" + scope["query_string"].decode("latin-1")
-    return orjson.dumps(
-        {
-            "error": {"name": name, "message": message},
-            "request": {"method": scope["method"], "url": url},
-            "response": {"statusCode": status},
-        }
-    )
