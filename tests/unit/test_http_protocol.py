@@ -8,7 +8,7 @@ import json
 import logging
 import resource
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 import httpx
@@ -123,14 +123,24 @@ async def test_uvicorn_serves_small_and_streamed_responses_through_it() -> None:
 
 Connect = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
 
-#: Requests the bounded app saw end with ``http.disconnect`` before their body was complete.
-disconnects: list[str] = []
-
 
 class Gate:
-    """Holds ``/hold`` requests until a test opens it; made anew on each test's loop."""
+    """What the bounded app is doing, for the tests to wait on; made anew on each test's loop.
+
+    ``/hold`` requests wait in the app until ``opened`` is set.
+    """
 
     opened = asyncio.Event()
+    #: The ``/hold`` requests that have reached the app, one item each.
+    holding: asyncio.Queue[str] = asyncio.Queue()
+    #: Requests the app saw end with ``http.disconnect`` before their body was complete.
+    disconnects: asyncio.Queue[str] = asyncio.Queue()
+
+    @classmethod
+    async def held(cls, count: int = 1) -> None:
+        """Wait until ``count`` more ``/hold`` requests are in the app (5 s at most)."""
+        for _ in range(count):
+            await asyncio.wait_for(cls.holding.get(), 5)
 
 
 async def bounded_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -139,11 +149,12 @@ async def bounded_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            disconnects.append(scope["path"])
+            Gate.disconnects.put_nowait(scope["path"])
             return
         if not message.get("more_body"):
             break
     if scope["path"] == "/hold":
+        Gate.holding.put_nowait(scope["path"])
         await Gate.opened.wait()
     body = b'{"status":"accepted"}'
     headers = [(b"content-type", b"application/json"), (b"content-length", b"21")]
@@ -166,8 +177,9 @@ SMALL = ServerLimits(
 @contextlib.asynccontextmanager
 async def serving(limits: ServerLimits) -> AsyncIterator[Connect]:
     """A uvicorn server running ``bounded_app`` under ``limits``; yields a connector."""
-    disconnects.clear()
     Gate.opened = asyncio.Event()
+    Gate.holding = asyncio.Queue()
+    Gate.disconnects = asyncio.Queue()
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -232,6 +244,36 @@ async def served(connect: Connect, data: bytes) -> int:
     writer.write(data)
     status, _, _ = await read_response(reader)
     return status
+
+
+async def idle(connect: Connect) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A new connection, served one request and kept alive: the server holds it open by now."""
+    reader, writer = await connect()
+    writer.write(request())
+    assert (await read_response(reader))[0] == 202
+    return reader, writer
+
+
+class Signal(logging.Handler):
+    """Sets ``event`` at the first record it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.event.set()
+
+
+@contextlib.contextmanager
+def logged(name: str) -> Iterator[asyncio.Event]:
+    """An event set when the logger ``name`` passes on a record."""
+    signal = Signal()
+    logging.getLogger(name).addHandler(signal)
+    try:
+        yield signal.event
+    finally:
+        logging.getLogger(name).removeHandler(signal)
 
 
 @pytest.mark.parametrize(
@@ -307,18 +349,17 @@ async def test_pipelined_requests_whose_bodies_fill_a_chunk_are_served() -> None
     three = request("/three", head_sized)
     async with serving(SMALL) as connect:
         reader, writer = await connect()
-        # A chunk ends inside the next head, after a body or after a whole other head.
-        for first, second in [
-            (one + two[:600], two[600:]),
-            (three + three[:600], three[600:] + one),
+        # A chunk ends inside the next head, after a body or after a whole other head. The
+        # answer to the chunk's whole request shows the server has read it before the rest goes.
+        for first, second, completed_by_second in [
+            (one + two[:600], two[600:], 1),
+            (three + three[:600], three[600:] + one, 2),
         ]:
             writer.write(first)
-            await writer.drain()
-            await asyncio.sleep(0.1)
+            assert (await read_response(reader))[0] == 202
             writer.write(second)
-        for _ in range(5):
-            status, _, _ = await read_response(reader)
-            assert status == 202
+            for _ in range(completed_by_second):
+                assert (await read_response(reader))[0] == 202
 
 
 async def test_a_slow_head_is_answered_408_and_closed() -> None:
@@ -340,11 +381,8 @@ async def test_a_stalled_body_closes_the_connection_and_the_app_sees_a_disconnec
         reader, writer = await connect()
         writer.write(b"POST /stalled HTTP/1.1\r\nhost: test\r\ncontent-length: 100\r\n\r\nabc")
         assert await closed(reader)
-        for _ in range(50):
-            if disconnects:
-                break
-            await asyncio.sleep(0.05)
-        assert disconnects == ["/stalled"]
+        assert await asyncio.wait_for(Gate.disconnects.get(), 5) == "/stalled"
+        assert Gate.disconnects.empty()
 
 
 async def test_an_idle_kept_alive_connection_is_closed() -> None:
@@ -360,25 +398,24 @@ async def test_at_the_cap_the_oldest_idle_connection_makes_room(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="callboard.http")
-    limits = ServerLimits(max_connections=3)
-    async with serving(limits) as connect:
-        busy_reader, busy = await connect()
-        busy.write(request("/hold"))  # running a request: never closed to make room
-        await asyncio.sleep(0.2)
-        oldest, _ = await connect()
-        _, younger = await connect()
-        await asyncio.sleep(0.2)
-        newest_reader, newest = await connect()
-        assert await closed(oldest)
-        newest.write(request())
-        assert (await read_response(newest_reader))[0] == 202
-        Gate.opened.set()
-        assert (await read_response(busy_reader))[0] == 202
-        for _ in range(50):
-            if caplog.records:
-                break
-            await asyncio.sleep(0.05)
-        younger.write(request())  # still served
+    # No deadline closes a connection while the test runs: only the cap does.
+    limits = ServerLimits(max_connections=3, keep_alive_timeout=60)
+    with logged("callboard.http") as warned:
+        async with serving(limits) as connect:
+            busy_reader, busy = await connect()
+            busy.write(request("/hold"))  # running a request: never closed to make room
+            await Gate.held()
+            oldest_reader, _ = await idle(connect)
+            younger_reader, younger = await idle(connect)
+            newest_reader, newest = await connect()
+            assert await closed(oldest_reader)
+            newest.write(request())
+            assert (await read_response(newest_reader))[0] == 202
+            Gate.opened.set()
+            assert (await read_response(busy_reader))[0] == 202
+            younger.write(request())  # still served
+            assert (await read_response(younger_reader))[0] == 202
+            await asyncio.wait_for(warned.wait(), 5)
     warnings = [r.getMessage() for r in caplog.records if r.name == "callboard.http"]
     assert len(warnings) == 1
     assert "backend.server.maxConnections" in warnings[0]
@@ -390,7 +427,7 @@ async def test_when_every_connection_runs_a_request_a_new_one_is_refused() -> No
         for _ in range(2):
             _, writer = await connect()
             writer.write(request("/hold"))
-        await asyncio.sleep(0.2)
+        await Gate.held(2)
         reader, _ = await connect()
         assert await closed(reader)
 
