@@ -7,6 +7,7 @@ needs the running events service goes in a start hook (``context.lifecycle.on_st
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -14,16 +15,24 @@ from typing import Any, Protocol, TypeVar
 from pydantic import BaseModel
 
 from callboard.brokers.base import Broker
+from callboard.errors import InvalidTopicError
+from callboard.events import Event
 from callboard.ingress.types import BodyParser, DeliveryIdReader, Ingress, Validator
-from callboard.routing import Destination
 from callboard.service import DEFAULT, EventsService, Handler, HandlerTimeout, Subscriber
 from callboard.settings import validate_section
-from callboard.topics import normalize_patterns, validate_topic
+from callboard.topics import join, normalize_patterns, validate_topic
 
 M = TypeVar("M", bound=BaseModel)
 StartHook = Callable[[EventsService], Awaitable[None]]
 StopHook = Callable[[], Awaitable[None]]
 BrokerFactory = Callable[[], Broker]
+#: Where a router republishes an event; ``None`` drops it.
+Destination = Callable[[Event], str | None]
+#: The sub-topic an event is routed to (``push`` for a GitHub push); ``None`` or ``""``: none.
+SubTopic = Callable[[Event], str | None]
+
+_routing_logger = logging.getLogger("callboard.routing")
+_MAX_CACHED_TOPICS = 1024
 
 
 class Module(Protocol):
@@ -136,6 +145,44 @@ class SubscriberPoint:
     def add_router(self, *, id: str, topics: str | Sequence[str], destination: Destination) -> None:
         """Republish each event on ``topics`` to ``destination(event)`` (dropped if ``None``)."""
         self.routers.append(RouterSpec(id, normalize_patterns(topics), destination))
+
+    def add_sub_topic_router(self, *, id: str, topic: str, sub_topic: SubTopic) -> None:
+        """Republish each event on ``topic`` to ``<topic>.<sub_topic(event)>`` (``github.push``)."""
+        self.add_router(id=id, topics=topic, destination=sub_topic_destination(id, sub_topic))
+
+
+def sub_topic_destination(router_id: str, sub_topic: SubTopic) -> Destination:
+    """The sub-topic rule: ``<topic>`` goes to ``<topic>.<sub_topic(event)>``.
+
+    An event with no sub-topic is dropped, and so is one whose sub-topic is not a valid topic
+    segment (it holds whitespace, ``*`` or ``>``), with a warning naming ``router_id``. A
+    sub-topic with dots gives a deeper topic (``azureDevOps.git.push``).
+    """
+    known: dict[tuple[str, str], str] = {}
+
+    def destination(event: Event) -> str | None:
+        sub = sub_topic(event)
+        if not sub:
+            return None
+        key = (event.topic, sub)
+        topic = known.get(key)
+        if topic is None:
+            try:
+                topic = join(event.topic, sub)
+            except InvalidTopicError:
+                _routing_logger.warning(
+                    "router %r left event %s on %r: %r is not a valid topic segment",
+                    router_id,
+                    event.id,
+                    event.topic,
+                    sub,
+                )
+                return None
+            if len(known) < _MAX_CACHED_TOPICS:
+                known[key] = topic
+        return topic
+
+    return destination
 
 
 class BrokerPoint:

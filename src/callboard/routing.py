@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from callboard.errors import InvalidTopicError
 from callboard.events import Event
+from callboard.extensions import Destination, SubTopic, sub_topic_destination
 from callboard.service import EventsService, Subscription
-from callboard.topics import join, normalize_patterns
+from callboard.topics import normalize_patterns
 
-Destination = Callable[[Event], str | None]
-
-logger = logging.getLogger("callboard.routing")
+__all__ = ["Destination", "EventRouter", "SubTopicEventRouter"]
 
 
 class EventRouter:
@@ -49,29 +46,23 @@ class EventRouter:
 
 
 class SubTopicEventRouter(EventRouter):
-    """Routes ``<topic>`` to ``<topic>.<sub_topic(event)>`` (``github`` to ``github.push``)."""
+    """Routes ``<topic>`` to ``<topic>.<sub_topic(event)>`` (``github`` to ``github.push``).
+
+    The rule is ``extensions.sub_topic_destination``, the one provider modules' routers use.
+    """
 
     def __init__(
         self,
         events: EventsService,
         *,
         topic: str,
-        sub_topic: Callable[[Event], str | None],
+        sub_topic: SubTopic,
         id: str | None = None,
     ) -> None:
-        def destination(event: Event) -> str | None:
-            sub = sub_topic(event)
-            if not sub:
-                return None
-            try:
-                return join(event.topic, sub)
-            except InvalidTopicError:
-                logger.warning(
-                    "router %r dropped event %s: sub-topic %r is not a valid topic segment",
-                    self.id,
-                    event.id,
-                    sub,
-                )
-                return None
-
-        super().__init__(events, id=id or f"{topic}-router", topics=topic, destination=destination)
+        router_id = id or f"{topic}-router"
+        super().__init__(
+            events,
+            id=router_id,
+            topics=topic,
+            destination=sub_topic_destination(router_id, sub_topic),
+        )

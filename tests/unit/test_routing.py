@@ -5,6 +5,7 @@ import logging
 import pytest
 
 from callboard import DELIVERY_ID, Event, EventRouter, InvalidTopicError, SubTopicEventRouter
+from callboard.extensions import SubscriberPoint
 from callboard.testing import RecordingEventsService
 
 
@@ -100,3 +101,22 @@ def test_router_topics_are_checked() -> None:
         EventRouter(
             RecordingEventsService(), id="r", topics="bad topic", destination=lambda e: None
         )
+
+
+def test_a_module_sub_topic_router_has_the_same_rule(caplog: pytest.LogCaptureFixture) -> None:
+    point = SubscriberPoint()
+    point.add_sub_topic_router(
+        id="AzureRouter", topic="azureDevOps", sub_topic=lambda e: e.payload.get("eventType")
+    )
+    (route,) = point.routers
+    assert (route.id, route.topics) == ("AzureRouter", ("azureDevOps",))
+    destination = route.destination
+    assert destination(Event(topic="azureDevOps", payload={"eventType": "git.push"})) == (
+        "azureDevOps.git.push"
+    )
+    assert destination(Event(topic="azureDevOps", payload={"eventType": ""})) is None
+    assert destination(Event(topic="azureDevOps", payload={})) is None
+    with caplog.at_level(logging.WARNING, logger="callboard.routing"):
+        assert destination(Event(topic="azureDevOps", payload={"eventType": "a b"})) is None
+    assert "'AzureRouter'" in caplog.text
+    assert "'a b' is not a valid topic segment" in caplog.text

@@ -12,7 +12,7 @@ import binascii
 import hashlib
 import hmac
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, TypeAlias
 
 from callboard.ingress.types import Headers, Rejection
@@ -145,6 +145,47 @@ def check_hmac(
         if hmac.compare_digest(digest(key, body, algorithm), given):
             return None
     return failures.mismatch
+
+
+@dataclass(frozen=True, slots=True)
+class HmacSignature:
+    """A signature scheme: the HMAC of the raw body, written in one header.
+
+    ``header`` is the header's lower-cased name; ``scheme`` says how the digest is computed and
+    written (``sha256=<hex>``); ``failures`` word the refusals.
+    """
+
+    header: str
+    scheme: HmacScheme
+    failures: SignatureFailures
+    size: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # The digest size is looked up once here, not per request.
+        object.__setattr__(self, "size", self.scheme.size)
+
+    def check(self, headers: Headers, raw_body: bytes, secrets: Sequence[Secret]) -> Failure | None:
+        """``None`` when the header holds the HMAC of ``raw_body`` under one of ``secrets``."""
+        return check_hmac(
+            first(headers, self.header),
+            raw_body,
+            secrets,
+            self.scheme,
+            self.failures,
+            size=self.size,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TokenHeader:
+    """A credential scheme: a shared secret sent as it is in one header (lower-cased name)."""
+
+    header: str
+    failures: SignatureFailures
+
+    def check(self, headers: Headers, raw_body: bytes, secrets: Sequence[Secret]) -> Failure | None:
+        """``None`` when the header holds one of ``secrets``; the body is not covered."""
+        return check_token(first(headers, self.header), secrets, self.failures)
 
 
 def check_token(

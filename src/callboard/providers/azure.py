@@ -27,12 +27,11 @@ import base64
 import binascii
 import hmac
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field
 
-from callboard.events import Event
-from callboard.extensions import FunctionModule, ModuleContext
 from callboard.ingress.types import Headers, WebhookRequest
 from callboard.providers._signatures import (
     Failure,
@@ -43,7 +42,13 @@ from callboard.providers._signatures import (
     first,
     wire_bytes,
 )
-from callboard.providers._wiring import Secrets, add_provider, payload_field, secured_validator
+from callboard.providers._wiring import (
+    ProviderModule,
+    ProviderSpec,
+    WebhookSecretSettings,
+    payload_field,
+    payload_route,
+)
 from callboard.settings import Section
 
 TOPIC = "azureDevOps"
@@ -86,13 +91,9 @@ def _one_or_many(value: Any) -> Any:
     return (value,) if isinstance(value, dict) else value
 
 
-class AzureSettings(Section):
-    webhook_secret: Secrets = Field(default=(), alias="webhookSecret")
+class AzureSettings(WebhookSecretSettings):
     basic_auth: Annotated[tuple[BasicAuth, ...], BeforeValidator(_one_or_many)] = Field(
         default=(), alias="basicAuth"
-    )
-    dangerously_allow_unauthenticated_events: bool = Field(
-        default=False, alias="dangerouslyAllowUnauthenticatedEvents"
     )
 
 
@@ -141,9 +142,8 @@ def _check_basic(header: str, credentials: Sequence[bytes]) -> Failure | None:
     return None if matched else BASIC_MISMATCH
 
 
-def sub_topic(event: Event) -> str | None:
-    """The payload's ``eventType``; it may hold dots, giving deeper topics."""
-    return payload_field(event.payload, "eventType")
+#: The payload's ``eventType``; it may hold dots, giving deeper topics.
+sub_topic = payload_route("eventType")
 
 
 def delivery_id(request: WebhookRequest) -> str | None:
@@ -154,32 +154,33 @@ def delivery_id(request: WebhookRequest) -> str | None:
     return f"{subscription}:{notification}" if subscription else notification
 
 
-def register(context: ModuleContext) -> None:
-    settings = context.settings(AzureSettings)
+@dataclass(frozen=True, slots=True)
+class AzureCredentials:
+    """Secrets for ``x-ado-webhook-secret`` and ``username:password`` pairs for Basic."""
+
+    secrets: tuple[Secret, ...]
+    basic: tuple[bytes, ...]
+
+
+def check(headers: Headers, raw_body: bytes, credentials: AzureCredentials) -> Failure | None:
+    return verify(headers, credentials.secrets, credentials=credentials.basic)
+
+
+def credentials(settings: AzureSettings) -> AzureCredentials | None:
     secrets = as_keys(settings.webhook_secret)
-    credentials = tuple(basic_credential(b.username, b.password) for b in settings.basic_auth)
-    check = None
-    if secrets or credentials:
-
-        def check(request: WebhookRequest) -> Failure | None:
-            return verify(request.headers, secrets, credentials=credentials)
-
-    validator = secured_validator(
-        context,
-        TOPIC,
-        check,
-        allow_unauthenticated=settings.dangerously_allow_unauthenticated_events,
-        keys="events.modules.azureDevOps.webhookSecret (or basicAuth)",
-    )
-    add_provider(
-        context,
-        TOPIC,
-        validator=validator,
-        delivery_id=delivery_id,
-        sub_topic=sub_topic,
-        router_id=ROUTER_ID,
-        redact_headers=(SECRET_HEADER, AUTHORIZATION_HEADER),
-    )
+    basic = tuple(basic_credential(b.username, b.password) for b in settings.basic_auth)
+    return AzureCredentials(secrets, basic) if secrets or basic else None
 
 
-module = FunctionModule(TOPIC, register)
+SPEC = ProviderSpec(
+    topic=TOPIC,
+    settings=AzureSettings,
+    check=check,
+    credentials=credentials,
+    secret_keys="events.modules.azureDevOps.webhookSecret (or basicAuth)",
+    router_id=ROUTER_ID,
+    sub_topic=sub_topic,
+    delivery_id=delivery_id,
+    redact_headers=(SECRET_HEADER, AUTHORIZATION_HEADER),
+)
+module = ProviderModule(SPEC)

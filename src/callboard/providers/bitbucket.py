@@ -21,22 +21,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydantic import Field
-
-from callboard.events import Event
-from callboard.extensions import FunctionModule, ModuleContext
-from callboard.ingress.types import Headers, WebhookRequest
+from callboard.ingress.types import DeliveryIdReader, Headers
 from callboard.providers._signatures import (
     Failure,
     HmacScheme,
+    HmacSignature,
     Secret,
     SignatureFailures,
-    as_keys,
-    check_hmac,
-    first,
 )
-from callboard.providers._wiring import Secrets, add_provider, secured_validator
-from callboard.settings import Section
+from callboard.providers._wiring import (
+    ProviderModule,
+    ProviderSpec,
+    WebhookSecretSettings,
+    header_delivery_id,
+    header_route,
+    webhook_secret_spec,
+)
 
 CLOUD_TOPIC = "bitbucketCloud"
 SERVER_TOPIC = "bitbucketServer"
@@ -48,7 +48,6 @@ SERVER_DELIVERY_HEADER = "x-request-id"
 PING = "diagnostics:ping"
 
 SCHEME = HmacScheme("sha256", "sha256=", "hex")
-_SIZE = SCHEME.size
 
 
 def failures(topic: str) -> SignatureFailures:
@@ -63,13 +62,6 @@ CLOUD_FAILURES = failures(CLOUD_TOPIC)
 SERVER_FAILURES = failures(SERVER_TOPIC)
 
 
-class BitbucketSettings(Section):
-    webhook_secret: Secrets = Field(default=(), alias="webhookSecret")
-    dangerously_allow_unauthenticated_events: bool = Field(
-        default=False, alias="dangerouslyAllowUnauthenticatedEvents"
-    )
-
-
 def verify(
     headers: Headers,
     raw_body: bytes,
@@ -78,65 +70,26 @@ def verify(
     failures: SignatureFailures = CLOUD_FAILURES,
 ) -> Failure | None:
     """``None`` when ``X-Hub-Signature`` is the HMAC-SHA256 of ``raw_body`` under a secret."""
-    return check_hmac(
-        first(headers, SIGNATURE_HEADER), raw_body, secrets, SCHEME, failures, size=_SIZE
+    return HmacSignature(SIGNATURE_HEADER, SCHEME, failures).check(headers, raw_body, secrets)
+
+
+#: Every ``X-Event-Key`` value is a sub-topic (``repo:push``, ``pr:opened``).
+sub_topic = header_route(EVENT_HEADER)
+cloud_delivery_id = header_delivery_id(CLOUD_DELIVERY_HEADER)
+server_delivery_id = header_delivery_id(SERVER_DELIVERY_HEADER)
+
+
+def spec(
+    topic: str, router_id: str, delivery_id: DeliveryIdReader
+) -> ProviderSpec[WebhookSecretSettings, tuple[bytes, ...]]:
+    """Either flavour: they differ in topic, router id and delivery id header only."""
+    check = HmacSignature(SIGNATURE_HEADER, SCHEME, failures(topic)).check
+    return webhook_secret_spec(
+        topic, check, router_id=router_id, sub_topic=sub_topic, delivery_id=delivery_id
     )
 
 
-def sub_topic(event: Event) -> str | None:
-    """Every ``X-Event-Key`` value is a sub-topic (``repo:push``, ``pr:opened``)."""
-    return event.header(EVENT_HEADER) or None
-
-
-def cloud_delivery_id(request: WebhookRequest) -> str | None:
-    return request.header(CLOUD_DELIVERY_HEADER) or None
-
-
-def server_delivery_id(request: WebhookRequest) -> str | None:
-    return request.header(SERVER_DELIVERY_HEADER) or None
-
-
-def _register(context: ModuleContext, topic: str, router_id: str) -> None:
-    settings = context.settings(BitbucketSettings)
-    keys = as_keys(settings.webhook_secret)
-    topic_failures = CLOUD_FAILURES if topic == CLOUD_TOPIC else SERVER_FAILURES
-    check = None
-    if keys:
-
-        def check(request: WebhookRequest) -> Failure | None:
-            return check_hmac(
-                request.header(SIGNATURE_HEADER),
-                request.raw_body,
-                keys,
-                SCHEME,
-                topic_failures,
-                size=_SIZE,
-            )
-
-    validator = secured_validator(
-        context,
-        topic,
-        check,
-        allow_unauthenticated=settings.dangerously_allow_unauthenticated_events,
-        keys=f"events.modules.{topic}.webhookSecret",
-    )
-    add_provider(
-        context,
-        topic,
-        validator=validator,
-        delivery_id=cloud_delivery_id if topic == CLOUD_TOPIC else server_delivery_id,
-        sub_topic=sub_topic,
-        router_id=router_id,
-    )
-
-
-def register_cloud(context: ModuleContext) -> None:
-    _register(context, CLOUD_TOPIC, "BitbucketCloudEventRouter")
-
-
-def register_server(context: ModuleContext) -> None:
-    _register(context, SERVER_TOPIC, "BitbucketServerEventRouter")
-
-
-cloud_module = FunctionModule(CLOUD_TOPIC, register_cloud)
-server_module = FunctionModule(SERVER_TOPIC, register_server)
+CLOUD_SPEC = spec(CLOUD_TOPIC, "BitbucketCloudEventRouter", cloud_delivery_id)
+SERVER_SPEC = spec(SERVER_TOPIC, "BitbucketServerEventRouter", server_delivery_id)
+cloud_module = ProviderModule(CLOUD_SPEC)
+server_module = ProviderModule(SERVER_SPEC)

@@ -14,10 +14,9 @@ from callboard.ingress.types import Headers
 from callboard.providers._signatures import (
     Failure,
     HmacScheme,
+    HmacSignature,
     Secret,
     SignatureFailures,
-    check_hmac,
-    first,
 )
 
 
@@ -38,11 +37,14 @@ def verify(
     failures: SignatureFailures | None = None,
 ) -> Failure | None:
     """``None`` when ``header`` holds the HMAC of ``raw_body`` under one of ``secrets``."""
-    name = header.lower()
-    return check_hmac(
-        first(headers, name),
-        raw_body,
-        secrets,
-        scheme,
-        failures or failures_for(header, scheme, "the configured secrets"),
+    return signature(header, scheme, "the configured secrets", failures).check(
+        headers, raw_body, secrets
     )
+
+
+def signature(
+    header: str, scheme: HmacScheme, where: str, failures: SignatureFailures | None = None
+) -> HmacSignature:
+    """The scheme of a sender that writes ``scheme``'s HMAC in ``header`` (any case);
+    ``where`` names the secret's key in refusals unless ``failures`` are given."""
+    return HmacSignature(header.lower(), scheme, failures or failures_for(header, scheme, where))

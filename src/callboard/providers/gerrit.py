@@ -21,24 +21,28 @@ Configuration, ``events.modules.gerrit``::
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from pydantic import Field, field_validator
 
-from callboard.events import Event
 from callboard.extensions import FunctionModule, ModuleContext
 from callboard.ingress.types import Headers, WebhookRequest
 from callboard.providers._signatures import (
     Failure,
     Secret,
     SignatureFailures,
+    TokenHeader,
     as_keys,
-    check_token,
-    first,
 )
-from callboard.providers._wiring import Secrets, add_provider, payload_field, secured_validator
-from callboard.settings import Section
+from callboard.providers._wiring import (
+    ProviderSpec,
+    WebhookSecretSettings,
+    add_topic,
+    payload_route,
+)
 
 TOPIC = "gerrit"
 ROUTER_ID = "GerritEventRouter"
@@ -56,13 +60,14 @@ def failures(header: str) -> SignatureFailures:
     )
 
 
-class GerritSettings(Section):
-    webhook_secret: Secrets = Field(default=(), alias="webhookSecret")
+def token_header(header: str) -> TokenHeader:
+    """Gerrit's scheme: a shared secret in ``header``, which a proxy in front adds."""
+    return TokenHeader(header, failures(header))
+
+
+class GerritSettings(WebhookSecretSettings):
     secret_header: str = Field(default=DEFAULT_SECRET_HEADER, alias="secretHeader", min_length=1)
     deduplicate_by_body: bool = Field(default=True, alias="deduplicateByBody")
-    dangerously_allow_unauthenticated_events: bool = Field(
-        default=False, alias="dangerouslyAllowUnauthenticatedEvents"
-    )
 
     @field_validator("secret_header")
     @classmethod
@@ -70,49 +75,60 @@ class GerritSettings(Section):
         return value.strip().lower()
 
 
+@dataclass(frozen=True, slots=True)
+class GerritCredentials:
+    """The header the secret is sent in and the secrets it may hold."""
+
+    token: TokenHeader
+    secrets: tuple[Secret, ...]
+
+
+def check(headers: Headers, raw_body: bytes, credentials: GerritCredentials) -> Failure | None:
+    return credentials.token.check(headers, raw_body, credentials.secrets)
+
+
 def verify(
     headers: Headers, secrets: Sequence[Secret], *, header: str = DEFAULT_SECRET_HEADER
 ) -> Failure | None:
     """``None`` when the ``header`` holds one of ``secrets``."""
-    return check_token(first(headers, header), secrets, failures(header))
+    return check(headers, b"", GerritCredentials(token_header(header), tuple(secrets)))
 
 
-def sub_topic(event: Event) -> str | None:
-    """The payload's ``type`` (``patchset-created``, ``change-merged``)."""
-    return payload_field(event.payload, "type")
+def credentials(settings: GerritSettings) -> GerritCredentials | None:
+    secrets = as_keys(settings.webhook_secret)
+    return GerritCredentials(token_header(settings.secret_header), secrets) if secrets else None
+
+
+#: The payload's ``type`` (``patchset-created``, ``change-merged``).
+sub_topic = payload_route("type")
 
 
 def delivery_id(request: WebhookRequest) -> str | None:
     return "sha256:" + hashlib.sha256(request.raw_body).hexdigest()
 
 
+SPEC = ProviderSpec(
+    topic=TOPIC,
+    settings=GerritSettings,
+    check=check,
+    credentials=credentials,
+    secret_keys="events.modules.gerrit.webhookSecret",
+    router_id=ROUTER_ID,
+    sub_topic=sub_topic,
+    delivery_id=delivery_id,
+    redact_headers=(DEFAULT_SECRET_HEADER,),
+)
+
+
 def register(context: ModuleContext) -> None:
     settings = context.settings(GerritSettings)
-    secrets = as_keys(settings.webhook_secret)
-    header = settings.secret_header
-    header_failures = failures(header)
-    check = None
-    if secrets:
-
-        def check(request: WebhookRequest) -> Failure | None:
-            return check_token(request.header(header), secrets, header_failures)
-
-    validator = secured_validator(
-        context,
-        TOPIC,
-        check,
-        allow_unauthenticated=settings.dangerously_allow_unauthenticated_events,
-        keys="events.modules.gerrit.webhookSecret",
+    spec = dataclasses.replace(
+        SPEC,
+        # The secret header is configurable, and so is the body's digest as the delivery id.
+        redact_headers=(settings.secret_header,),
+        delivery_id=SPEC.delivery_id if settings.deduplicate_by_body else None,
     )
-    add_provider(
-        context,
-        TOPIC,
-        validator=validator,
-        delivery_id=delivery_id if settings.deduplicate_by_body else None,
-        sub_topic=sub_topic,
-        router_id=ROUTER_ID,
-        redact_headers=(header,),
-    )
+    add_topic(context, spec, settings)
 
 
 module = FunctionModule(TOPIC, register)

@@ -14,22 +14,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydantic import Field
-
-from callboard.events import Event
-from callboard.extensions import FunctionModule, ModuleContext
-from callboard.ingress.types import Headers, WebhookRequest
+from callboard.ingress.types import Headers
 from callboard.providers._signatures import (
     Failure,
     HmacScheme,
+    HmacSignature,
     Secret,
     SignatureFailures,
-    as_keys,
-    check_hmac,
-    first,
 )
-from callboard.providers._wiring import Secrets, add_provider, secured_validator
-from callboard.settings import Section
+from callboard.providers._wiring import (
+    ProviderModule,
+    header_delivery_id,
+    header_route,
+    webhook_secret_spec,
+)
 
 TOPIC = "gitea"
 ROUTER_ID = "GiteaEventRouter"
@@ -37,67 +35,27 @@ SIGNATURE_HEADER = "x-gitea-signature"
 EVENT_HEADER = "x-gitea-event"
 DELIVERY_HEADER = "x-gitea-delivery"
 
-SCHEME = HmacScheme("sha256", "", "hex")
-FAILURES = SignatureFailures.for_header(
-    "X-Gitea-Signature", "64 hex digits", "events.modules.gitea.webhookSecret"
+SIGNATURE = HmacSignature(
+    SIGNATURE_HEADER,
+    HmacScheme("sha256", "", "hex"),
+    SignatureFailures.for_header(
+        "X-Gitea-Signature", "64 hex digits", "events.modules.gitea.webhookSecret"
+    ),
 )
-_SIZE = SCHEME.size
-
-
-class GiteaSettings(Section):
-    webhook_secret: Secrets = Field(default=(), alias="webhookSecret")
-    dangerously_allow_unauthenticated_events: bool = Field(
-        default=False, alias="dangerouslyAllowUnauthenticatedEvents"
-    )
+SCHEME = SIGNATURE.scheme
+FAILURES = SIGNATURE.failures
 
 
 def verify(headers: Headers, raw_body: bytes, secrets: Sequence[Secret]) -> Failure | None:
     """``None`` when ``X-Gitea-Signature`` is the HMAC-SHA256 of ``raw_body`` under a secret."""
-    return check_hmac(
-        first(headers, SIGNATURE_HEADER), raw_body, secrets, SCHEME, FAILURES, size=_SIZE
-    )
+    return SIGNATURE.check(headers, raw_body, secrets)
 
 
-def sub_topic(event: Event) -> str | None:
-    """Every ``X-Gitea-Event`` value is a sub-topic (``push``, ``pull_request``, ``issues``)."""
-    return event.header(EVENT_HEADER) or None
+#: Every ``X-Gitea-Event`` value is a sub-topic (``push``, ``pull_request``, ``issues``).
+sub_topic = header_route(EVENT_HEADER)
+delivery_id = header_delivery_id(DELIVERY_HEADER)
 
-
-def delivery_id(request: WebhookRequest) -> str | None:
-    return request.header(DELIVERY_HEADER) or None
-
-
-def register(context: ModuleContext) -> None:
-    settings = context.settings(GiteaSettings)
-    keys = as_keys(settings.webhook_secret)
-    check = None
-    if keys:
-
-        def check(request: WebhookRequest) -> Failure | None:
-            return check_hmac(
-                request.header(SIGNATURE_HEADER),
-                request.raw_body,
-                keys,
-                SCHEME,
-                FAILURES,
-                size=_SIZE,
-            )
-
-    validator = secured_validator(
-        context,
-        TOPIC,
-        check,
-        allow_unauthenticated=settings.dangerously_allow_unauthenticated_events,
-        keys="events.modules.gitea.webhookSecret",
-    )
-    add_provider(
-        context,
-        TOPIC,
-        validator=validator,
-        delivery_id=delivery_id,
-        sub_topic=sub_topic,
-        router_id=ROUTER_ID,
-    )
-
-
-module = FunctionModule(TOPIC, register)
+SPEC = webhook_secret_spec(
+    TOPIC, SIGNATURE.check, router_id=ROUTER_ID, sub_topic=sub_topic, delivery_id=delivery_id
+)
+module = ProviderModule(SPEC)

@@ -19,22 +19,28 @@ Configuration, ``events.modules.github``::
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from pydantic import Field
 
-from callboard.events import Event
-from callboard.extensions import FunctionModule, ModuleContext
-from callboard.ingress.types import Headers, WebhookRequest
+from callboard.ingress.types import Headers
 from callboard.providers._signatures import (
     Failure,
     HmacScheme,
+    HmacSignature,
     Secret,
     SignatureFailures,
     as_keys,
-    check_hmac,
     first,
 )
-from callboard.providers._wiring import Secrets, add_provider, secured_validator
+from callboard.providers._wiring import (
+    ProviderModule,
+    ProviderSpec,
+    Secrets,
+    WebhookSecretSettings,
+    header_delivery_id,
+    header_route,
+)
 from callboard.settings import Section
 
 TOPIC = "github"
@@ -45,13 +51,17 @@ DELIVERY_HEADER = "x-github-delivery"
 TARGET_TYPE_HEADER = "x-github-hook-installation-target-type"
 TARGET_ID_HEADER = "x-github-hook-installation-target-id"
 
-SCHEME = HmacScheme("sha256", "sha256=", "hex")
-FAILURES = SignatureFailures.for_header(
-    "X-Hub-Signature-256",
-    "'sha256=' followed by 64 hex digits",
-    "events.modules.github (webhookSecret, apps[].webhookSecret)",
+SIGNATURE = HmacSignature(
+    SIGNATURE_HEADER,
+    HmacScheme("sha256", "sha256=", "hex"),
+    SignatureFailures.for_header(
+        "X-Hub-Signature-256",
+        "'sha256=' followed by 64 hex digits",
+        "events.modules.github (webhookSecret, apps[].webhookSecret)",
+    ),
 )
-_SIZE = SCHEME.size
+SCHEME = SIGNATURE.scheme
+FAILURES = SIGNATURE.failures
 
 
 class GithubApp(Section):
@@ -59,19 +69,42 @@ class GithubApp(Section):
     webhook_secret: Secrets = Field(alias="webhookSecret")
 
 
-class GithubSettings(Section):
-    webhook_secret: Secrets = Field(default=(), alias="webhookSecret")
+class GithubSettings(WebhookSecretSettings):
     apps: tuple[GithubApp, ...] = ()
-    dangerously_allow_unauthenticated_events: bool = Field(
-        default=False, alias="dangerouslyAllowUnauthenticatedEvents"
-    )
 
 
-def verify(headers: Headers, raw_body: bytes, secrets: Sequence[Secret]) -> Failure | None:
-    """``None`` when ``X-Hub-Signature-256`` is the HMAC of ``raw_body`` under one of ``secrets``."""
-    return check_hmac(
-        first(headers, SIGNATURE_HEADER), raw_body, secrets, SCHEME, FAILURES, size=_SIZE
-    )
+@dataclass(frozen=True, slots=True)
+class GithubSecrets:
+    """The secrets to try: ``default`` for a delivery from no known app, ``per_app`` by app id."""
+
+    default: tuple[Secret, ...]
+    per_app: Mapping[str, tuple[Secret, ...]] = field(default_factory=dict)
+
+    def for_delivery(self, headers: Headers) -> tuple[Secret, ...]:
+        """The secrets in the order to try them for a delivery with ``headers``."""
+        app = app_id(headers)
+        return self.default if app is None else self.per_app.get(app, self.default)
+
+
+def check(headers: Headers, raw_body: bytes, secrets: GithubSecrets) -> Failure | None:
+    """GitHub's scheme: ``X-Hub-Signature-256`` under the secrets the delivery's app picks."""
+    keys = secrets.for_delivery(headers) if secrets.per_app else secrets.default
+    return SIGNATURE.check(headers, raw_body, keys)
+
+
+def verify(
+    headers: Headers,
+    raw_body: bytes,
+    secrets: Sequence[Secret],
+    *,
+    apps: Mapping[str, Sequence[Secret]] | None = None,
+) -> Failure | None:
+    """``None`` when ``X-Hub-Signature-256`` is the HMAC of ``raw_body`` under one of ``secrets``
+    (or of a GitHub App's secrets in ``apps``, by app id)."""
+    if apps:
+        default, per_app = secrets_in_order(secrets, apps)
+        return check(headers, raw_body, GithubSecrets(default, per_app))
+    return check(headers, raw_body, GithubSecrets(tuple(secrets)))
 
 
 def app_id(headers: Headers) -> str | None:
@@ -97,52 +130,26 @@ def secrets_in_order(
     return everything, per_app
 
 
-def sub_topic(event: Event) -> str | None:
-    """Every ``X-GitHub-Event`` value is a sub-topic (``push``, ``pull_request``, ``ping``)."""
-    return event.header(EVENT_HEADER) or None
-
-
-def delivery_id(request: WebhookRequest) -> str | None:
-    return request.header(DELIVERY_HEADER) or None
-
-
-def register(context: ModuleContext) -> None:
-    settings = context.settings(GithubSettings)
+def credentials(settings: GithubSettings) -> GithubSecrets | None:
+    """The configured secrets, ``webhookSecret`` and every app's; ``None`` when there is none."""
     default, per_app = secrets_in_order(
         settings.webhook_secret, {str(app.app_id): app.webhook_secret for app in settings.apps}
     )
-    check = None
-    if default:
-
-        def check(request: WebhookRequest) -> Failure | None:
-            headers = request.headers
-            keys = default
-            if per_app and first(headers, TARGET_TYPE_HEADER) == "integration":
-                keys = per_app.get(first(headers, TARGET_ID_HEADER) or "", default)
-            return check_hmac(
-                first(headers, SIGNATURE_HEADER),
-                request.raw_body,
-                keys,
-                SCHEME,
-                FAILURES,
-                size=_SIZE,
-            )
-
-    validator = secured_validator(
-        context,
-        TOPIC,
-        check,
-        allow_unauthenticated=settings.dangerously_allow_unauthenticated_events,
-        keys="events.modules.github.webhookSecret (or apps[].webhookSecret)",
-    )
-    add_provider(
-        context,
-        TOPIC,
-        validator=validator,
-        delivery_id=delivery_id,
-        sub_topic=sub_topic,
-        router_id=ROUTER_ID,
-    )
+    return GithubSecrets(default, per_app) if default else None
 
 
-module = FunctionModule(TOPIC, register)
+#: Every ``X-GitHub-Event`` value is a sub-topic (``push``, ``pull_request``, ``ping``).
+sub_topic = header_route(EVENT_HEADER)
+delivery_id = header_delivery_id(DELIVERY_HEADER)
+
+SPEC = ProviderSpec(
+    topic=TOPIC,
+    settings=GithubSettings,
+    check=check,
+    credentials=credentials,
+    secret_keys="events.modules.github.webhookSecret (or apps[].webhookSecret)",
+    router_id=ROUTER_ID,
+    sub_topic=sub_topic,
+    delivery_id=delivery_id,
+)
+module = ProviderModule(SPEC)

@@ -23,23 +23,28 @@ Configuration, ``events.modules.gitlab``::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from pydantic import Field, field_validator
 
-from callboard.events import Event
-from callboard.extensions import FunctionModule, ModuleContext
-from callboard.ingress.types import Headers, WebhookRequest
+from callboard.ingress.types import Headers
 from callboard.providers import standard_webhooks
 from callboard.providers._signatures import (
     Failure,
     Secret,
     SignatureFailures,
+    TokenHeader,
     as_keys,
-    check_token,
     first,
 )
-from callboard.providers._wiring import Secrets, add_provider, payload_field, secured_validator
-from callboard.settings import Section
+from callboard.providers._wiring import (
+    ProviderModule,
+    ProviderSpec,
+    Secrets,
+    WebhookSecretSettings,
+    header_delivery_id,
+    payload_route,
+)
 
 TOPIC = "gitlab"
 ROUTER_ID = "GitlabEventRouter"
@@ -58,6 +63,7 @@ TOKEN_FAILURES = SignatureFailures(
         "the X-Gitlab-Token header matches no secret in events.modules.gitlab.webhookSecret",
     ),
 )
+TOKEN = TokenHeader(TOKEN_HEADER, TOKEN_FAILURES)
 SIGNATURE_MISSING = Failure(
     "SignatureMissingError",
     "the request has no webhook-signature header; set the webhook's signing token in GitLab "
@@ -65,14 +71,10 @@ SIGNATURE_MISSING = Failure(
 )
 
 
-class GitlabSettings(Section):
-    webhook_secret: Secrets = Field(default=(), alias="webhookSecret")
+class GitlabSettings(WebhookSecretSettings):
     signing_token: Secrets = Field(default=(), alias="signingToken")
     timestamp_tolerance_seconds: int = Field(
         default=standard_webhooks.DEFAULT_TOLERANCE, alias="timestampToleranceSeconds", ge=1
-    )
-    dangerously_allow_unauthenticated_events: bool = Field(
-        default=False, alias="dangerouslyAllowUnauthenticatedEvents"
     )
 
     @field_validator("signing_token")
@@ -105,60 +107,51 @@ def verify(
         return standard_webhooks.verify(
             headers, raw_body, signing_keys, tolerance=tolerance, now=now
         )
-    return check_token(first(headers, TOKEN_HEADER), secrets, TOKEN_FAILURES)
+    return TOKEN.check(headers, raw_body, secrets)
 
 
-def sub_topic(event: Event) -> str | None:
-    """``event_name`` when the payload has one (as Backstage routes), else ``object_kind``.
+@dataclass(frozen=True, slots=True)
+class GitlabCredentials:
+    """Secret tokens (``X-Gitlab-Token``), signing keys and the timestamp tolerance."""
 
-    Push and system hooks carry ``event_name``; merge request, issue, note, pipeline and job
-    hooks carry only ``object_kind``.
-    """
-    return payload_field(event.payload, "event_name") or payload_field(event.payload, "object_kind")
+    tokens: tuple[Secret, ...]
+    signing_keys: tuple[Secret, ...]
+    tolerance: int
 
 
-def delivery_id(request: WebhookRequest) -> str | None:
-    return (
-        request.header(IDEMPOTENCY_HEADER)
-        or request.header(standard_webhooks.ID_HEADER)
-        or request.header(EVENT_UUID_HEADER)
-        or None
+def check(headers: Headers, raw_body: bytes, credentials: GitlabCredentials) -> Failure | None:
+    return verify(
+        headers,
+        raw_body,
+        credentials.tokens,
+        signing_keys=credentials.signing_keys,
+        tolerance=credentials.tolerance,
     )
 
 
-def register(context: ModuleContext) -> None:
-    settings = context.settings(GitlabSettings)
+def credentials(settings: GitlabSettings) -> GitlabCredentials | None:
     tokens = as_keys(settings.webhook_secret)
     signing_keys = tuple(standard_webhooks.decode_secret(t) for t in settings.signing_token)
-    tolerance = settings.timestamp_tolerance_seconds
-    check = None
-    if tokens or signing_keys:
-
-        def check(request: WebhookRequest) -> Failure | None:
-            return verify(
-                request.headers,
-                request.raw_body,
-                tokens,
-                signing_keys=signing_keys,
-                tolerance=tolerance,
-            )
-
-    validator = secured_validator(
-        context,
-        TOPIC,
-        check,
-        allow_unauthenticated=settings.dangerously_allow_unauthenticated_events,
-        keys="events.modules.gitlab.webhookSecret (or signingToken)",
-    )
-    add_provider(
-        context,
-        TOPIC,
-        validator=validator,
-        delivery_id=delivery_id,
-        sub_topic=sub_topic,
-        router_id=ROUTER_ID,
-        redact_headers=(TOKEN_HEADER,),
-    )
+    if not tokens and not signing_keys:
+        return None
+    return GitlabCredentials(tokens, signing_keys, settings.timestamp_tolerance_seconds)
 
 
-module = FunctionModule(TOPIC, register)
+#: ``event_name`` when the payload has one (as Backstage routes), else ``object_kind``: push
+#: and system hooks carry ``event_name``; merge request, issue, note, pipeline and job hooks
+#: carry only ``object_kind``.
+sub_topic = payload_route("event_name", "object_kind")
+delivery_id = header_delivery_id(IDEMPOTENCY_HEADER, standard_webhooks.ID_HEADER, EVENT_UUID_HEADER)
+
+SPEC = ProviderSpec(
+    topic=TOPIC,
+    settings=GitlabSettings,
+    check=check,
+    credentials=credentials,
+    secret_keys="events.modules.gitlab.webhookSecret (or signingToken)",
+    router_id=ROUTER_ID,
+    sub_topic=sub_topic,
+    delivery_id=delivery_id,
+    redact_headers=(TOKEN_HEADER,),
+)
+module = ProviderModule(SPEC)

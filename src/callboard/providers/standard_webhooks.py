@@ -18,9 +18,11 @@ import binascii
 import hmac
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from callboard.ingress.types import Headers, WebhookRequest
+from callboard.ingress.types import Headers
 from callboard.providers._signatures import Failure, Secret, first, wire_bytes
+from callboard.providers._wiring import header_delivery_id
 
 ID_HEADER = "webhook-id"
 TIMESTAMP_HEADER = "webhook-timestamp"
@@ -127,5 +129,18 @@ def _signatures(header: str) -> list[bytes]:
     return found
 
 
-def delivery_id(request: WebhookRequest) -> str | None:
-    return request.header(ID_HEADER) or None
+@dataclass(frozen=True, slots=True)
+class SigningSecrets:
+    """Decoded signing keys and how far ``webhook-timestamp`` may be from the clock."""
+
+    keys: tuple[bytes, ...]
+    tolerance: int = DEFAULT_TOLERANCE
+
+
+def check(headers: Headers, raw_body: bytes, secrets: SigningSecrets) -> Failure | None:
+    """The scheme as a provider spec names it: ``verify`` under configured secrets."""
+    return verify(headers, raw_body, secrets.keys, tolerance=secrets.tolerance)
+
+
+#: ``webhook-id`` stays the same across retries.
+delivery_id = header_delivery_id(ID_HEADER)

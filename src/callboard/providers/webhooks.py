@@ -29,23 +29,25 @@ is true for it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
 from callboard.events import Event
-from callboard.extensions import FunctionModule, ModuleContext
-from callboard.ingress.types import DeliveryIdReader, WebhookRequest
+from callboard.extensions import FunctionModule, ModuleContext, SubTopic
+from callboard.ingress.types import DeliveryIdReader
 from callboard.providers import generic_hmac, standard_webhooks
-from callboard.providers._signatures import Algorithm, Encoding, Failure, HmacScheme, as_keys
+from callboard.providers._signatures import Algorithm, Encoding, HmacScheme, as_keys
 from callboard.providers._wiring import (
     ALLOW_UNAUTHENTICATED,
     Check,
+    ProviderSettings,
+    ProviderSpec,
     Secrets,
-    SubTopic,
-    add_provider,
-    header_sub_topic,
-    secured_validator,
+    add_topic,
+    header_delivery_id,
+    header_route,
 )
 from callboard.settings import Section
 from callboard.topics import validate_topic
@@ -86,7 +88,7 @@ class SubTopicSettings(Section):
         return self
 
 
-class TopicSettings(Section):
+class TopicSettings(ProviderSettings):
     standard_webhooks: StandardWebhooksSettings | None = Field(
         default=None, alias="standardWebhooks"
     )
@@ -94,9 +96,6 @@ class TopicSettings(Section):
     delivery_id_header: str | None = Field(default=None, alias="deliveryIdHeader")
     sub_topic: SubTopicSettings | None = Field(default=None, alias="subTopic")
     redact_headers: tuple[str, ...] = Field(default=(), alias="redactHeaders")
-    dangerously_allow_unauthenticated_events: bool = Field(
-        default=False, alias="dangerouslyAllowUnauthenticatedEvents"
-    )
 
     @model_validator(mode="after")
     def _one_scheme(self) -> TopicSettings:
@@ -131,89 +130,68 @@ def field_sub_topic(path: str) -> SubTopic:
     return sub_topic
 
 
-def header_delivery_id(name: str) -> DeliveryIdReader:
-    def delivery_id(request: WebhookRequest) -> str | None:
-        return request.header(name) or None
-
-    return delivery_id
-
-
-def _standard_check(settings: StandardWebhooksSettings) -> Check | None:
-    keys = tuple(standard_webhooks.decode_secret(secret) for secret in settings.secret)
-    if not keys:
-        return None
-    tolerance = settings.tolerance_seconds
-
-    def check(request: WebhookRequest) -> Failure | None:
-        return standard_webhooks.verify(
-            request.headers, request.raw_body, keys, tolerance=tolerance
-        )
-
-    return check
-
-
-def _hmac_check(settings: HmacSettings, where: str) -> Check | None:
-    keys = as_keys(settings.secret)
-    if not keys:
-        return None
-    header = settings.header.lower()
-    scheme = HmacScheme(settings.algorithm, settings.prefix, settings.encoding)
-    failures = generic_hmac.failures_for(settings.header, scheme, where)
-
-    def check(request: WebhookRequest) -> Failure | None:
-        return generic_hmac.verify(
-            request.headers, request.raw_body, keys, header=header, scheme=scheme, failures=failures
-        )
-
-    return check
-
-
-def _add_topic(context: ModuleContext, topic: str, settings: TopicSettings) -> None:
+def topic_spec(topic: str, settings: TopicSettings) -> ProviderSpec[TopicSettings, Any]:
+    """The spec of one configured topic: its scheme, delivery id and routing rule."""
     base = f"events.modules.{NAME}.topics.{topic}"
-    check: Check | None = None
+    check: Check[Any] | None = None
+    credentials: Callable[[TopicSettings], Any] = _no_credentials
+    secret_keys = f"{base}.standardWebhooks.secret (or {base}.hmac)"
     delivery_id: DeliveryIdReader | None = None
     if settings.standard_webhooks is not None:
-        check = _standard_check(settings.standard_webhooks)
+        check = standard_webhooks.check
+        credentials = _signing_secrets
+        secret_keys = f"{base}.standardWebhooks.secret"
         delivery_id = standard_webhooks.delivery_id
-        keys = f"{base}.standardWebhooks.secret"
     elif settings.hmac is not None:
-        check = _hmac_check(settings.hmac, f"{base}.hmac.secret")
-        keys = f"{base}.hmac.secret"
-    else:
-        keys = f"{base}.standardWebhooks.secret (or {base}.hmac)"
+        hmac = settings.hmac
+        secret_keys = f"{base}.hmac.secret"
+        scheme = HmacScheme(hmac.algorithm, hmac.prefix, hmac.encoding)
+        check = generic_hmac.signature(hmac.header, scheme, secret_keys).check
+        credentials = _hmac_secrets
     if settings.delivery_id_header:
         delivery_id = header_delivery_id(settings.delivery_id_header.lower())
-    validator = secured_validator(
-        context,
-        topic,
-        check,
-        allow_unauthenticated=settings.dangerously_allow_unauthenticated_events,
-        keys=keys,
+    return ProviderSpec(
+        topic=topic,
+        settings=TopicSettings,
+        check=check,
+        credentials=credentials,
+        secret_keys=secret_keys,
+        router_id=f"{topic}-router",
+        sub_topic=_sub_topic(settings.sub_topic),
+        delivery_id=delivery_id,
+        redact_headers=settings.redact_headers,
         allow_key=f"{base}.{ALLOW_UNAUTHENTICATED}",
     )
-    route = settings.sub_topic
-    sub_topic: SubTopic | None = None
-    if route is not None:
-        sub_topic = (
-            header_sub_topic(route.header.lower())
-            if route.header is not None
-            else field_sub_topic(route.field or "")
-        )
-    add_provider(
-        context,
-        topic,
-        validator=validator,
-        delivery_id=delivery_id,
-        sub_topic=sub_topic,
-        router_id=f"{topic}-router",
-        redact_headers=settings.redact_headers,
-    )
+
+
+def _no_credentials(settings: TopicSettings) -> None:
+    return None
+
+
+def _signing_secrets(settings: TopicSettings) -> standard_webhooks.SigningSecrets | None:
+    scheme = settings.standard_webhooks
+    if scheme is None or not scheme.secret:
+        return None
+    keys = tuple(standard_webhooks.decode_secret(secret) for secret in scheme.secret)
+    return standard_webhooks.SigningSecrets(keys, scheme.tolerance_seconds)
+
+
+def _hmac_secrets(settings: TopicSettings) -> tuple[bytes, ...] | None:
+    return as_keys(settings.hmac.secret) or None if settings.hmac is not None else None
+
+
+def _sub_topic(route: SubTopicSettings | None) -> SubTopic | None:
+    if route is None:
+        return None
+    if route.header is not None:
+        return header_route(route.header.lower())
+    return field_sub_topic(route.field or "")
 
 
 def register(context: ModuleContext) -> None:
     settings = context.settings(WebhooksSettings)
     for topic, topic_settings in settings.topics.items():
-        _add_topic(context, topic, topic_settings)
+        add_topic(context, topic_spec(topic, topic_settings), topic_settings)
 
 
 module = FunctionModule(NAME, register)
