@@ -25,7 +25,8 @@ from callboard.topics import join, normalize_patterns, validate_topic
 M = TypeVar("M", bound=BaseModel)
 StartHook = Callable[[EventsService], Awaitable[None]]
 StopHook = Callable[[], Awaitable[None]]
-BrokerFactory = Callable[[], Broker]
+#: What a module hands ``set_broker``: called once, when the application opens its broker.
+BrokerMaker = Callable[[], Broker]
 #: Where a router republishes an event; ``None`` drops it.
 Destination = Callable[[Event], str | None]
 #: The sub-topic an event is routed to (``push`` for a GitHub push); ``None`` or ``""``: none.
@@ -189,10 +190,10 @@ class BrokerPoint:
     """Replaces the broker named by ``events.broker``."""
 
     def __init__(self) -> None:
-        self.factory: BrokerFactory | None = None
+        self.factory: BrokerMaker | None = None
         self.owner: str | None = None
 
-    def set_broker(self, factory: BrokerFactory) -> None:
+    def set_broker(self, factory: BrokerMaker) -> None:
         self.factory = factory
 
 
