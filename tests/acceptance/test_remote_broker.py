@@ -262,3 +262,28 @@ async def test_a_restarted_server_loses_nothing_unacknowledged(tmp_path: Path) -
             await recorder.wait_until(complete)
         finally:
             await service.close()
+
+
+async def test_leaving_the_service_right_after_a_handler_returned_keeps_its_acknowledgements() -> (
+    None
+):
+    async with server(_free_port()) as url:
+        for round in range(5):  # the last acknowledgement is on its way at a different moment
+            group = f"svc.leaving-{round}"
+            handled = Recorder()
+            async with (
+                DefaultEventsService(_remote(url)) as publisher,
+                DefaultEventsService(_remote(url)) as service,
+            ):
+                await service.subscribe(group, "jobs", handled)
+                for n in range(3):
+                    await publisher.publish(Event(topic="jobs", payload=n))
+                await handled.wait_for(3)
+                # Left at once: the last acknowledgements may still be on their way.
+            broker = _remote(url)
+            try:
+                [info] = [s for s in await broker.subscriptions() if s.name == group]
+                # Neither leased (it would come back when the lease ends) nor waiting.
+                assert (info.in_flight, info.backlog) == (0, 0)
+            finally:
+                await broker.close()

@@ -348,12 +348,35 @@ async def test_a_batch_handed_back_goes_to_the_next_claim(schema: str) -> None:
     try:
         listed = {s.name: s for s in await broker.subscriptions()}
         assert (listed["workers"].in_flight, listed["workers"].backlog) == (2, 0)
-        await broker._with(ops.release, "workers", "c1")
+        assert await broker.postgres.run(ops.release, "workers", "c1", None)
         listed = {s.name: s for s in await broker.subscriptions()}
         assert (listed["workers"].in_flight, listed["workers"].backlog) == (0, 2)
     finally:
         await broker.close()
     assert await leasing_.claim("c2") == [(seqs[1], 2), (seqs[2], 2)]
+
+
+async def test_events_released_from_a_batch_are_handed_out_again_first(schema: str) -> None:
+    leasing_, seqs = await leasing(schema, 4)
+    await leasing_.claim("c1")
+    broker = PostgresBroker(POSTGRES_URL, schema=schema)
+    await broker.start()
+    try:
+        release = [seqs[1], seqs[3]]
+        assert not await broker.postgres.run(ops.release, "workers", "c2", release)  # not c2's
+        assert await broker.postgres.run(ops.release, "workers", "c1", release)
+        assert await leasing_.batches() == [("c1", [seqs[0], seqs[2]])]
+        assert [(seq, consumer) for seq, consumer, _ in await leasing_.leases()] == [
+            (seqs[1], None),
+            (seqs[3], None),
+        ]
+        listed = {s.name: s for s in await broker.subscriptions()}
+        assert (listed["workers"].in_flight, listed["workers"].backlog) == (2, 2)
+    finally:
+        await broker.close()
+    assert await leasing_.claim("c2") == [(seqs[1], 2), (seqs[3], 2)]
+    # The rest of the batch is still c1's: its acknowledgements count.
+    assert await leasing_.ack("c1", seqs[0], seqs[1], seqs[2]) == [seqs[0], seqs[2]]
 
 
 async def test_the_broker_learns_which_acknowledgements_found_their_lease(schema: str) -> None:
@@ -363,8 +386,8 @@ async def test_the_broker_learns_which_acknowledgements_found_their_lease(schema
     await broker.start()
     try:
         acks = [("workers", "c1", seqs[0]), ("workers", "c2", seqs[1]), ("workers", "c1", seqs[2])]
-        assert await broker._with(ops.ack, acks) == [True, False, True]
-        assert await broker._with(ops.ack, acks[:1]) == [False]
+        assert await broker.postgres.run(ops.ack, acks) == [True, False, True]
+        assert await broker.postgres.run(ops.ack, acks[:1]) == [False]
     finally:
         await broker.close()
     assert await leasing_.batches() == [("c1", [seqs[1]])]
@@ -443,7 +466,7 @@ async def test_deleting_a_subscription_during_a_claim_leaves_nothing_behind(sche
         transaction = claiming.transaction()
         await transaction.start()
         await claiming.fetch(f'SELECT * FROM "{schema}".claim($1, $2, 10, 30.0)', "workers", "c1")
-        deleting = asyncio.ensure_future(broker._with(ops.delete_subscription, "workers"))
+        deleting = asyncio.ensure_future(broker.postgres.run(ops.delete_subscription, "workers"))
         await asyncio.sleep(0.3)
         assert not deleting.done()  # waits for the claim
         await transaction.commit()

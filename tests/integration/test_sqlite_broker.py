@@ -309,7 +309,7 @@ async def test_full_synchronous_commits_off_the_loop(tmp_path: Path) -> None:
     broker = SQLiteBroker.from_url(f"sqlite:///{tmp_path / 'cb.db'}?synchronous=full")
     await broker.start()
     try:
-        assert not broker._thread._inline
+        assert not broker.sqlite.thread._inline
         assert await broker.publish(Event(topic="jobs", payload={})) is True
     finally:
         await broker.close()
@@ -408,5 +408,24 @@ async def test_an_expired_lease_still_held_is_acknowledged(tmp_path: Path) -> No
         await consumer.ack((held,))
         (info,) = await broker.subscriptions()
         assert (info.in_flight, info.backlog) == (0, 0)
+    finally:
+        await broker.close()
+
+
+async def test_a_release_wakes_the_group_at_once(tmp_path: Path) -> None:
+    """Not at the next poll (30 s here): the broker wakes the group's members when it hands
+    leases back. (What a release means is the contract suite's to check.)"""
+    broker = SQLiteBroker(str(tmp_path / "events.db"), poll_interval=30.0)
+    await broker.start()
+    try:
+        one = await broker.consume("workers", ["jobs"])
+        two = await broker.consume("workers", ["jobs"])
+        await broker.publish(Event(topic="jobs", payload=1))
+        held = await _fetched(one, 1)
+        waiting = asyncio.ensure_future(two.fetch(10))
+        await broker.publish(Event(topic="other", payload=None))  # lets `two` claim nothing
+        await one.release(held)
+        (again,) = await asyncio.wait_for(waiting, 5)
+        assert (again.event.payload, again.attempt) == (1, 2)
     finally:
         await broker.close()

@@ -1,4 +1,4 @@
-"""The PostgreSQL broker's group commit, with a stand-in flush (no server needed)."""
+"""The group-commit engine of the SQL brokers, with a stand-in flush (no database needed)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from callboard.group_commit import GroupCommit
 from callboard.errors import BrokerUnavailable
+from callboard.group_commit import GroupCommit
 
 
 class Store:

@@ -1,4 +1,4 @@
-"""The SQL brokers' consumer when its store refuses a statement (a stand-in store, no database)."""
+"""The SQL brokers' consumer over a stand-in store (no database): refusals, handing back."""
 
 from __future__ import annotations
 
@@ -17,14 +17,24 @@ from callboard.events import Event
 class RefusingStore:
     """Refuses the first ``claims`` claims and the first ``acks`` acknowledgements."""
 
-    def __init__(self, *, claims: int = 0, acks: int = 0, error: Exception | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        claims: int = 0,
+        acks: int = 0,
+        releases: int = 0,
+        error: Exception | None = None,
+    ) -> None:
         self.refuse_claims = claims
         self.refuse_acks = acks
+        self.refuse_releases = releases
         self.error = error or BrokerError(
             "PostgreSQL refused a broker statement: deadlock detected"
         )
         self.claims = 0
         self.acked: list[tuple[str, int]] = []
+        #: ``(consumer, seqs)`` of each release, ``seqs`` ``None`` for all the consumer holds.
+        self.released: list[tuple[str, list[int] | None]] = []
 
     async def claim(self, group: str, consumer: str, limit: int) -> list[Delivery]:
         self.claims += 1
@@ -40,8 +50,11 @@ class RefusingStore:
         self.acked.extend(leases)
         return [True] * len(leases)
 
-    async def release(self, group: str, consumer: str) -> None:
-        return None
+    async def release(self, group: str, consumer: str, seqs: Sequence[int] | None) -> None:
+        if self.refuse_releases:
+            self.refuse_releases -= 1
+            raise self.error
+        self.released.append((consumer, None if seqs is None else list(seqs)))
 
 
 def consumer(store: RefusingStore, ack_patience: float = 1.0) -> LeasedConsumer:
@@ -117,4 +130,43 @@ async def test_an_acknowledgement_refused_for_good_lets_its_leases_run_out(
     # Claiming under a new id: the old one is renewed no more, so its lease runs out.
     assert reader.id != claimer
     assert "could not acknowledge 1 events" in caplog.text
+    await reader.close()
+
+
+async def test_released_deliveries_go_back_by_their_lease() -> None:
+    store = RefusingStore()
+    reader = consumer(store)
+    first = await reader.fetch(10)
+    second = await reader.fetch(10)
+    await reader.release([*first, *second])
+    assert store.released == [(reader.id, [1, 2])]
+    await reader.close()
+    assert store.released[-1] == (reader.id, None)  # closing hands back everything left
+
+
+async def test_what_the_consumer_does_not_hold_is_neither_released_nor_acknowledged() -> None:
+    store = RefusingStore()
+    reader, other = consumer(store), consumer(store)
+    (theirs,) = await other.fetch(10)
+    for foreign in (Delivery(Event(topic="jobs", payload=0)), theirs):  # no lease; another's
+        await reader.release([foreign])
+        await reader.ack([foreign])
+    assert (store.released, store.acked) == ([], [])
+    await reader.close()
+    await other.close()
+
+
+async def test_a_release_that_fails_lets_its_leases_run_out(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = RefusingStore(releases=1)
+    reader = consumer(store)
+    batch = await reader.fetch(10)
+    claimer = reader.id
+    with caplog.at_level(logging.WARNING):
+        await reader.release(batch)
+    assert store.released == []
+    # Claiming under a new id: the old one is renewed no more, so its leases run out.
+    assert reader.id != claimer
+    assert "could not hand 1 events back" in caplog.text
     await reader.close()

@@ -6,29 +6,28 @@ not know to the server as settings).
 
 Design
 ------
-The tables mirror the SQLite broker's (``sql/postgres/migrations``): an append-only ``events``
-table numbered by an identity ``seq``, ``subscriptions`` (consumer groups) with a ``position``,
-``leased_batches`` and ``leases`` for events handed out and not acknowledged, ``dead_letters``
-kept until taken.
+The domain is ``SqlBroker``'s (``sql/broker.py``); this module holds the PostgreSQL store: its
+connections (an asyncpg pool and a ``LISTEN`` connection) and its statements (``postgres_ops``,
+``sql/postgres/``). The tables mirror the SQLite broker's, with ``leased_batches`` beside
+``leases`` for events handed out and not acknowledged.
 
-- Publishing: a publish joins a queue and awaits its future; one flusher writes everything queued
-  in one transaction (``INSERT ... SELECT FROM unnest``) under a per-schema advisory lock, notifies,
-  commits (synchronously) and only then resolves the futures, so a ``202`` means the event is on
+- Publishing: one commit of the broker's group-commit engine writes its batch in one transaction
+  (``INSERT ... SELECT FROM unnest``) under a per-schema advisory lock, notifies, commits
+  (synchronously) and only then are the publishes answered, so a ``202`` means the event is on
   disk. The lock makes seqs visible in order across instances (see ``postgres_ops``), which is
-  what lets a position move safely. Under load the flusher lets the callers of one commit come
-  back (at most ``PUBLISH_REGROUP``) before the next, so they share it (``callboard.group_commit``).
+  what lets a position move safely. Under load a commit waits for the callers of the previous one
+  to come back (at most ``PUBLISH_REGROUP``), so they share it (``callboard.group_commit``).
 - Consuming: a claim locks the group's row (claims of one group take turns), re-leases expired or
   handed-back leases (``FOR UPDATE SKIP LOCKED``), then leases the next matching events after the
   position, as ONE row of ``leased_batches`` for the lot, and moves the position. A batch whose
   lease runs out or is handed back is split into single ``leases`` of its events not
-  acknowledged yet, which are handed out one by one (``0003_leased_batches.sql``). Competing
-  consumers in any number of instances never share an event and each receives its events in
-  publish order. Live consumers' leases are renewed; a dead instance's leases run out and go to
-  another consumer. Lease times are the server's (``now()``), so the instances' clocks play no
-  part; a lease left more than a lease ahead by the server's clock moving back is brought back
-  to a lease from now by the next renewal of any instance. Claims and acknowledgements commit
-  without waiting for the disk (``synchronous_commit = off``): one lost in a server crash only
-  means its events are handed out again.
+  acknowledged yet, which are handed out one by one (``0003_leased_batches.sql``); releasing some
+  events of a batch moves them to single leases at once. Lease times are the server's
+  (``now()``), so the instances' clocks play no part; a lease left more than a lease ahead by the
+  server's clock moving back is brought back to a lease from now by the next renewal of any
+  instance. Claims and acknowledgements commit without waiting for the disk
+  (``synchronous_commit = off``): one lost in a server crash only means its events are handed
+  out again.
 - Statements: a publish batch, a claim and an acknowledgement batch are each ONE statement (the
   functions of ``0002_operations.sql`` to ``0004_plain_publish.sql``) outside a transaction
   block, so autocommitted; asyncpg prepares each once per connection and sends the batches'
@@ -37,9 +36,8 @@ kept until taken.
   statement (``bench/pg_driver.py``).
 - Wake-ups: ONE ``LISTEN`` connection per broker (``postgres_listener``) wakes local consumers on
   other instances' commits; while it is down consumers poll every ``fallback_poll`` seconds. A
-  broker wakes its own consumers of its own commits (and its listener skips their
-  notifications) once the publishers of the commit have been answered, so under load delivery
-  runs while the next publish commit waits for the disk (``_published``).
+  broker wakes its own consumers of its own publishes (and its listener skips their
+  notifications) once the publishers of the commit have been answered.
 - Failures: driver errors become ``BrokerUnavailable`` (connection, timeout) or ``BrokerError``
   at this boundary, and data the server refuses to store (a NUL in text) ``InvalidEventError``,
   for that event's publish alone (``postgres_ops.refused_data``); connects and statements time
@@ -52,9 +50,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -62,35 +59,32 @@ import asyncpg
 
 from callboard.brokers import postgres_ops as ops
 from callboard.brokers.base import (
-    DEAD_LETTER_PREFIX,
     Capabilities,
     Delivery,
     RetentionPolicy,
     Start,
     SubscriptionInfo,
 )
-from callboard.group_commit import GroupCommit
 from callboard.brokers.postgres_listener import Listener
-from callboard.brokers.sql import StoredEvent, cancel_all, encode_event, repeat
-from callboard.brokers.sql.consumer import ConsumerRegistry, LeasedConsumer
+from callboard.brokers.sql import Expired, StoredEvent
+from callboard.brokers.sql.broker import SqlBroker
+from callboard.brokers.sql.store import Wake
 from callboard.errors import (
     BrokerError,
     BrokerUnavailable,
     ConfigError,
     InvalidEventError,
-    ServiceClosedError,
     SubscriptionError,
 )
 from callboard.events import Event
-from callboard.topics import normalize_patterns
 
 logger = logging.getLogger("callboard.brokers.postgres")
 
 T = TypeVar("T")
 
 #: Seconds a publish commit waits, at most, for the callers of the previous one to come back
-#: (``callboard.group_commit``): a commit waits for the disk (about 1.5 ms here), and callers taking turns
-#: in two halves would each wait for two of them.
+#: (``callboard.group_commit``): a commit waits for the disk (about 1.5 ms here), and callers
+#: taking turns in two halves would each wait for two of them.
 PUBLISH_REGROUP = 0.001
 
 #: What says the server cannot be reached or is going away, rather than refusing a statement:
@@ -108,7 +102,7 @@ _UNAVAILABLE = (
 _BROKEN = (*_UNAVAILABLE, asyncpg.InterfaceError, asyncpg.InternalClientError)
 
 
-class PostgresBroker:
+class PostgresBroker(SqlBroker):
     """Durable broker on PostgreSQL. ``postgresql://...`` in configuration."""
 
     def __init__(
@@ -124,32 +118,23 @@ class PostgresBroker:
     ) -> None:
         self.conninfo = conninfo
         self.schema = schema
-        self.lease = lease
-        self.poll_interval = poll_interval
-        #: How often consumers look for events while the notification connection is down.
-        self.fallback_poll = min(poll_interval, 0.5)
-        self.retention = retention if retention is not None else RetentionPolicy()
         self.timeout = timeout
-        self._q = ops.Queries(schema)
-        self._pool_size = pool_size
-        #: An ``asyncpg.Pool`` while started (asyncpg ships no type information).
-        self._pool: Any = None
-        self._registry = ConsumerRegistry()
-        #: Marks this broker's notifications, which its own listener skips (see ``_published``).
-        self._origin = uuid.uuid4().hex
-        self._listener = Listener(
+        self.postgres = PostgresStore(
             conninfo,
-            self._q.channel,
-            self._registry.wake,
-            connect_timeout=timeout,
-            origin=self._origin,
+            schema=schema,
+            pool_size=pool_size,
+            timeout=timeout,
+            fallback_poll=min(poll_interval, 0.5),
         )
-        self._publishes: GroupCommit[tuple[StoredEvent, str | None], bool] = GroupCommit(
-            self._flush_publishes, 1_000, regroup=PUBLISH_REGROUP, settled=self._published
+        super().__init__(
+            self.postgres,
+            lease=lease,
+            poll_interval=poll_interval,
+            retention=retention,
+            capabilities=Capabilities(durable=True, shared=True, replay=True),
+            log=logger,
+            publish_regroup=PUBLISH_REGROUP,
         )
-        self._acks: GroupCommit[tuple[str, str, int], bool] = GroupCommit(self._flush_acks, 1_000)
-        self._tasks: list[asyncio.Task[None]] = []
-        self._closed = True
 
     @classmethod
     def from_url(cls, url: str, *, retention: RetentionPolicy | None = None) -> PostgresBroker:
@@ -161,42 +146,38 @@ class PostgresBroker:
         conninfo = urlunsplit(parts._replace(scheme="postgresql", query=urlencode(params)))
         return cls(conninfo, schema=schema, retention=retention)
 
-    @property
-    def capabilities(self) -> Capabilities:
-        return Capabilities(durable=True, shared=True, replay=True)
 
-    async def start(self) -> None:
-        if not self._closed:
-            return
+class PostgresStore:
+    """The ``SqlStore`` of a PostgreSQL schema: ``postgres_ops`` on a pool of connections."""
+
+    def __init__(
+        self, conninfo: str, *, schema: str, pool_size: int, timeout: float, fallback_poll: float
+    ) -> None:
+        self.conninfo = conninfo
+        self.schema = schema
+        self.label = f"the PostgreSQL broker on schema {schema!r}"
+        self.timeout = timeout
+        #: How often consumers look for events while the notification connection is down.
+        self.fallback_poll = fallback_poll
+        self.q = ops.Queries(schema)
+        self._pool_size = pool_size
+        #: An ``asyncpg.Pool`` while open (asyncpg ships no type information).
+        self._pool: Any = None
+        #: Marks this store's notifications, which its own listener skips: the broker wakes its
+        #: own consumers of its own publishes.
+        self._origin = uuid.uuid4().hex
+        #: The ``LISTEN`` connection while watching.
+        self.listener: Listener | None = None
+
+    async def open(self) -> None:
         await self._open_pool()
-        try:
-            await self._migrate()
-        except BaseException:
-            await self._close_pool()
-            raise
-        self._closed = False
-        self._spawn(self._listener.run(), "listener")
-        self._spawn(
-            repeat(self.lease / 3, self._renew_leases, "renewing leases failed", log=logger),
-            "leases",
-        )
-        self._spawn(self._fallback_poll(), "poll")
-        interval = self.retention.interval
-        self._spawn(
-            repeat(interval, self.clean, "retention failed", log=logger, first=min(10.0, interval)),
-            "retention",
-        )
 
     async def close(self) -> None:
-        await self._stop(release=True)
-
-    async def abandon(self) -> None:
-        """Stop as a killed process would: leases are neither handed back nor renewed (tests)."""
-        await self._stop(release=False)
+        await self._close_pool()
 
     async def migrate(self) -> list[str]:
         """Create the schema or apply what is missing (``callboard migrate``); what was applied."""
-        if not self._closed:
+        if self._pool is not None:
             return await self._migrate()
         await self._open_pool()
         try:
@@ -204,88 +185,81 @@ class PostgresBroker:
         finally:
             await self._close_pool()
 
-    async def publish(self, event: Event) -> bool:
-        self._check_open()
-        stored = encode_event(event)
-        if event.topic.startswith(DEAD_LETTER_PREFIX):
-            group = event.topic[len(DEAD_LETTER_PREFIX) :]
-            await self._with(ops.keep_dead_letter, group, stored)
-            return True
-        return await self._publishes.submit((stored, None))
+    async def insert_events(
+        self, batch: list[tuple[StoredEvent, str | None]]
+    ) -> list[bool | BaseException]:
+        try:
+            return list(await self.run(ops.insert_events, batch, self._origin))
+        except InvalidEventError:
+            if len(batch) == 1:
+                raise
+        # PostgreSQL refused some event of the batch, and the whole statement with it: store the
+        # events one by one, so that only the refused one's publish fails.
+        results: list[bool | BaseException] = []
+        for item in batch:
+            try:
+                results.extend(await self.run(ops.insert_events, [item], self._origin))
+            except InvalidEventError as error:
+                results.append(error)
+        return results
 
-    async def consume(
-        self, group: str, topics: Sequence[str], *, start: Start = "end", owner: str | None = None
-    ) -> LeasedConsumer:
-        self._check_open()
-        patterns = normalize_patterns(topics)
-        for live in self._registry.group_patterns(group):
-            if set(live) != set(patterns):
-                raise SubscriptionError(
-                    f"subscription {group!r} already reads {list(live)}; cannot join it with "
-                    f"{list(patterns)}: use another subscription id"
-                )
-        if await self._with(ops.join, group, patterns, start, owner):
-            logger.info("created subscription %r on %s from %s", group, list(patterns), start)
-        return LeasedConsumer(
-            _Leases(self),
-            self._registry,
-            group,
-            patterns,
-            poll_interval=self.poll_interval,
-            ack_patience=self.lease,
-        )
+    async def keep_dead_letter(self, group: str, event: StoredEvent) -> None:
+        await self.run(ops.keep_dead_letter, group, event)
 
-    async def deliver_to(self, group: str, event: Event) -> None:
-        self._check_open()
-        if not await self._with(ops.exists, group):
+    async def deliver_to(self, group: str, event: StoredEvent) -> None:
+        if not await self.run(ops.exists, group):
             raise SubscriptionError(f"no subscription {group!r} to deliver to")
-        await self._publishes.submit((encode_event(event), group))
+        # The publishing statement: under the publishing lock, and notified to every instance.
+        await self.run(ops.insert_events, [(event, group)], self._origin)
 
-    async def take_dead_letters(
-        self,
-        group: str,
-        *,
-        ids: Sequence[str] | None = None,
-        remove: bool = False,
-        limit: int = 100,
+    async def join(
+        self, group: str, patterns: Sequence[str], start: Start, owner: str | None
+    ) -> bool:
+        return await self.run(ops.join, group, patterns, start, owner)
+
+    async def claim(self, group: str, consumer: str, limit: int, lease: float) -> list[Delivery]:
+        return await self.run(ops.claim, group, consumer, limit, lease)
+
+    async def ack(self, batch: list[tuple[str, str, int]]) -> list[bool]:
+        return await self.run(ops.ack, batch)
+
+    async def release(self, group: str, consumer: str, seqs: Sequence[int] | None) -> bool:
+        return await self.run(ops.release, group, consumer, seqs)
+
+    async def renew(self, consumers: list[str], lease: float) -> None:
+        await self.run(ops.renew, consumers, lease)
+
+    async def dead_letters(
+        self, group: str, ids: Sequence[str] | None, remove: bool, limit: int
     ) -> list[Event]:
-        self._check_open()
-        return await self._with(ops.dead_letters, group, ids, remove, limit)
+        return await self.run(ops.dead_letters, group, ids, remove, limit)
 
     async def subscriptions(self) -> list[SubscriptionInfo]:
-        self._check_open()
-        return await self._with(ops.subscriptions)
+        return await self.run(ops.subscriptions)
 
     async def delete_subscription(self, group: str) -> bool:
-        self._check_open()
-        self._registry.check_unread(group)
-        deleted = await self._with(ops.delete_subscription, group)
-        if deleted:
-            logger.info("deleted subscription %r", group)
-        return deleted
+        return await self.run(ops.delete_subscription, group)
 
-    async def clean(self) -> int:
-        """Apply the retention policy now, in bounded batches; the number of events deleted."""
-        self._check_open()
-        deleted = 0
-        budget = time.monotonic() + max(1.0, self.retention.interval / 2)
-        while time.monotonic() < budget:
-            expired = await self._with(ops.expire, self.retention, limit=30.0)
-            if expired is None:
-                break  # another instance is cleaning
-            deleted += expired.deleted
-            for name, count in expired.lost.items():
-                logger.warning(
-                    "subscription %r fell behind the retained window: retention deleted %d "
-                    "events it had not received",
-                    name,
-                    count,
-                )
-            if expired.deleted < self.retention.batch_size:
-                break
-        return deleted
+    async def expire(self, policy: RetentionPolicy) -> Expired | None:
+        return await self.run(ops.expire, policy, limit=30.0)
 
-    # -- internals ---------------------------------------------------------------------------
+    async def watch(self, wake: Wake) -> None:
+        """Listen for other instances' notifications; poll while the listener is down."""
+        listener = Listener(
+            self.conninfo, self.q.channel, wake, connect_timeout=self.timeout, origin=self._origin
+        )
+        self.listener = listener
+        listening = asyncio.create_task(listener.run(), name="callboard-postgres-listener")
+        try:
+            while True:
+                await asyncio.sleep(self.fallback_poll)
+                if not listener.up:
+                    wake(None, ())
+        finally:
+            listening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listening
+            self.listener = None
 
     async def _open_pool(self) -> None:
         # Added once: ``addFilter`` skips a filter it already has.
@@ -324,12 +298,12 @@ class PostgresBroker:
             pool.terminate()
 
     async def _migrate(self) -> list[str]:
-        applied = await self._with(ops.migrate, limit=None)
+        applied = await self.run(ops.migrate, limit=None)
         if applied:
             logger.info("applied migrations to schema %r: %s", self.schema, ", ".join(applied))
         return applied
 
-    async def _with(
+    async def run(
         self, operation: Callable[..., Awaitable[T]], *args: Any, limit: float | None = 0.0
     ) -> T:
         """Run an operation on a pooled connection, translating driver errors.
@@ -342,13 +316,13 @@ class PostgresBroker:
         """
         if limit is None:
             async with self._connection() as connection:
-                return await operation(connection, self._q, *args)
+                return await operation(connection, self.q, *args)
         acquired: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def run() -> T:
             async with self._connection() as connection:
                 acquired.set_result(None)
-                return await operation(connection, self._q, *args)
+                return await operation(connection, self.q, *args)
 
         work = asyncio.ensure_future(run())
         work.add_done_callback(_retrieve)  # read by nobody once given up on
@@ -398,67 +372,6 @@ class PostgresBroker:
             # A connection left mid-operation by a failure; it was dropped above.
             raise BrokerUnavailable(f"PostgreSQL connection unusable: {error}") from error
 
-    async def _flush_publishes(
-        self, batch: list[tuple[StoredEvent, str | None]]
-    ) -> list[bool | BaseException]:
-        try:
-            return list(await self._with(ops.insert_events, batch, self._origin))
-        except InvalidEventError:
-            if len(batch) == 1:
-                raise
-        # PostgreSQL refused some event of the batch, and the whole statement with it: store the
-        # events one by one, so that only the refused one's publish fails.
-        results: list[bool | BaseException] = []
-        for item in batch:
-            try:
-                results.extend(await self._with(ops.insert_events, [item], self._origin))
-            except InvalidEventError as error:
-                results.append(error)
-        return results
-
-    def _published(self, batch: list[tuple[StoredEvent, str | None]]) -> None:
-        """Wake this instance's consumers of a commit, once its publishers have been answered.
-
-        Not at the commit, nor when its notification comes back: under load the publishers'
-        callers are answered first, and the consumers claim and handle the events while the
-        next publish commit waits for the disk.
-        """
-        self._registry.wake(
-            {e.topic for e, t in batch if t is None}, {t for _, t in batch if t is not None}
-        )
-
-    async def _flush_acks(self, batch: list[tuple[str, str, int]]) -> list[bool]:
-        return await self._with(ops.ack, batch)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ServiceClosedError(f"the PostgreSQL broker on schema {self.schema!r} is closed")
-
-    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
-        self._tasks.append(asyncio.create_task(work, name=f"callboard-postgres-{name}"))
-
-    async def _stop(self, *, release: bool) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        await cancel_all(self._tasks)
-        if release:
-            await self._publishes.wait_idle()
-            await self._acks.wait_idle()
-        await self._registry.end_all(release=release)
-        await self._close_pool()
-
-    async def _renew_leases(self) -> None:
-        consumers = self._registry.live_ids()
-        if consumers:
-            await self._with(ops.renew, consumers, self.lease)
-
-    async def _fallback_poll(self) -> None:
-        while True:
-            await asyncio.sleep(self.fallback_poll)
-            if not self._listener.up:
-                self._registry.wake()
-
 
 class _OneLine(logging.Filter):
     """asyncpg's pool logs each failed reconnect (during an outage) with a traceback: one line.
@@ -505,21 +418,3 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
     # Reading the outcome of an operation nobody awaits any more keeps asyncio quiet about it.
     if not task.cancelled():
         task.exception()
-
-
-class _Leases:
-    """The broker's lease operations, as its consumers see them."""
-
-    def __init__(self, broker: PostgresBroker) -> None:
-        self._broker = broker
-
-    async def claim(self, group: str, consumer: str, limit: int) -> list[Delivery]:
-        return await self._broker._with(ops.claim, group, consumer, limit, self._broker.lease)
-
-    async def ack(self, group: str, leases: Sequence[tuple[str, int]]) -> list[bool]:
-        return await self._broker._acks.submit_many(
-            [(group, consumer, seq) for consumer, seq in leases]
-        )
-
-    async def release(self, group: str, consumer: str) -> None:
-        await self._broker._with(ops.release, group, consumer)

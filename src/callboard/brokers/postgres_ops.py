@@ -285,10 +285,7 @@ async def join(
     start: Start,
     owner: str | None = None,
 ) -> bool:
-    """Create the group at ``start`` or point it at ``patterns``; created?
-
-    ``owner`` is recorded on a new group and on one that has none yet, never replacing one.
-    """
+    """``SqlStore.join``: one statement (the ``join`` query), an upsert."""
     topics = sorted(set(patterns))
     since = start if isinstance(start, datetime) else None
     async with connection.transaction():
@@ -347,14 +344,28 @@ async def ack(connection: Connection, q: Queries, batch: list[tuple[str, str, in
     return [n not in missed for n in range(len(batch))]
 
 
-async def release(connection: Connection, q: Queries, group: str, consumer: str) -> None:
+async def release(
+    connection: Connection, q: Queries, group: str, consumer: str, seqs: Sequence[int] | None
+) -> bool:
+    """Hand leases of a consumer (``None``: all of them) back to the group and notify; any?"""
     async with connection.transaction():
-        if await fetch_value(connection, q["release"], {"group": group, "consumer": consumer}):
+        if seqs is None:
+            count = await fetch_value(
+                connection, q["release"], {"group": group, "consumer": consumer}
+            )
+        else:
+            count = await fetch_value(
+                connection,
+                q["release_some"],
+                {"group": group, "consumer": consumer, "seqs": list(seqs)},
+            )
+        if count:
             await execute(
                 connection,
                 q["notify"],
                 {"channel": q.channel, "message": notification(set(), {group})},
             )
+    return bool(count)
 
 
 async def renew(connection: Connection, q: Queries, consumers: list[str], lease: float) -> None:

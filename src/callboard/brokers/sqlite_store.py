@@ -1,7 +1,7 @@
 """The SQLite broker's operations: plain functions run on the broker's database thread.
 
-Each function takes the connection and the transaction's ``Changes`` first, so the thread can run
-many of them in one transaction; they check what may fail before they write.
+Each function takes the connection first, so the thread can run many of them in one transaction;
+they check what may fail before they write.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import orjson
 
 from callboard.brokers.base import Delivery, RetentionPolicy, Start, SubscriptionInfo
 from callboard.brokers.sql import Expired, StoredEvent, decode_event, queries, read_sql
-from callboard.brokers.sqlite_thread import Changes
+from callboard.brokers.sql.store import Ack, Publish
 from callboard.errors import BrokerError, SubscriptionError
 from callboard.events import Event
 from callboard.topics import TopicMatcher, TopicPattern
@@ -64,7 +64,7 @@ def connect(path: str, *, synchronous: str, busy_timeout: float) -> sqlite3.Conn
     return connection
 
 
-def migrate(connection: sqlite3.Connection, changes: Changes) -> int:
+def migrate(connection: sqlite3.Connection) -> int:
     """Create the schema if it is missing; the schema version found before."""
     (version,) = connection.execute("PRAGMA user_version").fetchone()
     if version > SCHEMA_VERSION:
@@ -87,15 +87,13 @@ def migrate(connection: sqlite3.Connection, changes: Changes) -> int:
     return int(version)
 
 
-def data_version(connection: sqlite3.Connection, changes: Changes) -> int:
+def data_version(connection: sqlite3.Connection) -> int:
     """Changes whenever another connection (another process) commits."""
     (version,) = connection.execute("PRAGMA data_version").fetchone()
     return int(version)
 
 
-def publish(
-    connection: sqlite3.Connection, changes: Changes, event: StoredEvent, target: str | None
-) -> bool:
+def publish(connection: sqlite3.Connection, event: StoredEvent, target: str | None) -> bool:
     cursor = connection.execute(
         Q["insert_event"],
         {
@@ -109,25 +107,18 @@ def publish(
             "metadata": event.metadata,
         },
     )
-    if cursor.rowcount != 1:
-        return False
-    if target is None:
-        changes.topics.add(event.topic)
-    else:
-        changes.groups.add(target)
-    return True
+    return cursor.rowcount == 1
 
 
-def publish_many(
-    connection: sqlite3.Connection, changes: Changes, events: list[StoredEvent]
-) -> list[bool]:
-    """Store a batch of published events in order; accepted per event.
+def publish_many(connection: sqlite3.Connection, batch: list[Publish]) -> list[bool]:
+    """Store a batch of events in order; accepted per event.
 
     An event is not accepted when its (topic, delivery id) is already stored (a redelivery), or
     an earlier event of the batch carries the same pair.
     """
-    if len(events) == 1:
-        return [publish(connection, changes, events[0], None)]
+    if len(batch) == 1 or any(target is not None for _, target in batch):
+        return [publish(connection, event, target) for event, target in batch]
+    events = [event for event, _ in batch]
     keyed = any(event.delivery_id for event in events)
     after = _head(connection) if keyed else 0
     now = time.time()
@@ -135,7 +126,6 @@ def publish_many(
         Q["insert_events"],
         [(e.id, e.topic, e.delivery_id, e.time_us, now, e.payload, e.metadata) for e in events],
     )
-    changes.topics.update(event.topic for event in events)
     if not keyed:
         return [True] * len(events)
     (found,) = connection.execute(Q["stored_deliveries"], {"after": after}).fetchone()
@@ -151,17 +141,13 @@ def publish_many(
     return accepted
 
 
-def deliver_to(
-    connection: sqlite3.Connection, changes: Changes, group: str, event: StoredEvent
-) -> None:
+def deliver_to(connection: sqlite3.Connection, group: str, event: StoredEvent) -> None:
     if connection.execute(Q["subscription"], {"name": group}).fetchone() is None:
         raise SubscriptionError(f"no subscription {group!r} to deliver to")
-    publish(connection, changes, event, group)
+    publish(connection, event, group)
 
 
-def keep_dead_letter(
-    connection: sqlite3.Connection, changes: Changes, group: str, event: StoredEvent
-) -> bool:
+def keep_dead_letter(connection: sqlite3.Connection, group: str, event: StoredEvent) -> bool:
     connection.execute(
         Q["insert_dead_letter"],
         {
@@ -193,16 +179,12 @@ def _start_position(connection: sqlite3.Connection, start: Start) -> int:
 
 def join(
     connection: sqlite3.Connection,
-    changes: Changes,
     group: str,
     topics: Sequence[str],
     start: Start,
     owner: str | None = None,
 ) -> bool:
-    """Create the group at ``start``, or point an existing one at ``topics``; created?
-
-    ``owner`` is recorded on a new group and on one that has none yet, never replacing one.
-    """
+    """``SqlStore.join``: looked up, then created or updated (the write lock is held)."""
     now = time.time()
     encoded = json.dumps(sorted(set(topics)))
     row = connection.execute(Q["subscription"], {"name": group}).fetchone()
@@ -222,7 +204,6 @@ def join(
 
 def claim(
     connection: sqlite3.Connection,
-    changes: Changes,
     group: str,
     consumer: str,
     limit: int,
@@ -293,36 +274,39 @@ def claim(
     ]
 
 
-def ack(
-    connection: sqlite3.Connection, changes: Changes, group: str, consumer: str, seq: int
-) -> bool:
+def ack(connection: sqlite3.Connection, group: str, consumer: str, seq: int) -> bool:
     cursor = connection.execute(Q["ack"], {"group": group, "seq": seq, "consumer": consumer})
     return cursor.rowcount == 1
 
 
-def ack_many(
-    connection: sqlite3.Connection, changes: Changes, acks: list[tuple[str, str, int]]
-) -> list[bool]:
+def ack_many(connection: sqlite3.Connection, acks: list[Ack]) -> list[bool]:
     """Delete a batch of leases ``(group, consumer, seq)``; whether each one was still held."""
     if len(acks) == 1 or len(set(acks)) != len(acks):
-        return [ack(connection, changes, group, consumer, seq) for group, consumer, seq in acks]
+        return [ack(connection, group, consumer, seq) for group, consumer, seq in acks]
     encoded = orjson.dumps([(group, seq, consumer) for group, consumer, seq in acks]).decode()
     (held,) = connection.execute(Q["held_leases"], {"acks": encoded}).fetchone()
     if held != len(acks):
         # Some lease ran out or moved on: find out which, one by one.
-        return [ack(connection, changes, group, consumer, seq) for group, consumer, seq in acks]
+        return [ack(connection, group, consumer, seq) for group, consumer, seq in acks]
     connection.execute(Q["ack_many"], {"acks": encoded})
     return [True] * len(acks)
 
 
-def release(connection: sqlite3.Connection, changes: Changes, group: str, consumer: str) -> None:
-    if connection.execute(Q["release"], {"group": group, "consumer": consumer}).rowcount:
-        changes.groups.add(group)
+def release(
+    connection: sqlite3.Connection, group: str, consumer: str, seqs: Sequence[int] | None
+) -> bool:
+    """Hand leases of a consumer (``None``: all of them) back to the group; any?"""
+    if seqs is None:
+        cursor = connection.execute(Q["release"], {"group": group, "consumer": consumer})
+    else:
+        cursor = connection.execute(
+            Q["release_some"], {"group": group, "consumer": consumer, "seqs": json.dumps(seqs)}
+        )
+    return cursor.rowcount > 0
 
 
 def renew(
     connection: sqlite3.Connection,
-    changes: Changes,
     consumers: list[str],
     lease: float,
     clock: Callable[[], float] = time.time,
@@ -334,7 +318,6 @@ def renew(
 
 def dead_letters(
     connection: sqlite3.Connection,
-    changes: Changes,
     group: str,
     ids: Sequence[str] | None,
     remove: bool,
@@ -353,7 +336,7 @@ def dead_letters(
     return [decode_event(*row[1:]) for row in rows]
 
 
-def delete_subscription(connection: sqlite3.Connection, changes: Changes, group: str) -> bool:
+def delete_subscription(connection: sqlite3.Connection, group: str) -> bool:
     """Forget a subscription, its leases and its dead letters; was there anything?"""
     args = {"name": group}
     connection.execute(Q["delete_leases_of"], args)
@@ -361,7 +344,7 @@ def delete_subscription(connection: sqlite3.Connection, changes: Changes, group:
     return bool(connection.execute(Q["delete_subscription"], args).rowcount + letters)
 
 
-def subscriptions(connection: sqlite3.Connection, changes: Changes) -> list[SubscriptionInfo]:
+def subscriptions(connection: sqlite3.Connection) -> list[SubscriptionInfo]:
     found = []
     now = time.time()
     for name, topics, position, lost, owner, in_flight, returned in connection.execute(
@@ -383,7 +366,7 @@ def subscriptions(connection: sqlite3.Connection, changes: Changes) -> list[Subs
     return found
 
 
-def expire(connection: sqlite3.Connection, changes: Changes, policy: RetentionPolicy) -> Expired:
+def expire(connection: sqlite3.Connection, policy: RetentionPolicy) -> Expired:
     """Delete one batch of events outside the retention window."""
     now = time.time()
     rows = connection.execute(

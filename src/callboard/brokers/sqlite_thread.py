@@ -2,9 +2,9 @@
 
 sqlite3 blocks, so a broker's database calls go to one connection, serialised here. Callers on
 the event loop submit operations; a group of them runs in ONE transaction (``BEGIN IMMEDIATE``
-when any operation writes) and the callers' futures are resolved after the commit. Concurrent
-publishes therefore share one commit (group commit), and a publish returns only once its event
-is committed.
+when any operation writes) and the callers' futures are resolved after the commit. (The
+broker's group-commit engine, ``callboard.group_commit``, makes each batch of publishes or
+acknowledgements one operation, which goes at once with whatever else waits: ``now``.)
 
 Where a group runs:
 
@@ -36,7 +36,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from callboard.errors import BrokerError, BrokerUnavailable, CallboardError
@@ -51,15 +51,7 @@ BUSY_PAUSE = 0.0005
 _SQLITE_BUSY = 5
 
 
-@dataclass(slots=True)
-class Changes:
-    """What one transaction changed, for waking consumers once it is committed."""
-
-    topics: set[str] = field(default_factory=set)
-    groups: set[str] = field(default_factory=set)
-
-
-Operation = Callable[[sqlite3.Connection, Changes], Any]
+Operation = Callable[[sqlite3.Connection], Any]
 
 
 @dataclass(slots=True)
@@ -99,7 +91,6 @@ class SQLiteThread:
         self,
         connect: Callable[[], sqlite3.Connection],
         path: str,
-        on_commit: Callable[[Changes], None],
         *,
         busy_timeout: float = 10.0,
         inline: bool = True,
@@ -108,12 +99,9 @@ class SQLiteThread:
         self._path = path
         self._busy_timeout = busy_timeout
         self._inline = inline
-        self._on_commit = on_commit
         self._queue: queue.SimpleQueue[list[_Job] | None] = queue.SimpleQueue()
         #: Submitted and not yet run (event loop side).
         self._pending: list[_Job] = []
-        #: Called just before the next group is formed, to add what they gathered (``gather``).
-        self._flushers: list[Callable[[], None]] = []
         #: A group is with the thread, or a hand-off is scheduled: new operations wait.
         self._busy = False
         #: Opened by the thread; used by the loop too, never by both at once.
@@ -132,49 +120,34 @@ class SQLiteThread:
     def running(self) -> bool:
         return self._thread is not None
 
-    def submit(self, operation: Operation, *, writes: bool = True) -> asyncio.Future[Any]:
-        """Run ``operation`` in the next group; its result once that group is committed."""
+    def submit(
+        self, operation: Operation, *, writes: bool = True, now: bool = False
+    ) -> asyncio.Future[Any]:
+        """Run ``operation`` in the next group; its result once that group is committed.
+
+        With ``now``, for an operation that is a batch already (a group commit's): the group
+        goes at once, with whatever else waits, rather than at the end of this turn of the loop;
+        inline on a free file, its future is done when this returns.
+        """
         loop = self._running_loop()
         future = loop.create_future()
-        self.enqueue(operation, functools.partial(_settle, future), writes=writes)
-        return future
-
-    def enqueue(self, operation: Operation, settle: Callable[[Any], None], *, writes: bool) -> None:
-        """Run ``operation`` in the next group; ``settle`` gets its result after the commit."""
-        self._running_loop()
-        self._pending.append(_Job(operation, writes, settle))
-        self._schedule()
-
-    def gather(self, flush: Callable[[], None]) -> None:
-        """Call ``flush`` just before the next group is formed; it may ``enqueue`` operations.
-
-        For callers that collect items of their own (a batch of publishes) and turn them into
-        one operation: their items then join the same group as everything else submitted in
-        this turn of the loop, without a turn of their own.
-        """
-        self._running_loop()
-        self._flushers.append(flush)
-        self._schedule()
-
-    def _schedule(self) -> None:
-        if not self._busy and self._loop is not None:
-            # Gather what else this turn of the loop submits, then run it in one go.
+        self._pending.append(_Job(operation, writes, functools.partial(_settle, future)))
+        if not self._busy:
             self._busy = True
-            self._loop.call_soon(self._hand_over)
+            if now:
+                self._hand_over()
+            else:
+                # Gather what else this turn of the loop submits, then run it in one go.
+                loop.call_soon(self._hand_over)
+        return future
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         if self._loop is None or self._thread is None:
             raise BrokerUnavailable(f"the SQLite broker on {self._path} is not running")
         return self._loop
 
-    def _flush(self) -> None:
-        flushers, self._flushers = self._flushers, []
-        for flush in flushers:
-            flush()
-
     def _hand_over(self) -> None:
         """Run everything pending (at most ``MAX_BATCH`` a group), or become idle."""
-        self._flush()
         while self._pending and self._thread is not None:
             jobs = self._pending[:MAX_BATCH]
             del self._pending[:MAX_BATCH]
@@ -183,11 +156,11 @@ class SQLiteThread:
                 self._queue.put(jobs)
                 return
             try:
-                results, changes = self._execute(connection, jobs)
+                results = self._execute(connection, jobs)
             except _Busy:
                 self._queue.put(jobs)
                 return
-            self._resolve(jobs, results, changes)
+            self._resolve(jobs, results)
         self._busy = False
 
     async def stop(self) -> None:
@@ -195,7 +168,6 @@ class SQLiteThread:
         if self._thread is None or self._stopped is None:
             return
         # What is still pending is handed over before the end (the queue keeps the order).
-        self._flush()
         self._thread = None
         pending, self._pending = self._pending, []
         for start in range(0, len(pending), MAX_BATCH):
@@ -213,10 +185,10 @@ class SQLiteThread:
                     try:
                         self._connection = self._open()
                     except sqlite3.Error as error:
-                        self._post(jobs, [translate(error, self._path)] * len(jobs), None)
+                        self._post(jobs, [translate(error, self._path)] * len(jobs))
                         continue
-                results, changes = self._execute_waiting(self._connection, jobs)
-                self._post(jobs, results, changes)
+                results = self._execute_waiting(self._connection, jobs)
+                self._post(jobs, results)
         finally:
             connection, self._connection = self._connection, None
             if connection is not None:
@@ -243,9 +215,7 @@ class SQLiteThread:
             connection.execute("PRAGMA busy_timeout = 0")
             return connection
 
-    def _execute_waiting(
-        self, connection: sqlite3.Connection, jobs: list[_Job]
-    ) -> tuple[list[Any], Changes | None]:
+    def _execute_waiting(self, connection: sqlite3.Connection, jobs: list[_Job]) -> list[Any]:
         """``_execute``, tried again every ``BUSY_PAUSE`` while another process holds the file.
 
         SQLite's own busy handler sleeps in growing steps (up to 100 ms at a time) while the
@@ -259,14 +229,11 @@ class SQLiteThread:
             except _Busy:
                 if time.monotonic() >= deadline:
                     error = sqlite3.OperationalError("database is locked")
-                    return [translate(error, self._path) for _ in jobs], None
+                    return [translate(error, self._path) for _ in jobs]
             time.sleep(BUSY_PAUSE)
 
-    def _execute(
-        self, connection: sqlite3.Connection, jobs: list[_Job]
-    ) -> tuple[list[Any], Changes | None]:
+    def _execute(self, connection: sqlite3.Connection, jobs: list[_Job]) -> list[Any]:
         """Run a group in one transaction; ``_Busy`` (nothing done) when the file is locked."""
-        changes = Changes()
         writes = any(job.writes for job in jobs)
         results: list[Any] = []
         try:
@@ -274,7 +241,7 @@ class SQLiteThread:
                 connection.execute("BEGIN IMMEDIATE")
             for job in jobs:
                 try:
-                    results.append(job.operation(connection, changes))
+                    results.append(job.operation(connection))
                 except CallboardError as error:
                     results.append(error)
             if writes:
@@ -289,36 +256,34 @@ class SQLiteThread:
             # run again from the start.
             if _is_busy(error) and (not writes or not results):
                 raise _Busy from error
-            return [translate(error, self._path) for _ in jobs], None
+            return [translate(error, self._path) for _ in jobs]
         except Exception as error:
             # A bug in an operation: fail the batch loudly rather than half-commit it.
             if connection.in_transaction:
                 connection.execute("ROLLBACK")
             logger.exception("a SQLite broker operation failed")
-            return [BrokerError(f"SQLite broker operation failed: {error!r}")] * len(jobs), None
-        return results, changes
+            return [BrokerError(f"SQLite broker operation failed: {error!r}")] * len(jobs)
+        return results
 
-    def _post(self, jobs: list[_Job], results: list[Any], changes: Changes | None) -> None:
+    def _post(self, jobs: list[_Job], results: list[Any]) -> None:
         loop = self._loop
         if loop is None or loop.is_closed():
             return
-        loop.call_soon_threadsafe(self._thread_done, jobs, results, changes)
+        loop.call_soon_threadsafe(self._thread_done, jobs, results)
 
-    def _thread_done(self, jobs: list[_Job], results: list[Any], changes: Changes | None) -> None:
+    def _thread_done(self, jobs: list[_Job], results: list[Any]) -> None:
         if self._inline:
-            self._resolve(jobs, results, changes)
+            self._resolve(jobs, results)
             # Then what was submitted meanwhile: on the loop, if the file is free now.
             self._hand_over()
         else:
             # The next group goes to the thread first, so it works while the callers wake up.
             self._hand_over()
-            self._resolve(jobs, results, changes)
+            self._resolve(jobs, results)
 
-    def _resolve(self, jobs: list[_Job], results: list[Any], changes: Changes | None) -> None:
+    def _resolve(self, jobs: list[_Job], results: list[Any]) -> None:
         for job, result in zip(jobs, results, strict=True):
             job.settle(result)
-        if changes is not None and (changes.topics or changes.groups):
-            self._on_commit(changes)
 
 
 def _settle(future: asyncio.Future[Any], result: Any) -> None:

@@ -438,10 +438,17 @@ class BusApp:
     async def _get_deliveries(self, request: Request, principal: Principal) -> Response:
         raw = request.query_params.get("leaseMs", str(DEFAULT_LEASE_MS))
         lease_ms = _bounded(raw, "leaseMs", 1, MAX_LEASE_MS)
+        raw_max = request.query_params.get("max")
+        # More than a batch is read as a batch: a reader asks for what it can take.
+        limit = None if raw_max is None else _bounded(raw_max, "max", 1, 1_000_000)
         feed = await self._feed(request, principal)
-        batch = await feed.take(self._grace)
+        batch = await feed.take(self._grace, limit)
         if batch is None:
             return _Held(feed, self.notify_timeout_ms, self._released)
+        if await request.is_disconnected():
+            # The reader left during the grace: give the batch back now, not when a lease ends.
+            await feed.finish(batch, handled=False)
+            return Response(status_code=204)
         deliveries = feed.lease(batch, lease_ms / 1000)
         return _json({"deliveries": [d.to_wire() for d in deliveries], "leaseMs": lease_ms})
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -30,7 +30,12 @@ from callboard.bus.wire import (
     event_to_wire,
     events_from_wire,
 )
-from callboard.errors import BrokerError, BrokerUnavailable, SubscriptionError
+from callboard.errors import (
+    BrokerError,
+    BrokerUnavailable,
+    InvalidEventError,
+    SubscriptionError,
+)
 from callboard.events import Event
 
 
@@ -66,9 +71,28 @@ class BusClient:
             timeout=timeout,
             transport=transport,
         )
+        #: Requests on their way, and whether there are none: ``aclose`` waits for them.
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
-    async def aclose(self) -> None:
+    async def aclose(self, timeout: float = 5.0) -> None:
+        """Close the connections once the requests on their way are answered (at most
+        ``timeout`` seconds): a request cut short is one the server never hears the end of."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
         await self._http.aclose()
+
+    @contextlib.contextmanager
+    def _request(self) -> Iterator[None]:
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
 
     # -- the calls -----------------------------------------------------------------------------
 
@@ -77,6 +101,9 @@ class BusClient:
         response = await self._call(
             "POST", "/events", json=PublishRequest(event, tuple(notified)).to_wire()
         )
+        if response.status_code == 400:
+            # The server refused the event itself: sending it again can never succeed.
+            raise InvalidEventError(self._message(response))
         self._expect(response, 201, 204)
         return bool(response.headers.get(PUBLISH_RESULT_HEADER) != "duplicate")
 
@@ -95,14 +122,24 @@ class BusClient:
         self._expect(response, 204)
         return True
 
-    async def poll(self, id: str, lease_ms: int, *, head_timeout: float = 30.0) -> Polled:
-        """Read deliveries; when there are none, wait as long as the server holds the read."""
+    async def poll(
+        self, id: str, lease_ms: int, max_count: int | None = None, *, head_timeout: float = 30.0
+    ) -> Polled:
+        """Read deliveries (at most ``max_count``); when there are none, wait as long as the
+        server holds the read."""
+        params = {"leaseMs": lease_ms}
+        if max_count is not None:
+            params["max"] = max_count
         request = self._http.build_request(
             "GET",
             _path(id) + "/deliveries",
-            params={"leaseMs": lease_ms},
+            params=params,
             timeout=httpx.Timeout(self._timeout, read=None),
         )
+        with self._request():
+            return await self._poll(request, head_timeout)
+
+    async def _poll(self, request: httpx.Request, head_timeout: float) -> Polled:
         try:
             async with asyncio.timeout(head_timeout):
                 response = await self._http.send(request, stream=True)
@@ -157,6 +194,8 @@ class BusClient:
             "remove": remove,
         }
         response = await self._call("POST", _path(id) + "/dead-letters/take", json=body)
+        if response.status_code == 404:
+            return []  # no such subscription: no dead letters either
         self._expect(response, 200)
         return events_from_wire(self._json(response), "deadLetters")
 
@@ -184,7 +223,8 @@ class BusClient:
 
     async def _call(self, method: str, path: str, *, json: Any = None) -> httpx.Response:
         try:
-            return await self._http.request(method, path, json=json)
+            with self._request():
+                return await self._http.request(method, path, json=json)
         except httpx.TransportError as error:
             raise self._unreachable(error) from error
 
@@ -201,14 +241,19 @@ class BusClient:
             raise BrokerError(f"the callboard server at {self.server} sent a body that is not JSON")
         return body
 
+    def _message(self, response: httpx.Response) -> str:
+        """The message of an error answer (Backstage's ``{"error": {"message": ...}}``)."""
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            return response.text[:200]
+        return str(message)
+
     def _expect(self, response: httpx.Response, *statuses: int) -> None:
         status = response.status_code
         if status in statuses:
             return
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text[:200]
+        message = self._message(response)
         where = f"the callboard server at {self.server} answered {status}"
         if status in (401, 403):
             raise BrokerError(

@@ -1,11 +1,15 @@
 """The bus API's subscriptions over any broker: one ``Feed`` per subscription id and server.
 
-A feed joins the broker's consumer group named by the subscription id and fetches only when an
-HTTP reader asks, so several servers can share one group. Each fetched batch stays with the
-consumer that fetched it, and a fresh consumer takes over the next fetch; a batch is therefore
-released by closing its own consumer (the broker hands its unacknowledged events to the group
-again) without touching any other batch. That one move serves every case where events must go
-back: a batch nobody came for, a lease that ran out, deliveries refused, a fetch cancelled.
+A feed is one member of the broker's consumer group named by the subscription id, and fetches
+only when an HTTP reader asks, so several servers can share one group. What it fetched waits for
+a reader as a batch, or is leased to one; whatever must go back to the group (a batch nobody came
+for, a lease that ran out, deliveries refused) is released (``Consumer.release``): the group has
+it again at once, first in line, and the feed reads on with the same consumer.
+
+A feed nobody reads stops fetching after ``linger`` seconds, so events are not taken for a server
+nobody asks. On a durable broker it then also leaves the group until the next read (the group
+lives on without members there): what its last fetch may have taken goes back to the group, and
+an idle subscription costs the broker nothing.
 """
 
 from __future__ import annotations
@@ -15,9 +19,9 @@ import contextlib
 import logging
 import secrets
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 
-from callboard.brokers.base import Broker, Consumer, Delivery, Start
+from callboard.brokers.base import Broker, BrokerAdmin, Consumer, Delivery, Start
 from callboard.bus.wire import BATCH_SIZE, NOTIFIED, WireDelivery
 from callboard.errors import SubscriptionError
 
@@ -32,12 +36,13 @@ def _notified(delivery: Delivery) -> tuple[str, ...] | list[str]:
 
 
 class Batch:
-    """Events fetched by one consumer, waiting for a reader or leased to one."""
+    """Events fetched together, waiting for a reader or leased to one."""
 
     def __init__(self, consumer: Consumer, deliveries: Sequence[Delivery]) -> None:
+        #: The consumer that fetched them, and settles them.
         self.consumer = consumer
         self.deliveries = {secrets.token_urlsafe(12): d for d in deliveries}
-        #: Ack ids neither acknowledged nor refused yet.
+        #: Ack ids neither acknowledged nor handed back yet.
         self.open = set(self.deliveries)
         self.timer: asyncio.TimerHandle | None = None
         self.ended = False
@@ -50,7 +55,7 @@ class Batch:
 
 
 class Feed:
-    """One subscription id on this server: its consumers, waiting batches and leases."""
+    """One subscription id on this server: its consumer, waiting batches and leases."""
 
     def __init__(
         self,
@@ -65,29 +70,37 @@ class Feed:
     ) -> None:
         self.id = id
         self.topics = topics
-        #: Who may read it (``SubscriptionInfo.owner``); recorded with every consumer opened,
-        #: so a group made before owners were recorded is claimed by its first bus reader.
+        #: Who may read it (``SubscriptionInfo.owner``); recorded whenever the feed joins the
+        #: group, so a group made before owners were recorded is claimed by its first bus reader.
         self.owner = owner
         self._broker = broker
+        #: The group outlives its members: an idle feed may leave it (see the module's doc).
+        self._may_leave = broker.capabilities.durable
         self._batch_size = batch_size
         self._hold = hold
         self._linger = linger
-        self._idle: Consumer | None = None
+        self._consumer: Consumer | None = None
         self._fetch: asyncio.Task[None] | None = None
         self._ready: deque[Batch] = deque()
         self._leases: dict[str, Batch] = {}
+        #: Batches taken by a reader and not settled yet (being sent, or leased).
+        self._out: set[Batch] = set()
         self._waiters: set[asyncio.Future[None]] = set()
         self._users = 0
+        self._resting: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
     async def open(self, start: Start = "end") -> None:
-        self._idle = await self._broker.consume(self.id, self.topics, start=start, owner=self.owner)
+        self._consumer = await self._broker.consume(
+            self.id, self.topics, start=start, owner=self.owner
+        )
 
     # -- reading -------------------------------------------------------------------------------
 
-    async def take(self, grace: float) -> Batch | None:
-        """A batch if one is ready or arrives within ``grace`` seconds, else ``None``."""
+    async def take(self, grace: float, limit: int | None = None) -> Batch | None:
+        """A batch (of at most ``limit`` events) if one is ready or arrives within ``grace``
+        seconds, else ``None``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         self._users += 1
@@ -96,15 +109,15 @@ class Feed:
             while (
                 not self._ready and not self._closed and (remaining := deadline - loop.time()) > 0
             ):
-                task = self._ensure_fetch()
+                task = self._ensure_fetch(limit)
                 await asyncio.wait({task}, timeout=remaining)
                 if task.done() and not task.cancelled():
                     error = task.exception()
                     if error is not None:
                         raise error
-            return self._pop_ready()
+            return self._pop_ready(limit)
         finally:
-            self._users -= 1
+            self._left()
 
     async def wait(self, timeout: float) -> None:
         """Hold until a batch is ready for this subscription, or ``timeout`` seconds pass."""
@@ -124,15 +137,34 @@ class Feed:
                     return  # the broker failed: let the client come back and hear about it
         finally:
             self._waiters.discard(waiter)
-            self._users -= 1
-            if not self._users and not self._closed:
-                # Keep the fetch for a reader that comes straight back (they do); cancel it
-                # when nobody does, so events are not taken for a server nobody asks.
-                loop.call_later(self._linger, self._drop_unused_fetch)
+            self._left()
 
-    def _ensure_fetch(self) -> asyncio.Task[None]:
+    def _left(self) -> None:
+        """A reader is done; once none is left, the feed rests after ``linger`` seconds."""
+        self._users -= 1
+        if not self._users and not self._closed:
+            # Keep the fetch for a reader that comes straight back (they do).
+            if self._resting is not None:
+                self._resting.cancel()
+            self._resting = asyncio.get_running_loop().call_later(self._linger, self._rest)
+
+    def _rest(self) -> None:
+        """Nobody read for ``linger`` seconds: stop fetching, and leave the group if it may."""
+        self._resting = None
+        if self._users or self._closed:
+            return
+        if self._fetch is not None and not self._fetch.done():
+            self._fetch.cancel()
+        if self._may_leave and not self._ready and not self._out and self._consumer:
+            consumer, self._consumer = self._consumer, None
+            self._spawn(consumer.close())
+
+    def _ensure_fetch(self, limit: int | None = None) -> asyncio.Task[None]:
         if self._fetch is None or self._fetch.done():
-            task = asyncio.create_task(self._run_fetch(), name=f"callboard-bus-fetch-{self.id}")
+            count = self._batch_size if limit is None else min(limit, self._batch_size)
+            task = asyncio.create_task(
+                self._run_fetch(count), name=f"callboard-bus-fetch-{self.id}"
+            )
             task.add_done_callback(self._fetch_done)
             self._fetch = task
         return self._fetch
@@ -143,58 +175,33 @@ class Feed:
         if not task.cancelled() and task.exception() is not None:
             logger.warning("bus subscription %r: fetch failed: %s", self.id, task.exception())
 
-    def _drop_unused_fetch(self) -> None:
-        if not self._users and self._fetch is not None and not self._fetch.done():
-            self._fetch.cancel()
+    async def _run_fetch(self, count: int) -> None:
+        # Cancelling it loses nothing: what the consumer took is returned by its next fetch,
+        # or goes back to the group when the consumer is closed.
+        consumer = self._consumer
+        if consumer is None:
+            consumer = await self._broker.consume(self.id, self.topics, owner=self.owner)
+            if self._closed:
+                await consumer.close()
+                return
+            self._consumer = consumer
+        while True:
+            fetched = await consumer.fetch(count)
+            if not fetched:
+                return  # closed
+            kept = [d for d in fetched if self.id not in _notified(d)]
+            if kept:
+                # No await between the fetch and this: a cancelled fetch never drops a batch.
+                self._make_ready(consumer, kept)
+            if len(kept) < len(fetched):
+                # Their publisher already delivered them to this subscription in-process.
+                done = [d for d in fetched if self.id in _notified(d)]
+                await asyncio.shield(self._spawn(consumer.ack(done)))
+            if kept:
+                return
 
-    async def _run_fetch(self) -> None:
-        if self._idle is None:
-            self._idle = await self._broker.consume(self.id, self.topics, owner=self.owner)
-        consumer = self._idle
-        try:
-            kept: list[Delivery] = []
-            while not kept:
-                batch = await consumer.fetch(self._batch_size)
-                if not batch:
-                    return  # closed
-                for delivery in batch:
-                    if self.id in _notified(delivery):
-                        # Its publisher already delivered it to this subscription in-process.
-                        await consumer.ack((delivery,))
-                    else:
-                        kept.append(delivery)
-        except asyncio.CancelledError:
-            # Whatever a cancelled fetch may have taken goes back with its consumer.
-            await self._replace(consumer)
-            raise
-        # Handing over must finish even if this fetch is cancelled now: the batch is taken.
-        # ``close`` awaits it too, so no consumer of a closed feed is left reading the group.
-        handing = asyncio.create_task(self._hand_over(consumer, kept))
-        self._tasks.add(handing)
-        handing.add_done_callback(self._tasks.discard)
-        await asyncio.shield(handing)
-
-    async def _hand_over(self, consumer: Consumer, kept: list[Delivery]) -> None:
-        # This consumer now holds the batch; a fresh one fetches next. It is opened first, so
-        # the group never has no member (an in-memory group would end with its last member).
-        self._idle = None
+    def _make_ready(self, consumer: Consumer, kept: list[Delivery]) -> None:
         batch = Batch(consumer, kept)
-        try:
-            fresh = (
-                None
-                if self._closed
-                else await self._broker.consume(self.id, self.topics, owner=self.owner)
-            )
-        except Exception:
-            await consumer.close()  # the batch goes back to the group
-            raise
-        if fresh is None or self._closed:
-            # Closed meanwhile (left, or deleted): the batch goes back, nothing outlives the feed.
-            await consumer.close()
-            if fresh is not None:
-                await fresh.close()
-            return
-        self._idle = fresh
         self._ready.append(batch)
         batch.timer = asyncio.get_running_loop().call_later(
             self._hold, self._spawn_release, batch, "nobody came for it"
@@ -203,30 +210,31 @@ class Feed:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def _replace(self, consumer: Consumer) -> None:
-        if self._idle is consumer:
-            self._idle = None
-            if not self._closed:
-                with contextlib.suppress(Exception):
-                    self._idle = await self._broker.consume(self.id, self.topics, owner=self.owner)
-        await consumer.close()
-
-    def _pop_ready(self) -> Batch | None:
+    def _pop_ready(self, limit: int | None = None) -> Batch | None:
         if not self._ready:
             return None
+        waiting = self._ready[0]
+        if limit is not None and len(waiting.deliveries) > limit:
+            # The first ``limit`` go to this reader; the rest waits for the next one.
+            ack_ids = list(waiting.deliveries)[:limit]
+            part = Batch(waiting.consumer, [waiting.deliveries.pop(k) for k in ack_ids])
+            waiting.open.difference_update(ack_ids)
+            self._out.add(part)
+            return part
         batch = self._ready.popleft()
         if batch.timer is not None:
             batch.timer.cancel()
             batch.timer = None
+        self._out.add(batch)
         return batch
 
     # -- settling ------------------------------------------------------------------------------
 
     async def finish(self, batch: Batch, *, handled: bool) -> None:
         """Backstage's read: acknowledge the whole batch, or give it back if it was not sent."""
-        if handled:
-            for delivery in batch.deliveries.values():
-                await batch.consumer.ack((delivery,))
+        if handled and not batch.ended:
+            batch.open.clear()
+            await batch.consumer.ack(batch.events())
         await self._end(batch)
 
     def lease(self, batch: Batch, seconds: float) -> list[WireDelivery]:
@@ -242,6 +250,7 @@ class Feed:
         return await self._settle(ack_ids, acknowledge=True)
 
     async def nack(self, ack_ids: Iterable[str]) -> tuple[list[str], list[str]]:
+        """Hand deliveries back at once: the group has them again, not counted as failures."""
         return await self._settle(ack_ids, acknowledge=False)
 
     def renew(self, ack_ids: Iterable[str], seconds: float) -> tuple[list[str], list[str]]:
@@ -262,27 +271,39 @@ class Feed:
     async def _settle(
         self, ack_ids: Iterable[str], *, acknowledge: bool
     ) -> tuple[list[str], list[str]]:
-        done, unknown, finished = [], [], []
+        done: list[str] = []
+        unknown: list[str] = []
+        #: Per consumer that fetched them, in order: one call each.
+        settled: dict[Consumer, list[Delivery]] = {}
+        finished: list[Batch] = []
         for ack_id in dict.fromkeys(ack_ids):
             batch = self._leases.pop(ack_id, None)
             if batch is None:
                 unknown.append(ack_id)
                 continue
-            if acknowledge:
-                await batch.consumer.ack((batch.deliveries[ack_id],))
+            settled.setdefault(batch.consumer, []).append(batch.deliveries[ack_id])
             batch.open.discard(ack_id)
             done.append(ack_id)
             if not batch.open:
                 finished.append(batch)
+        for consumer, deliveries in settled.items():
+            if acknowledge:
+                await consumer.ack(deliveries)
+            else:
+                await consumer.release(deliveries)
         for batch in finished:
-            # Closing the batch's consumer gives back exactly the refused deliveries.
             await self._end(batch)
         return done, unknown
 
-    def _spawn_release(self, batch: Batch, why: str) -> None:
-        task = asyncio.create_task(self._release(batch, why))
+    def _spawn(self, work: Awaitable[None]) -> asyncio.Task[None]:
+        """Run ``work`` to its end even if the caller is cancelled; ``close`` awaits it."""
+        task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _spawn_release(self, batch: Batch, why: str) -> None:
+        self._spawn(self._release(batch, why))
 
     async def _release(self, batch: Batch, why: str) -> None:
         if batch.ended:
@@ -299,20 +320,32 @@ class Feed:
         await self._end(batch)
 
     async def _end(self, batch: Batch) -> None:
+        """The batch is settled: what is still open goes back to the group."""
         if batch.ended:
             return
         batch.ended = True
+        self._out.discard(batch)
         if batch.timer is not None:
             batch.timer.cancel()
-        for ack_id in batch.open:
-            self._leases.pop(ack_id, None)
-        await batch.consumer.close()
+            batch.timer = None
+        if batch.open:
+            for ack_id in batch.open:
+                self._leases.pop(ack_id, None)
+            unsettled = [batch.deliveries[ack_id] for ack_id in batch.open]
+            batch.open.clear()
+            await batch.consumer.release(unsettled)
+        if not self._users and self._resting is None and not self._closed:
+            # Its reader is gone: rest once nothing else comes.
+            self._resting = asyncio.get_running_loop().call_later(self._linger, self._rest)
 
     async def close(self) -> None:
         """Leave the group; every event not acknowledged goes back to it."""
         if self._closed:
             return
         self._closed = True
+        if self._resting is not None:
+            self._resting.cancel()
+            self._resting = None
         for waiter in self._waiters:
             if not waiter.done():
                 waiter.set_result(None)
@@ -320,16 +353,21 @@ class Feed:
             self._fetch.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._fetch
-        batches = [*self._ready, *{id(b): b for b in self._leases.values()}.values()]
-        self._ready.clear()
-        for batch in batches:
-            await self._end(batch)
-        if self._idle is not None:
-            await self._idle.close()
-            self._idle = None
-        for task in list(self._tasks):
+        while self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+                await next(iter(self._tasks))
+        # Closing the consumer hands back everything still out; the batches just end.
+        for batch in [*self._ready, *self._out]:
+            batch.ended = True
+            if batch.timer is not None:
+                batch.timer.cancel()
+                batch.timer = None
+        self._ready.clear()
+        self._out.clear()
+        self._leases.clear()
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            await consumer.close()
 
 
 class Feeds:
@@ -428,8 +466,11 @@ class Feeds:
             feed = self._feeds.pop(id, None)
             if feed is not None:
                 await feed.close()
+            broker = self._broker
+            if not isinstance(broker, BrokerAdmin):
+                return feed is not None  # a broker without operations keeps nothing to forget
             try:
-                forgotten = await self._broker.delete_subscription(id)
+                forgotten = await broker.delete_subscription(id)
             except SubscriptionError as error:
                 raise SubscriptionError(
                     f"cannot delete subscription {id!r}: subscribers inside this callboard "

@@ -4,7 +4,8 @@ A consumer claims events for its group from the store; each claimed event is lea
 a deadline. While the consumer's process lives, the broker renews the leases of all its live
 consumers (``ConsumerRegistry.live_ids``), so a slow handler never loses its event to another
 consumer; when the process dies the renewals stop, the leases run out and another consumer of the
-group claims the events again. Closing a consumer hands its leases back at once.
+group claims the events again. Releasing deliveries hands their leases back at once, and closing
+a consumer all of its leases.
 
 Waiting for events costs nothing when idle: a consumer that found nothing sleeps until its
 broker wakes it (an event on one of its topics was stored, or leases of its group were handed
@@ -43,8 +44,8 @@ class LeaseStore(Protocol):
         """Delete leases ``(consumer, seq)`` of ``group``; per lease, whether it was still held."""
         ...
 
-    async def release(self, group: str, consumer: str) -> None:
-        """Hand every lease of ``consumer`` back to the group."""
+    async def release(self, group: str, consumer: str, seqs: Sequence[int] | None) -> None:
+        """Hand leases ``seqs`` of ``consumer`` (``None``: all of them) back to the group."""
         ...
 
 
@@ -112,6 +113,8 @@ class LeasedConsumer:
         ack_patience: float,
     ) -> None:
         self.id = uuid.uuid4().hex
+        #: Every id this consumer has claimed under (``_rejoin`` adds one): its leases' holders.
+        self._claimers = {self.id}
         self.group = group
         self.patterns = patterns
         self.matcher = TopicMatcher(patterns)
@@ -199,6 +202,7 @@ class LeasedConsumer:
             return  # no longer renewed anyway
         self._registry.remove(self)
         self.id = uuid.uuid4().hex
+        self._claimers.add(self.id)
         self._registry.add(self)
 
     async def _sleep(self, seconds: float) -> None:
@@ -214,8 +218,8 @@ class LeasedConsumer:
         leased: list[Delivery] = []
         leases: list[tuple[str, int]] = []
         for delivery in deliveries:
-            if isinstance(delivery.token, tuple):
-                claimer, seq = delivery.token
+            claimer, seq = self._lease(delivery)
+            if claimer:
                 leased.append(delivery)
                 leases.append((claimer, seq))
         if not leased:
@@ -252,6 +256,36 @@ class LeasedConsumer:
                     )
             return
 
+    def _lease(self, delivery: Delivery) -> tuple[str, int]:
+        """The lease ``(claimer, seq)`` of a delivery, ``("", 0)`` when this consumer took
+        another member's delivery for one of its own: it holds no lease of it."""
+        token = delivery.token
+        if isinstance(token, tuple) and token[0] in self._claimers:
+            return token[0], token[1]
+        return "", 0
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        held: dict[str, list[int]] = {}
+        for delivery in deliveries:
+            claimer, seq = self._lease(delivery)
+            if claimer:
+                held.setdefault(claimer, []).append(seq)
+        for claimer, seqs in held.items():
+            try:
+                await self._store.release(self.group, claimer, seqs)
+            except BrokerError as error:
+                # Still held, and renewed while this consumer lives: claiming under a new id
+                # lets them run out and go back to the group within a lease.
+                if claimer == self.id:
+                    self._rejoin()
+                logger.warning(
+                    "subscription %r could not hand %d events back; they return to the group "
+                    "when their leases run out: %s",
+                    self.group,
+                    len(seqs),
+                    error,
+                )
+
     def detach(self) -> None:
         """End this consumer without handing its leases back (its broker stopped abruptly)."""
         self._closed = True
@@ -273,7 +307,7 @@ class LeasedConsumer:
         self._ready.clear()
         self._registry.remove(self)
         try:
-            await self._store.release(self.group, self.id)
+            await self._store.release(self.group, self.id, None)
         except BrokerUnavailable as error:
             logger.warning(
                 "subscription %r could not hand its events back; they return to the group "

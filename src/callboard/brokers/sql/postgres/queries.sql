@@ -104,6 +104,37 @@ WITH batches AS (
 )
 SELECT (SELECT count(*) FROM batches) + (SELECT count(*) FROM singles)
 
+-- name: release_some
+-- Hand some leases of a consumer back to its group; how many there were. Those still in a
+-- leased batch leave it for single leases handed back (their first attempt), as when the batch
+-- is split.
+WITH hit AS (
+    SELECT b.first_seq,
+        ARRAY(SELECT p FROM unnest(b.pending) AS p WHERE p = ANY(%(seqs)s::bigint[])) AS back
+    FROM {schema}.leased_batches AS b
+    WHERE b.subscription = %(group)s AND b.consumer = %(consumer)s
+      AND b.pending && %(seqs)s::bigint[]
+    ORDER BY b.first_seq
+    FOR UPDATE
+), shrunk AS (
+    UPDATE {schema}.leased_batches AS b
+    SET pending = ARRAY(SELECT p FROM unnest(b.pending) AS p WHERE p <> ALL(hit.back))
+    FROM hit
+    WHERE b.subscription = %(group)s AND b.first_seq = hit.first_seq
+    RETURNING hit.back
+), split AS (
+    INSERT INTO {schema}.leases (subscription, seq, consumer, expires_at, attempt)
+    SELECT %(group)s::text, p.seq, NULL::text, '-infinity'::timestamptz, 1
+    FROM shrunk, unnest(shrunk.back) AS p (seq)
+    RETURNING 1
+), singles AS (
+    UPDATE {schema}.leases SET consumer = NULL, expires_at = '-infinity'
+    WHERE subscription = %(group)s AND consumer = %(consumer)s
+      AND seq = ANY(%(seqs)s::bigint[])
+    RETURNING 1
+)
+SELECT (SELECT count(*) FROM split) + (SELECT count(*) FROM singles)
+
 -- name: renew
 -- Push the deadline of every lease and leased batch held by live consumers. Any other ending
 -- more than a lease from now was written before the server's clock moved back: it is brought

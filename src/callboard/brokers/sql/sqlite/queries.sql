@@ -111,6 +111,12 @@ DELETE FROM leases WHERE (subscription, seq, consumer) IN (
 -- Hand every lease of a consumer back to its group.
 UPDATE leases SET consumer = NULL, expires_at = 0 WHERE subscription = :group AND consumer = :consumer;
 
+-- name: release_some
+-- Hand leases of a consumer (a JSON array of seqs) back to their group.
+UPDATE leases SET consumer = NULL, expires_at = 0
+WHERE subscription = :group AND consumer = :consumer
+  AND seq IN (SELECT value FROM json_each(:seqs));
+
 -- name: renew
 -- Push the deadline of every lease held by live consumers (a JSON array of ids).
 UPDATE leases SET expires_at = :expires_at

@@ -1,0 +1,273 @@
+"""The durable broker over a SQL database: one implementation, any ``SqlStore``.
+
+Design
+------
+The tables are the same in every database (``sql/<dialect>/``): an append-only ``events`` table
+numbered by ``seq`` in publish order, in which a (topic, delivery id) pair is unique while the
+event is retained (the redelivery window); ``subscriptions``, one row per consumer group with its
+topic patterns and ``position`` (every event up to it has been handed out); leases of the events
+handed out and not acknowledged, naming the consumer that holds each and until when
+(acknowledging deletes it); and ``dead_letters``, kept until taken, outside the retention window.
+
+Fan-out happens on read: a publish writes one row whatever the number of groups. A consumer's
+claim, in one transaction, first re-leases the group's events whose lease ran out or was handed
+back (oldest first, their attempt grown by one), then leases the next events after ``position``
+that match the group's patterns and moves ``position`` past them. Competing consumers of one
+group therefore never get the same event, each one receives its events in publish order, and a
+group's progress is ``position`` less what is still leased. While a process lives it renews its
+consumers' leases (every third of a lease); a process killed with ``kill -9`` stops renewing, and
+its leases run out and go to another consumer. A consumer hands leases back at once when it
+releases deliveries or closes.
+
+Publishes and acknowledgements go through ONE group-commit engine each
+(``callboard.group_commit``): whatever queues while a commit runs goes out in the next, as one
+operation of the store, so concurrent publishes share a transaction, and a publish returns once
+its event is committed. Once a commit's publishers have been answered, this process's consumers
+of its topics are woken; what other processes commit reaches them through the store's ``watch``
+(and every consumer polls every ``poll_interval`` for what no wake-up reports).
+
+Retention runs every ``RetentionPolicy.interval`` in bounded batches; events it deletes before a
+group received them are counted as that group's ``lost`` and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from callboard.brokers.base import (
+    DEAD_LETTER_PREFIX,
+    Capabilities,
+    Delivery,
+    RetentionPolicy,
+    Start,
+    SubscriptionInfo,
+)
+from callboard.brokers.sql import cancel_all, encode_event, repeat
+from callboard.brokers.sql.consumer import ConsumerRegistry, LeasedConsumer
+from callboard.brokers.sql.store import Ack, Publish, SqlStore
+from callboard.errors import ServiceClosedError, SubscriptionError
+from callboard.events import Event
+from callboard.group_commit import GroupCommit
+from callboard.topics import normalize_patterns
+
+#: Most publishes (or acknowledgements) committed in one transaction.
+MAX_BATCH = 1_000
+
+
+class SqlBroker:
+    """``Broker`` and ``BrokerAdmin`` over a ``SqlStore``."""
+
+    def __init__(
+        self,
+        store: SqlStore,
+        *,
+        lease: float,
+        poll_interval: float,
+        retention: RetentionPolicy | None,
+        capabilities: Capabilities,
+        log: logging.Logger,
+        publish_regroup: float = 0.0,
+    ) -> None:
+        self.lease = lease
+        self.poll_interval = poll_interval
+        self.retention = retention if retention is not None else RetentionPolicy()
+        self._store = store
+        self._capabilities = capabilities
+        self._log = log
+        self._registry = ConsumerRegistry()
+        self._leases = _Leases(self)
+        self._publishes: GroupCommit[Publish, bool] = GroupCommit(
+            store.insert_events, MAX_BATCH, regroup=publish_regroup, settled=self._published
+        )
+        self._acks: GroupCommit[Ack, bool] = GroupCommit(store.ack, MAX_BATCH)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closed = True
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return self._capabilities
+
+    async def start(self) -> None:
+        if not self._closed:
+            return
+        await self._store.open()
+        self._closed = False
+        try:
+            await self._store.migrate()
+        except BaseException:
+            await self._stop(release=False)
+            raise
+        label = self._store.label
+        self._spawn(
+            repeat(
+                self.lease / 3, self._renew, f"renewing leases of {label} failed", log=self._log
+            ),
+            "leases",
+        )
+        interval = self.retention.interval
+        self._spawn(
+            repeat(
+                interval,
+                self.clean,
+                f"retention on {label} failed",
+                log=self._log,
+                first=min(10.0, interval),
+            ),
+            "retention",
+        )
+        self._spawn(self._store.watch(self._registry.wake), "watch")
+
+    async def close(self) -> None:
+        await self._stop(release=True)
+
+    async def abandon(self) -> None:
+        """Stop as a killed process would: leases are neither handed back nor renewed.
+
+        For tests of crash recovery; another broker on the same store takes the events over once
+        the leases run out.
+        """
+        await self._stop(release=False)
+
+    async def migrate(self) -> list[str]:
+        """Create or upgrade the schema (``callboard migrate``); what was applied."""
+        return await self._store.migrate()
+
+    async def publish(self, event: Event) -> bool:
+        self._check_open()
+        stored = encode_event(event)
+        if event.topic.startswith(DEAD_LETTER_PREFIX):
+            await self._store.keep_dead_letter(event.topic[len(DEAD_LETTER_PREFIX) :], stored)
+            return True
+        return await self._publishes.submit((stored, None))
+
+    async def consume(
+        self, group: str, topics: Sequence[str], *, start: Start = "end", owner: str | None = None
+    ) -> LeasedConsumer:
+        self._check_open()
+        patterns = normalize_patterns(topics)
+        for live in self._registry.group_patterns(group):
+            if set(live) != set(patterns):
+                raise SubscriptionError(
+                    f"subscription {group!r} already reads {list(live)}; cannot join it with "
+                    f"{list(patterns)}: use another subscription id"
+                )
+        if await self._store.join(group, patterns, start, owner):
+            self._log.info("created subscription %r on %s from %s", group, list(patterns), start)
+        return LeasedConsumer(
+            self._leases,
+            self._registry,
+            group,
+            patterns,
+            poll_interval=self.poll_interval,
+            ack_patience=self.lease,
+        )
+
+    async def deliver_to(self, group: str, event: Event) -> None:
+        self._check_open()
+        await self._store.deliver_to(group, encode_event(event))
+        self._registry.wake((), (group,))
+
+    async def take_dead_letters(
+        self,
+        group: str,
+        *,
+        ids: Sequence[str] | None = None,
+        remove: bool = False,
+        limit: int = 100,
+    ) -> list[Event]:
+        self._check_open()
+        return await self._store.dead_letters(group, ids, remove, limit)
+
+    async def subscriptions(self) -> list[SubscriptionInfo]:
+        self._check_open()
+        return await self._store.subscriptions()
+
+    async def delete_subscription(self, group: str) -> bool:
+        self._check_open()
+        self._registry.check_unread(group)
+        deleted = await self._store.delete_subscription(group)
+        if deleted:
+            self._log.info("deleted subscription %r", group)
+        return deleted
+
+    async def clean(self) -> int:
+        """Apply the retention policy now, in bounded batches; the number of events deleted."""
+        self._check_open()
+        deleted = 0
+        budget = time.monotonic() + max(1.0, self.retention.interval / 2)
+        while time.monotonic() < budget:
+            expired = await self._store.expire(self.retention)
+            if expired is None:
+                break  # another process is cleaning
+            deleted += expired.deleted
+            for name, count in expired.lost.items():
+                self._log.warning(
+                    "subscription %r fell behind the retained window: retention deleted %d "
+                    "events it had not received",
+                    name,
+                    count,
+                )
+            if expired.deleted < self.retention.batch_size:
+                break
+        if deleted:
+            self._log.debug("retention deleted %d events from %s", deleted, self._store.label)
+        return deleted
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ServiceClosedError(f"{self._store.label} is not running")
+
+    def _published(self, batch: list[Publish]) -> None:
+        """Wake this process's consumers of a commit, once its publishers have been answered.
+
+        Not at the commit: under load the publishers' callers are answered first, and the
+        consumers claim and handle the events while the next publish commit is under way.
+        """
+        self._registry.wake(
+            {e.topic for e, t in batch if t is None}, {t for _, t in batch if t is not None}
+        )
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        kind = self._log.name.rpartition(".")[2]
+        self._tasks.append(asyncio.create_task(work, name=f"callboard-{kind}-{name}"))
+
+    async def _stop(self, *, release: bool) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await cancel_all(self._tasks)
+        # Publishes and acknowledgements under way are answered before the store goes.
+        await self._publishes.wait_idle()
+        await self._acks.wait_idle()
+        await self._registry.end_all(release=release)
+        await self._store.close()
+
+    async def _renew(self) -> None:
+        consumers = self._registry.live_ids()
+        if consumers:
+            await self._store.renew(consumers, self.lease)
+
+
+class _Leases:
+    """The broker's lease operations, as its consumers see them (``LeaseStore``)."""
+
+    def __init__(self, broker: SqlBroker) -> None:
+        self._broker = broker
+
+    async def claim(self, group: str, consumer: str, limit: int) -> list[Delivery]:
+        return await self._broker._store.claim(group, consumer, limit, self._broker.lease)
+
+    async def ack(self, group: str, leases: Sequence[tuple[str, int]]) -> list[bool]:
+        return await self._broker._acks.submit_many(
+            [(group, consumer, seq) for consumer, seq in leases]
+        )
+
+    async def release(self, group: str, consumer: str, seqs: Sequence[int] | None) -> None:
+        if await self._broker._store.release(group, consumer, seqs):
+            self._broker._registry.wake((), (group,))
