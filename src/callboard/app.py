@@ -8,7 +8,9 @@ embedded in any ASGI application; ``create_app()`` wraps it in the standalone ap
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -34,7 +36,9 @@ from callboard.extensions import Module, ModuleContext
 from callboard.ingress.asgi import IngressApp
 from callboard.ingress.types import BodyParser, Ingress
 from callboard.metrics import Metrics
+from callboard.metrics_sum import Part, combine
 from callboard.modules import resolve_modules
+from callboard.peers import Peers
 from callboard.routing import EventRouter
 
 logger = logging.getLogger("callboard.app")
@@ -126,12 +130,9 @@ class Callboard:
             [c.name for c in self.contexts],
         )
 
-    async def observe_broker(self, timeout: float = 2.0) -> None:
-        """Refresh the broker gauges (health, and per subscription: backlog, in flight, lost).
-
-        Whether this process still consumes each of its subscriptions, and the age of the
-        oldest unsettled event, are this process's own figures (the broker does not know when a
-        handler began), so they are refreshed even when the broker does not answer.
+    def observe_process(self) -> None:
+        """Refresh this process's own gauges: whether it still consumes each subscription, and
+        the age of its oldest unsettled event (the broker does not know when a handler began).
         """
         metrics = self.metrics
         metrics.set_per_subscription(
@@ -140,6 +141,15 @@ class Callboard:
         stopped = {stop.subscription for stop in self.events.stopped()}
         running = ((s.id, 0.0 if s.id in stopped else 1.0) for s in self.events.subscriptions)
         metrics.set_per_subscription(metrics.running, running, min)
+
+    async def observe_broker(self, timeout: float = 2.0) -> None:
+        """Refresh the broker gauges (health, and per subscription: backlog, in flight, lost).
+
+        The process's own gauges (``observe_process``) are refreshed first, even when the
+        broker does not answer.
+        """
+        self.observe_process()
+        metrics = self.metrics
         broker = self.events.broker
         if not isinstance(broker, BrokerAdmin):
             return  # it cannot list its subscriptions: nothing more to tell
@@ -199,16 +209,23 @@ def build(
     return Callboard(config, contexts, chosen, metrics)
 
 
-def create_app(config: Config | None = None, **options: Any) -> CallboardApp:
-    """The standalone ASGI application ``callboard serve`` runs."""
-    return CallboardApp(build(config, **options))
+def create_app(
+    config: Config | None = None, *, peers: Peers | None = None, **options: Any
+) -> CallboardApp:
+    """The standalone ASGI application ``callboard serve`` runs.
+
+    ``peers``: this process is one worker of several (``backend.workers``); ``/metrics`` and
+    ``/readyz`` then answer for them all.
+    """
+    return CallboardApp(build(config, **options), peers=peers)
 
 
 class CallboardApp:
     """ASGI app: the ingress on a direct path, everything else through Starlette routing."""
 
-    def __init__(self, board: Callboard) -> None:
+    def __init__(self, board: Callboard, *, peers: Peers | None = None) -> None:
         self.board = board
+        self.peers = peers
         self._ingress_base = INGRESS_PREFIX + "/"
         self.bus = bus_app(board.config, board.events.broker, board.events.publish)
         self.starlette = Starlette(
@@ -224,11 +241,19 @@ class CallboardApp:
 
     @asynccontextmanager
     async def _lifespan(self, app: object = None) -> AsyncIterator[None]:
-        async with self.board.lifespan(app):
-            try:
-                yield
-            finally:
-                await self.bus.close()  # before the broker closes: unacknowledged events go back
+        if self.peers is not None:
+            # Before the service starts: a sibling asking meanwhile hears "not ready".
+            await self.peers.start(self._answer_sibling)
+        try:
+            async with self.board.lifespan(app):
+                try:
+                    yield
+                finally:
+                    # Before the broker closes: unacknowledged events go back.
+                    await self.bus.close()
+        finally:
+            if self.peers is not None:
+                await self.peers.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -244,19 +269,35 @@ class CallboardApp:
         return JSONResponse({"status": "ok"})
 
     async def _ready(self, request: Request) -> Response:
+        status, body = self._readiness()
+        if self.peers is None:
+            return JSONResponse(body, status_code=status)
+        # One worker of several: the server is ready when every worker is.
+        workers = [{"worker": self.peers.index, **body}]
+        for answer in await self.peers.ask("ready"):
+            if answer.status is None:
+                workers.append({"worker": answer.worker, "status": "not answering"})
+            else:
+                workers.append({"worker": answer.worker, **json.loads(answer.body)})
+        workers.sort(key=lambda worker: int(worker["worker"]))
+        ready = all(worker["status"] == "ready" for worker in workers)
+        return JSONResponse(
+            {"status": "ready" if ready else "not ready", "workers": workers},
+            status_code=200 if ready else 503,
+        )
+
+    def _readiness(self) -> tuple[int, dict[str, Any]]:
+        """This process's readiness: its HTTP status and body."""
         stopped = self.board.events.stopped() if self.board.ready else []
+        mine: dict[str, Any] = {} if self.peers is None else {"pid": os.getpid()}
         if stopped:
             # A subscription that stopped consuming (its group was deleted under it) takes
             # webhooks nobody here handles any more: the instance is not ready until restarted.
-            return JSONResponse(
-                {
-                    "status": "not ready",
-                    "stopped": [
-                        {"subscription": s.subscription, "reason": s.reason} for s in stopped
-                    ],
-                },
-                status_code=503,
-            )
+            return 503, {
+                "status": "not ready",
+                **mine,
+                "stopped": [{"subscription": s.subscription, "reason": s.reason} for s in stopped],
+            }
         if self.board.ready:
             # A stalled handler holds up its own subscription only: the instance still takes
             # webhooks and serves the bus, so it stays ready, and says what is stuck.
@@ -271,14 +312,32 @@ class CallboardApp:
                 for stall in self.board.events.stalled()
             ]
             if stalled:
-                return JSONResponse({"status": "ready", "stalled": stalled})
-            return JSONResponse({"status": "ready"})
-        return JSONResponse({"status": "not ready"}, status_code=503)
+                return 200, {"status": "ready", **mine, "stalled": stalled}
+            return 200, {"status": "ready", **mine}
+        return 503, {"status": "not ready", **mine}
 
     async def _metrics(self, request: Request) -> Response:
         await self.board.observe_broker()
         body, content_type = self.board.metrics.exposition()
+        if self.peers is not None:
+            # One worker of several: the figures of the whole server, summed over the workers.
+            siblings = await self.peers.ask("metrics")
+            body = combine(
+                Part(self.peers.index, body.decode()),
+                [Part(s.worker, None if s.status != 200 else s.body.decode()) for s in siblings],
+            )
         return Response(body, headers={"content-type": content_type})
+
+    async def _answer_sibling(self, question: str) -> tuple[int, bytes]:
+        """What a sibling worker asks: this process's own figures, or its readiness."""
+        if question == "metrics":
+            # The broker's figures are the answering worker's to read: only this process's own.
+            self.board.observe_process()
+            return 200, self.board.metrics.exposition()[0]
+        if question == "ready":
+            status, body = self._readiness()
+            return status, json.dumps(body).encode()
+        return 400, b""
 
 
 def bus_app(config: Config, broker: Broker, publish: Publish | None = None) -> BusApp:

@@ -5,19 +5,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import re
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from callboard import __version__
 from callboard.brokers import redact_url
 from callboard.config import Config, load_config
 from callboard.errors import CallboardError, ConfigError
 from callboard.logs import configure_logging
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+    import uvicorn
+
+    from callboard.app import CallboardApp
+    from callboard.workers import WorkerSpec
 
 logger = logging.getLogger("callboard.cli")
 
@@ -49,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="overrides backend.listen.host")
     serve.add_argument("--port", type=int, help="overrides backend.listen.port")
     serve.add_argument("--log-format", choices=["text", "json"], help="overrides logging.format")
+    serve.add_argument(
+        "--workers",
+        metavar="N",
+        help="serving processes, or 'auto' (one per core); overrides backend.workers",
+    )
 
     check = commands.add_parser(
         "check-config", help="validate configuration and modules, then exit"
@@ -120,8 +134,11 @@ def _load(args: argparse.Namespace) -> Config:
         listen["host"] = args.host
     if getattr(args, "port", None) is not None:
         listen["port"] = args.port
-    if listen:
-        overrides["backend"] = {"listen": listen}
+    backend: dict[str, object] = {"listen": listen} if listen else {}
+    if getattr(args, "workers", None) is not None:
+        backend["workers"] = args.workers
+    if backend:
+        overrides["backend"] = backend
     if getattr(args, "log_format", None):
         overrides["logging"] = {"format": args.log_format}
     config = load_config(args.config, overrides=overrides)
@@ -134,13 +151,47 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def serve(config: Config) -> int:
+    if config.backend.workers > 1:
+        from callboard.workers import Supervisor
+
+        return Supervisor(config, serve_worker).run()
+    from callboard.app import create_app
+
+    server = _server(config, create_app(config))
+    listen = config.backend.listen
+    logger.info("callboard %s listening on http://%s:%d", __version__, listen.host, listen.port)
+    server.run()
+    return 0 if server.started else 1
+
+
+def serve_worker(spec: WorkerSpec, reports: Connection) -> None:
+    """One worker of ``serve`` with ``backend.workers`` > 1, in a process of its own."""
+    from callboard.app import create_app
+    from callboard.peers import Peers
+    from callboard.workers import listeners
+
+    config = spec.config
+    configure_logging(config.logging.level, config.logging.format)
+    try:
+        sockets = listeners(spec.host, spec.port)
+    except OSError as error:
+        reports.send(("error", f"cannot listen on {spec.host}:{spec.port}: {error.strerror}"))
+        sys.exit(1)
+    app = create_app(config, peers=Peers(spec.peers, spec.index, spec.count))
+    server = _server(config, app, on_started=lambda: reports.send(("up", os.getpid())))
+    server.run(sockets=sockets)
+    sys.exit(0 if server.started else 1)
+
+
+def _server(
+    config: Config, app: CallboardApp, on_started: Callable[[], None] | None = None
+) -> uvicorn.Server:
+    """The uvicorn server of ``serve``, bounded by ``backend.server``."""
     import uvicorn
 
-    from callboard.app import create_app
     from callboard.gc_tuning import tune_for_serving
     from callboard.http_protocol import ServerLimits, protocol_for
 
-    app = create_app(config)
     listen = config.backend.listen
     bounds = config.backend.server
     limits = ServerLimits(
@@ -170,8 +221,10 @@ def serve(config: Config) -> int:
             await super().startup(sockets)
             if self.started:
                 tune_for_serving()  # after start-up: what it built stays alive (see gc_tuning)
+                if on_started is not None:
+                    on_started()
 
-    server = Server(
+    return Server(
         uvicorn.Config(
             app,
             host=listen.host,
@@ -190,9 +243,6 @@ def serve(config: Config) -> int:
             timeout_graceful_shutdown=int(config.events.shutdown_timeout_ms / 1000) + 1,
         )
     )
-    logger.info("callboard %s listening on http://%s:%d", __version__, listen.host, listen.port)
-    server.run()
-    return 0 if server.started else 1
 
 
 def fit_open_files(max_connections: int) -> int:

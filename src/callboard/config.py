@@ -130,6 +130,19 @@ class Server(Section):
         return self
 
 
+def _worker_count(value: Any) -> Any:
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return os.cpu_count() or 1
+        if not value.strip().isdigit():
+            raise ValueError("expected a number of processes, or 'auto' (one per core)")
+    return value
+
+
+#: A number of processes, or ``auto``: the machine's cores.
+WorkerCount = Annotated[int, BeforeValidator(_worker_count)]
+
+
 class Backend(Section):
     # Backstage's backend section holds much else (baseUrl, database, auth, cors).
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
@@ -137,6 +150,8 @@ class Backend(Section):
     listen: Listen = Listen()
     auth: BackendAuth = BackendAuth()
     server: Server = Server()
+    #: Serving processes of ``callboard serve``, each with its own socket on ``listen``.
+    workers: WorkerCount = Field(default=1, ge=1, le=1024)
 
 
 class Http(Section):
