@@ -13,8 +13,10 @@ or a pattern whose first segment is spelled out does.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Generic, TypeVar
 
 from callboard.errors import InvalidTopicError
 
@@ -135,66 +137,116 @@ def normalize_patterns(topics: str | Sequence[str]) -> tuple[str, ...]:
     return items
 
 
+#: The topics an index remembers the answer for; others are looked up at every call.
+_CACHED_TOPICS = 10_000
+
+K = TypeVar("K", bound=Hashable)
+
+
 @dataclass(slots=True)
-class _Node:
-    """One segment position of ``TopicIndex``'s trie."""
+class _Node(Generic[K]):
+    """One segment position of ``TopicIndex``'s trie of wildcard patterns."""
 
-    children: dict[str, _Node] = field(default_factory=dict)
+    children: dict[str, _Node[K]] = field(default_factory=dict)
     #: The ``*`` child: any one segment.
-    one: _Node | None = None
-    #: Subscriptions whose pattern ends here with ``>``: one or more segments follow.
-    rest: set[str] = field(default_factory=set)
-    #: Subscriptions whose pattern ends exactly here.
-    ends: set[str] = field(default_factory=set)
+    one: _Node[K] | None = None
+    #: Entries whose pattern ends here with ``>``: one or more segments follow.
+    rest: set[K] = field(default_factory=set)
+    #: Entries whose pattern ends exactly here.
+    ends: set[K] = field(default_factory=set)
+
+    def is_empty(self) -> bool:
+        return not (self.children or self.one or self.rest or self.ends)
 
 
-class TopicIndex:
-    """Which of many subscriptions match a topic, without trying each one's patterns.
+class TopicIndex(Generic[K]):
+    """Which of many entries (subscriptions, consumers, groups) have a pattern matching a topic.
 
-    A trie over segments, with a ``*`` branch and ``>`` marks: a lookup follows the topic's
-    segments, taking the exact and the ``*`` branch at each, so its cost grows with the topic's
-    length and the wildcards on its way, not with the number of patterns (a subscription of
-    100,000 topics costs one dictionary step per segment). Matches ``TopicMatcher`` exactly,
+    Exact names are kept in a dictionary and wildcard patterns in a trie over segments, with a
+    ``*`` branch and ``>`` marks: a lookup is one dictionary step for the exact names and a walk
+    along the topic's segments taking the exact and the ``*`` branch at each, so its cost grows
+    with the topic's length and the entries that match, not with the number of entries or
+    patterns. Entries are added and removed one at a time, each at the cost of its own patterns;
+    answers are remembered per topic until the entries change. Matches ``TopicMatcher`` exactly,
     reserved ``$`` topics included: a wildcard in the first segment never matches them.
     """
 
-    __slots__ = ("_cache", "_root", "subscriptions")
+    __slots__ = ("_cache", "_entries", "_exact", "_root")
 
-    def __init__(self, subscriptions: Mapping[str, Iterable[str]]) -> None:
-        self.subscriptions = {id: tuple(patterns) for id, patterns in subscriptions.items()}
-        self._root = _Node()
-        self._cache: dict[str, frozenset[str]] = {}
-        for id, patterns in self.subscriptions.items():
-            for pattern in patterns:
-                self._add(id, TopicPattern.parse(pattern))
+    def __init__(self, entries: Mapping[K, Iterable[str]] | None = None) -> None:
+        self._entries: dict[K, tuple[str, ...]] = {}
+        self._exact: dict[str, set[K]] = {}
+        self._root: _Node[K] = _Node()
+        self._cache: dict[str, frozenset[K]] = {}
+        for key, patterns in (entries or {}).items():
+            self.add(key, patterns)
 
-    def _add(self, id: str, pattern: TopicPattern) -> None:
-        node = self._root
-        for segment in pattern.segments:
-            if segment == REST:
-                node.rest.add(id)
-                return
-            if segment == ONE:
-                if node.one is None:
-                    node.one = _Node()
-                node = node.one
+    @property
+    def entries(self) -> Mapping[K, tuple[str, ...]]:
+        """Each entry's patterns, as given (a read-only view)."""
+        return MappingProxyType(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, key: K, patterns: Iterable[str]) -> None:
+        """Index ``key`` under ``patterns``, in place of the patterns it had."""
+        given = tuple(patterns)
+        if self._entries.get(key) == given:
+            return
+        parsed = [TopicPattern.parse(p) for p in dict.fromkeys(given)]  # all valid, or no change
+        self.remove(key)
+        self._entries[key] = given
+        self._cache.clear()
+        for pattern in parsed:
+            if pattern.is_exact:
+                self._exact.setdefault(pattern.pattern, set()).add(key)
             else:
-                node = node.children.setdefault(segment, _Node())
-        node.ends.add(id)
+                self._mark(key, pattern.segments)
 
-    def __call__(self, topic: str) -> frozenset[str]:
-        """The ids of the subscriptions with a pattern matching ``topic``."""
+    def remove(self, key: K) -> None:
+        """Forget ``key``; nothing happens if it is not indexed."""
+        patterns = self._entries.pop(key, None)
+        if patterns is None:
+            return
+        self._cache.clear()
+        for pattern in dict.fromkeys(patterns):
+            holders = self._exact.get(pattern)
+            if holders is not None:
+                holders.discard(key)
+                if not holders:
+                    del self._exact[pattern]
+            else:
+                self._unmark(self._root, key, pattern.split(SEPARATOR), 0)
+
+    def update(self, entries: Mapping[K, Iterable[str]]) -> None:
+        """Hold exactly ``entries``, adding, changing and removing only what differs."""
+        for key in [key for key in self._entries if key not in entries]:
+            self.remove(key)
+        for key, patterns in entries.items():
+            self.add(key, patterns)
+
+    def __call__(self, topic: str) -> frozenset[K]:
+        """The entries with a pattern matching ``topic``."""
         hit = self._cache.get(topic)
         if hit is None:
-            found: set[str] = set()
-            parts = topic.split(SEPARATOR)
-            self._walk(self._root, parts, 0, not parts[0].startswith("$"), found)
-            hit = frozenset(found)
-            if len(self._cache) < 10_000:
+            hit = self._find(topic)
+            if len(self._cache) < _CACHED_TOPICS:
                 self._cache[topic] = hit
         return hit
 
-    def _walk(self, node: _Node, parts: list[str], index: int, wild: bool, found: set[str]) -> None:
+    def _find(self, topic: str) -> frozenset[K]:
+        exact = self._exact.get(topic, ())
+        if self._root.is_empty():
+            return frozenset(exact)
+        found = set(exact)
+        parts = topic.split(SEPARATOR)
+        self._walk(self._root, parts, 0, not parts[0].startswith("$"), found)
+        return frozenset(found)
+
+    def _walk(
+        self, node: _Node[K], parts: list[str], index: int, wild: bool, found: set[K]
+    ) -> None:
         if index == len(parts):
             found |= node.ends
             return
@@ -205,3 +257,34 @@ class TopicIndex:
             self._walk(exact, parts, index + 1, True, found)
         if wild and node.one is not None:
             self._walk(node.one, parts, index + 1, True, found)
+
+    def _mark(self, key: K, segments: tuple[str, ...]) -> None:
+        node = self._root
+        for segment in segments:
+            if segment == REST:
+                node.rest.add(key)
+                return
+            if segment == ONE:
+                if node.one is None:
+                    node.one = _Node()
+                node = node.one
+            else:
+                node = node.children.setdefault(segment, _Node())
+        node.ends.add(key)
+
+    def _unmark(self, node: _Node[K], key: K, segments: list[str], index: int) -> bool:
+        """Take ``key`` off the node of its pattern, dropping the nodes left empty on the way;
+        whether ``node`` is left empty."""
+        if index == len(segments):
+            node.ends.discard(key)
+        elif segments[index] == REST:
+            node.rest.discard(key)
+        else:
+            segment = segments[index]
+            child = node.one if segment == ONE else node.children.get(segment)
+            if child is not None and self._unmark(child, key, segments, index + 1):
+                if segment == ONE:
+                    node.one = None
+                else:
+                    del node.children[segment]
+        return node.is_empty()

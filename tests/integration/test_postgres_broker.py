@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -32,6 +33,7 @@ from callboard.brokers import postgres_ops as ops  # noqa: E402
 from callboard.brokers.postgres import PostgresBroker  # noqa: E402
 from callboard.brokers.postgres_ops import Queries, numbered, pattern_regex  # noqa: E402
 from callboard.brokers.sql import StoredEvent, encode_event, read_sql  # noqa: E402
+from callboard.brokers.sql.retention import RetentionRange  # noqa: E402
 
 
 @pytest.fixture
@@ -507,7 +509,7 @@ def test_named_parameters_are_numbered_for_asyncpg() -> None:
     assert statement.names == ("a", "b", "c")
     assert statement.args({"c": 3, "a": 1, "b": 2, "unused": 4}) == [1, 2, 3]
     queries = Queries('we"ird')
-    for name in ("publish", "claim", "ack", "join", "expire_by_count"):
+    for name in ("publish", "claim", "ack", "join", "expire"):
         assert "%" not in queries[name].text, name
         assert '"we""ird".' in queries[name].text, name
 
@@ -566,3 +568,148 @@ async def test_data_the_server_refuses_fails_only_its_own_publish(schema: str) -
             await broker._publishes.submit((bad, None))
     finally:
         await broker.close()
+
+
+# -- retention: a pass costs what it deletes, logged once ----------------------------------------
+
+
+async def _store_events(schema: str, ages: list[float], topic: str = "jobs") -> None:
+    """Events stored ``ages`` seconds ago, in that seq order (instances' transactions need not
+    commit in the order of their clocks, so ages need not fall with seq)."""
+    await postgres_rows(
+        f'INSERT INTO "{schema}".events (id, topic, time_us, stored_at, payload, metadata) '
+        "SELECT 'e' || n, $2, 0, now() - make_interval(secs => a), n::text, '{}' "
+        "FROM unnest($1::float8[]) WITH ORDINALITY AS t (a, n) ORDER BY t.n",
+        ages,
+        topic,
+    )
+    await postgres_execute(f'ANALYZE "{schema}".events')
+
+
+async def _stored_seqs(schema: str) -> list[int]:
+    return [seq for (seq,) in await postgres_rows(f'SELECT seq FROM "{schema}".events ORDER BY 1')]
+
+
+def _rows_read(plan: dict[str, Any], relation: str) -> int:
+    """Rows of ``relation`` the scans of a plan (``EXPLAIN (ANALYZE, FORMAT JSON)``) returned
+    or filtered out."""
+    read = 0
+    if plan.get("Relation Name") == relation and plan["Node Type"].endswith("Scan"):
+        read += plan["Actual Rows"] * plan["Actual Loops"] + plan.get("Rows Removed by Filter", 0)
+    return read + sum(_rows_read(child, relation) for child in plan.get("Plans", []))
+
+
+async def test_a_retention_batch_reads_a_batch_of_the_table_not_the_table(schema: str) -> None:
+    """Beside 20,000 events kept (younger than min_age, beyond the count), finding a pass's
+    range reads a few rows, and a batch reads its window of the primary key."""
+    broker = PostgresBroker(POSTGRES_URL, schema=schema)
+    await broker.migrate()
+    ages = [7200.0] * 100 + [1200.0] * 100 + [0.0] * 20_000
+    await _store_events(schema, [age - n / 1000 for n, age in enumerate(ages)])
+    policy = RetentionPolicy(min_age=600, max_age=3600, max_count=50, batch_size=40)
+    q = Queries(schema)
+    connection = await connect()
+    try:
+
+        async def read(name: str, params: dict[str, Any]) -> int:
+            statement = q[name]
+            transaction = connection.transaction()
+            await transaction.start()
+            try:
+                plan = await connection.fetchval(
+                    f"EXPLAIN (ANALYZE, FORMAT JSON) {statement.text}", *statement.args(params)
+                )
+            finally:
+                await transaction.rollback()
+            return _rows_read(json.loads(plan)[0]["Plan"], "events")
+
+        ages = {"max_age": policy.max_age, "min_age": policy.min_age}
+        assert await read("expire_range", {**ages, "max_count": policy.max_count}) <= 60
+        bounds = await ops.expire_range(connection, q, policy)
+        assert bounds == RetentionRange(edge=200, upto=200)
+        window = {"after": 120, "skip": policy.batch_size - 1}
+        assert await read("expire_window", window) == policy.batch_size
+        batch = {"after": 120, "upto": 160, "edge": bounds.edge, **ages}
+        assert await read("expire", batch) <= 2 * policy.batch_size
+        deleted, after = 0, 0
+        while True:
+            expired = await ops.expire(connection, q, policy, bounds, after)
+            assert expired is not None
+            deleted += expired.deleted
+            if expired.resume is None:
+                break
+            after = expired.resume
+    finally:
+        await connection.close()
+    assert deleted == 200
+    assert await _stored_seqs(schema) == list(range(201, 20_201))
+
+
+async def test_retention_never_deletes_an_event_younger_than_allowed(schema: str) -> None:
+    """The range of a pass is a bound (``stored_at`` only nearly grows with seq): each event's
+    own age decides."""
+    await PostgresBroker(POSTGRES_URL, schema=schema).migrate()
+    # By age: seqs 1-20 two hours old but 5 and 12 young; 21-30 young but 25 old.
+    ages = [7200.0 - n for n in range(1, 21)] + [0.0] * 10
+    ages[4] = ages[11] = 0.0
+    ages[24] = 7100.0
+    await _store_events(schema, ages)
+    policy = RetentionPolicy(min_age=60, max_age=3600, max_count=1_000, batch_size=4)
+    broker = PostgresBroker(POSTGRES_URL, schema=schema, retention=policy)
+    await broker.start()
+    try:
+        assert await broker.clean() == 19
+        assert await _stored_seqs(schema) == [5, 12, *range(21, 25), *range(26, 31)]
+        # By count: everything older than min_age beyond the newest 3, young ones kept.
+        await postgres_execute(
+            f'UPDATE "{schema}".events SET stored_at = CASE WHEN seq IN (12, 22) THEN now() '
+            "ELSE stored_at - interval '2 minutes' END"
+        )
+        broker.retention = RetentionPolicy(min_age=60, max_age=86_400, max_count=3, batch_size=2)
+        assert await broker.clean() == 6
+        assert await _stored_seqs(schema) == [12, 22, 28, 29, 30]
+    finally:
+        await broker.close()
+
+
+async def test_retention_counts_what_each_group_lost_and_logs_a_pass_once(
+    schema: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over many batches: events beyond a group's position that it reads (or that were
+    delivered to it alone), and events it holds unacknowledged, in leased batches or single
+    leases; one warning per group with its total, one line for the pass."""
+    policy = RetentionPolicy(min_age=0, max_age=3600, max_count=0, batch_size=3)
+    broker = PostgresBroker(POSTGRES_URL, schema=schema, retention=policy)
+    await broker.start()
+    try:
+        both = await broker.consume("both", ["a", "b"])
+        await broker.consume("only-a", ["a"])
+        done = await broker.consume("done", ["a", "b"])
+        for n in range(12):
+            await broker.publish(Event(topic="ab"[n % 2], payload=n))
+        await broker.deliver_to("only-a", Event(topic="b", payload="redriven"))
+        await broker.deliver_to("done", Event(topic="b", payload="redriven"))
+        received: list[Any] = []
+        async with asyncio.timeout(5):
+            while len(received) < 4:
+                received.extend(await both.fetch(4 - len(received)))
+        await both.ack(received[:2])  # events 3 and 4 stay leased
+        handled: list[Any] = []
+        async with asyncio.timeout(5):
+            while len(handled) < 13:
+                handled.extend(await done.fetch(13 - len(handled)))
+        await done.ack(handled)
+        with caplog.at_level(logging.DEBUG, logger="callboard.brokers"):
+            assert await broker.clean() == 14
+        lost = {s.name: s.lost for s in await broker.subscriptions()}
+        # both: 2 leased + 8 not handed out; only-a: 6 of topic a + 1 delivered to it alone.
+        assert lost == {"both": 10, "only-a": 7, "done": 0}
+    finally:
+        await broker.close()
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("callboard.brokers")]
+    retention = [line for line in lines if "retention" in line]
+    assert len(retention) == 3, retention
+    assert "'both' fell behind the retained window: retention deleted 10 events" in retention[0]
+    assert "'only-a' fell behind the retained window: retention deleted 7 events" in retention[1]
+    assert retention[2].startswith("retention deleted 14 events from the PostgreSQL broker")
+    assert "(5 batches; 17 events lost by 2 subscriptions); done" in retention[2]

@@ -14,10 +14,11 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from callboard.brokers import open_broker
+from callboard.brokers import open_broker, sqlite_store
 from callboard.brokers.base import Delivery, RetentionPolicy
 from callboard.brokers.sql.consumer import LeasedConsumer
 from callboard.brokers.sqlite import SQLiteBroker
@@ -427,5 +428,225 @@ async def test_a_release_wakes_the_group_at_once(tmp_path: Path) -> None:
         await one.release(held)
         (again,) = await asyncio.wait_for(waiting, 5)
         assert (again.event.payload, again.attempt) == (1, 2)
+    finally:
+        await broker.close()
+
+
+# -- retention: a pass costs what it deletes, off the event loop, logged once --------------------
+
+
+def _store_events(path: Path, ages: list[float], topic: str = "jobs") -> None:
+    """Events stored ``ages`` seconds ago, in that seq order (the clocks of several processes
+    need not agree, so ages need not fall with seq)."""
+    connection = sqlite_store.connect(str(path), synchronous="normal", busy_timeout=1.0)
+    try:
+        sqlite_store.migrate(connection)
+        now = time.time()
+        connection.executemany(
+            "INSERT INTO events (id, topic, target, delivery_id, time_us, stored_at, payload, "
+            "metadata) VALUES (?, ?, NULL, NULL, 0, ?, ?, '{}')",
+            [(f"e{n}", topic, now - age, str(n)) for n, age in enumerate(ages, 1)],
+        )
+    finally:
+        connection.close()
+
+
+def _stored_seqs(path: Path) -> list[int]:
+    with sqlite3.connect(path) as connection:
+        return [seq for (seq,) in connection.execute("SELECT seq FROM events ORDER BY seq")]
+
+
+def _age(path: Path, seconds: float) -> None:
+    """Make every stored event ``seconds`` older."""
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE events SET stored_at = stored_at - ?", (seconds,))
+
+
+def _steps_of_a_pass(path: Path, policy: RetentionPolicy) -> tuple[int, int]:
+    """A retention pass run by the store's own operations: events deleted, SQLite VM steps."""
+    connection = sqlite_store.connect(str(path), synchronous="normal", busy_timeout=1.0)
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    connection.set_progress_handler(count, 10)
+    try:
+        deleted, after = 0, 0
+        bounds = sqlite_store.expire_range(connection, policy)
+        while bounds is not None:
+            expired = sqlite_store.expire(connection, policy, bounds, after)
+            deleted += expired.deleted
+            if expired.resume is None:
+                break
+            after = expired.resume
+    finally:
+        connection.close()
+    return deleted, steps
+
+
+def test_a_retention_pass_reads_what_it_deletes_not_what_it_keeps(tmp_path: Path) -> None:
+    """The work of a pass (SQLite's VM steps, which follow the rows read) is the same beside a
+    thousand kept events as beside fifty thousand: old by age, old by count, and young ones
+    kept by ``min_age`` although beyond the count."""
+    policy = RetentionPolicy(min_age=600, max_age=3600, max_count=50, batch_size=40)
+    steps = []
+    for kept in (1_000, 50_000):
+        path = tmp_path / f"{kept}.db"
+        # 100 older than max_age, 100 older than min_age, then `kept` younger than min_age.
+        _store_events(path, [7200.0] * 100 + [1200.0] * 100 + [0.0] * kept)
+        deleted, spent = _steps_of_a_pass(path, policy)
+        assert deleted == 200
+        assert _stored_seqs(path) == list(range(201, 201 + kept))
+        steps.append(spent)
+    assert steps[1] < steps[0] * 1.2, steps
+
+
+async def test_retention_never_deletes_an_event_younger_than_allowed(tmp_path: Path) -> None:
+    """``stored_at`` only nearly grows with seq (processes' clocks differ): the range of a pass
+    is a bound, and each event's own age decides."""
+    path = tmp_path / "events.db"
+    # By age: seqs 1-20 two hours old but 5 and 12 young; 21-30 young but 25 old.
+    ages = [7200.0 - n for n in range(1, 21)] + [0.0] * 10
+    ages[4] = ages[11] = 0.0
+    ages[24] = 7100.0
+    _store_events(path, ages)
+    broker = SQLiteBroker(
+        str(path),
+        retention=RetentionPolicy(min_age=60, max_age=3600, max_count=1_000, batch_size=4),
+    )
+    await broker.start()
+    try:
+        assert await broker.clean() == 19
+        assert _stored_seqs(path) == [5, 12, *range(21, 25), *range(26, 31)]
+        # By count: everything older than min_age beyond the newest 3, young ones kept.
+        _age(path, 120.0)
+        with sqlite3.connect(path) as connection:
+            connection.execute(
+                "UPDATE events SET stored_at = ? WHERE seq IN (12, 22)", (time.time(),)
+            )
+        broker.retention = RetentionPolicy(min_age=60, max_age=86_400, max_count=3, batch_size=2)
+        assert await broker.clean() == 6
+        assert _stored_seqs(path) == [12, 22, 28, 29, 30]
+    finally:
+        await broker.close()
+
+
+async def test_retention_counts_what_each_group_lost_and_logs_a_pass_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over many batches: events beyond a group's position that it reads (or that were
+    delivered to it alone), and events it holds unacknowledged; one warning per group with its
+    total, one line for the pass."""
+    broker = SQLiteBroker(
+        str(tmp_path / "events.db"),
+        retention=RetentionPolicy(min_age=0, max_age=3600, max_count=0, batch_size=3),
+    )
+    await broker.start()
+    try:
+        both = await broker.consume("both", ["a", "b"])
+        await broker.consume("only-a", ["a"])
+        done = await broker.consume("done", ["a", "b"])
+        for n in range(12):
+            await broker.publish(Event(topic="ab"[n % 2], payload=n))
+        await broker.deliver_to("only-a", Event(topic="b", payload="redriven"))
+        await broker.deliver_to("done", Event(topic="b", payload="redriven"))
+        received = await _fetched(both, 4)
+        await both.ack(received[:2])  # events 3 and 4 stay leased
+        await done.ack(await _fetched(done, 13))
+        with caplog.at_level(logging.DEBUG, logger="callboard.brokers"):
+            assert await broker.clean() == 14
+        lost = {s.name: s.lost for s in await broker.subscriptions()}
+        # both: 2 leased + 8 not handed out; only-a: 6 of topic a + 1 delivered to it alone.
+        assert lost == {"both": 10, "only-a": 7, "done": 0}
+    finally:
+        await broker.close()
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("callboard.brokers")]
+    retention = [line for line in lines if "retention" in line]
+    assert len(retention) == 3, retention
+    assert "'both' fell behind the retained window: retention deleted 10 events" in retention[0]
+    assert "'only-a' fell behind the retained window: retention deleted 7 events" in retention[1]
+    assert retention[2].startswith("retention deleted 14 events from the SQLite broker")
+    assert "(5 batches; 17 events lost by 2 subscriptions); done" in retention[2]
+
+
+async def test_a_retention_batch_runs_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each batch waits, on the store's thread, for the event loop to run another task: inline
+    on the loop it would wait in vain."""
+    turns = 0
+    during: list[bool] = []
+    expire = sqlite_store.expire
+
+    def watched(connection: sqlite3.Connection, *args: Any) -> Any:
+        seen = turns
+        give_up = time.monotonic() + 5.0
+        while turns == seen and time.monotonic() < give_up:
+            time.sleep(0.001)
+        during.append(turns != seen)
+        return expire(connection, *args)
+
+    monkeypatch.setattr(sqlite_store, "expire", watched)
+    path = tmp_path / "events.db"
+    _store_events(path, [7200.0] * 30)
+    broker = SQLiteBroker(
+        str(path), retention=RetentionPolicy(min_age=60, max_age=3600, batch_size=10)
+    )
+    await broker.start()
+    stop = asyncio.Event()
+
+    async def spin() -> None:
+        nonlocal turns
+        while not stop.is_set():
+            turns += 1
+            await asyncio.sleep(0)
+
+    spinner = asyncio.create_task(spin())
+    try:
+        assert await broker.clean() == 30
+    finally:
+        stop.set()
+        await spinner
+        await broker.close()
+    assert during == [True, True, True]
+
+
+async def test_leases_stay_alive_through_a_long_retention_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass lasting two leases (its batches slowed down here): renewals go between its
+    batches, so at each batch the handled event's lease is still running."""
+    lease, batches = 0.3, 20
+    alive: list[bool] = []
+    expire = sqlite_store.expire
+
+    def slow(connection: sqlite3.Connection, *args: Any) -> Any:
+        time.sleep(2 * lease / batches)
+        (expires_at,) = connection.execute("SELECT expires_at FROM leases").fetchone()
+        alive.append(expires_at > time.time())
+        return expire(connection, *args)
+
+    path = tmp_path / "events.db"
+    _store_events(path, [7200.0] * batches)
+    broker = SQLiteBroker(
+        str(path),
+        lease=lease,
+        poll_interval=0.05,
+        retention=RetentionPolicy(min_age=60, max_age=3600, batch_size=1),
+    )
+    await broker.start()
+    try:
+        consumer = await broker.consume("workers", ["jobs"])
+        await broker.publish(Event(topic="jobs", payload="young"))
+        (held,) = await _fetched(consumer, 1)
+        monkeypatch.setattr(sqlite_store, "expire", slow)
+        assert await broker.clean() == batches
+        assert alive == [True] * batches
+        await consumer.ack((held,))
+        (info,) = await broker.subscriptions()
+        assert (info.in_flight, info.lost) == (0, 0)
     finally:
         await broker.close()

@@ -217,6 +217,35 @@ async def test_the_last_member_leaving_ends_the_group(broker: MemoryBroker) -> N
     assert [d.event.payload for d in await again.fetch(5)] == [3]
 
 
+async def test_routes_follow_groups_joining_and_leaving(broker: MemoryBroker) -> None:
+    first = await broker.consume("first", ["github.*"])
+    await broker.publish(Event(topic="github.push", payload=1))  # its route is remembered
+    second = await broker.consume("second", [">"])
+    await broker.publish(Event(topic="github.push", payload=2))
+    await first.close()
+    await broker.publish(Event(topic="github.push", payload=3))
+    again = await broker.consume("first", ["github.push"])
+    await broker.publish(Event(topic="github.push", payload=4))
+    assert [d.event.payload for d in await second.fetch(10)] == [2, 3, 4]
+    assert [d.event.payload for d in await again.fetch(10)] == [4]
+
+
+async def test_of_a_thousand_groups_a_publish_reaches_only_its_readers(
+    broker: MemoryBroker,
+) -> None:
+    others = [
+        await broker.consume(f"g{n}", [f"tenant{n}.github.push", f"app{n}.*", f"svc{n}.>"])
+        for n in range(1_000)
+    ]
+    reader = await broker.consume("reader", ["github.>"])
+    for topic in ["github.push", "tenant7.github.push", "app9.x", "svc3.a.b", "$x.push"]:
+        await broker.publish(Event(topic=topic))
+    assert topics_of(await reader.fetch(10)) == ["github.push"]
+    got = {n: topics_of(await others[n].fetch(10)) for n in (3, 7, 9)}
+    assert got == {3: ["svc3.a.b"], 7: ["tenant7.github.push"], 9: ["app9.x"]}
+    assert sum(info.backlog for info in await broker.subscriptions()) == 0
+
+
 async def test_joining_a_group_with_other_topics_is_refused(broker: MemoryBroker) -> None:
     await broker.consume("g", ["a", "b"])
     await broker.consume("g", ["b", "a"])  # same set, other order: fine

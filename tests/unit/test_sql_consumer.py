@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Sequence
 
 import pytest
@@ -12,6 +13,7 @@ from callboard.brokers.base import Delivery
 from callboard.brokers.sql.consumer import ConsumerRegistry, LeasedConsumer
 from callboard.errors import BrokerError, SubscriptionError
 from callboard.events import Event
+from callboard.topics import TopicMatcher
 
 
 class RefusingStore:
@@ -170,3 +172,123 @@ async def test_a_release_that_fails_lets_its_leases_run_out(
     assert reader.id != claimer
     assert "could not hand 1 events back" in caplog.text
     await reader.close()
+
+
+# -- the registry: whom a commit wakes ----------------------------------------------------------
+
+
+class Noting(LeasedConsumer):
+    """A consumer that counts its wake-ups."""
+
+    def __init__(
+        self,
+        registry: ConsumerRegistry,
+        group: str,
+        patterns: tuple[str, ...],
+        store: RefusingStore | None = None,
+    ) -> None:
+        self.woken = 0
+        super().__init__(
+            store or RefusingStore(),
+            registry,
+            group,
+            patterns,
+            poll_interval=60.0,
+            ack_patience=1.0,
+        )
+
+    def wake(self) -> None:
+        self.woken += 1
+        super().wake()
+
+
+def woken(consumers: Sequence[Noting]) -> set[Noting]:
+    found = {c for c in consumers if c.woken}
+    for c in consumers:
+        c.woken = 0
+    return found
+
+
+async def test_a_wake_up_reaches_exactly_the_consumers_of_its_topics_or_groups() -> None:
+    rng = random.Random(18)
+    segments = ["github", "gitlab", "push", "pr", "$x", "repo:push"]
+
+    def pattern() -> str:
+        parts = [rng.choice([*segments, "*"]) for _ in range(rng.randint(1, 3))]
+        return ".".join([*parts, ">"] if rng.random() < 0.3 else parts)
+
+    registry = ConsumerRegistry()
+    consumers = [
+        Noting(registry, f"g{n % 40}", tuple(pattern() for _ in range(rng.randint(1, 3))))
+        for n in range(300)
+    ]
+    for _ in range(200):
+        topics = {".".join(rng.choices(segments, k=rng.randint(1, 4))) for _ in range(3)}
+        groups = {f"g{rng.randrange(60)}"}
+        registry.wake(topics, groups)
+        expected = {
+            c
+            for c in consumers
+            if c.group in groups or any(TopicMatcher(c.patterns)(t) for t in topics)
+        }
+        assert woken(consumers) == expected
+    registry.wake(None)
+    assert woken(consumers) == set(consumers)
+
+
+async def test_of_a_thousand_consumers_a_commit_wakes_only_its_readers() -> None:
+    registry = ConsumerRegistry()
+    others = [
+        Noting(registry, f"g{n}", (f"tenant{n}.github.push", f"app{n}.*", f"svc{n}.>"))
+        for n in range(1_000)
+    ]
+    reader = Noting(registry, "reader", ("github.>",))
+    registry.wake({"github.push"}, ())
+    assert woken([*others, reader]) == {reader}
+    registry.wake({"tenant7.github.push", "app9.x"}, ())
+    assert woken([*others, reader]) == {others[7], others[9]}
+
+
+async def test_a_consumer_claiming_under_a_new_id_is_still_woken_and_renewed() -> None:
+    registry = ConsumerRegistry()
+    reader = Noting(registry, "workers", ("jobs",), RefusingStore(releases=1))
+    before = reader.id
+    await reader.release(await reader.fetch(10))  # refused: the consumer rejoins
+    assert reader.id != before
+    assert registry.live_ids() == [reader.id]
+    assert registry.group_patterns("workers") == {("jobs",)}
+    registry.wake({"jobs"}, ())
+    assert woken([reader]) == {reader}
+    registry.wake((), ("workers",))
+    assert woken([reader]) == {reader}
+    await reader.close()
+    assert registry.live_ids() == []
+    registry.wake({"jobs"}, ("workers",))
+    assert woken([reader]) == set()
+
+
+async def test_consumers_that_end_are_forgotten() -> None:
+    registry = ConsumerRegistry()
+    first, second = Noting(registry, "g", ("a.*",)), Noting(registry, "g", ("a.*",))
+    with pytest.raises(SubscriptionError, match="still read by 2 consumer"):
+        registry.check_unread("g")
+    await first.close()
+    registry.wake({"a.b"}, ("g",))
+    assert woken([first, second]) == {second}
+    with pytest.raises(SubscriptionError, match="still read by 1 consumer"):
+        registry.check_unread("g")
+    second.detach()
+    registry.wake({"a.b"}, ("g",))
+    assert woken([first, second]) == set()
+    registry.check_unread("g")
+    assert (registry.live_ids(), registry.group_patterns("g")) == ([], set())
+
+
+async def test_ending_all_consumers_empties_the_registry() -> None:
+    registry = ConsumerRegistry()
+    consumers = [Noting(registry, f"g{n}", ("a",)) for n in range(3)]
+    await registry.end_all(release=True)
+    registry.wake({"a"}, ("g0",))
+    assert woken(consumers) == set()
+    registry.check_unread("g0")
+    assert registry.live_ids() == []

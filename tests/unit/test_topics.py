@@ -147,3 +147,80 @@ def test_the_index_keeps_reserved_topics_from_leading_wildcards() -> None:
     assert index("$deadletter.a") == {"dead"}
     assert index("a.x") == {"all", "any"}
     assert index("$a.x") == set()
+
+
+_KEYS = st.sampled_from(["s1", "s2", "s3", "s4", "s5"])
+_CHANGES = st.lists(
+    st.one_of(
+        st.tuples(st.just("add"), _KEYS, st.lists(_patterns(), max_size=4)),
+        st.tuples(st.just("remove"), _KEYS, st.just([])),
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(changes=_CHANGES, topics=st.lists(_TOPICS, min_size=1, max_size=8))
+def test_the_index_follows_entries_added_and_removed(
+    changes: list[tuple[str, str, list[str]]], topics: list[str]
+) -> None:
+    index: TopicIndex[str] = TopicIndex()
+    held: dict[str, list[str]] = {}
+    for change, key, patterns in changes:
+        if change == "add":
+            index.add(key, patterns)
+            held[key] = patterns
+        else:
+            index.remove(key)
+            held.pop(key, None)
+        for topic in topics:  # answered afresh after every change, not from the cache
+            assert index(topic) == {
+                k for k, p in held.items() if any(TopicPattern.parse(x).matches(topic) for x in p)
+            }
+    assert dict(index.entries) == {k: tuple(p) for k, p in held.items()}
+    assert len(index) == len(held)
+    for key in held:
+        index.remove(key)
+    # Every node and exact name of the removed entries is gone, not just emptied.
+    assert index._root.is_empty()
+    assert not index._exact
+
+
+def test_update_changes_only_what_differs() -> None:
+    index = TopicIndex({"a": ["github.*"], "b": ["gitlab.>"], "c": ["plain"]})
+    assert index("github.push") == {"a"}
+    index.update({"a": ["github.*"], "b": ["github.>"], "d": ["plain"]})
+    assert index("github.push") == {"a", "b"}
+    assert index("gitlab.push") == frozenset()
+    assert index("plain") == {"d"}
+    assert dict(index.entries) == {"a": ("github.*",), "b": ("github.>",), "d": ("plain",)}
+
+
+def test_an_invalid_pattern_leaves_the_index_as_it_was() -> None:
+    index = TopicIndex({"a": ["github.*"]})
+    with pytest.raises(InvalidTopicError):
+        index.add("a", ["gitlab.*", "bad topic"])
+    assert index("github.push") == {"a"}
+    assert dict(index.entries) == {"a": ("github.*",)}
+
+
+def test_a_lookup_walks_the_topics_way_not_every_pattern(monkeypatch: pytest.MonkeyPatch) -> None:
+    entries = {n: [f"tenant{n}.github.push", f"app{n}.*", f"svc{n}.*.>"] for n in range(1_000)}
+    index = TopicIndex({**entries, -1: ["github.>"], -2: ["*.push"]})
+    visited: list[int] = []
+    walk = TopicIndex._walk
+
+    def counting(self: TopicIndex[int], node: object, parts: list[str], *rest: object) -> None:
+        visited.append(len(parts))
+        walk(self, node, parts, *rest)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TopicIndex, "_walk", counting)
+    assert index("github.push") == {-1, -2}
+    # The root, ``github``, ``*`` and ``*.push``: the nodes on the topic's way, whatever the
+    # number of entries beside it.
+    assert len(visited) == 4
+    assert index("tenant7.github.push") == {7}
+    assert index("app9.x") == {9}
+    visited.clear()
+    assert index("github.push") == {-1, -2}  # remembered: no walk
+    assert visited == []

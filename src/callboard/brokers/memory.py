@@ -24,15 +24,15 @@ from callboard.brokers.base import (
 from callboard.brokers.storable import check_storable
 from callboard.errors import ServiceClosedError, SubscriptionError
 from callboard.events import Event
-from callboard.topics import TopicMatcher, normalize_patterns
+from callboard.topics import TopicIndex, normalize_patterns
 
 
 class _Group:
-    __slots__ = ("consumers", "in_flight", "matcher", "name", "queue", "waiters")
+    __slots__ = ("consumers", "in_flight", "name", "queue", "topics", "waiters")
 
     def __init__(self, name: str, topics: tuple[str, ...]) -> None:
         self.name = name
-        self.matcher = TopicMatcher(topics)
+        self.topics = topics
         self.queue: deque[Delivery] = deque()
         self.waiters: deque[asyncio.Future[None]] = deque()
         self.consumers = 0
@@ -168,7 +168,8 @@ class MemoryBroker:
 
     def __init__(self, *, dedupe_window_ids: int = 10_000, dedupe_window_seconds: float = 600.0):
         self._groups: dict[str, _Group] = {}
-        self._routes: dict[str, tuple[_Group, ...]] = {}
+        #: The groups by their topic patterns: a publish finds the groups of its topic.
+        self._routes: TopicIndex[_Group] = TopicIndex()
         self._window = _DeliveryWindow(dedupe_window_ids, dedupe_window_seconds)
         self._dead_letters: dict[str, list[Event]] = {}
         #: Owners outlive their groups, as dead letters do, until the subscription is deleted.
@@ -207,10 +208,7 @@ class MemoryBroker:
         delivery_id = event.delivery_id
         if delivery_id is not None and self._window.seen(topic, delivery_id):
             return False
-        groups = self._routes.get(topic)
-        if groups is None:
-            groups = tuple(g for g in self._groups.values() if g.matcher(topic))
-            self._routes[topic] = groups
+        groups = self._routes(topic)
         if groups:
             self._pending += len(groups)
             self._idle.clear()
@@ -231,10 +229,10 @@ class MemoryBroker:
         existing = self._groups.get(group)
         if existing is None:
             existing = self._groups[group] = _Group(group, patterns)
-            self._routes.clear()
-        elif set(existing.matcher.patterns) != set(patterns):
+            self._routes.add(existing, patterns)
+        elif set(existing.topics) != set(patterns):
             raise SubscriptionError(
-                f"subscription {group!r} already reads {list(existing.matcher.patterns)}; "
+                f"subscription {group!r} already reads {list(existing.topics)}; "
                 f"cannot join it with {list(patterns)}: use another subscription id"
             )
         if owner is not None:
@@ -270,7 +268,7 @@ class MemoryBroker:
         return [
             SubscriptionInfo(
                 name=group.name,
-                topics=group.matcher.patterns,
+                topics=group.topics,
                 in_flight=group.in_flight,
                 backlog=len(group.queue),
                 owner=self._owners.get(group.name),
@@ -304,7 +302,7 @@ class MemoryBroker:
     def _remove_group(self, group: _Group, unacked: int) -> None:
         if self._groups.get(group.name) is group:
             del self._groups[group.name]
-            self._routes.clear()
+            self._routes.remove(group)
         self._settled(unacked + len(group.queue))
         group.queue.clear()
 

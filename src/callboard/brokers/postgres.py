@@ -63,11 +63,12 @@ from callboard.brokers.base import (
     Delivery,
     RetentionPolicy,
     Start,
-    SubscriptionInfo,
 )
 from callboard.brokers.postgres_listener import Listener
 from callboard.brokers.sql import Expired, StoredEvent
+from callboard.brokers.sql.backlog import Span, StoreState, Tally
 from callboard.brokers.sql.broker import SqlBroker
+from callboard.brokers.sql.retention import RetentionRange
 from callboard.brokers.sql.store import Wake
 from callboard.errors import (
     BrokerError,
@@ -234,14 +235,24 @@ class PostgresStore:
     ) -> list[Event]:
         return await self.run(ops.dead_letters, group, ids, remove, limit)
 
-    async def subscriptions(self) -> list[SubscriptionInfo]:
-        return await self.run(ops.subscriptions)
+    async def backlog_state(self) -> StoreState:
+        return await self.run(ops.backlog_state)
+
+    async def tally_events(
+        self, counts: Sequence[Span], rows: Sequence[Span], bucket: int
+    ) -> Tally:
+        return await self.run(ops.tally_events, counts, rows, bucket, limit=30.0)
 
     async def delete_subscription(self, group: str) -> bool:
         return await self.run(ops.delete_subscription, group)
 
-    async def expire(self, policy: RetentionPolicy) -> Expired | None:
-        return await self.run(ops.expire, policy, limit=30.0)
+    async def expire_range(self, policy: RetentionPolicy) -> RetentionRange | None:
+        return await self.run(ops.expire_range, policy)
+
+    async def expire(
+        self, policy: RetentionPolicy, bounds: RetentionRange, after: int
+    ) -> Expired | None:
+        return await self.run(ops.expire, policy, bounds, after, limit=30.0)
 
     async def watch(self, wake: Wake) -> None:
         """Listen for other instances' notifications; poll while the listener is down."""

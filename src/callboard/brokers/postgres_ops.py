@@ -20,15 +20,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import re
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
 import asyncpg
 
-from callboard.brokers.base import Delivery, RetentionPolicy, Start, SubscriptionInfo
+from callboard.brokers.base import Delivery, RetentionPolicy, Start
 from callboard.brokers.postgres_listener import notification
 from callboard.brokers.sql import (
     Expired,
@@ -38,6 +38,8 @@ from callboard.brokers.sql import (
     queries,
     read_sql,
 )
+from callboard.brokers.sql.backlog import GroupState, Span, StoreState, Tally
+from callboard.brokers.sql.retention import Doomed, RetentionRange, unreceived
 from callboard.errors import BrokerError, InvalidEventError, SubscriptionError
 from callboard.events import Event
 from callboard.topics import ONE, REST, SEPARATOR, TopicMatcher
@@ -405,49 +407,100 @@ async def delete_subscription(connection: Connection, q: Queries, group: str) ->
     return bool(gone or letters)
 
 
-async def subscriptions(connection: Connection, q: Queries) -> list[SubscriptionInfo]:
+async def backlog_state(connection: Connection, q: Queries) -> StoreState:
+    """Every subscription, then the seqs bounding the stored events (read after the positions,
+    so no position is past the head)."""
     async with connection.transaction():
         rows = await fetch(connection, q["subscriptions"])
-    return [
-        SubscriptionInfo(
+        head, low = (await fetch(connection, q["seq_bounds"]))[0]
+    groups = [
+        GroupState(
             name=name,
             topics=tuple(topics),
-            in_flight=in_flight,
-            backlog=backlog,
+            position=position,
             lost=lost,
             owner=owner,
+            in_flight=in_flight,
+            returned=returned,
         )
-        for name, topics, lost, in_flight, backlog, owner in rows
+        for name, topics, position, lost, owner, in_flight, returned in rows
     ]
+    return StoreState(head=head, low=low, groups=groups)
 
 
-async def expire(connection: Connection, q: Queries, policy: RetentionPolicy) -> Expired | None:
-    """Delete one batch of events outside the window; ``None`` if another instance is at it."""
+async def tally_events(
+    connection: Connection, q: Queries, counts: Sequence[Span], rows: Sequence[Span], bucket: int
+) -> Tally:
+    """Events of seq ranges counted by bucket, topic and target; events of others one by one."""
+    tallied: list[tuple[int, str, str | None, int]] = []
+    listed: list[tuple[int, str, str | None]] = []
+    async with connection.transaction():
+        # The first tally reads every event after the lowest position, once.
+        await connection.execute("SET LOCAL statement_timeout = '30s'")
+        for after, upto in counts:
+            found = await fetch(
+                connection, q["tally_events"], {"after": after, "upto": upto, "bucket": bucket}
+            )
+            tallied += [(r[0], r[1], r[2], r[3]) for r in found]
+        for after, upto in rows:
+            found = await fetch(connection, q["events_between"], {"after": after, "upto": upto})
+            listed += [(r[0], r[1], r[2]) for r in found]
+    return Tally(counts=tallied, rows=listed)
+
+
+async def expire_range(
+    connection: Connection, q: Queries, policy: RetentionPolicy
+) -> RetentionRange | None:
+    """Where a retention pass deletes (``SqlStore.expire_range``): index lookups only."""
+    args = {"max_age": policy.max_age, "min_age": policy.min_age, "max_count": policy.max_count}
+    old, young, count = (await fetch(connection, q["expire_range"], args))[0]
+    return RetentionRange.bound(old, young, count)
+
+
+async def expire(
+    connection: Connection, q: Queries, policy: RetentionPolicy, bounds: RetentionRange, after: int
+) -> Expired | None:
+    """Delete the next batch of a retention pass (``SqlStore.expire``); ``None`` if another
+    instance is at it.
+
+    It reads a window of ``batch_size`` events of the primary key after ``after``, the
+    subscriptions behind it, the leased batches and the leases up to it: nothing of the events
+    it keeps.
+    """
     async with connection.transaction():
         await connection.execute("SET LOCAL statement_timeout = '20s'")
         if not await fetch_value(connection, q["try_lock"], {"key": q.clean_lock}):
             return None
-        args = {"max_age": policy.max_age, "min_age": policy.min_age, "limit": policy.batch_size}
-        rows = await fetch(connection, q["expire_by_age"], args)
-        if not rows:
-            edge = await fetch_value(connection, q["count_edge"], {"max_count": policy.max_count})
-            if edge is not None:
-                rows = await fetch(connection, q["expire_by_count"], {**args, "edge": edge})
-        if not rows:
-            return Expired(0, {})
-        lost: Counter[str] = Counter()
-        for name, topics, position in await fetch(connection, q["subscription_positions"]):
-            matcher = TopicMatcher(topics)
-            lost[name] += sum(
-                1
-                for seq, topic, target in rows
-                if seq > position and (target == name or (target is None and matcher(topic)))
-            )
-        upto = {"upto": max(r[0] for r in rows)}
-        await execute(connection, q["split_batches"], upto)
-        dropped = await fetch(connection, q["drop_leases"], upto)
+        window = {"after": after, "skip": policy.batch_size - 1}
+        end = await fetch_value(connection, q["expire_window"], window)
+        upto = bounds.upto if end is None else min(end, bounds.upto)
+        found = await fetch(
+            connection,
+            q["expire"],
+            {
+                "after": after,
+                "upto": upto,
+                "edge": bounds.edge,
+                "max_age": policy.max_age,
+                "min_age": policy.min_age,
+            },
+        )
+        resume = upto if upto < bounds.upto else None
+        if not found:
+            return Expired(0, {}, resume)
+        rows: list[Doomed] = sorted((seq, topic, target) for seq, topic, target in found)
+        behind = await fetch(connection, q["behind_positions"], {"last": upto})
+        lost = unreceived(
+            rows, [(name, _matcher(tuple(topics)), pos) for name, topics, pos in behind]
+        )
+        await execute(connection, q["split_batches"], {"upto": upto})
+        dropped = await fetch(connection, q["drop_leases"], {"upto": upto})
         lost.update(name for (name,) in dropped)
         for name, count in lost.items():
-            if count:
-                await execute(connection, q["add_lost"], {"name": name, "lost": count})
-    return Expired(len(rows), {name: count for name, count in lost.items() if count})
+            await execute(connection, q["add_lost"], {"name": name, "lost": count})
+    return Expired(len(rows), dict(lost), resume)
+
+
+@lru_cache(maxsize=1024)
+def _matcher(topics: tuple[str, ...]) -> TopicMatcher:
+    return TopicMatcher(topics)

@@ -20,7 +20,9 @@ turn of the event loop runs in one ``BEGIN IMMEDIATE`` transaction, and a commit
 group-commit engine (a batch of publishes or acknowledgements) goes at once, with whatever else
 waits. A transaction runs on the event loop while the file is free (a commit without a disk flush
 is cheap) and on the broker's thread when it would wait: for another process's write lock, or for
-the disk with ``synchronous=full``. Processes on one machine share the file in WAL mode.
+the disk with ``synchronous=full``; retention's batches always run on the thread, each its own
+transaction, so the loop serves requests while a pass runs. Processes on one machine share the
+file in WAL mode.
 
 Wake-ups: other processes' commits are noticed by polling ``PRAGMA data_version`` every
 ``watch_interval``.
@@ -42,10 +44,11 @@ from callboard.brokers.base import (
     Delivery,
     RetentionPolicy,
     Start,
-    SubscriptionInfo,
 )
 from callboard.brokers.sql import Expired, StoredEvent
+from callboard.brokers.sql.backlog import Span, StoreState, Tally
 from callboard.brokers.sql.broker import SqlBroker
+from callboard.brokers.sql.retention import RetentionRange
 from callboard.brokers.sql.store import Ack, Publish, Wake
 from callboard.brokers.sqlite_thread import SQLiteThread
 from callboard.errors import BrokerError, ConfigError
@@ -195,14 +198,24 @@ class SQLiteStore:
     ) -> list[Event]:
         return await self._run(store.dead_letters, group, ids, remove, limit, writes=remove)
 
-    async def subscriptions(self) -> list[SubscriptionInfo]:
-        return await self._run(store.subscriptions, writes=False)
+    async def backlog_state(self) -> StoreState:
+        # On the thread, as every backlog read: the loop never waits for a count.
+        return await self._run(store.backlog_state, self._clock(), writes=False, offload=True)
+
+    async def tally_events(
+        self, counts: Sequence[Span], rows: Sequence[Span], bucket: int
+    ) -> Tally:
+        return await self._run(store.tally_events, counts, rows, bucket, writes=False, offload=True)
 
     async def delete_subscription(self, group: str) -> bool:
         return await self._run(store.delete_subscription, group)
 
-    async def expire(self, policy: RetentionPolicy) -> Expired:
-        return await self._run(store.expire, policy)
+    async def expire_range(self, policy: RetentionPolicy) -> RetentionRange | None:
+        return await self._run(store.expire_range, policy, writes=False, offload=True)
+
+    async def expire(self, policy: RetentionPolicy, bounds: RetentionRange, after: int) -> Expired:
+        # On the thread: a batch of retention is too long for the event loop.
+        return await self._run(store.expire, policy, bounds, after, offload=True)
 
     async def watch(self, wake: Wake) -> None:
         """Poll ``PRAGMA data_version``, which moves when another process commits."""
@@ -221,9 +234,14 @@ class SQLiteStore:
             last = version
 
     def _run(
-        self, operation: Callable[..., T], *args: object, writes: bool = True, now: bool = False
+        self,
+        operation: Callable[..., T],
+        *args: object,
+        writes: bool = True,
+        now: bool = False,
+        offload: bool = False,
     ) -> asyncio.Future[T]:
         def bound(connection: sqlite3.Connection) -> T:
             return operation(connection, *args)
 
-        return self.thread.submit(bound, writes=writes, now=now)
+        return self.thread.submit(bound, writes=writes, now=now, offload=offload)

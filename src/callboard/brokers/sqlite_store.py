@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import lru_cache
 
 import orjson
 
-from callboard.brokers.base import Delivery, RetentionPolicy, Start, SubscriptionInfo
+from callboard.brokers.base import Delivery, RetentionPolicy, Start
 from callboard.brokers.sql import Expired, StoredEvent, decode_event, queries, read_sql
+from callboard.brokers.sql.backlog import GroupState, Span, StoreState, Tally
+from callboard.brokers.sql.retention import Doomed, RetentionRange, unreceived
 from callboard.brokers.sql.store import Ack, Publish
 from callboard.errors import BrokerError, SubscriptionError
 from callboard.events import Event
@@ -344,54 +345,93 @@ def delete_subscription(connection: sqlite3.Connection, group: str) -> bool:
     return bool(connection.execute(Q["delete_subscription"], args).rowcount + letters)
 
 
-def subscriptions(connection: sqlite3.Connection) -> list[SubscriptionInfo]:
-    found = []
-    now = time.time()
-    for name, topics, position, lost, owner, in_flight, returned in connection.execute(
-        Q["subscriptions"], {"now": now}
-    ).fetchall():
-        (waiting,) = connection.execute(
-            Q["backlog"], {"position": position, "group": name, "topics": topics}
-        ).fetchone()
-        found.append(
-            SubscriptionInfo(
+def backlog_state(connection: sqlite3.Connection, now: float) -> StoreState:
+    """Every subscription and the seqs bounding the stored events, in one read transaction."""
+    began = not connection.in_transaction
+    if began:
+        connection.execute("BEGIN")
+    try:
+        groups = [
+            GroupState(
                 name=name,
                 topics=tuple(json.loads(topics)),
-                in_flight=in_flight,
-                backlog=waiting + returned,
+                position=position,
                 lost=lost,
                 owner=owner,
+                in_flight=in_flight,
+                returned=returned,
             )
-        )
-    return found
-
-
-def expire(connection: sqlite3.Connection, policy: RetentionPolicy) -> Expired:
-    """Delete one batch of events outside the retention window."""
-    now = time.time()
-    rows = connection.execute(
-        Q["expire_by_age"], {"cutoff": now - policy.max_age, "limit": policy.batch_size}
-    ).fetchall()
-    if not rows:
-        edge = connection.execute(Q["count_cutoff"], {"max_count": policy.max_count}).fetchone()
-        if edge is not None:
-            rows = connection.execute(
-                Q["expire_by_count"],
-                {"edge": edge[0], "cutoff": now - policy.min_age, "limit": policy.batch_size},
+            for name, topics, position, lost, owner, in_flight, returned in connection.execute(
+                Q["subscriptions"], {"now": now}
             ).fetchall()
+        ]
+        head, low = connection.execute(Q["seq_bounds"]).fetchone()
+    finally:
+        if began:
+            connection.execute("COMMIT")
+    return StoreState(head=head, low=low, groups=groups)
+
+
+def tally_events(
+    connection: sqlite3.Connection, counts: Sequence[Span], rows: Sequence[Span], bucket: int
+) -> Tally:
+    """Events of seq ranges counted by bucket, topic and target; events of others one by one."""
+    tallied: list[tuple[int, str, str | None, int]] = []
+    for after, upto in counts:
+        tallied += connection.execute(
+            Q["tally_events"], {"after": after, "upto": upto, "bucket": bucket}
+        ).fetchall()
+    listed: list[tuple[int, str, str | None]] = []
+    for after, upto in rows:
+        listed += connection.execute(Q["events_between"], {"after": after, "upto": upto}).fetchall()
+    return Tally(counts=tallied, rows=listed)
+
+
+def expire_range(connection: sqlite3.Connection, policy: RetentionPolicy) -> RetentionRange | None:
+    """Where a retention pass deletes (``SqlStore.expire_range``): index lookups only."""
+    now = time.time()
+    old, young, count = connection.execute(
+        Q["expire_range"],
+        {"old": now - policy.max_age, "young": now - policy.min_age, "max_count": policy.max_count},
+    ).fetchone()
+    return RetentionRange.bound(old, young, count)
+
+
+def expire(
+    connection: sqlite3.Connection, policy: RetentionPolicy, bounds: RetentionRange, after: int
+) -> Expired:
+    """Delete the next batch of a retention pass (``SqlStore.expire``).
+
+    It reads a window of ``batch_size`` events of the primary key after ``after``, the
+    subscriptions behind it and their leases in it: nothing of the events it keeps.
+    """
+    now = time.time()
+    (end,) = connection.execute(
+        Q["expire_window"], {"after": after, "skip": policy.batch_size - 1}
+    ).fetchone() or (None,)
+    upto = bounds.upto if end is None else min(end, bounds.upto)
+    rows: list[Doomed] = sorted(
+        connection.execute(
+            Q["expire"],
+            {
+                "after": after,
+                "upto": upto,
+                "edge": bounds.edge,
+                "old": now - policy.max_age,
+                "young": now - policy.min_age,
+            },
+        ).fetchall()
+    )
+    resume = upto if upto < bounds.upto else None
     if not rows:
-        return Expired(0, {})
-    lost: Counter[str] = Counter()
-    for name, topics, position in connection.execute(Q["subscription_positions"]).fetchall():
-        matcher = _matcher(topics)
-        lost[name] += sum(
-            1
-            for seq, topic, target in rows
-            if seq > position and (target == name or (target is None and matcher(topic)))
-        )
-    seqs = json.dumps([row[0] for row in rows])
-    lost.update(name for (name,) in connection.execute(Q["drop_leases"], {"seqs": seqs}))
+        return Expired(0, {}, resume)
+    behind = connection.execute(Q["behind_positions"], {"last": upto}).fetchall()
+    lost = unreceived(
+        rows, [(name, _matcher(topics), position) for name, topics, position in behind]
+    )
+    seqs = json.dumps([seq for seq, _, _ in rows])
+    dropped = connection.execute(Q["drop_leases"], {"after": after, "last": upto, "seqs": seqs})
+    lost.update(name for (name,) in dropped)
     for name, count in lost.items():
-        if count:
-            connection.execute(Q["add_lost"], {"name": name, "lost": count, "now": now})
-    return Expired(len(rows), {name: count for name, count in lost.items() if count})
+        connection.execute(Q["add_lost"], {"name": name, "lost": count, "now": now})
+    return Expired(len(rows), dict(lost), resume)

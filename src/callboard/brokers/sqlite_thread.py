@@ -15,7 +15,8 @@ Where a group runs:
 - **On the broker's thread, when it would wait**: the first group (opening the file and
   migrating it), a group that finds another process holding the write lock (the thread tries
   again every half millisecond until ``busy_timeout``), and every group with
-  ``synchronous=FULL``, whose commits wait for the disk. While the thread has a group, what is
+  ``synchronous=FULL``, whose commits wait for the disk, and every group with an operation too
+  long for the loop (``offload``: a batch of retention). While the thread has a group, what is
   submitted waits, so groups still commit in submission order.
 
 The hand-off is batched on the event loop's side: operations submitted during one turn of the
@@ -58,6 +59,8 @@ Operation = Callable[[sqlite3.Connection], Any]
 class _Job:
     operation: Operation
     writes: bool
+    #: Too long for the event loop (a batch of retention): its group goes to the thread.
+    offload: bool
     #: Called on the event loop with the operation's result, or the exception it ended with.
     settle: Callable[[Any], None]
 
@@ -121,17 +124,25 @@ class SQLiteThread:
         return self._thread is not None
 
     def submit(
-        self, operation: Operation, *, writes: bool = True, now: bool = False
+        self,
+        operation: Operation,
+        *,
+        writes: bool = True,
+        now: bool = False,
+        offload: bool = False,
     ) -> asyncio.Future[Any]:
         """Run ``operation`` in the next group; its result once that group is committed.
 
         With ``now``, for an operation that is a batch already (a group commit's): the group
         goes at once, with whatever else waits, rather than at the end of this turn of the loop;
-        inline on a free file, its future is done when this returns.
+        inline on a free file, its future is done when this returns. With ``offload``, for an
+        operation too long for the event loop (a batch of retention): its group runs on the
+        thread even when the file is free, and the loop goes on meanwhile.
         """
         loop = self._running_loop()
         future = loop.create_future()
-        self._pending.append(_Job(operation, writes, functools.partial(_settle, future)))
+        settle = functools.partial(_settle, future)
+        self._pending.append(_Job(operation, writes, offload, settle))
         if not self._busy:
             self._busy = True
             if now:
@@ -152,7 +163,7 @@ class SQLiteThread:
             jobs = self._pending[:MAX_BATCH]
             del self._pending[:MAX_BATCH]
             connection = self._connection
-            if not self._inline or connection is None:
+            if not self._inline or connection is None or any(job.offload for job in jobs):
                 self._queue.put(jobs)
                 return
             try:

@@ -222,7 +222,8 @@ class BusApp:
         self._publish = publish if publish is not None else broker.publish
         self._grace = grace
         self._released = asyncio.Event()
-        self._index: TopicIndex | None = None
+        #: The stored subscriptions by their topic patterns, kept in step with the broker's list.
+        self._index: TopicIndex[str] = TopicIndex()
         sub = "/subscriptions/{id}"
         self.router = Router(
             routes=[
@@ -355,10 +356,10 @@ class BusApp:
         self.access.check(principal, id, owner)
         return id
 
-    def _topic_index(self, stored: dict[str, tuple[str, ...]]) -> TopicIndex:
-        """An index of the stored subscriptions' patterns, made again when they change."""
-        if self._index is None or self._index.subscriptions != stored:
-            self._index = TopicIndex(stored)
+    def _topic_index(self, stored: dict[str, tuple[str, ...]]) -> TopicIndex[str]:
+        """The index of the stored subscriptions' patterns, changed where they changed."""
+        if self._index.entries != stored:
+            self._index.update(stored)
         return self._index
 
     # -- Backstage's routes --------------------------------------------------------------------

@@ -92,6 +92,8 @@ class Expired:
 
     deleted: int
     lost: dict[str, int]
+    #: The seq the pass's next batch starts after; ``None``: the pass's range is done.
+    resume: int | None = None
 
 
 async def repeat(

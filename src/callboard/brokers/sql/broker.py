@@ -26,8 +26,13 @@ its event is committed. Once a commit's publishers have been answered, this proc
 of its topics are woken; what other processes commit reaches them through the store's ``watch``
 (and every consumer polls every ``poll_interval`` for what no wake-up reports).
 
-Retention runs every ``RetentionPolicy.interval`` in bounded batches; events it deletes before a
-group received them are counted as that group's ``lost`` and logged.
+Retention runs every ``RetentionPolicy.interval``, one pass at a time: the pass finds the range
+of ``seq`` it may delete once, without reading the events it keeps (``sql/retention.py``), then
+deletes it in batches of ``batch_size`` by ranges of the primary key, each batch a transaction of
+its own (off the event loop: on SQLite it runs on the store's thread), so a pass costs what it
+deletes and publishes, acknowledgements and lease renewals go on between its batches. Events it
+deletes before a group received them are counted as that group's ``lost``; a pass is logged once,
+with its totals.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
@@ -47,6 +53,7 @@ from callboard.brokers.base import (
     SubscriptionInfo,
 )
 from callboard.brokers.sql import cancel_all, encode_event, repeat
+from callboard.brokers.sql.backlog import BacklogCounter
 from callboard.brokers.sql.consumer import ConsumerRegistry, LeasedConsumer
 from callboard.brokers.sql.store import Ack, Publish, SqlStore
 from callboard.errors import ServiceClosedError, SubscriptionError
@@ -84,6 +91,7 @@ class SqlBroker:
             store.insert_events, MAX_BATCH, regroup=publish_regroup, settled=self._published
         )
         self._acks: GroupCommit[Ack, bool] = GroupCommit(store.ack, MAX_BATCH)
+        self._backlog = BacklogCounter(store)
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = True
 
@@ -183,8 +191,9 @@ class SqlBroker:
         return await self._store.dead_letters(group, ids, remove, limit)
 
     async def subscriptions(self) -> list[SubscriptionInfo]:
+        """Every group; its backlog costs what was stored since the last call (``backlog``)."""
         self._check_open()
-        return await self._store.subscriptions()
+        return await self._backlog.subscriptions()
 
     async def delete_subscription(self, group: str) -> bool:
         self._check_open()
@@ -195,29 +204,63 @@ class SqlBroker:
         return deleted
 
     async def clean(self) -> int:
-        """Apply the retention policy now, in bounded batches; the number of events deleted."""
+        """Apply the retention policy now: one pass; the number of events deleted.
+
+        The pass finds its range once, then deletes it in batches of ``batch_size``, each its
+        own transaction (publishes, acknowledgements and lease renewals go between two), for at
+        most half the interval; what is left goes in the next pass. It is logged once, with
+        its totals.
+        """
         self._check_open()
-        deleted = 0
-        budget = time.monotonic() + max(1.0, self.retention.interval / 2)
-        while time.monotonic() < budget:
-            expired = await self._store.expire(self.retention)
+        policy = self.retention
+        started = time.monotonic()
+        budget = started + max(1.0, policy.interval / 2)
+        deleted, batches, lost = 0, 0, Counter[str]()
+        ended = "done"
+        bounds = await self._store.expire_range(policy)
+        after = 0
+        while bounds is not None:
+            expired = await self._store.expire(policy, bounds, after)
             if expired is None:
-                break  # another process is cleaning
-            deleted += expired.deleted
-            for name, count in expired.lost.items():
-                self._log.warning(
-                    "subscription %r fell behind the retained window: retention deleted %d "
-                    "events it had not received",
-                    name,
-                    count,
-                )
-            if expired.deleted < self.retention.batch_size:
+                ended = "left to another process cleaning"
                 break
-        if deleted:
-            self._log.debug("retention deleted %d events from %s", deleted, self._store.label)
+            batches += 1
+            deleted += expired.deleted
+            lost.update(expired.lost)
+            if expired.resume is None:
+                break
+            after = expired.resume
+            if time.monotonic() >= budget:
+                ended = "stopped at its time limit, the rest goes in the next pass"
+                break
+        self._report_pass(deleted, batches, lost, time.monotonic() - started, ended)
         return deleted
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _report_pass(
+        self, deleted: int, batches: int, lost: Counter[str], took: float, ended: str
+    ) -> None:
+        """One line for a retention pass, and one warning per group that lost events in it."""
+        for name, count in sorted(lost.items()):
+            self._log.warning(
+                "subscription %r fell behind the retained window: retention deleted %d events "
+                "it had not received",
+                name,
+                count,
+            )
+        if deleted:
+            self._log.info(
+                "retention deleted %d events from %s in %.2fs (%d batches; %d events lost by "
+                "%d subscriptions); %s",
+                deleted,
+                self._store.label,
+                took,
+                batches,
+                lost.total(),
+                len(lost),
+                ended,
+            )
 
     def _check_open(self) -> None:
         if self._closed:

@@ -25,7 +25,7 @@ from typing import Protocol
 
 from callboard.brokers.base import Delivery
 from callboard.errors import BrokerError, BrokerUnavailable, SubscriptionError
-from callboard.topics import TopicMatcher
+from callboard.topics import TopicIndex
 
 logger = logging.getLogger("callboard.brokers")
 
@@ -50,26 +50,48 @@ class LeaseStore(Protocol):
 
 
 class ConsumerRegistry:
-    """The live consumers of one broker: whom to wake, whose leases to renew."""
+    """The live consumers of one broker: whom to wake, whose leases to renew.
+
+    Consumers are indexed by their topic patterns and by group, so a wake-up costs what it
+    wakes: the consumers of the committed topics, not a test of every live consumer's patterns.
+    """
 
     def __init__(self) -> None:
+        #: By the id a consumer claims under now (``LeasedConsumer._rejoin`` changes it).
         self._consumers: dict[str, LeasedConsumer] = {}
+        self._groups: dict[str, set[LeasedConsumer]] = {}
+        self._topics: TopicIndex[LeasedConsumer] = TopicIndex()
 
     def add(self, consumer: LeasedConsumer) -> None:
         self._consumers[consumer.id] = consumer
+        self._groups.setdefault(consumer.group, set()).add(consumer)
+        self._topics.add(consumer, consumer.patterns)
 
     def remove(self, consumer: LeasedConsumer) -> None:
-        self._consumers.pop(consumer.id, None)
+        if self._consumers.get(consumer.id) is not consumer:
+            return
+        del self._consumers[consumer.id]
+        members = self._groups[consumer.group]
+        members.discard(consumer)
+        if not members:
+            del self._groups[consumer.group]
+        self._topics.remove(consumer)
+
+    def renamed(self, consumer: LeasedConsumer, old_id: str) -> None:
+        """``consumer`` claims under a new id from now on: renew that one's leases."""
+        if self._consumers.get(old_id) is consumer:
+            del self._consumers[old_id]
+            self._consumers[consumer.id] = consumer
 
     def live_ids(self) -> list[str]:
         return list(self._consumers)
 
     def group_patterns(self, group: str) -> set[tuple[str, ...]]:
-        return {c.patterns for c in self._consumers.values() if c.group == group}
+        return {c.patterns for c in self._groups.get(group, ())}
 
     def check_unread(self, group: str) -> None:
         """Refuse to forget a group that a live consumer of this broker still reads."""
-        readers = sum(1 for c in self._consumers.values() if c.group == group)
+        readers = len(self._groups.get(group, ()))
         if readers:
             raise SubscriptionError(
                 f"subscription {group!r} is still read by {readers} consumer(s) in this "
@@ -82,16 +104,19 @@ class ConsumerRegistry:
             for consumer in self._consumers.values():
                 consumer.wake()
             return
-        names = set(groups)
-        topic_list = list(topics)
-        for consumer in self._consumers.values():
-            if consumer.group in names or any(map(consumer.matcher, topic_list)):
+        for topic in topics:
+            for consumer in self._topics(topic):
+                consumer.wake()
+        for group in groups:
+            for consumer in self._groups.get(group, ()):
                 consumer.wake()
 
     async def end_all(self, *, release: bool) -> None:
         """End every live consumer: closed (leases handed back) or, if not ``release``, detached."""
         consumers = list(self._consumers.values())
         self._consumers.clear()
+        self._groups.clear()
+        self._topics = TopicIndex()
         for consumer in consumers:
             if release:
                 await consumer.close()
@@ -117,7 +142,6 @@ class LeasedConsumer:
         self._claimers = {self.id}
         self.group = group
         self.patterns = patterns
-        self.matcher = TopicMatcher(patterns)
         self._store = store
         self._registry = registry
         self._poll_interval = poll_interval
@@ -200,10 +224,9 @@ class LeasedConsumer:
         """
         if self._closed:
             return  # no longer renewed anyway
-        self._registry.remove(self)
-        self.id = uuid.uuid4().hex
+        old_id, self.id = self.id, uuid.uuid4().hex
         self._claimers.add(self.id)
-        self._registry.add(self)
+        self._registry.renamed(self, old_id)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

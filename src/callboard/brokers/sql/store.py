@@ -12,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
-from callboard.brokers.base import Delivery, RetentionPolicy, Start, SubscriptionInfo
+from callboard.brokers.base import Delivery, RetentionPolicy, Start
 from callboard.brokers.sql import Expired, StoredEvent
+from callboard.brokers.sql.backlog import Span, StoreState, Tally
+from callboard.brokers.sql.retention import RetentionRange
 from callboard.events import Event
 
 #: Wakes this process's consumers reading ``topics`` (``None``: every consumer) or in ``groups``.
@@ -88,14 +90,35 @@ class SqlStore(Protocol):
         self, group: str, ids: Sequence[str] | None, remove: bool, limit: int
     ) -> list[Event]: ...
 
-    async def subscriptions(self) -> list[SubscriptionInfo]: ...
+    async def backlog_state(self) -> StoreState:
+        """Every subscription (position, topics, lease counts), then the newest and the oldest
+        stored seq; O(subscriptions), off the event loop."""
+        ...
+
+    async def tally_events(
+        self, counts: Sequence[Span], rows: Sequence[Span], bucket: int
+    ) -> Tally:
+        """Count the events of the ``counts`` seq ranges by ``(seq - 1) // bucket``, topic and
+        target, and list those of the ``rows`` ranges; range reads of the key, off the loop."""
+        ...
 
     async def delete_subscription(self, group: str) -> bool:
         """Forget a group, its leases and its dead letters; was there anything?"""
         ...
 
-    async def expire(self, policy: RetentionPolicy) -> Expired | None:
-        """Delete one batch outside the window; ``None`` when another process is at it."""
+    async def expire_range(self, policy: RetentionPolicy) -> RetentionRange | None:
+        """Where a retention pass deletes, found without reading what it keeps (an index
+        lookup and the count edge); ``None`` when nothing is outside the window."""
+        ...
+
+    async def expire(
+        self, policy: RetentionPolicy, bounds: RetentionRange, after: int
+    ) -> Expired | None:
+        """Delete the next batch of the pass: of the ``policy.batch_size`` events after seq
+        ``after`` (a window of the primary key, cut at ``bounds.upto``), those the policy no
+        longer keeps, each one's age checked again; in a transaction of its own, off the loop.
+        ``Expired.resume`` says where the next batch starts; ``None`` when another process is
+        at it."""
         ...
 
     async def watch(self, wake: Wake) -> None:

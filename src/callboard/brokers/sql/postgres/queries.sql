@@ -176,8 +176,10 @@ WITH leases AS (
 SELECT count(*) FROM letters
 
 -- name: subscriptions
--- Every subscription with its leases in flight, what waits for it, and its owner.
-SELECT s.name, s.topics, s.lost,
+-- Every subscription with its position, leases in flight, leases handed back or run out (both
+-- waiting to be claimed again), and its owner; what waits after the position is counted apart
+-- (brokers/sql/backlog.py).
+SELECT s.name, s.topics, s.position, s.lost, s.owner,
     (SELECT count(*) FROM {schema}.leases AS l
      WHERE l.subscription = s.name AND l.consumer IS NOT NULL AND l.expires_at > now())
     + (SELECT coalesce(sum(cardinality(b.pending)), 0) FROM {schema}.leased_batches AS b
@@ -186,41 +188,45 @@ SELECT s.name, s.topics, s.lost,
      WHERE l.subscription = s.name AND (l.consumer IS NULL OR l.expires_at <= now()))
     + (SELECT coalesce(sum(cardinality(b.pending)), 0) FROM {schema}.leased_batches AS b
        WHERE b.subscription = s.name AND (b.consumer IS NULL OR b.expires_at <= now()))
-    + (SELECT count(*) FROM {schema}.events AS e
-       WHERE e.seq > s.position
-         AND (e.target = s.name OR (e.target IS NULL AND e.topic ~ ANY(s.regexes)))),
-    s.owner
 FROM {schema}.subscriptions AS s ORDER BY s.name
 
--- name: expire_by_age
--- Delete a batch of events older than the maximum age.
+-- name: expire_range
+-- Where a retention pass deletes, without reading the events it keeps: the newest events older
+-- than the maximum and the minimum age (each one step down the stored_at index, the last of the
+-- events stored at that moment: stored_at grows with seq, nearly) and the edge of the newest
+-- events kept by count (0 for each one missing).
+SELECT
+    coalesce((SELECT seq FROM {schema}.events
+              WHERE stored_at < now() - make_interval(secs => %(max_age)s)
+              ORDER BY stored_at DESC, seq DESC LIMIT 1), 0),
+    coalesce((SELECT seq FROM {schema}.events
+              WHERE stored_at < now() - make_interval(secs => %(min_age)s)
+              ORDER BY stored_at DESC, seq DESC LIMIT 1), 0),
+    coalesce((SELECT seq FROM {schema}.events ORDER BY seq DESC LIMIT 1 OFFSET %(max_count)s), 0)
+
+-- name: expire_window
+-- The end of a retention batch: the seq of the %(skip)s + 1th event after %(after)s (NULL when
+-- fewer are left), so that a batch reads at most a batch of the primary key.
+SELECT seq FROM {schema}.events WHERE seq > %(after)s ORDER BY seq LIMIT 1 OFFSET %(skip)s
+
+-- name: expire
+-- Delete a batch of a retention pass: the events after %(after)s up to %(upto)s (a range of the
+-- primary key) older than the maximum age, or up to the count edge and older than the minimum
+-- age. Every event's age is checked: stored_at only nearly grows with seq.
 WITH doomed AS (
     SELECT seq FROM {schema}.events
-    WHERE stored_at < now() - make_interval(secs => %(max_age)s)
-    ORDER BY seq LIMIT %(limit)s
+    WHERE seq > %(after)s AND seq <= %(upto)s
+      AND (stored_at < now() - make_interval(secs => %(max_age)s)
+           OR (seq <= %(edge)s AND stored_at < now() - make_interval(secs => %(min_age)s)))
     FOR UPDATE SKIP LOCKED
 )
 DELETE FROM {schema}.events AS e USING doomed WHERE e.seq = doomed.seq
 RETURNING e.seq, e.topic, e.target
 
--- name: count_edge
--- The seq at the edge of the newest events kept by count.
-SELECT seq FROM {schema}.events ORDER BY seq DESC LIMIT 1 OFFSET %(max_count)s
-
--- name: expire_by_count
--- Delete a batch of events beyond the kept count and older than the minimum age.
-WITH doomed AS (
-    SELECT seq FROM {schema}.events
-    WHERE seq <= %(edge)s AND stored_at < now() - make_interval(secs => %(min_age)s)
-    ORDER BY seq LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
-)
-DELETE FROM {schema}.events AS e USING doomed WHERE e.seq = doomed.seq
-RETURNING e.seq, e.topic, e.target
-
--- name: subscription_positions
--- Every subscription's topics and position, to account for what retention deletes.
-SELECT name, topics, position FROM {schema}.subscriptions
+-- name: behind_positions
+-- The topics and position of the subscriptions that had not received every event up to a seq,
+-- to account for what retention deletes.
+SELECT name, topics, position FROM {schema}.subscriptions WHERE position < %(last)s
 
 -- name: split_batches
 -- Turn the leased batches holding events up to a seq into single leases, held as before (so
@@ -249,3 +255,19 @@ RETURNING l.subscription
 -- name: add_lost
 -- Count events a subscription lost to retention.
 UPDATE {schema}.subscriptions SET lost = lost + %(lost)s, updated_at = now() WHERE name = %(name)s
+
+-- name: seq_bounds
+-- The newest stored seq (0: none) and the oldest (NULL: none), each from one end of the key.
+SELECT coalesce((SELECT max(seq) FROM {schema}.events), 0)::bigint,
+       (SELECT min(seq) FROM {schema}.events)::bigint
+
+-- name: tally_events
+-- Events in a seq range, counted by bucket of seqs, topic and target (a range scan of the key).
+SELECT (seq - 1) / %(bucket)s::bigint, topic, target, count(*) FROM {schema}.events
+WHERE seq > %(after)s::bigint AND seq <= %(upto)s::bigint
+GROUP BY 1, 2, 3
+
+-- name: events_between
+-- Events in a seq range, one by one, in seq order (a range scan of the key).
+SELECT seq, topic, target FROM {schema}.events
+WHERE seq > %(after)s::bigint AND seq <= %(upto)s::bigint ORDER BY seq

@@ -154,38 +154,61 @@ SELECT s.name, s.topics, s.position, s.lost, s.owner,
         WHERE l.subscription = s.name AND (l.consumer IS NULL OR l.expires_at <= :now))
 FROM subscriptions s ORDER BY s.name;
 
--- name: backlog
--- How many events wait for a subscription after its position.
-SELECT count(*) FROM events
-WHERE seq > :position
-  AND (target = :group OR (target IS NULL AND callboard_match(:topics, topic)));
+-- name: expire_range
+-- Where a retention pass deletes, without reading the events it keeps: the newest events older
+-- than the maximum and the minimum age (each one step down the stored_at index, the last of the
+-- events stored at that moment: stored_at grows with seq, nearly) and the edge of the newest
+-- events kept by count (0 for each one missing).
+SELECT
+    coalesce((SELECT seq FROM events WHERE stored_at < :old
+              ORDER BY stored_at DESC, seq DESC LIMIT 1), 0),
+    coalesce((SELECT seq FROM events WHERE stored_at < :young
+              ORDER BY stored_at DESC, seq DESC LIMIT 1), 0),
+    coalesce((SELECT seq FROM events ORDER BY seq DESC LIMIT 1 OFFSET :max_count), 0);
 
--- name: expire_by_age
--- Delete a batch of events older than the maximum age.
-DELETE FROM events WHERE seq IN (
-    SELECT seq FROM events WHERE stored_at < :cutoff ORDER BY seq LIMIT :limit
-)
+-- name: expire_window
+-- The end of a retention batch: the seq of the :skip + 1th event after :after (NULL when fewer
+-- are left), so that a batch reads at most a batch of the primary key.
+SELECT seq FROM events WHERE seq > :after ORDER BY seq LIMIT 1 OFFSET :skip;
+
+-- name: expire
+-- Delete a batch of a retention pass: the events after :after up to :upto (a range of the
+-- primary key) older than the maximum age, or up to the count edge and older than the minimum
+-- age. Every event's age is checked (stored_at only nearly grows with seq); the unary + keeps
+-- the planner on the primary key rather than the stored_at index.
+DELETE FROM events
+WHERE seq > :after AND seq <= :upto
+  AND (+stored_at < :old OR (seq <= :edge AND +stored_at < :young))
 RETURNING seq, topic, target;
 
--- name: count_cutoff
--- The seq at the edge of the newest events kept by count.
-SELECT seq FROM events ORDER BY seq DESC LIMIT 1 OFFSET :max_count;
-
--- name: expire_by_count
--- Delete a batch of events beyond the kept count and older than the minimum age.
-DELETE FROM events WHERE seq IN (
-    SELECT seq FROM events WHERE seq <= :edge AND stored_at < :cutoff ORDER BY seq LIMIT :limit
-)
-RETURNING seq, topic, target;
-
--- name: subscription_positions
--- Every subscription's topics and position, to account for what retention deletes.
-SELECT name, topics, position FROM subscriptions;
+-- name: behind_positions
+-- The topics and position of the subscriptions that had not received every event up to a seq,
+-- to account for what retention deletes.
+SELECT name, topics, position FROM subscriptions WHERE position < :last;
 
 -- name: drop_leases
--- Delete leases of deleted events (a JSON array of seqs).
-DELETE FROM leases WHERE seq IN (SELECT value FROM json_each(:seqs)) RETURNING subscription;
+-- Delete leases of deleted events (a JSON array of seqs between :after and :last): only groups
+-- past :after can hold one, each found by its primary key range.
+DELETE FROM leases
+WHERE subscription IN (SELECT name FROM subscriptions WHERE position > :after)
+  AND seq > :after AND seq <= :last
+  AND seq IN (SELECT value FROM json_each(:seqs))
+RETURNING subscription;
 
 -- name: add_lost
 -- Count events a subscription lost to retention.
 UPDATE subscriptions SET lost = lost + :lost, updated_at = :now WHERE name = :name;
+
+-- name: seq_bounds
+-- The newest stored seq (0: none) and the oldest (NULL: none), each from one end of the key.
+SELECT coalesce((SELECT max(seq) FROM events), 0), (SELECT min(seq) FROM events);
+
+-- name: tally_events
+-- Events in a seq range, counted by bucket of seqs, topic and target (a range search on the key).
+SELECT (seq - 1) / :bucket, topic, target, count(*) FROM events
+WHERE seq > :after AND seq <= :upto
+GROUP BY 1, 2, 3;
+
+-- name: events_between
+-- Events in a seq range, one by one, in seq order (a range search on the key).
+SELECT seq, topic, target FROM events WHERE seq > :after AND seq <= :upto ORDER BY seq;
