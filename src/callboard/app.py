@@ -8,6 +8,7 @@ embedded in any ASGI application; ``create_app()`` wraps it in the standalone ap
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -59,6 +60,8 @@ class Callboard:
         self.config = config
         self.metrics = metrics
         self.contexts = tuple(contexts)
+        #: The task reading the broker's figures for ``/metrics``, while one runs.
+        self._reading: asyncio.Task[None] | None = None
         delivery = config.events.delivery
         self.events = DefaultEventsService(
             broker,
@@ -146,17 +149,29 @@ class Callboard:
         """Refresh the broker gauges (health, and per subscription: backlog, in flight, lost).
 
         The process's own gauges (``observe_process``) are refreshed first, even when the
-        broker does not answer.
+        broker does not answer. The broker's figures are read by a task of their own: a scrape
+        waits ``timeout`` seconds for it, then answers with the figures it has while the task
+        goes on (the next scrape takes its result). A slow answer is not an outage: only a
+        broker that fails to answer marks ``callboard_broker_up`` 0.
         """
         self.observe_process()
-        metrics = self.metrics
         broker = self.events.broker
         if not isinstance(broker, BrokerAdmin):
             return  # it cannot list its subscriptions: nothing more to tell
+        reading = self._reading
+        if reading is None or reading.done():
+            reading = self._reading = asyncio.create_task(
+                self._read_broker(broker), name="callboard-broker-figures"
+            )
+        done, _ = await asyncio.wait([reading], timeout=timeout)
+        if not done:
+            logger.info("the broker's figures take over %gs; /metrics shows the last ones", timeout)
+
+    async def _read_broker(self, broker: BrokerAdmin) -> None:
+        metrics = self.metrics
         try:
-            async with asyncio.timeout(timeout):
-                subscriptions = await broker.subscriptions()
-        except (CallboardError, TimeoutError) as error:
+            subscriptions = await broker.subscriptions()
+        except CallboardError as error:
             logger.warning("the broker did not answer for /metrics: %s", error)
             metrics.broker_up.set(0)
             return
@@ -168,6 +183,10 @@ class Callboard:
 
     async def stop(self) -> None:
         self.ready = False
+        if self._reading is not None:
+            self._reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reading
         for context in reversed(self._started):
             for hook in reversed(context.lifecycle.stop_hooks):
                 try:

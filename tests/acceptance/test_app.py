@@ -301,3 +301,41 @@ async def test_the_embedded_ingress_delivers() -> None:
         assert isinstance(board.events.broker, MemoryBroker)
         await board.events.broker.drain()
     assert [e.payload for e in got] == [[1]]
+
+
+class SlowToList(MemoryBroker):
+    """A broker whose figures take until the test lets them through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def subscriptions(self) -> list[Any]:
+        await self.gate.wait()
+        return await super().subscriptions()
+
+
+def gauge(text: str, name: str) -> dict[str, float]:
+    return {
+        sample.labels.get("subscription", ""): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    }
+
+
+async def test_a_slow_broker_is_not_reported_down_and_its_figures_come_later() -> None:
+    broker = SlowToList()
+    board = build(load_config(overrides=CONFIG), broker=broker, use_entry_points=False)
+    async with board.lifespan():
+        await board.events.subscribe("s", "plain", lambda event: asyncio.sleep(0))
+        board.metrics.broker_up.set(1)
+        await board.observe_broker(timeout=0.01)  # the figures are late: the scrape answers
+        text = board.metrics.exposition()[0].decode()
+        assert gauge(text, "callboard_broker_up") == {"": 1.0}
+        assert "s" not in gauge(text, "callboard_subscription_backlog")
+        broker.gate.set()
+        await board.observe_broker(timeout=5)  # the same reading ends, its figures are served
+        text = board.metrics.exposition()[0].decode()
+        assert gauge(text, "callboard_subscription_backlog")["s"] == 0.0
+        assert gauge(text, "callboard_broker_up") == {"": 1.0}
