@@ -18,7 +18,6 @@ that never finished its body gets none).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import hmac
 import json
@@ -28,12 +27,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from run import postgres_execute, wait_for
 
 SECRET = b"bad-input-secret"
 PLAIN = "/api/events/http/plain"
@@ -227,17 +226,6 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_for(url: str, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise SystemExit(f"{url} did not answer within {seconds:.0f}s")
-
-
 def run(broker: str, label: str, workdir: Path) -> list[tuple[str, str]]:
     port = free_port()
     config = workdir / f"{label}.yaml"
@@ -267,19 +255,6 @@ def run(broker: str, label: str, workdir: Path) -> list[tuple[str, str]]:
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(15)
-
-
-def postgres_execute(url: str, script: str) -> None:
-    import asyncpg
-
-    async def execute() -> None:
-        connection = await asyncpg.connect(url)
-        try:
-            await connection.execute(script)
-        finally:
-            await connection.close()
-
-    asyncio.run(execute())
 
 
 def reachable(host: str, port: int) -> bool:

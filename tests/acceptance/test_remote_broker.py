@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-import uvicorn
 
 from callboard.app import create_app
 from callboard.brokers import open_broker
@@ -20,6 +19,7 @@ from callboard.default_service import DefaultEventsService
 from callboard.delivery import RetryPolicy
 from callboard.errors import BrokerError, BrokerUnavailable, ConfigError, SubscriptionError
 from callboard.events import Event
+from tests.contract.kits import served
 
 TOKEN = "remote-test-token"
 FAST = RetryPolicy(attempts=2, initial_delay=0.01, max_delay=0.01)
@@ -47,27 +47,8 @@ async def server(port: int, broker: str = "memory://") -> AsyncIterator[str]:
         }
     )
     app = create_app(config, use_entry_points=False)
-    instance = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=port,
-            lifespan="on",
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=2,
-        )
-    )
-    task = asyncio.create_task(instance.serve())
-    while not instance.started:  # startup, not delivery: there is nothing to await instead
-        if task.done():
-            task.result()
-        await asyncio.sleep(0.01)
-    try:
-        yield f"callboard+http://:{TOKEN}@127.0.0.1:{port}"
-    finally:
-        instance.should_exit = True
-        await task
+    async with served(app, port) as address:
+        yield "callboard+http://:" + TOKEN + "@" + address.removeprefix("http://")
 
 
 def _remote(url: str) -> RemoteBroker:

@@ -94,13 +94,14 @@ class CuttableTransport(httpx.AsyncBaseTransport):
 
 
 @asynccontextmanager
-async def served(app: ASGIApp) -> AsyncIterator[str]:
-    """``app`` served by uvicorn in this process on a free port; yields its ``http://`` address."""
+async def served(app: ASGIApp, port: int = 0) -> AsyncIterator[str]:
+    """``app`` served by uvicorn in this process on ``port`` (0: a free one); yields its
+    ``http://`` address."""
     server = uvicorn.Server(
         uvicorn.Config(
             app,
             host="127.0.0.1",
-            port=0,
+            port=port,
             lifespan="on",
             log_config=None,
             access_log=False,
