@@ -8,19 +8,24 @@ Starts, on loopback:
 - a bare Starlette route on port 7012 that only parses the JSON (and checks the HMAC),
 then drives them with wrk (one target after the other, round after round, so a drift of the
 machine hits all alike; medians of the rounds) and checks that every request callboard accepted
-reached its subscriber. It also prints the CPU time the callboard process spent per accepted
-request, accepting and delivering (Linux's ``/proc``).
+reached its subscriber exactly once (the counting subscriber writes the id of every event it
+handles, ``bench/tally.py``: every accepted event once, none twice). It also prints the CPU time
+the callboard server spent per accepted request, accepting and delivering, summed over its
+processes (Linux's ``/proc``).
 
     python bench/run.py --no-anchor            # callboard and the bare route only
     python bench/run.py                        # plain topic, memory broker
     python bench/run.py --scenario github      # signed GitHub pushes through the GitHub module
     python bench/run.py --broker sqlite:///bench.db
+    python bench/run.py --broker sqlite:///bench.db --workers 2    # callboard serve --workers 2
     python bench/run.py --anchor-config app-config.pg.yaml \
         --broker 'postgresql://postgres@127.0.0.1:5432/postgres?schema=callboard_bench'
 
 Every request is the same signed GitHub push (``BODY`` below, 414 bytes). A PostgreSQL schema
 whose name starts with ``callboard_bench`` is dropped at the end, so every run starts from an
-empty store.
+empty store. With ``--workers N`` callboard runs as ``callboard serve --workers N``: the CPU is
+the parent's and every worker's, and the memory broker, which callboard refuses with several
+workers, is skipped with a note.
 
 Only the Backstage anchor lives outside the repository: ``<shared>`` is the folder that holds
 ``anchors/backstage``, by default ``../shared`` beside the repository (``--shared`` or
@@ -48,6 +53,8 @@ import urllib.request
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+
+from tally import cpu_spent, exactly_once, tree_cpu
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -299,6 +306,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument(
+        "--workers", type=int, default=1, help="callboard serve --workers N (default 1)"
+    )
     parser.add_argument("--anchor-config", default="app-config.yaml")
     parser.add_argument("--no-anchor", action="store_true", help="leave the Backstage anchor out")
     parser.add_argument(
@@ -307,6 +317,13 @@ def main() -> int:
         default=Path(os.environ.get("CALLBOARD_BENCH_SHARED", ROOT.parent / "shared")),
     )
     args = parser.parse_args()
+    if args.workers > 1 and args.broker.startswith("memory:"):
+        print(
+            f"skipped: callboard refuses {args.workers} workers on the memory broker (its events "
+            "stay inside one process); give a shared broker (--broker sqlite:///FILE or "
+            "postgresql://...) or --workers 1"
+        )
+        return 0
     ensure_wrk()
     topic = "github" if args.scenario == "github" else "plain"
     delivered_topic = "github.push" if args.scenario == "github" else "plain"
@@ -336,9 +353,17 @@ def main() -> int:
         config = workdir / "callboard.yaml"
         config.write_text(callboard_config(args.scenario, args.broker))
         path = os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(HERE)]))
-        env = {**os.environ, "PYTHONPATH": path, "BENCH_TOPICS": delivered_topic}
+        deliveries = workdir / "deliveries"
+        deliveries.mkdir()
+        env = {
+            **os.environ,
+            "PYTHONPATH": path,
+            "BENCH_TOPICS": delivered_topic,
+            "BENCH_DELIVERIES": str(deliveries),
+        }
+        serve = [python, "-m", "callboard", "serve", "--config", str(config)]
         server = start(
-            [python, "-m", "callboard", "serve", "--config", str(config)],
+            [*serve, "--workers", str(args.workers)] if args.workers > 1 else serve,
             workdir / "callboard.log",
             env,
         )
@@ -350,7 +375,7 @@ def main() -> int:
         base = f"http://127.0.0.1:{CALLBOARD_PORT}"
         wait_for(f"{base}/readyz")
         wait_for_port(BARE_PORT)
-        cpu_before = cpu_seconds(server.pid)
+        cpu_before = tree_cpu(server.pid)
         targets += [
             ("callboard", f"http://127.0.0.1:{CALLBOARD_PORT}/api/events/http/{topic}"),
             ("starlette", f"http://127.0.0.1:{BARE_PORT}/api/events/http/{topic}"),
@@ -380,12 +405,16 @@ def main() -> int:
             if delivered >= accepted:
                 break
             time.sleep(0.5)
-        cpu_after = cpu_seconds(server.pid)
+        cpu_after = tree_cpu(server.pid)
+        stop(server)  # its processes write the last delivered ids as they exit
+        once = exactly_once(deliveries, int(accepted))
+        shutil.rmtree(deliveries, ignore_errors=True)
 
     by_name = {row["target"]: row for row in rows}
     ours = by_name["callboard"]
+    workers = f", {args.workers} workers" if args.workers > 1 else ""
     print(
-        f"scenario {args.scenario}, broker {args.broker}, {args.connections} connections, "
+        f"scenario {args.scenario}, broker {args.broker}{workers}, {args.connections} connections, "
         f"{args.rounds} rounds of {args.seconds}s (medians)\n"
     )
     print("| target | req/s | p50 ms | p99 ms | errors |")
@@ -404,12 +433,14 @@ def main() -> int:
     )
     print(f"accepted by callboard: {accepted:,.0f}; delivered to the subscriber: {delivered:,.0f}")
     cpu_per_request = None
-    if cpu_before is not None and cpu_after is not None and accepted:
+    spent = cpu_spent(cpu_before, cpu_after)
+    if spent is not None and accepted:
         # Everything the server did for the run, accepting and delivering, per accepted request.
-        cpu_per_request = (cpu_after - cpu_before) / accepted * 1e6
+        cpu_per_request = spent / accepted * 1e6
         print(f"callboard CPU per accepted request (ingest and delivery): {cpu_per_request:.0f} µs")
-    ok = delivered >= accepted > 0
+    ok = delivered >= accepted > 0 and once.exactly_once
     print("every accepted event delivered" if ok else "MISSING DELIVERIES")
+    print(f"delivery to the subscription, by event id: {once.summary()}")
     results = ROOT / "bench" / "results"
     results.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
@@ -421,6 +452,9 @@ def main() -> int:
                 "accepted": accepted,
                 "delivered": delivered,
                 "cpu_us_per_request": cpu_per_request,
+                "workers": args.workers,
+                "distinct_delivered": once.distinct,
+                "delivered_again": once.repeated,
             },
             indent=2,
         )

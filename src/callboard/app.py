@@ -12,39 +12,48 @@ import contextlib
 import json
 import logging
 import os
+from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from callboard.brokers import open_broker, redact_url
 from callboard.brokers.base import Broker, BrokerAdmin
 from callboard.bus.access import Access, Grant
+from callboard.bus.admin import replay
 from callboard.bus.api import BusApp, Publish
-from callboard.bus.auth import PLUGIN_ID, BusAuth, StaticTokenAuth
+from callboard.bus.auth import PLUGIN_ID, BusAuth, Principal, StaticTokenAuth, static_tokens
 from callboard.bus.plugin_keys import PluginKeys, PluginTokenVerifier, plugin_base_urls
 from callboard.bus.wire import BUS_PATH
 from callboard.config import Config
+from callboard.console.access import ConsoleAccess
+from callboard.console.app import ConsoleApp
+from callboard.console.ingress_stats import IngressStats
 from callboard.default_service import DefaultEventsService
 from callboard.delivery import RetryPolicy
 from callboard.errors import CallboardError, ConfigError, ModuleError
 from callboard.extensions import Module, ModuleContext
-from callboard.ingress.asgi import IngressApp
+from callboard.ingress.asgi import IngressApp, TracedIngressApp
+from callboard.ingress.request_log import RequestLog
 from callboard.ingress.types import BodyParser, Ingress
 from callboard.metrics import Metrics
 from callboard.metrics_sum import Part, combine
 from callboard.modules import resolve_modules
 from callboard.peers import Peers
 from callboard.routing import EventRouter
+from callboard.spans import Tracer
 
 logger = logging.getLogger("callboard.app")
 
 INGRESS_PREFIX = "/api/events/http"
+CONSOLE_PATH = "/console"
 
 
 class Callboard:
@@ -56,10 +65,13 @@ class Callboard:
         contexts: Sequence[ModuleContext],
         broker: Broker,
         metrics: Metrics,
+        tracer: Tracer | None = None,
     ) -> None:
         self.config = config
         self.metrics = metrics
         self.contexts = tuple(contexts)
+        if tracer is None and config.backend.tracing.enabled:
+            tracer = open_tracer()
         #: The task reading the broker's figures for ``/metrics``, while one runs.
         self._reading: asyncio.Task[None] | None = None
         delivery = config.events.delivery
@@ -76,9 +88,11 @@ class Callboard:
             shutdown_timeout=config.events.shutdown_timeout_ms / 1000,
             handler_timeout=delivery.handler_timeout_ms / 1000 or None,
             ordered=delivery.ordered,
+            tracer=tracer,
         )
         http = config.events.http
-        self.ingress = IngressApp(
+        traced: dict[str, Any] = {} if tracer is None else {"tracer": tracer}
+        self.ingress = (IngressApp if tracer is None else TracedIngressApp)(
             self.events.publish,
             _collect_ingresses(config, self.contexts),
             parsers=_collect_parsers(self.contexts),
@@ -87,6 +101,9 @@ class Callboard:
             keep_credentials=http.keep_credential_headers,
             detect_redeliveries=http.detect_redeliveries,
             metrics=metrics,
+            # A line for every refused webhook; more observers: ``ingress.add_observer``.
+            observers=[RequestLog()],
+            **traced,
         )
         self.ready = False
         self._started: list[ModuleContext] = []
@@ -125,9 +142,10 @@ class Callboard:
                 logger.error("module %r failed to start: %s", context.name, error)
                 await self.stop()
                 raise ModuleError(context.name, f"failed to start: {error}") from error
+        self._read_broker_figures()  # counted from now: the first scrape does not wait for it
         self.ready = True
         logger.info(
-            "callboard ready: broker %s, ingress topics %s, modules %s",
+            "callboard started: broker %s, ingress topics %s, modules %s",
             redact_url(self.config.events.broker),
             sorted(self.ingress.ingresses),
             [c.name for c in self.contexts],
@@ -155,17 +173,24 @@ class Callboard:
         broker that fails to answer marks ``callboard_broker_up`` 0.
         """
         self.observe_process()
+        reading = self._read_broker_figures()
+        if reading is None:
+            return  # the broker cannot list its subscriptions: nothing more to tell
+        done, _ = await asyncio.wait([reading], timeout=timeout)
+        if not done:
+            logger.info("the broker's figures take over %gs; /metrics shows the last ones", timeout)
+
+    def _read_broker_figures(self) -> asyncio.Task[None] | None:
+        """The task reading the broker's figures: the one under way, or a new one."""
         broker = self.events.broker
         if not isinstance(broker, BrokerAdmin):
-            return  # it cannot list its subscriptions: nothing more to tell
+            return None
         reading = self._reading
         if reading is None or reading.done():
             reading = self._reading = asyncio.create_task(
                 self._read_broker(broker), name="callboard-broker-figures"
             )
-        done, _ = await asyncio.wait([reading], timeout=timeout)
-        if not done:
-            logger.info("the broker's figures take over %gs; /metrics shows the last ones", timeout)
+        return reading
 
     async def _read_broker(self, broker: BrokerAdmin) -> None:
         metrics = self.metrics
@@ -204,9 +229,16 @@ def build(
     broker: Broker | None = None,
     metrics: Metrics | None = None,
     use_entry_points: bool = True,
+    tracer: Tracer | None = None,
 ) -> Callboard:
-    """Assemble a callboard from configuration and modules (registered in order)."""
+    """Assemble a callboard from configuration and modules (registered in order).
+
+    ``tracer``: spans around requests, publishes and handler calls; by default the
+    OpenTelemetry one when ``backend.tracing.enabled``, else none.
+    """
     config = config if config is not None else Config()
+    for warning in config.warnings:
+        logging.getLogger("callboard.config").warning("%s", warning)
     contexts = []
     for module in resolve_modules(config, modules, use_entry_points=use_entry_points):
         context = ModuleContext(module.name, config.events.modules.get(module.name, {}))
@@ -225,7 +257,7 @@ def build(
         metrics = Metrics(
             max_topics=labels.max_topic_labels, max_subscriptions=labels.max_subscription_labels
         )
-    return Callboard(config, contexts, chosen, metrics)
+    return Callboard(config, contexts, chosen, metrics, tracer)
 
 
 def create_app(
@@ -247,13 +279,16 @@ class CallboardApp:
         self.peers = peers
         self._ingress_base = INGRESS_PREFIX + "/"
         self.bus = bus_app(board.config, board.events.broker, board.events.publish)
+        self.console = console_app(board, self.bus)
         self.starlette = Starlette(
             routes=[
+                Route("/", self._to_console),
                 Route("/healthz", self._health),
                 Route("/readyz", self._ready),
                 Route("/metrics", self._metrics),
                 Mount(INGRESS_PREFIX, app=board.ingress),
                 Mount(BUS_PATH, app=self.bus),
+                Mount(CONSOLE_PATH, app=self.console),
             ],
             lifespan=self._lifespan,
         )
@@ -268,6 +303,7 @@ class CallboardApp:
                 try:
                     yield
                 finally:
+                    await self.console.close()
                     # Before the broker closes: unacknowledged events go back.
                     await self.bus.close()
         finally:
@@ -283,6 +319,10 @@ class CallboardApp:
                 )
                 return
         await self.starlette(scope, receive, send)
+
+    async def _to_console(self, request: Request) -> Response:
+        root = request.scope.get("root_path", "")
+        return RedirectResponse(f"{root}{CONSOLE_PATH}/live", status_code=303)
 
     async def _health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -377,6 +417,40 @@ def bus_app(config: Config, broker: Broker, publish: Publish | None = None) -> B
     )
 
 
+def console_app(board: Callboard, bus: BusApp) -> ConsoleApp:
+    """The web console, open to the bus's callers (``backend.auth``), counting the ingress."""
+    auth = board.config.backend.auth
+    tokens = static_tokens(entry.model_dump(by_alias=True) for entry in auth.external_access)
+    broker = board.events.broker
+
+    async def bearer(authorization: str | None) -> str | None:
+        verdict = await bus.auth.check(authorization)
+        return verdict.created_by if isinstance(verdict, Principal) else None
+
+    async def replay_since(subscription: str, since: datetime) -> int:
+        return (await replay(broker, subscription, since)).delivered
+
+    def consumers() -> dict[str, int]:
+        counts = Counter(s.id for s in board.events.subscriptions for _ in s.workers)
+        counts.update(bus.feeds.local().keys())
+        return dict(counts)
+
+    stats = IngressStats()
+    board.ingress.add_observer(stats)
+    return ConsoleApp(
+        broker,
+        board.events,
+        ConsoleAccess(
+            [(token.token, token.subject) for token in tokens],
+            bearer,
+            open=auth.dangerously_disable_default_auth_policy,
+        ),
+        replay=replay_since,
+        ingress=stats,
+        consumers=consumers,
+    )
+
+
 def _plugin_tokens(config: Config) -> PluginTokenVerifier | None:
     """The verifier of Backstage plugin tokens ``events.bus.backstage`` asks for, if any."""
     backstage = config.events.bus.backstage
@@ -422,3 +496,21 @@ def _collect_parsers(contexts: Sequence[ModuleContext]) -> dict[str, BodyParser]
     for context in contexts:
         parsers.update(context.ingress.parsers)
     return parsers
+
+
+def open_tracer() -> Tracer:
+    """The OpenTelemetry tracer ``backend.tracing`` asks for (imported only then)."""
+    try:
+        from callboard.tracing import OpenTelemetryTracer, provider_is_set
+    except ImportError as error:
+        raise ConfigError(
+            "backend.tracing.enabled",
+            f"needs OpenTelemetry ({error.name} is missing): pip install 'callboard[tracing]'",
+        ) from None
+    if not provider_is_set():
+        logger.info(
+            "backend.tracing is on, but no OpenTelemetry TracerProvider is set yet: spans go "
+            "nowhere until one is (opentelemetry-instrument and the OTEL_* variables, or "
+            "trace.set_tracer_provider in the application that embeds callboard)"
+        )
+    return OpenTelemetryTracer()

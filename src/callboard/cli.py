@@ -1,4 +1,5 @@
-"""The ``callboard`` command: ``serve``, ``check-config`` and ``migrate``."""
+"""The ``callboard`` command: ``serve``, ``check-config`` and ``migrate``; the operations
+commands are ``cli_ops``'s."""
 
 from __future__ import annotations
 
@@ -6,18 +7,16 @@ import argparse
 import asyncio
 import logging
 import os
-import re
 import socket
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from callboard import __version__
 from callboard.brokers import redact_url
 from callboard.config import Config, load_config
-from callboard.errors import CallboardError, ConfigError
+from callboard.errors import CallboardError, ConfigError, NotFoundError
 from callboard.logs import configure_logging
 
 if TYPE_CHECKING:
@@ -29,6 +28,9 @@ if TYPE_CHECKING:
     from callboard.workers import WorkerSpec
 
 logger = logging.getLogger("callboard.cli")
+
+#: The commands ``cli_ops`` runs: they read the store and only the configuration of it.
+OPERATIONS = frozenset({"subscriptions", "dead-letters", "replay", "events", "tail", "publish"})
 
 #: The broker ``serve`` runs on when the configuration names none: durable, next to the process.
 SERVE_BROKER = "sqlite:///callboard.db"
@@ -68,12 +70,20 @@ def _parser() -> argparse.ArgumentParser:
         "check-config", help="validate configuration and modules, then exit"
     )
     _config_argument(check)
+    check.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail (exit 1) on what is otherwise a warning: unknown or misspelt keys",
+    )
 
     migrate = commands.add_parser(
         "migrate", help="create or upgrade the broker's schema (events.broker), then exit"
     )
     _config_argument(migrate)
     _admin_parsers(commands)
+    from callboard.cli_ops import add_parsers
+
+    add_parsers(commands)
     return parser
 
 
@@ -156,11 +166,23 @@ def serve(config: Config) -> int:
 
         return Supervisor(config, serve_worker).run()
     from callboard.app import create_app
+    from callboard.workers import listeners
 
-    server = _server(config, create_app(config))
     listen = config.backend.listen
-    logger.info("callboard %s listening on http://%s:%d", __version__, listen.host, listen.port)
-    server.run()
+    try:
+        # Bound before anything starts: a port in use is one line, and nothing to undo.
+        sockets = listeners(listen.host, listen.port, reuse_port=False)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ConfigError(
+            "backend.listen", f"cannot listen on {listen.host}:{listen.port}: {reason}"
+        ) from None
+    try:
+        server = _server(config, create_app(config), announce=True)
+        server.run(sockets=sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
     return 0 if server.started else 1
 
 
@@ -184,9 +206,17 @@ def serve_worker(spec: WorkerSpec, reports: Connection) -> None:
 
 
 def _server(
-    config: Config, app: CallboardApp, on_started: Callable[[], None] | None = None
+    config: Config,
+    app: CallboardApp,
+    on_started: Callable[[], None] | None = None,
+    *,
+    announce: bool = False,
 ) -> uvicorn.Server:
-    """The uvicorn server of ``serve``, bounded by ``backend.server``."""
+    """The uvicorn server of ``serve``, bounded by ``backend.server``.
+
+    ``announce``: log "ready" with the address once the application has started and its
+    sockets accept connections (a worker of several leaves that to the supervisor).
+    """
     import uvicorn
 
     from callboard.gc_tuning import tune_for_serving
@@ -215,18 +245,33 @@ def _server(
                 loop = None
             if loop is not None:
                 loop.call_soon_threadsafe(app.bus.release_held_reads)
+                loop.call_soon_threadsafe(app.console.end_streams)  # the live views' streams
             super().handle_exit(sig, frame)
 
         async def startup(self, sockets: list[socket.socket] | None = None) -> None:
             await super().startup(sockets)
             if self.started:
                 tune_for_serving()  # after start-up: what it built stays alive (see gc_tuning)
+                if announce:
+                    bound = sockets[0].getsockname() if sockets else (listen.host, listen.port)
+                    logger.info(
+                        "callboard %s ready, listening on http://%s:%d",
+                        __version__,
+                        listen.host,
+                        bound[1],
+                    )
                 if on_started is not None:
                     on_started()
 
+    if config.backend.access_log:
+        from callboard.access_log import AccessLog
+
+        served: Any = AccessLog(app)
+    else:
+        served = app
     return Server(
         uvicorn.Config(
-            app,
+            served,
             host=listen.host,
             port=listen.port,
             lifespan="on",
@@ -279,9 +324,13 @@ def fit_open_files(max_connections: int) -> int:
     return fitting
 
 
-def check_config(config: Config) -> int:
+def check_config(config: Config, *, strict: bool = False) -> int:
     from callboard.app import build
 
+    if strict and config.warnings:
+        for warning in config.warnings:
+            print(f"callboard: {warning}", file=sys.stderr)
+        return 1
     board = build(config)
     print(
         "configuration OK\n"
@@ -304,69 +353,31 @@ def migrate(config: Config) -> int:
     if not isinstance(broker, BrokerAdmin) or not broker.capabilities.durable:
         print(f"the broker {url.partition('://')[0]}:// keeps no schema; nothing to migrate")
         return 0
-    applied = asyncio.run(broker.migrate())
+    from callboard.terminal import progress
+
+    with progress("migrating"):  # a spinner on a terminal: an index on a large store takes time
+        applied = asyncio.run(broker.migrate())
     print("schema up to date" + (f"; applied {', '.join(applied)}" if applied else ""))
-    return 0
-
-
-def _since(value: str) -> datetime:
-    match = re.fullmatch(r"(\d+)\s*([smhd])", value.strip())
-    if match:
-        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-        return datetime.now(UTC) - timedelta(seconds=int(match.group(1)) * unit)
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        raise ConfigError(
-            "--since", f"expected an ISO 8601 time or an age like 2h, got {value!r}"
-        ) from None
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
-
-
-def admin(config: Config, args: argparse.Namespace) -> int:
-    import asyncio
-
-    from callboard.brokers import open_broker
-    from callboard.bus import admin as ops
-
-    url = config.events.broker
-    broker = open_broker(url, retention=config.events.retention.policy())
-    ops.require_durable(broker, url)
-
-    async def run() -> str:
-        await broker.start()
-        try:
-            if args.command == "subscriptions":
-                if args.delete:
-                    return await ops.delete_subscription(broker, args.delete, force=args.force)
-                return await ops.list_subscriptions(broker)
-            if args.command == "replay":
-                done = await ops.replay(
-                    broker, args.subscription, _since(args.since), topics=args.topics
-                )
-                return f"replayed {done.delivered} events on {list(done.topics)} to {args.subscription}"
-            if args.action == "list":
-                return await ops.list_dead_letters(broker, args.subscription, args.limit)
-            return await ops.redrive(broker, args.subscription, args.ids)
-        finally:
-            await broker.close()
-
-    print(asyncio.run(run()))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command in OPERATIONS:
+            from callboard.cli_ops import run
+
+            return run(args)
         config = _load(args)
         configure_logging(config.logging.level, config.logging.format)
         if args.command == "serve":
             return serve(config)
         if args.command == "migrate":
             return migrate(config)
-        if args.command in ("subscriptions", "dead-letters", "replay"):
-            return admin(config, args)
-        return check_config(config)
+        return check_config(config, strict=getattr(args, "strict", False))
+    except NotFoundError as error:
+        print(f"callboard: {error}", file=sys.stderr)
+        return 1
     except CallboardError as error:
         print(f"callboard: {error}", file=sys.stderr)
         return 2

@@ -20,13 +20,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     field_validator,
     model_validator,
 )
 
 from callboard.brokers.base import RetentionPolicy
 from callboard.errors import ConfigError, InvalidTopicError
-from callboard.settings import Section, validate_section
+from callboard.settings import Section, closest, doc_for, keys_of, validate_section
 from callboard.topics import validate_topic
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|mb|gb)?\s*$", re.IGNORECASE)
@@ -143,6 +144,13 @@ def _worker_count(value: Any) -> Any:
 WorkerCount = Annotated[int, BeforeValidator(_worker_count)]
 
 
+class Tracing(Section):
+    """OpenTelemetry spans for webhooks, publishes and deliveries (the ``tracing`` extra)."""
+
+    #: Spans go to the globally configured ``TracerProvider``.
+    enabled: bool = False
+
+
 class Backend(Section):
     # Backstage's backend section holds much else (baseUrl, database, auth, cors).
     model_config = ConfigDict(extra="allow", frozen=True, populate_by_name=True)
@@ -152,6 +160,9 @@ class Backend(Section):
     server: Server = Server()
     #: Serving processes of ``callboard serve``, each with its own socket on ``listen``.
     workers: WorkerCount = Field(default=1, ge=1, le=1024)
+    #: One log line per HTTP request served (``callboard.access``).
+    access_log: bool = Field(default=False, alias="accessLog")
+    tracing: Tracing = Tracing()
 
 
 class Http(Section):
@@ -299,6 +310,14 @@ class Config(Section):
     events: Events = Events()
     logging: Logging = Logging()
 
+    _warnings: tuple[str, ...] = PrivateAttr(default=())
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        """Keys that look wrong without stopping the start: unknown ``events`` keys (left
+        out), top-level keys that look like a misspelt section of callboard's."""
+        return self._warnings
+
 
 def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     """Deep-merge two mappings; the later one wins, lists are replaced whole."""
@@ -353,17 +372,95 @@ def load_config(
     *,
     overrides: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
+    strict: bool = False,
 ) -> Config:
-    """Read, merge, substitute and validate configuration files (none: the defaults)."""
+    """Read, merge, substitute and validate configuration files (none: the defaults).
+
+    ``strict``: a key that would be a warning (``Config.warnings``) is an error.
+    """
     data: dict[str, Any] = {}
     for path in paths:
         data = merge(data, read_file(Path(path)))
     if overrides:
         data = merge(data, overrides)
-    return parse_config(data, env=env)
+    return parse_config(data, env=env, strict=strict)
 
 
-def parse_config(data: Mapping[str, Any], *, env: Mapping[str, str] | None = None) -> Config:
-    """Validate an already-read configuration mapping."""
+#: What the operations commands read (``callboard subscriptions``, ``events``...): the store.
+OPERATIONS_KEYS = (("events", "broker"), ("events", "retention"), ("logging",))
+
+
+def load_store_config(
+    paths: Iterable[str | Path] = (), *, env: Mapping[str, str] | None = None
+) -> Config:
+    """The configuration the operations commands need: ``events.broker``, ``events.retention``
+    and ``logging`` only, so a key they do not use (a provider's ``${SECRET}`` unset where the
+    command runs) cannot stop them. The rest is left at its defaults."""
+    data: dict[str, Any] = {}
+    for path in paths:
+        data = merge(data, read_file(Path(path)))
+    kept: dict[str, Any] = {}
+    for keys in OPERATIONS_KEYS:
+        value: Any = data
+        for key in keys:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        if value is not None:
+            target = kept
+            for key in keys[:-1]:
+                target = target.setdefault(key, {})
+            target[keys[-1]] = value
+    return parse_config(kept, env=env)
+
+
+def parse_config(
+    data: Mapping[str, Any], *, env: Mapping[str, str] | None = None, strict: bool = False
+) -> Config:
+    """Validate an already-read configuration mapping.
+
+    Unknown keys directly under ``events`` (a Backstage section callboard shares) are left out
+    with a warning, and so are top-level keys that look like a misspelt ``backend``, ``events``
+    or ``logging``; the warnings are in ``Config.warnings``. ``strict``: they are errors.
+    """
     resolved = substitute(data, os.environ if env is None else env)
-    return validate_section(Config, resolved, "")
+    resolved, warnings = _without_unknown_keys(resolved)
+    if strict and warnings:
+        path, message = warnings[0]
+        raise ConfigError(path, message + "".join(f"\n{p}: {m}" for p, m in warnings[1:]))
+    config = validate_section(Config, resolved, "")
+    config._warnings = tuple(f"{path}: {message}" for path, message in warnings)
+    return config
+
+
+#: The sections callboard reads at the top level; other top-level keys are Backstage's.
+_OWN_SECTIONS = ("backend", "events", "logging")
+
+
+def _without_unknown_keys(
+    data: Mapping[str, Any],
+) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The configuration without the unknown ``events`` keys, and a warning for each key that
+    looks wrong: ``(path, message)``, naming the closest known key."""
+    warnings: list[tuple[str, str]] = []
+    for key in data:
+        if key in _OWN_SECTIONS:
+            continue
+        near = closest(str(key), _OWN_SECTIONS, cutoff=0.7)
+        if near is not None:
+            message = f"callboard does not read this key; did you mean {near!r}?"
+            warnings.append((str(key), f"{message} See {doc_for(near)}"))
+    events = data.get("events")
+    if not isinstance(events, Mapping):
+        return dict(data), warnings
+    known = keys_of(Events)
+    names = set(known) | set(Events.model_fields)
+    unknown = [key for key in events if key not in names]
+    for key in unknown:
+        path = f"events.{key}"
+        near = closest(str(key), known)
+        hint = f"; did you mean {near!r}?" if near is not None else ""
+        joint = " See" if hint else "; see"
+        warnings.append((path, f"unknown key, ignored{hint}{joint} {doc_for(path)}"))
+    if not unknown:
+        return dict(data), warnings
+    kept = {key: value for key, value in events.items() if key not in unknown}
+    return {**data, "events": kept}, warnings

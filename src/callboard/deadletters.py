@@ -8,7 +8,7 @@ the events service, the bus and the ``callboard dead-letters`` command all use t
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -105,11 +105,20 @@ async def read_dead_letters(
     return [DeadLetter.from_event(letter) for letter in letters]
 
 
-async def redrive(admin: BrokerAdmin, subscription: str, ids: Sequence[str] | None = None) -> int:
-    """Deliver dead letters (all, or those with the given ids) to the subscription again."""
+async def redrive(
+    admin: BrokerAdmin,
+    subscription: str,
+    ids: Sequence[str] | None = None,
+    *,
+    progress: Callable[[int, int | None], None] | None = None,
+) -> int:
+    """Deliver dead letters (all, or those with the given ids) to the subscription again;
+    ``progress(done, total)`` is told after each one."""
     letters = await admin.take_dead_letters(subscription, ids=ids, limit=1_000_000)
-    for letter in letters:
+    for done, letter in enumerate(letters, 1):
         await admin.deliver_to(subscription, DeadLetter.from_event(letter).event)
+        if progress is not None:
+            progress(done, len(letters))
     # Taken only once delivered again, so a failed redrive loses nothing.
     await admin.take_dead_letters(
         subscription, ids=[letter.id for letter in letters], remove=True, limit=len(letters)

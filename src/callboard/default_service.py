@@ -17,6 +17,7 @@ from callboard.errors import InvalidTopicError, ServiceClosedError, Subscription
 from callboard.events import Event
 from callboard.metrics import Metrics
 from callboard.service import DEFAULT, Handler, HandlerTimeout, Subscriber
+from callboard.spans import Tracer
 from callboard.topics import normalize_patterns, validate_topic
 
 logger = logging.getLogger("callboard.events")
@@ -89,8 +90,14 @@ class DefaultEventsService:
         shutdown_timeout: float = 10.0,
         handler_timeout: float | None = 30.0,
         ordered: bool = True,
+        tracer: Tracer | None = None,
     ) -> None:
         self.broker: Broker = broker if broker is not None else open_broker("memory://")
+        #: Spans around publishes and handler calls; ``None``: no tracing, and no cost.
+        self.tracer = tracer
+        if tracer is not None:
+            # An attribute of the instance: the class's publish stays free of any check.
+            setattr(self, "publish", self._traced_publish)  # noqa: B010
         self.retry = retry if retry is not None else RetryPolicy()
         self.metrics = metrics if metrics is not None else Metrics()
         self.shutdown_timeout = shutdown_timeout
@@ -154,6 +161,11 @@ class DefaultEventsService:
             self.metrics.duplicates.labels(self.metrics.topic_label(event.topic)).inc()
         return accepted
 
+    async def _traced_publish(self, event: Event) -> bool:
+        assert self.tracer is not None
+        with self.tracer.publish(event) as traced:
+            return await DefaultEventsService.publish(self, traced)
+
     def _check_topic(self, topic: str) -> None:
         validate_topic(topic)
         if topic.startswith("$"):
@@ -188,6 +200,8 @@ class DefaultEventsService:
                 "no time limit"
             )
         patterns = normalize_patterns(topics)
+        if self.tracer is not None:
+            handler = self.tracer.handler(id, handler)
         await self.start()
         if self._closed:
             raise ServiceClosedError("the events service is shutting down; subscribe refused")

@@ -9,6 +9,8 @@ Every error callboard raises on purpose derives from ``CallboardError``::
     ├── BrokerError            the broker failed (``retriable`` tells whether to try again)
     │   └── BrokerUnavailable  the broker cannot be reached right now
     ├── SubscriptionError      a subscription cannot be made as asked
+    ├── NotFoundError          what an operation names does not exist (a subscription, a dead
+    │                          letter, an event, the store's file)
     ├── HandlerTimeoutError    a handler ran past its time limit (also a ``TimeoutError``)
     ├── ModuleError            a module failed to load, register or start (``module`` names it)
     ├── RequestRejected        an HTTP request was refused (``status_code``)
@@ -75,6 +77,11 @@ class BrokerUnavailable(BrokerError):
 
 class SubscriptionError(CallboardError):
     """A subscription cannot be made or used as asked."""
+
+
+class NotFoundError(CallboardError):
+    """What an operation names does not exist: a subscription, a dead letter, an event, or the
+    store itself (``callboard`` exits 1 rather than 2, the exit of a usage error)."""
 
 
 class HandlerTimeoutError(CallboardError, TimeoutError):

@@ -34,6 +34,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from callboard import __version__
 from callboard.config import Config
 from callboard.errors import ConfigError
 
@@ -168,6 +169,7 @@ class Supervisor:
         self._listen_error: str | None = None
         #: Some worker has served: from then on, a worker that dies is started again.
         self._served = False
+        self._address = ""
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_write, False)
 
@@ -178,10 +180,8 @@ class Supervisor:
         directory = Path(tempfile.mkdtemp(prefix="callboard-workers-"))  # mode 0700
         stops = (signal.SIGTERM, signal.SIGINT)
         previous = {sig: signal.signal(sig, self._on_signal) for sig in stops}
+        self._address = f"http://{listen.host}:{port}"
         try:
-            logger.info(
-                "callboard listening on http://%s:%d with %d workers", listen.host, port, self.count
-            )
             spec = WorkerSpec(self.config, 0, self.count, listen.host, port, directory)
             return self._supervise(spec)
         finally:
@@ -256,6 +256,14 @@ class Supervisor:
         if kind == "error":
             self._listen_error = str(detail)
             return self._listen_error
+        if not self._served:
+            # The first worker accepts connections: the address answers from now on.
+            logger.info(
+                "callboard %s ready, listening on %s with %d workers",
+                __version__,
+                self._address,
+                self.count,
+            )
         self._served = True
         logger.info("worker %d serving (pid %s)", worker.index, detail)
         return None

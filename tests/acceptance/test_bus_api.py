@@ -15,7 +15,9 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from callboard.app import CallboardApp, create_app
+from callboard.brokers import admin
 from callboard.brokers.memory import MemoryBroker
+from callboard.bus import api
 from callboard.bus.api import BusApp
 from callboard.bus.auth import StaticToken, StaticTokenAuth
 from callboard.bus.client import BusClient
@@ -119,6 +121,23 @@ async def test_publish_is_stored_only_for_a_subscription_not_yet_notified(bus: A
     response = await client.get(_path(SUB) + "/events")
     assert response.status_code == 200
     assert [e["payload"] for e in response.json()["events"]] == [{"n": 1}, {"n": 4}]
+
+
+async def test_publish_sees_subscriptions_made_elsewhere_at_once(
+    bus: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, client = bus
+    broker = app.board.events.broker
+    assert await _publish(client, "github.push", {"n": 0}) == 204
+    # Made without the bus (as another process would): the next publish is stored for it.
+    consumer = await broker.consume("made.elsewhere", ["github.push"])
+    assert await _publish(client, "github.push", {"n": 1}) == 201
+    await consumer.close()  # in memory, the group goes with its last consumer
+    assert "made.elsewhere" not in {s.name for s in await admin(broker).subscriptions()}
+    # A reader read less than READERS_TTL ago is trusted; after that the broker is asked again.
+    assert await _publish(client, "github.push", {"n": 2}) == 201
+    monkeypatch.setattr(api, "READERS_TTL", 0.0)
+    assert await _publish(client, "github.push", {"n": 3}) == 204
 
 
 async def test_get_returns_backstage_events_with_metadata_and_id(bus: Any) -> None:

@@ -101,9 +101,10 @@ def test_a_subscription_is_deleted_with_its_dead_letters(
     assert main(["subscriptions", "-c", path]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]]
     assert listed == ["svc.idle"]
-    assert main(["dead-letters", "list", "--subscription", "svc.bad", "-c", path]) == 0
-    assert "no dead letters" in capsys.readouterr().out
-    assert main(["subscriptions", "--delete", "svc.bad", "-c", path]) == 2
+    # Gone with the subscription: naming it now is an error, not an empty list.
+    assert main(["dead-letters", "list", "--subscription", "svc.bad", "-c", path]) == 1
+    assert "no subscription 'svc.bad' in the store" in capsys.readouterr().err
+    assert main(["subscriptions", "--delete", "svc.bad", "-c", path]) == 1
     assert "no subscription 'svc.bad' to delete" in capsys.readouterr().err
 
 

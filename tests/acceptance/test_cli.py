@@ -193,7 +193,9 @@ events:
     assert "Application shutdown complete." in err
     lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
     messages = [entry["message"] for entry in lines]
-    assert any(m.startswith("callboard ready") for m in messages), err
+    assert any(m.startswith("callboard started: broker") for m in messages), err
+    ready = [m for m in messages if " ready, listening on http://127.0.0.1:" in m]
+    assert len(ready) == 1, err
     assert all({"level", "logger", "message", "time"} <= set(entry) for entry in lines)
     assert "Traceback" not in err
 
@@ -233,7 +235,7 @@ def test_check_config_accepts_good_files_merged_in_order(workdir: Path) -> None:
     [
         ("events:\n  http:\n    bodyLimit: huge\n", "events.http.bodyLimit"),
         ("events:\n  http:\n    topics: [github, 'bad topic']\n", "events.http.topics.1"),
-        ("events:\n  htpp: {}\n", "events.htpp"),
+        ("events:\n  http:\n    topic: [github]\n", "events.http.topic"),
         ("events:\n  broker: nosuch://x\n", "events.broker"),
         ("events:\n  modules:\n    githib: {}\n", "events.modules.githib"),
         (
@@ -247,6 +249,17 @@ def test_check_config_names_the_wrong_key(workdir: Path, text: str, key: str) ->
     assert result.returncode == 2
     assert result.stderr.startswith(f"callboard: {key}: "), result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_check_config_warns_of_a_misspelt_key_and_strict_refuses_it(workdir: Path) -> None:
+    config = str(write_config(workdir, "evnets:\n  http:\n    topics: [github]\n"))
+    lenient = run("check-config", "--config", config, cwd=workdir)
+    assert lenient.returncode == 0, lenient.stderr
+    assert "evnets: callboard does not read this key; did you mean 'events'?" in lenient.stderr
+    strict = run("check-config", "--strict", "--config", config, cwd=workdir)
+    assert strict.returncode == 1
+    assert strict.stderr.startswith("callboard: evnets: "), strict.stderr
+    assert "configuration OK" not in strict.stdout
 
 
 def test_check_config_names_a_module_that_cannot_be_loaded(workdir: Path) -> None:

@@ -9,6 +9,8 @@ The suite asks a kit for three things beyond the ``Broker`` contract:
 - ``crash(broker)``: stop ``broker`` as a killed process would (leases neither handed back nor
   renewed). Only the kit knows how; a kit without ``crash`` skips the crash tests.
 - ``admin(broker)``: the broker's ``BrokerAdmin`` operations.
+- ``event_log(broker)``: reading the broker's stored events (``EventLog``); a broker that keeps
+  no history to read (it does not implement it) skips those tests.
 
 Where a broker knowingly departs from the contract, its kit says so and why (``deviations``,
 keyed by the names below), and the tests of that point are skipped with the reason.
@@ -28,7 +30,7 @@ from typing import Protocol
 import pytest
 
 from callboard.brokers import admin, open_broker
-from callboard.brokers.base import Broker, BrokerAdmin, RetentionPolicy
+from callboard.brokers.base import Broker, BrokerAdmin, EventLog, RetentionPolicy
 
 #: Lease and poll intervals of durable brokers under test, in seconds.
 LEASE = 2.0
@@ -110,6 +112,12 @@ class BrokerKit:
     def admin(self, broker: Broker) -> BrokerAdmin:
         """The operations on ``broker``."""
         return admin(broker)
+
+    def event_log(self, broker: Broker) -> EventLog:
+        """Reading ``broker``'s stored events; skips the test when it keeps none to read."""
+        if not isinstance(broker, EventLog):
+            pytest.skip(f"the {self.name} broker keeps no history of events to read (EventLog)")
+        return broker
 
     async def clean(self, broker: Broker) -> int:
         """Apply the broker's retention policy now."""

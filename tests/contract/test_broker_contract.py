@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
@@ -22,6 +23,7 @@ from callboard.brokers.base import (
     BrokerAdmin,
     Consumer,
     Delivery,
+    EventQuery,
     RetentionPolicy,
     dead_letter_topic,
 )
@@ -30,6 +32,7 @@ from callboard.default_service import DefaultEventsService
 from callboard.delivery import RetryPolicy
 from callboard.errors import InvalidEventError, SubscriptionError
 from callboard.events import DELIVERY_ID, Event
+from callboard.topics import TopicMatcher
 from tests.contract.kit import CALL_ORDER, DELETED_GROUP, LEASE, OWNER, BrokerKit
 
 
@@ -563,6 +566,60 @@ async def test_retention_reports_a_group_that_fell_behind(kit: BrokerKit) -> Non
     assert await broker.publish(event(n=9, **{DELIVERY_ID: "d-0"})) is True
 
 
+async def test_backlog_figures_stay_exact_as_events_come_go_and_expire(kit: BrokerKit) -> None:
+    """Checked against a model through several rounds: groups made at different positions,
+    over bucket edges of the incremental count, events for one group only, and retention."""
+    policy = RetentionPolicy(min_age=0, max_age=3600, max_count=1500, batch_size=400)
+    broker = await kit.open(retention=policy)
+    ops = kit.admin(broker)
+    rng = random.Random(19)
+    topics = ("github.push", "github.issues", "gitlab.push", "gerrit.change-merged")
+    patterns = {"pushes": ["*.push"], "github": ["github.>"], "all": [">"], "gerrit": ["gerrit.*"]}
+    matchers = {name: TopicMatcher(p) for name, p in patterns.items()}
+    consumers: dict[str, Consumer] = {}
+    waiting: dict[str, list[int]] = {}  # per group, what it has not received, in order
+    lost = dict.fromkeys(patterns, 0)
+    stored: list[int] = []
+    n = 0
+    for round_ in range(6):
+        if round_ < len(patterns):
+            name = list(patterns)[round_]
+            consumers[name] = await broker.consume(name, patterns[name])
+            waiting[name] = []
+        for _ in range(rng.randint(300, 700)):
+            topic = rng.choice(topics)
+            await broker.publish(event(topic, n))
+            stored.append(n)
+            for name in consumers:
+                if matchers[name](topic):
+                    waiting[name].append(n)
+            n += 1
+        for name in consumers:
+            await ops.deliver_to(name, event("github.issues", n))  # for that group only
+            stored.append(n)
+            waiting[name].append(n)
+            n += 1
+        for name in rng.sample(sorted(consumers), k=min(2, len(consumers))):
+            took = await fetch(consumers[name], rng.randint(0, min(300, len(waiting[name]))))
+            await consumers[name].ack(took)
+            assert numbers(took) == waiting[name][: len(took)]
+            del waiting[name][: len(took)]
+        if broker.capabilities.durable and round_ in (2, 4, 5):
+            expired = stored[: max(0, len(stored) - policy.max_count)]
+            assert await kit.clean(broker) == len(expired)
+            del stored[: len(expired)]
+            for name in waiting:
+                gone = [m for m in waiting[name] if m <= expired[-1]] if expired else []
+                lost[name] += len(gone)
+                del waiting[name][: len(gone)]
+        listed = {s.name: s for s in await ops.subscriptions()}
+        figures = {name: (listed[name].backlog, listed[name].in_flight) for name in consumers}
+        assert figures == {name: (len(waiting[name]), 0) for name in consumers}, round_
+        assert {name: listed[name].lost for name in consumers} == {
+            name: lost[name] for name in consumers
+        }
+
+
 # -- events no broker can keep ------------------------------------------------------------------
 
 
@@ -699,3 +756,141 @@ async def test_a_stopped_subscription_leaves_nothing_it_handled_unacknowledged(
     listed = {s.name: s for s in await ops.subscriptions()}
     assert (listed["indexer"].in_flight, listed["indexer"].backlog) == (0, 0)
     await nothing(holder)
+
+
+# -- reading the stored events (EventLog) -------------------------------------------------------
+
+
+async def test_stored_events_are_found_newest_first_page_by_page(
+    kit: BrokerKit, broker: Broker
+) -> None:
+    log = kit.event_log(broker)
+    published = [event("github.push" if n % 2 else "gitlab.push", n) for n in range(7)]
+    for item in published:
+        await broker.publish(item)
+    seen: list[str] = []
+    before: int | None = None
+    pages = 0
+    while True:
+        page = await log.find_events(EventQuery(limit=3, before=before))
+        pages += 1
+        seqs = [stored.seq for stored in page.events]
+        assert seqs == sorted(seqs, reverse=True)
+        seen += [stored.event.id for stored in page.events]
+        if page.next is None:
+            break
+        before = page.next
+    assert seen == [e.id for e in reversed(published)]
+    assert pages == 3
+    first = (await log.find_events(EventQuery(limit=1))).events[0]
+    assert first.event == published[-1]
+    third = (await log.find_events(EventQuery(event_id=published[2].id))).events[0]
+    newer = await log.find_events(EventQuery(after=third.seq, limit=3))
+    assert [s.event.id for s in newer.events] == [e.id for e in reversed(published[4:])]
+    assert newer.next is not None
+    rest = await log.find_events(EventQuery(after=third.seq, before=newer.next))
+    assert [s.event.id for s in rest.events] == [published[3].id]
+    assert rest.next is None
+    assert first.target is None
+    assert first.stored_at.tzinfo is not None
+
+
+async def test_stored_events_are_found_by_topic_pattern(kit: BrokerKit, broker: Broker) -> None:
+    log = kit.event_log(broker)
+    for topic in ("github.push", "github.issues", "gitlab.push", "github.pull_request.opened"):
+        await broker.publish(event(topic))
+    await broker.publish(dead_letter_event("indexer", event(), RuntimeError("boom"), 3))
+
+    async def topics(*patterns: str) -> list[str]:
+        page = await log.find_events(EventQuery(topics=patterns))
+        return [stored.event.topic for stored in page.events]
+
+    assert await topics("github.*") == ["github.issues", "github.push"]
+    assert await topics("github.>") == [
+        "github.pull_request.opened",
+        "github.issues",
+        "github.push",
+    ]
+    assert await topics("gitlab.push", "github.issues") == ["gitlab.push", "github.issues"]
+    assert await topics("*.push") == ["gitlab.push", "github.push"]
+    assert "$deadletter.indexer" not in await topics()
+    assert len(await topics()) == 4
+    assert await topics("$deadletter.>") == ["$deadletter.indexer"]
+    assert await topics("$deadletter.other") == []
+
+
+async def test_stored_events_are_found_by_time_and_id(kit: BrokerKit, broker: Broker) -> None:
+    log = kit.event_log(broker)
+    early = event(n=1)
+    await broker.publish(early)
+    await asyncio.sleep(0.05)
+    middle = datetime.now(UTC)
+    await asyncio.sleep(0.05)
+    late = event(n=2)
+    await broker.publish(late)
+    since = await log.find_events(EventQuery(since=middle))
+    assert [stored.event.id for stored in since.events] == [late.id]
+    until = await log.find_events(EventQuery(until=middle))
+    assert [stored.event.id for stored in until.events] == [early.id]
+    by_id = await log.find_events(EventQuery(event_id=early.id))
+    assert [stored.event for stored in by_id.events] == [early]
+    assert (await log.find_events(EventQuery(event_id="no-such-event"))).events == ()
+    assert (await log.find_events(EventQuery(event_id=early.id, topics=("other",)))).events == ()
+
+
+async def test_an_events_outcome_follows_it_through_each_subscription(
+    kit: BrokerKit, broker: Broker, ops: BrokerAdmin
+) -> None:
+    log = kit.event_log(broker)
+    indexer = await broker.consume("indexer", ["github.>"])
+    await broker.consume("mailer", ["github.push"])
+    await broker.consume("unrelated", ["gitlab.push"])
+    sent = event(n=1)
+    await broker.publish(sent)
+    await broker.consume("latecomer", ["github.push"])
+
+    async def states() -> dict[str, str]:
+        return {o.subscription: o.state for o in await log.event_outcomes(sent.id)}
+
+    assert await states() == {
+        "indexer": "pending",
+        "mailer": "pending",
+        "latecomer": "not_subscribed",
+    }
+    (delivery,) = await fetch(indexer, 1)
+    (outcome,) = [o for o in await log.event_outcomes(sent.id) if o.subscription == "indexer"]
+    assert (outcome.state, outcome.attempt) == ("in_flight", 1)
+    assert outcome.consumer is not None
+    assert outcome.lease_until is not None
+    await indexer.ack((delivery,))
+
+    async def delivered() -> bool:
+        return (await states())["indexer"] == "delivered"
+
+    await eventually(delivered)
+    letter = dead_letter_event("mailer", sent, RuntimeError("smtp down"), 4)
+    await broker.publish(letter)
+    (outcome,) = [o for o in await log.event_outcomes(sent.id) if o.subscription == "mailer"]
+    assert (outcome.state, outcome.attempt) == ("dead_lettered", 4)
+    assert outcome.error == "RuntimeError: smtp down"
+    assert outcome.dead_letter_id == letter.id
+    assert await log.event_outcomes("no-such-event") == []
+    assert [o.subscription for o in await log.event_outcomes(sent.id)] == [
+        "indexer",
+        "latecomer",
+        "mailer",
+    ]
+    assert await ops.take_dead_letters("mailer") == [letter]
+
+
+async def test_an_event_delivered_to_one_group_again_is_told_apart(
+    kit: BrokerKit, broker: Broker, ops: BrokerAdmin
+) -> None:
+    log = kit.event_log(broker)
+    await broker.consume("indexer", ["github.push"])
+    sent = event(n=1)
+    await ops.deliver_to("indexer", sent)
+    (stored,) = (await log.find_events(EventQuery(event_id=sent.id))).events
+    assert stored.target == "indexer"
+    (outcome,) = await log.event_outcomes(sent.id)
+    assert (outcome.subscription, outcome.state) == ("indexer", "pending")

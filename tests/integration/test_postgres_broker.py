@@ -85,6 +85,7 @@ async def test_migrations_build_what_schema_sql_describes(schema: str) -> None:
         "0003_leased_batches.sql",
         "0004_plain_publish.sql",
         "0005_subscription_owner.sql",
+        "0006_event_ids.sql",
     ]
     assert await migrated.migrate() == []
     reference = schema + "_ref"

@@ -83,7 +83,7 @@ def test_migrate_command_creates_the_store(
     config = tmp_path / "callboard.yaml"
     config.write_text(f"events:\n  broker: sqlite:///{tmp_path}/cb.db\n")
     assert main(["migrate", "-c", str(config)]) == 0
-    assert "applied schema version 2" in capsys.readouterr().out
+    assert "applied schema version 3" in capsys.readouterr().out
     assert (tmp_path / "cb.db").exists()
     assert main(["migrate", "-c", str(config)]) == 0
     assert capsys.readouterr().out.strip() == "schema up to date"
@@ -96,7 +96,7 @@ async def test_a_version_1_store_is_upgraded_with_subscription_owners(tmp_path: 
     v1 = read_sql("sqlite", "schema.sql").replace(
         "updated_at REAL NOT NULL,", "updated_at REAL NOT NULL"
     )
-    v1 = v1.replace("    owner TEXT\n", "").replace("user_version = 2", "user_version = 1")
+    v1 = v1.replace("    owner TEXT\n", "").replace("user_version = 3", "user_version = 1")
     with sqlite3.connect(path) as connection:
         connection.executescript(v1)
         connection.execute(
@@ -113,7 +113,31 @@ async def test_a_version_1_store_is_upgraded_with_subscription_owners(tmp_path: 
     finally:
         await broker.close()
     with sqlite3.connect(path) as connection:
-        assert connection.execute("PRAGMA user_version").fetchone() == (2,)
+        assert connection.execute("PRAGMA user_version").fetchone() == (3,)
+
+
+async def test_a_version_2_store_gets_its_event_id_index(tmp_path: Path) -> None:
+    from callboard.brokers.base import EventQuery
+    from callboard.brokers.sql import read_sql
+
+    path = tmp_path / "v2.db"
+    v2 = read_sql("sqlite", "schema.sql").replace("user_version = 3", "user_version = 2")
+    v2 = v2.replace("CREATE INDEX IF NOT EXISTS events_id ON events (id);", "")
+    with sqlite3.connect(path) as connection:
+        connection.executescript(v2)
+    broker = SQLiteBroker(str(path))
+    await broker.start()
+    try:
+        sent = Event(topic="a", payload=1)
+        await broker.publish(sent)
+        page = await broker.find_events(EventQuery(event_id=sent.id))
+        assert [stored.event for stored in page.events] == [sent]
+    finally:
+        await broker.close()
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA user_version").fetchone() == (3,)
+        indexes = {row[1] for row in connection.execute("PRAGMA index_list(events)")}
+        assert "events_id" in indexes
 
 
 async def test_an_unwritable_store_is_reported_at_start(tmp_path: Path) -> None:

@@ -163,11 +163,11 @@ def test_a_missing_variable_names_the_key() -> None:
 @pytest.mark.parametrize(
     ("data", "path", "expected"),
     [
-        ({"events": {"htpp": {}}}, "events.htpp", "unknown key"),
+        ({"events": {"http": {"tpoics": []}}}, "events.http.tpoics", "did you mean 'topics'?"),
         ({"events": {"http": {"topic": ["a"]}}}, "events.http.topic", "unknown key"),
         ({"events": {"http": {"bodyLimit": "lots"}}}, "events.http.bodyLimit", "expected a size"),
         ({"events": {"http": {"bodyLimit": 0}}}, "events.http.bodyLimit", "greater than 0"),
-        ({"events": {"http": {"topics": "github"}}}, "events.http.topics", "valid tuple"),
+        ({"events": {"http": {"topics": "github"}}}, "events.http.topics", "should be a list"),
         (
             {"events": {"http": {"topics": ["ok", "no good"]}}},
             "events.http.topics.1",
@@ -195,7 +195,7 @@ def test_a_missing_variable_names_the_key() -> None:
             "events.delivery.attempts",
             "greater than or equal to 1",
         ),
-        ({"events": {"load": "pkg:mod"}}, "events.load", "valid tuple"),
+        ({"events": {"load": "pkg:mod"}}, "events.load", "should be a list"),
         ({"events": {"modules": {"github": 3}}}, "events.modules.github", "valid dictionary"),
         ({"backend": {"listen": {"port": 70000}}}, "backend.listen.port", "65535"),
         ({"backend": {"listen": {"port": "high"}}}, "backend.listen.port", "valid integer"),

@@ -292,3 +292,38 @@ async def test_ending_all_consumers_empties_the_registry() -> None:
     assert woken(consumers) == set()
     registry.check_unread("g0")
     assert registry.live_ids() == []
+
+
+class EmptyStore(RefusingStore):
+    """Has nothing to lease."""
+
+    async def claim(self, group: str, consumer: str, limit: int) -> list[Delivery]:
+        self.claims += 1
+        return []
+
+
+async def claimed(store: RefusingStore, claims: int) -> None:
+    async with asyncio.timeout(5):
+        while store.claims < claims:
+            await asyncio.sleep(0.001)
+    assert store.claims == claims
+
+
+async def test_an_idle_consumer_claims_again_only_when_woken() -> None:
+    store = EmptyStore()
+    registry = ConsumerRegistry()
+    reader = LeasedConsumer(
+        store, registry, "workers", ("jobs",), poll_interval=0.01, ack_patience=1.0
+    )
+    fetching = asyncio.ensure_future(reader.fetch(10))
+    await asyncio.sleep(0.1)  # ten poll intervals: an idle consumer waits for a wake-up
+    assert store.claims == 1
+    registry.wake(["jobs.other"])  # not its topic
+    await asyncio.sleep(0.02)
+    assert store.claims == 1
+    registry.wake(["jobs"])
+    await claimed(store, 2)
+    registry.wake((), ["workers"])  # its group (leases to claim again, found by the sweep)
+    await claimed(store, 3)
+    await reader.close()
+    assert await fetching == ()

@@ -20,8 +20,41 @@ from importlib import metadata
 from typing import cast
 from urllib.parse import urlsplit, urlunsplit
 
-from callboard.brokers.base import Broker, BrokerAdmin, BrokerFactory, RetentionPolicy
+from callboard.brokers.base import (
+    MAX_PAGE,
+    Broker,
+    BrokerAdmin,
+    BrokerFactory,
+    EventLog,
+    EventPage,
+    EventQuery,
+    Outcome,
+    OutcomeState,
+    RetentionPolicy,
+    StoredEvent,
+)
 from callboard.errors import ConfigError
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "MAX_PAGE",
+    "Broker",
+    "BrokerAdmin",
+    "BrokerFactory",
+    "EventLog",
+    "EventPage",
+    "EventQuery",
+    "Outcome",
+    "OutcomeState",
+    "RetentionPolicy",
+    "StoredEvent",
+    "admin",
+    "broker_entry_points",
+    "broker_factory",
+    "event_log",
+    "open_broker",
+    "redact_url",
+]
 
 #: The entry-point group brokers are declared in.
 ENTRY_POINT_GROUP = "callboard.brokers"
@@ -110,6 +143,20 @@ def admin(broker: Broker) -> BrokerAdmin:
         "events.broker",
         f"the broker {type(broker).__name__} offers no operations (subscriptions, dead letters, "
         "replay, retention, migrations): it does not implement callboard.BrokerAdmin",
+    )
+
+
+def event_log(broker: Broker) -> EventLog:
+    """``broker`` as ``EventLog``, for reading its stored events (``callboard events``).
+
+    Raises ``ConfigError`` (key ``events.broker``) when the broker keeps no history to read.
+    """
+    if isinstance(broker, EventLog):
+        return broker
+    raise ConfigError(
+        "events.broker",
+        f"the broker {type(broker).__name__} keeps no history of events to read: it does not "
+        "implement callboard.EventLog; use a durable broker (sqlite:///... or postgresql://...)",
     )
 
 

@@ -24,6 +24,7 @@ from datetime import datetime
 from typing import Literal, Protocol, TypeAlias, runtime_checkable
 
 from callboard.events import Event
+from callboard.topics import normalize_patterns
 
 #: Where a new consumer group starts reading: only events published from now on (``"end"``),
 #: everything the broker still holds (``"beginning"``), or everything since a moment.
@@ -262,6 +263,122 @@ class BrokerAdmin(Protocol):
 
         May be called on a broker that was not started.
         """
+        ...
+
+
+#: The most events one ``EventPage`` holds.
+MAX_PAGE = 1_000
+
+
+@dataclass(frozen=True, slots=True)
+class EventQuery:
+    """Which stored events ``EventLog.find_events`` returns, newest first.
+
+    Dead letters are not events of the log: they are returned only when every pattern names
+    the reserved prefix (``$deadletter.orders``, ``$deadletter.>``), and then nothing else is.
+    """
+
+    #: Topic patterns (``github.*``, ``gitlab.>``, ``plain``); empty: every topic.
+    topics: tuple[str, ...] = ()
+    #: Stored at or after this moment.
+    since: datetime | None = None
+    #: Stored before this moment.
+    until: datetime | None = None
+    #: Exactly this event id.
+    event_id: str | None = None
+    #: Only events with a smaller sequence number: the ``next`` of the previous page.
+    before: int | None = None
+    #: Only events with a greater sequence number: what came after the newest one seen.
+    after: int | None = None
+    #: The most events returned, 1 to ``MAX_PAGE``.
+    limit: int = 50
+
+    def __post_init__(self) -> None:
+        if isinstance(self.topics, str):
+            raise ValueError("EventQuery.topics is a sequence of patterns, not one string")
+        patterns = normalize_patterns(tuple(self.topics)) if self.topics else ()
+        object.__setattr__(self, "topics", patterns)
+        if not 1 <= self.limit <= MAX_PAGE:
+            raise ValueError(f"EventQuery.limit must be 1 to {MAX_PAGE}, not {self.limit}")
+        for name in ("since", "until"):
+            moment = getattr(self, name)
+            if moment is not None and moment.utcoffset() is None:
+                raise ValueError(f"EventQuery.{name} must be timezone-aware")
+        letters = [p.startswith(DEAD_LETTER_PREFIX) for p in patterns]
+        if any(letters) and not all(letters):
+            raise ValueError(
+                "dead letters are kept apart from events: query $deadletter.* patterns alone"
+            )
+
+    @property
+    def dead_letters(self) -> bool:
+        """The query reads dead letters: every pattern names ``$deadletter.``."""
+        return bool(self.topics) and self.topics[0].startswith(DEAD_LETTER_PREFIX)
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEvent:
+    """An event as a store keeps it: its number in publish order and when it was stored."""
+
+    event: Event
+    #: The store's sequence number; a later publish has a greater one.
+    seq: int
+    stored_at: datetime
+    #: The only subscription that receives it (a redriven dead letter, a replayed event).
+    target: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    """A page of stored events, newest first."""
+
+    events: tuple[StoredEvent, ...]
+    #: ``EventQuery.before`` for the next page; ``None`` when there is none.
+    next: int | None
+
+
+#: Where an event stands for one subscription.
+OutcomeState: TypeAlias = Literal[
+    "delivered", "in_flight", "pending", "dead_lettered", "not_subscribed"
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of a stored event for one subscription (consumer group).
+
+    ``delivered``: its position is past the event and no lease of it is left. ``in_flight``:
+    leased to ``consumer`` until ``lease_until``. ``pending``: not reached yet, or handed back
+    and waiting to be delivered again (``attempt`` deliveries so far). ``dead_lettered``: given
+    up on (``error``, ``attempt`` attempts; ``dead_letter_id`` redrives it).
+    ``not_subscribed``: the subscription was made after the event was stored.
+    """
+
+    subscription: str
+    state: OutcomeState
+    #: Deliveries made so far, or the attempts made before dead-lettering; 0: none known.
+    attempt: int = 0
+    consumer: str | None = None
+    lease_until: datetime | None = None
+    error: str | None = None
+    failed_at: datetime | None = None
+    dead_letter_id: str | None = None
+
+
+@runtime_checkable
+class EventLog(Protocol):
+    """Reading a durable broker's stored events: what ``callboard events`` and ``tail`` use.
+
+    Apart from ``BrokerAdmin``, so a broker that cannot search its events meets the rest.
+    """
+
+    async def find_events(self, query: EventQuery) -> EventPage:
+        """The stored events ``query`` selects, newest first; indexed, whatever the store's size."""
+        ...
+
+    async def event_outcomes(self, event_id: str) -> list[Outcome]:
+        """Per subscription reading the event's topic (and any it was delivered to alone), by
+        name, what became of it; ``[]`` when nothing of it is stored any more."""
         ...
 
 

@@ -61,6 +61,8 @@ from callboard.brokers import postgres_ops as ops
 from callboard.brokers.base import (
     Capabilities,
     Delivery,
+    EventPage,
+    EventQuery,
     RetentionPolicy,
     Start,
 )
@@ -68,6 +70,7 @@ from callboard.brokers.postgres_listener import Listener
 from callboard.brokers.sql import Expired, StoredEvent
 from callboard.brokers.sql.backlog import Span, StoreState, Tally
 from callboard.brokers.sql.broker import SqlBroker
+from callboard.brokers.sql.eventlog import EventFacts
 from callboard.brokers.sql.retention import RetentionRange
 from callboard.brokers.sql.store import Wake
 from callboard.errors import (
@@ -157,6 +160,8 @@ class PostgresStore:
         self.conninfo = conninfo
         self.schema = schema
         self.label = f"the PostgreSQL broker on schema {schema!r}"
+        # Other transactions go on while a retention batch runs: batches of ``batch_size``.
+        self.retention_step: float | None = None
         self.timeout = timeout
         #: How often consumers look for events while the notification connection is down.
         self.fallback_poll = fallback_poll
@@ -235,6 +240,9 @@ class PostgresStore:
     ) -> list[Event]:
         return await self.run(ops.dead_letters, group, ids, remove, limit)
 
+    async def due(self, lease: float) -> dict[str, bool]:
+        return await self.run(ops.due)
+
     async def backlog_state(self) -> StoreState:
         return await self.run(ops.backlog_state)
 
@@ -245,6 +253,12 @@ class PostgresStore:
 
     async def delete_subscription(self, group: str) -> bool:
         return await self.run(ops.delete_subscription, group)
+
+    async def find_events(self, query: EventQuery) -> EventPage:
+        return await self.run(ops.find_events, query, limit=30.0)
+
+    async def event_facts(self, event_id: str) -> EventFacts:
+        return await self.run(ops.event_facts, event_id)
 
     async def expire_range(self, policy: RetentionPolicy) -> RetentionRange | None:
         return await self.run(ops.expire_range, policy)

@@ -22,24 +22,27 @@ import hashlib
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import lru_cache
 from typing import Any
 
 import asyncpg
 
-from callboard.brokers.base import Delivery, RetentionPolicy, Start
+from callboard.brokers.base import Delivery, EventPage, EventQuery, RetentionPolicy, Start
+from callboard.brokers.base import StoredEvent as LoggedEvent
 from callboard.brokers.postgres_listener import notification
 from callboard.brokers.sql import (
     Expired,
     StoredEvent,
     decode_event,
+    eventlog,
     migration_names,
     queries,
     read_sql,
 )
 from callboard.brokers.sql.backlog import GroupState, Span, StoreState, Tally
 from callboard.brokers.sql.retention import Doomed, RetentionRange, unreceived
+from callboard.deadletters import DeadLetter
 from callboard.errors import BrokerError, InvalidEventError, SubscriptionError
 from callboard.events import Event
 from callboard.topics import ONE, REST, SEPARATOR, TopicMatcher
@@ -407,6 +410,11 @@ async def delete_subscription(connection: Connection, q: Queries, group: str) ->
     return bool(gone or letters)
 
 
+async def due(connection: Connection, q: Queries) -> dict[str, bool]:
+    """Every subscription, and whether events of it wait to be claimed again."""
+    return {name: bool(waiting) for name, waiting in await fetch(connection, q["due"])}
+
+
 async def backlog_state(connection: Connection, q: Queries) -> StoreState:
     """Every subscription, then the seqs bounding the stored events (read after the positions,
     so no position is past the head)."""
@@ -504,3 +512,110 @@ async def expire(
 @lru_cache(maxsize=1024)
 def _matcher(topics: tuple[str, ...]) -> TopicMatcher:
     return TopicMatcher(topics)
+
+
+# -- reading the store (``EventLog``) ---------------------------------------------------------
+
+
+def _stored(row: Row) -> LoggedEvent:
+    seq, id, topic, target, time_us, stored_at, payload, metadata = row
+    return LoggedEvent(decode_event(id, topic, time_us, payload, metadata), seq, stored_at, target)
+
+
+def _topic_args(patterns: Sequence[str]) -> dict[str, Any]:
+    topics = eventlog.TopicFilter.of(patterns)
+    return {
+        "every": topics.every,
+        "exact": list(topics.exact),
+        "regexes": [pattern_regex(p) for p in topics.wild],
+    }
+
+
+async def find_events(connection: Connection, q: Queries, query: EventQuery) -> EventPage:
+    """``EventLog.find_events``: a backward walk of the primary key from the cursor."""
+    if query.dead_letters:
+        return await _find_dead_letters(connection, query, q)
+    if query.event_id is not None:
+        rows = await fetch(connection, q["events_with_id"], {"id": query.event_id})
+        found = [e for e in map(_stored, rows) if eventlog.selected(query, e)]
+        return EventPage(*eventlog.page_of(found, query.limit))
+    before, low = eventlog.cursor(query), eventlog.floor(query)
+    slack = timedelta(seconds=eventlog.SLACK)
+    async with connection.transaction(isolation="repeatable_read", readonly=True):
+        if query.since is not None:
+            first = await fetch_value(
+                connection, q["first_stored_since"], {"since": query.since - slack}
+            )
+            if first is None:
+                return EventPage((), None)
+            low = max(low, first)
+        if query.until is not None:
+            last = await fetch_value(
+                connection, q["last_stored_before"], {"until": query.until + slack}
+            )
+            if last is None:
+                return EventPage((), None)
+            before = min(before, last + 1)
+        rows = await fetch(
+            connection,
+            q["find_events"],
+            {
+                "before": before,
+                "low": low,
+                "since": query.since,
+                "until": query.until,
+                "limit": query.limit + 1,
+                **_topic_args(query.topics),
+            },
+        )
+    return EventPage(*eventlog.page_of([_stored(row) for row in rows], query.limit))
+
+
+async def _find_dead_letters(connection: Connection, query: EventQuery, q: Queries) -> EventPage:
+    rows = await fetch(
+        connection,
+        q["find_dead_letters"],
+        {
+            "before": eventlog.cursor(query),
+            "after": eventlog.floor(query),
+            "since_us": -(2**62) if query.since is None else _micros(query.since),
+            "until_us": 2**62 if query.until is None else _micros(query.until),
+            "id": query.event_id,
+            "limit": query.limit + 1,
+            **_topic_args(query.topics),
+        },
+    )
+    found = []
+    for seq, subscription, *columns in rows:
+        letter = decode_event(*columns)
+        found.append(LoggedEvent(letter, seq, letter.time, subscription))
+    return EventPage(*eventlog.page_of(found, query.limit))
+
+
+def _micros(moment: datetime) -> int:
+    return int(moment.timestamp() * 1_000_000)
+
+
+async def event_facts(connection: Connection, q: Queries, event_id: str) -> eventlog.EventFacts:
+    """What the store holds about an event id, in one read-only snapshot."""
+    async with connection.transaction(isolation="repeatable_read", readonly=True):
+        events = [
+            _stored(row) for row in await fetch(connection, q["events_with_id"], {"id": event_id})
+        ]
+        origins = [
+            eventlog.Origin(name, tuple(topics), position, made)
+            for name, topics, position, made in await fetch(connection, q["subscription_origins"])
+        ]
+        leases: list[eventlog.Lease] = []
+        for seq, groups in eventlog.readers(events, origins).items():
+            if not groups:
+                continue
+            for group, consumer, until, attempt, held in await fetch(
+                connection, q["leases_of"], {"groups": groups, "seq": seq}
+            ):
+                leases.append(eventlog.Lease(group, seq, consumer, until, attempt, held))
+        letters = [
+            DeadLetter.from_event(decode_event(*row[1:]))
+            for row in await fetch(connection, q["dead_letters_naming"], {"id": event_id})
+        ]
+    return eventlog.EventFacts(events, origins, leases, letters)

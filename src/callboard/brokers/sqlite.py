@@ -25,7 +25,7 @@ transaction, so the loop serves requests while a pass runs. Processes on one mac
 file in WAL mode.
 
 Wake-ups: other processes' commits are noticed by polling ``PRAGMA data_version`` every
-``watch_interval``.
+``watch_interval``, and their new events' topics read from the ``seq`` last seen.
 """
 
 from __future__ import annotations
@@ -42,12 +42,15 @@ from callboard.brokers import sqlite_store as store
 from callboard.brokers.base import (
     Capabilities,
     Delivery,
+    EventPage,
+    EventQuery,
     RetentionPolicy,
     Start,
 )
 from callboard.brokers.sql import Expired, StoredEvent
 from callboard.brokers.sql.backlog import Span, StoreState, Tally
 from callboard.brokers.sql.broker import SqlBroker
+from callboard.brokers.sql.eventlog import EventFacts
 from callboard.brokers.sql.retention import RetentionRange
 from callboard.brokers.sql.store import Ack, Publish, Wake
 from callboard.brokers.sqlite_thread import SQLiteThread
@@ -133,6 +136,8 @@ class SQLiteStore:
     ) -> None:
         self.path = path
         self.label = f"the SQLite broker on {path}"
+        # A request arriving during a retention batch waits for it: keep them short.
+        self.retention_step: float | None = 0.001
         self._clock = clock
         self._watch_interval = watch_interval
 
@@ -193,6 +198,9 @@ class SQLiteStore:
     async def renew(self, consumers: list[str], lease: float) -> None:
         await self._run(store.renew, consumers, lease, self._clock)
 
+    async def due(self, lease: float) -> dict[str, bool]:
+        return await self._run(store.due, self._clock(), lease, writes=False)
+
     async def dead_letters(
         self, group: str, ids: Sequence[str] | None, remove: bool, limit: int
     ) -> list[Event]:
@@ -210,6 +218,14 @@ class SQLiteStore:
     async def delete_subscription(self, group: str) -> bool:
         return await self._run(store.delete_subscription, group)
 
+    async def find_events(self, query: EventQuery) -> EventPage:
+        return await self._run(store.find_events, query, writes=False, offload=True)
+
+    async def event_facts(self, event_id: str) -> EventFacts:
+        return await self._run(
+            store.event_facts, event_id, self._clock(), writes=False, offload=True
+        )
+
     async def expire_range(self, policy: RetentionPolicy) -> RetentionRange | None:
         return await self._run(store.expire_range, policy, writes=False, offload=True)
 
@@ -218,20 +234,29 @@ class SQLiteStore:
         return await self._run(store.expire, policy, bounds, after, offload=True)
 
     async def watch(self, wake: Wake) -> None:
-        """Poll ``PRAGMA data_version``, which moves when another process commits."""
+        """Poll ``PRAGMA data_version``, which moves when another process commits; then wake
+        the consumers of the topics (and targets) of the events stored since the last look.
+
+        Other commits (acknowledgements, leases handed back, a subscription deleted) wake
+        nobody here: the broker's sweep finds what they leave to claim (``SqlBroker``).
+        """
         if self.path == MEMORY:
             return  # nobody else can write to it
         last: int | None = None
+        seen = 0
         while True:
             await asyncio.sleep(self._watch_interval)
             try:
                 version = await self._run(store.data_version, writes=False)
+                if version != last:
+                    head, topics, targets = await self._run(store.stored_since, seen, writes=False)
             except BrokerError as error:
                 logger.warning("watching %s for other processes failed: %s", self.path, error)
                 continue
-            if last is not None and version != last:
-                wake(None, ())
-            last = version
+            if version != last:
+                if last is not None and (topics or targets):
+                    wake(topics, targets)
+                last, seen = version, head
 
     def _run(
         self,

@@ -15,17 +15,19 @@ from functools import lru_cache
 
 import orjson
 
-from callboard.brokers.base import Delivery, RetentionPolicy, Start
-from callboard.brokers.sql import Expired, StoredEvent, decode_event, queries, read_sql
+from callboard.brokers.base import Delivery, EventPage, EventQuery, RetentionPolicy, Start
+from callboard.brokers.base import StoredEvent as LoggedEvent
+from callboard.brokers.sql import Expired, StoredEvent, decode_event, eventlog, queries, read_sql
 from callboard.brokers.sql.backlog import GroupState, Span, StoreState, Tally
 from callboard.brokers.sql.retention import Doomed, RetentionRange, unreceived
 from callboard.brokers.sql.store import Ack, Publish
+from callboard.deadletters import DeadLetter
 from callboard.errors import BrokerError, SubscriptionError
 from callboard.events import Event
 from callboard.topics import TopicMatcher, TopicPattern
 
 Q = queries("sqlite")
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _EVENT_COLUMNS = "seq, id, topic, time_us, payload, metadata"
 
@@ -92,6 +94,26 @@ def data_version(connection: sqlite3.Connection) -> int:
     """Changes whenever another connection (another process) commits."""
     (version,) = connection.execute("PRAGMA data_version").fetchone()
     return int(version)
+
+
+def stored_since(connection: sqlite3.Connection, after: int) -> tuple[int, set[str], set[str]]:
+    """The newest seq, and the topics and targets of the events stored after ``after``."""
+    head = _head(connection)
+    topics: set[str] = set()
+    targets: set[str] = set()
+    if head > after:
+        for topic, target in connection.execute(Q["stored_topics"], {"after": after, "upto": head}):
+            if target is None:
+                topics.add(topic)
+            else:
+                targets.add(target)
+    return head, topics, targets
+
+
+def due(connection: sqlite3.Connection, now: float, lease: float) -> dict[str, bool]:
+    """Every subscription, and whether leases of it wait to be claimed again."""
+    rows = connection.execute(Q["due"], {"now": now, "latest": now + lease})
+    return {name: bool(waiting) for name, waiting in rows}
 
 
 def publish(connection: sqlite3.Connection, event: StoredEvent, target: str | None) -> bool:
@@ -435,3 +457,125 @@ def expire(
     for name, count in lost.items():
         connection.execute(Q["add_lost"], {"name": name, "lost": count, "now": now})
     return Expired(len(rows), dict(lost), resume)
+
+
+# -- reading the store (``EventLog``) ---------------------------------------------------------
+
+_FAR = 1e18
+
+
+def _stored(row: Sequence[object]) -> LoggedEvent:
+    seq, id, topic, target, time_us, stored_at, payload, metadata = row
+    return LoggedEvent(
+        decode_event(str(id), str(topic), int(str(time_us)), str(payload), metadata),
+        int(str(seq)),
+        eventlog.from_unix(float(str(stored_at))),
+        None if target is None else str(target),
+    )
+
+
+def find_events(connection: sqlite3.Connection, query: EventQuery) -> EventPage:
+    """``EventLog.find_events``: a backward walk of the primary key from the cursor."""
+    if query.dead_letters:
+        return _find_dead_letters(connection, query)
+    if query.event_id is not None:
+        rows = connection.execute(Q["events_with_id"], {"id": query.event_id}).fetchall()
+        found = [e for e in map(_stored, rows) if eventlog.selected(query, e)]
+        events, after = eventlog.page_of(found, query.limit)
+        return EventPage(events, after)
+    before, low = eventlog.cursor(query), eventlog.floor(query)
+    since = -_FAR if query.since is None else query.since.timestamp()
+    until = _FAR if query.until is None else query.until.timestamp()
+    if query.since is not None:
+        first = connection.execute(
+            Q["first_stored_since"], {"since": since - eventlog.SLACK}
+        ).fetchone()
+        if first is None:
+            return EventPage((), None)
+        low = max(low, first[0])
+    if query.until is not None:
+        last = connection.execute(
+            Q["last_stored_before"], {"until": until + eventlog.SLACK}
+        ).fetchone()
+        if last is None:
+            return EventPage((), None)
+        before = min(before, last[0] + 1)
+    topics = eventlog.TopicFilter.of(query.topics)
+    rows = connection.execute(
+        Q["find_events"],
+        {
+            "before": before,
+            "low": low,
+            "since": since,
+            "until": until,
+            "every": topics.every,
+            "literals": topics.literals,
+            "wildcards": topics.wildcards,
+            "topics": topics.topics,
+            "limit": query.limit + 1,
+        },
+    ).fetchall()
+    events, after = eventlog.page_of([_stored(row) for row in rows], query.limit)
+    return EventPage(events, after)
+
+
+def _find_dead_letters(connection: sqlite3.Connection, query: EventQuery) -> EventPage:
+    topics = eventlog.TopicFilter.of(query.topics)
+    rows = connection.execute(
+        Q["find_dead_letters"],
+        {
+            "before": eventlog.cursor(query),
+            "after": eventlog.floor(query),
+            "since_us": -(2**62) if query.since is None else _micros(query.since),
+            "until_us": 2**62 if query.until is None else _micros(query.until),
+            "id": query.event_id,
+            "literals": topics.literals,
+            "wildcards": topics.wildcards,
+            "topics": topics.topics,
+            "limit": query.limit + 1,
+        },
+    ).fetchall()
+    found = []
+    for seq, subscription, *columns in rows:
+        letter = decode_event(*columns)
+        found.append(LoggedEvent(letter, seq, letter.time, subscription))
+    events, after = eventlog.page_of(found, query.limit)
+    return EventPage(events, after)
+
+
+def _micros(moment: datetime) -> int:
+    return int(moment.timestamp() * 1_000_000)
+
+
+def event_facts(connection: sqlite3.Connection, event_id: str, now: float) -> eventlog.EventFacts:
+    """What the store holds about an event id, in one read transaction."""
+    began = not connection.in_transaction
+    if began:
+        connection.execute("BEGIN")
+    try:
+        events = [_stored(r) for r in connection.execute(Q["events_with_id"], {"id": event_id})]
+        origins = [
+            eventlog.Origin(name, tuple(json.loads(topics)), position, eventlog.from_unix(made))
+            for name, topics, position, made in connection.execute(Q["subscription_origins"])
+        ]
+        leases: list[eventlog.Lease] = []
+        for seq, groups in eventlog.readers(events, origins).items():
+            if not groups:
+                continue
+            for group, consumer, expires_at, attempt in connection.execute(
+                Q["leases_of"], {"groups": json.dumps(groups), "seq": seq}
+            ):
+                held = consumer is not None and expires_at > now
+                leases.append(
+                    eventlog.Lease(
+                        group, seq, consumer, eventlog.from_unix(expires_at), attempt, held
+                    )
+                )
+        letters = [
+            DeadLetter.from_event(decode_event(*row[1:]))
+            for row in connection.execute(Q["dead_letters_naming"], {"id": event_id})
+        ]
+    finally:
+        if began:
+            connection.execute("COMMIT")
+    return eventlog.EventFacts(events, origins, leases, letters)

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -27,10 +27,23 @@ from callboard.brokers import admin
 from callboard.brokers.base import IN_PROCESS, Broker, BrokerAdmin, SubscriptionInfo
 from callboard.deadletters import DeadLetter, read_dead_letters
 from callboard.deadletters import redrive as redrive_dead_letters
-from callboard.errors import CallboardError, SubscriptionError
+from callboard.errors import CallboardError, NotFoundError, SubscriptionError
 from callboard.events import utc_now
 
 logger = logging.getLogger("callboard.admin")
+
+#: Told how far long work has gone: ``(done, total)``; ``total`` is ``None`` when not known.
+Progress = Callable[[int, int | None], None]
+
+
+async def require_subscription(broker: Broker, subscription: str) -> SubscriptionInfo:
+    """The subscription named; ``NotFoundError`` naming it (and those there are) otherwise."""
+    infos = await admin(broker).subscriptions()
+    for info in infos:
+        if info.name == subscription:
+            return info
+    known = ", ".join(i.name for i in infos) or "none"
+    raise NotFoundError(f"no subscription {subscription!r} in the store (there are: {known})")
 
 
 def require_durable(broker: Broker, url: str) -> None:
@@ -94,6 +107,7 @@ def format_dead_letters(letters: Sequence[DeadLetter]) -> str:
 
 
 async def list_dead_letters(broker: Broker, subscription: str, limit: int) -> str:
+    await require_subscription(broker, subscription)
     return format_dead_letters(await read_dead_letters(admin(broker), subscription, limit=limit))
 
 
@@ -110,7 +124,7 @@ async def delete_subscription(broker: Broker, subscription: str, *, force: bool 
             "it anyway"
         )
     if not await operations.delete_subscription(subscription):
-        raise SubscriptionError(f"no subscription {subscription!r} to delete")
+        raise NotFoundError(f"no subscription {subscription!r} to delete")
     done = f"deleted subscription {subscription} with its leases and dead letters"
     if signs:
         done += (
@@ -130,8 +144,25 @@ def _signs_of_consumers(info: SubscriptionInfo) -> list[str]:
     return signs
 
 
-async def redrive(broker: Broker, subscription: str, ids: Sequence[str] | None) -> str:
-    count = await redrive_dead_letters(admin(broker), subscription, ids or None)
+async def redrive(
+    broker: Broker,
+    subscription: str,
+    ids: Sequence[str] | None,
+    progress: Progress | None = None,
+) -> str:
+    """Deliver dead letters of ``subscription`` again: all, or those with ``ids``, each of which
+    must be there (``NotFoundError`` names those that are not)."""
+    await require_subscription(broker, subscription)
+    operations = admin(broker)
+    if ids:
+        found = await operations.take_dead_letters(subscription, ids=ids, limit=len(ids))
+        missing = sorted(set(ids) - {letter.id for letter in found})
+        if missing:
+            raise NotFoundError(
+                f"subscription {subscription!r} has no dead letter {', '.join(missing)}; "
+                f"list them with `callboard dead-letters list --subscription {subscription}`"
+            )
+    count = await redrive_dead_letters(operations, subscription, ids or None, progress=progress)
     return f"redrove {count} dead letters to {subscription}"
 
 
@@ -148,6 +179,7 @@ async def replay(
     *,
     topics: Sequence[str] | None = None,
     idle: float = 1.0,
+    progress: Progress | None = None,
 ) -> ReplayResult:
     """Deliver again to ``subscription`` every event on its topics kept since ``since``.
 
@@ -158,14 +190,9 @@ async def replay(
     if not broker.capabilities.replay:
         raise SubscriptionError("this broker keeps no history to replay")
     operations = admin(broker)
+    info = await require_subscription(broker, subscription)
     if topics is None:
-        infos = await operations.subscriptions()
-        found = [tuple(i.topics) for i in infos if i.name == subscription]
-        if not found:
-            raise SubscriptionError(
-                f"no subscription {subscription!r}; name its topics with --topic to replay anyway"
-            )
-        topics = found[0]
+        topics = tuple(info.topics)
     until = utc_now()
     group = f"replay.{subscription}.{uuid.uuid4().hex[:8]}"
     reader = await broker.consume(group, topics, start=since)
@@ -183,6 +210,8 @@ async def replay(
                 await operations.deliver_to(subscription, delivery.event)
                 await reader.ack((delivery,))
                 delivered += 1
+                if progress is not None:
+                    progress(delivered, None)
             if len(fresh) < len(batch):
                 break  # reached events published after the replay began
     finally:

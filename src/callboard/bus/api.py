@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import replace
 from typing import Any
@@ -63,6 +64,9 @@ from callboard.errors import (
 from callboard.events import Event
 from callboard.http_errors import error_body
 from callboard.topics import TopicIndex, normalize_patterns, validate_topic
+
+#: Seconds the bus trusts the subscriptions it read when an event has readers among them.
+READERS_TTL = 5.0
 
 logger = logging.getLogger("callboard.bus")
 
@@ -224,6 +228,8 @@ class BusApp:
         self._released = asyncio.Event()
         #: The stored subscriptions by their topic patterns, kept in step with the broker's list.
         self._index: TopicIndex[str] = TopicIndex()
+        #: When ``_index`` was last read from the broker (``time.monotonic``).
+        self._index_read = -READERS_TTL
         sub = "/subscriptions/{id}"
         self.router = Router(
             routes=[
@@ -356,11 +362,26 @@ class BusApp:
         self.access.check(principal, id, owner)
         return id
 
-    def _topic_index(self, stored: dict[str, tuple[str, ...]]) -> TopicIndex[str]:
-        """The index of the stored subscriptions' patterns, changed where they changed."""
+    async def _has_readers(self, topic: str, notified: set[str]) -> bool:
+        """Whether a stored subscription not already notified reads ``topic``.
+
+        A reader found in the index read less than ``READERS_TTL`` ago is trusted (the worst a
+        stale one does is store an event a deleted subscription would have read); no reader
+        there is checked against the broker before the event is skipped, so an event is never
+        skipped for a subscription that another process just made.
+        """
+        if self.admin is None:
+            return True
+        now = time.monotonic()
+        if now - self._index_read < READERS_TTL and self._index(topic) - notified:
+            return True
+        stored = await stored_subscriptions(self.admin)
+        if stored is None:
+            return True
         if self._index.entries != stored:
-            self._index.update(stored)
-        return self._index
+            self._index.update(stored)  # changed where they changed
+        self._index_read = now
+        return bool(self._index(topic) - notified)
 
     # -- Backstage's routes --------------------------------------------------------------------
 
@@ -372,11 +393,9 @@ class BusApp:
         dead_letter = event.topic.startswith(DEAD_LETTER_PREFIX)
         if event.topic.startswith("$") and not dead_letter:
             raise InvalidTopicError(event.topic, "topics starting with '$' are callboard's own")
-        if not dead_letter:
-            stored = await stored_subscriptions(self.admin)
-            if stored is not None and not self._topic_index(stored)(event.topic) - notified:
-                logger.debug("skipped an event on %r: no subscription left to notify", event.topic)
-                return Response(status_code=204, headers={PUBLISH_RESULT_HEADER: "no-readers"})
+        if not dead_letter and not await self._has_readers(event.topic, notified):
+            logger.debug("skipped an event on %r: no subscription left to notify", event.topic)
+            return Response(status_code=204, headers={PUBLISH_RESULT_HEADER: "no-readers"})
         if notified:
             event = replace(event, metadata={**event.metadata, NOTIFIED: sorted(notified)})
             check_storable(event)

@@ -11,16 +11,21 @@ wrote. Input that can never be stored is ``400`` (``InvalidEventError``), never 
 
 Every refusal is JSON in one shape,
 ``{"error": {"name", "message"}, "request": {...}, "response": {"statusCode"}}``.
+
+Observers (``IngressObserver``) are told of every answer once it is sent: the topic, status,
+reason and delivery id, never a header's or the body's content. Without observers nothing is
+built for them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import NoReturn
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, NoReturn
 
 import orjson
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from callboard.errors import (
     BrokerError,
@@ -33,8 +38,18 @@ from callboard.errors import (
 from callboard.events import DELIVERY_ID, Event
 from callboard.http_errors import error_body
 from callboard.ingress.parsers import DEFAULT_PARSERS
-from callboard.ingress.types import BodyParser, Ingress, MediaType, Rejection, WebhookRequest
+from callboard.ingress.types import (
+    BodyParser,
+    Headers,
+    Ingress,
+    IngressObserver,
+    IngressOutcome,
+    MediaType,
+    Rejection,
+    WebhookRequest,
+)
 from callboard.metrics import Metrics
+from callboard.spans import Tracer
 
 logger = logging.getLogger("callboard.ingress")
 
@@ -65,6 +80,7 @@ class IngressApp:
         keep_credentials: bool = False,
         detect_redeliveries: bool = True,
         metrics: Metrics | None = None,
+        observers: Sequence[IngressObserver] = (),
     ) -> None:
         self._publish = publish
         self.ingresses = {ingress.topic: ingress for ingress in ingresses}
@@ -75,11 +91,28 @@ class IngressApp:
         self._detect_redeliveries = detect_redeliveries
         self._metrics = metrics if metrics is not None else Metrics()
         self._media_types: dict[str, MediaType] = {}
+        #: Told of every answer; empty: no outcome is built at all.
+        self._observers: tuple[IngressObserver, ...] = ()
+        #: Those told of accepted requests too (not ``refusals_only``).
+        self._accepted_observers: tuple[IngressObserver, ...] = ()
+        for observer in observers:
+            self.add_observer(observer)
         self._redacted = {
             topic: ingress.redact_headers
             | (frozenset() if keep_credentials else CREDENTIAL_HEADERS)
             for topic, ingress in self.ingresses.items()
         }
+
+    def add_observer(self, observer: IngressObserver) -> None:
+        """Tell ``observer`` of every request answered from now on (of refusals only when it
+        has a true ``refusals_only`` attribute)."""
+        self._observers = (*self._observers, observer)
+        if not getattr(observer, "refusals_only", False):
+            self._accepted_observers = (*self._accepted_observers, observer)
+
+    @property
+    def observers(self) -> tuple[IngressObserver, ...]:
+        return self._observers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -166,7 +199,7 @@ class IngressApp:
         if ingress.validator is not None:
             rejection = await ingress.validator(request)
             if rejection is not None:
-                await self._reject(scope, send, topic, rejection)
+                await self._reject(scope, send, ingress, request, rejection)
                 return
         payload = request.body  # parsed now, or already by a validator that read it
         redacted = self._redacted[topic]
@@ -174,6 +207,7 @@ class IngressApp:
             metadata = {k: v for k, v in headers.items() if k not in redacted}
         else:
             metadata = self._bounded_metadata(topic, headers, redacted)
+        delivery_id = None
         if ingress.delivery_id is not None and self._detect_redeliveries:
             delivery_id = ingress.delivery_id(request)
             if delivery_id:
@@ -182,6 +216,11 @@ class IngressApp:
         self._metrics.count_ingress(topic, 202)
         await send({"type": "http.response.start", "status": 202, "headers": _ACCEPTED_HEADERS})
         await send({"type": "http.response.body", "body": _ACCEPTED})
+        if self._accepted_observers:
+            if delivery_id is None and ingress.delivery_id is not None:
+                delivery_id = ingress.delivery_id(request)
+            outcome = IngressOutcome(topic, 202, None, delivery_id or None, time.time())
+            self._tell(outcome, self._accepted_observers)
 
     def _bounded_metadata(
         self, topic: str, headers: Mapping[str, str | list[str]], redacted: frozenset[str]
@@ -272,13 +311,25 @@ class IngressApp:
             "(events.http.bodyLimit)"
         )
 
-    async def _reject(self, scope: Scope, send: Send, topic: str, rejection: Rejection) -> None:
+    async def _reject(
+        self,
+        scope: Scope,
+        send: Send,
+        ingress: Ingress,
+        request: WebhookRequest,
+        rejection: Rejection,
+    ) -> None:
+        topic = ingress.topic
         self._metrics.count_ingress(topic, rejection.status)
         body = rejection.body
         if isinstance(body, dict) and "error" in body and "request" not in body:
             # A validator that answers in callboard's error shape gets the request part too.
             body = {**body, "request": {"method": scope["method"], "url": scope["path"]}}
         await _send_json(send, rejection.status, orjson.dumps(body))
+        if self._observers:
+            delivery_id = _refused_delivery_id(ingress, request)
+            reason = _reason(rejection.body)
+            self._tell(IngressOutcome(topic, rejection.status, reason, delivery_id, time.time()))
 
     async def _error(
         self,
@@ -294,9 +345,103 @@ class IngressApp:
         self._metrics.count_ingress(topic, status)
         body = error_body(scope, status, name, message)
         await _send_json(send, status, body, extra_headers)
+        if self._observers:
+            ingress = self.ingresses.get(topic)
+            delivery_id = None
+            if ingress is not None and ingress.delivery_id is not None:
+                delivery_id = _header_delivery_id(ingress, _headers_of(scope))
+            self._tell(IngressOutcome(topic, status, message, delivery_id, time.time()))
+
+    def _tell(
+        self, outcome: IngressOutcome, observers: tuple[IngressObserver, ...] | None = None
+    ) -> None:
+        for observer in self._observers if observers is None else observers:
+            try:
+                observer.request(outcome)
+            except Exception:
+                logger.exception("an ingress observer failed on a request to %r", outcome.topic)
+
+
+class TracedIngressApp(IngressApp):
+    """The ingress with a span around every request (``backend.tracing``).
+
+    A class of its own, so the ingress without tracing pays nothing for it. The span is the
+    current one while the request is handled: the publish span is its child.
+    """
+
+    def __init__(self, publish: Publish, ingresses: Iterable[Ingress], **options: Any) -> None:
+        self._tracer: Tracer = options.pop("tracer")
+        super().__init__(publish, ingresses, **options)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        root: str = scope.get("root_path", "")
+        path: str = scope["path"]
+        topic = path[len(root) :] if root and path.startswith(root) else path
+        topic = topic[1:] if topic.startswith("/") else topic
+        route = f"{root}/{topic if topic in self.ingresses else '{topic}'}"
+        with self._tracer.request(scope["method"], route, scope["headers"]) as answered:
+
+            async def sending(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    answered(message["status"])
+                await send(message)
+
+            await super().__call__(scope, receive, sending)
 
 
 _NO_MEDIA_TYPE = MediaType("")
+
+
+def _no_body(raw: bytes, media_type: MediaType, topic: str) -> NoReturn:
+    raise UnsupportedMediaTypeError("the body of a refused request is not read")
+
+
+def _refused_delivery_id(ingress: Ingress, request: WebhookRequest) -> str | None:
+    """The delivery id of a refused request, read without parsing what its sender wrote."""
+    reader = ingress.delivery_id
+    if reader is None:
+        return None
+    unparsed = WebhookRequest(
+        request.topic, request.headers, request.raw_body, request.media_type, _no_body
+    )
+    try:
+        return reader(unparsed) or None
+    except Exception:  # a reader that needs the body: the request was refused before that
+        return None
+
+
+def _header_delivery_id(ingress: Ingress, headers: Headers) -> str | None:
+    """The delivery id of a request refused before its body was kept, when its topic reads the
+    id from a header: a reader that derives it from the body gives none here."""
+    probes = (
+        _refused_delivery_id(
+            ingress, WebhookRequest(ingress.topic, headers, raw, _NO_MEDIA_TYPE, _no_body)
+        )
+        for raw in (b"", b"-")
+    )
+    first = next(probes)
+    return first if first == next(probes) else None
+
+
+def _headers_of(scope: Scope) -> Headers:
+    """The first value of each request header, for reading a delivery id."""
+    headers: dict[str, str | list[str]] = {}
+    for raw_name, raw_value in scope["headers"]:
+        headers.setdefault(raw_name.decode("latin-1").lower(), raw_value.decode("latin-1"))
+    return headers
+
+
+def _reason(body: Any) -> str:
+    """The message of a validator's refusal, from callboard's error shape when it has it."""
+    if isinstance(body, dict):
+        error = body.get("error")
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return str(error["message"])
+        if isinstance(body.get("message"), str):
+            return str(body["message"])
+    return "refused by the topic's validator"
 
 
 def _refusing(message: str) -> BodyParser:

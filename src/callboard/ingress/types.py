@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 Headers: TypeAlias = Mapping[str, str | list[str]]
 
@@ -108,3 +108,39 @@ class Ingress:
     delivery_id: DeliveryIdReader | None = None
     #: Headers never copied into event metadata (shared secrets sent as headers).
     redact_headers: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class IngressOutcome:
+    """How the ingress answered one request, accepted or refused, for ``IngressObserver``.
+
+    It never holds a header value other than the delivery id, nor any part of the body: no
+    secret or signature reaches an observer.
+    """
+
+    #: The ingress topic; ``"<unknown>"`` for a path that names no configured topic (``reason``
+    #: then names the path asked for).
+    topic: str
+    #: The HTTP status answered: ``202`` when accepted.
+    status: int
+    #: Why the request was refused (the message of the answer); ``None`` when accepted.
+    reason: str | None
+    #: The sender's own id of the delivery (e.g. ``X-GitHub-Delivery``), when its topic reads
+    #: one and the request carried it.
+    delivery_id: str | None
+    #: When the answer was sent, in seconds since the epoch (``time.time()``).
+    at: float
+
+
+class IngressObserver(Protocol):
+    """Told of every request the HTTP ingress answered, once its answer is sent.
+
+    Called on the event loop of the request, so it must be quick and must not block: keep or
+    count what it needs, and leave any slow work to a task of its own. An observer that raises
+    is logged and does not change the answer.
+
+    An observer with a true ``refusals_only`` attribute is told of refused requests only, and
+    the accepted path then builds no outcome for it.
+    """
+
+    def request(self, outcome: IngressOutcome) -> None: ...

@@ -16,7 +16,9 @@ stored events by seq bucket (``BUCKET`` consecutive seqs) and by ``(topic, targe
   bucket it falls in is tallied again (at most ``BUCKET`` rows); events a subscription lost are
   therefore no longer counted as waiting (``lost`` counts them);
 - the tally starts at the lowest position: the first call (or a subscription created further
-  back) reads the events after it once.
+  back) reads the events after it once, ``CHUNK`` buckets per read so that other work of the
+  store goes between the reads (a server starts this count when it starts, not at its first
+  scrape).
 
 Figures are exact as long as events are deleted oldest first (retention's order); positions,
 heads and leases come from the store, so every process reports the same figures.
@@ -38,6 +40,9 @@ BUCKET = 1024
 
 #: What an event is told apart by, for counting: its topic and its target group (or ``None``).
 Key = tuple[str, str | None]
+
+#: Buckets counted in one read of the store.
+CHUNK = 64
 
 #: A seq range ``(after, upto]``.
 Span = tuple[int, int]
@@ -158,7 +163,7 @@ class BacklogCounter:
         partial = {s // size for s in starts.values() if s % size and s < head}
         rows = self._missing_rows(partial, head)
         try:
-            tally = await self._source.tally_events(counts, rows, size)
+            tally = await self._tally(counts, rows)
         except BaseException:
             self._reset()  # what was planned is not known to be tallied: start again
             raise
@@ -172,6 +177,21 @@ class BacklogCounter:
         return {
             g.name: self._matching(after[starts[g.name]], g.name, g.topics) for g in state.groups
         }
+
+    async def _tally(self, counts: list[Span], rows: list[Span]) -> Tally:
+        """The reads of ``tally_events``, ``CHUNK`` seqs at a time: a long first count (a
+        large store) never holds the store for long, publishes go between its reads."""
+        chunk = self._size * CHUNK
+        pieces = [
+            (start, min(start + chunk, upto))
+            for after, upto in counts
+            for start in range(after, upto, chunk)
+        ]
+        tally = await self._source.tally_events(pieces[:1], rows, self._size)
+        for piece in pieces[1:]:
+            more = await self._source.tally_events([piece], (), self._size)
+            tally.counts.extend(more.counts)
+        return tally
 
     def _reset(self) -> None:
         self._buckets.clear()

@@ -23,8 +23,10 @@ Publishes and acknowledgements go through ONE group-commit engine each
 (``callboard.group_commit``): whatever queues while a commit runs goes out in the next, as one
 operation of the store, so concurrent publishes share a transaction, and a publish returns once
 its event is committed. Once a commit's publishers have been answered, this process's consumers
-of its topics are woken; what other processes commit reaches them through the store's ``watch``
-(and every consumer polls every ``poll_interval`` for what no wake-up reports).
+of its topics are woken; what other processes commit reaches them through the store's ``watch``.
+Every ``poll_interval`` one query of the broker (``due``) finds the groups read here that have
+events to claim again (leases run out or handed back elsewhere) or that were deleted, and wakes
+their consumers; an idle consumer costs nothing until then.
 
 Retention runs every ``RetentionPolicy.interval``, one pass at a time: the pass finds the range
 of ``seq`` it may delete once, without reading the events it keeps (``sql/retention.py``), then
@@ -42,17 +44,21 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Coroutine, Sequence
+from dataclasses import replace
 from typing import Any
 
 from callboard.brokers.base import (
     DEAD_LETTER_PREFIX,
     Capabilities,
     Delivery,
+    EventPage,
+    EventQuery,
+    Outcome,
     RetentionPolicy,
     Start,
     SubscriptionInfo,
 )
-from callboard.brokers.sql import cancel_all, encode_event, repeat
+from callboard.brokers.sql import cancel_all, encode_event, eventlog, repeat
 from callboard.brokers.sql.backlog import BacklogCounter
 from callboard.brokers.sql.consumer import ConsumerRegistry, LeasedConsumer
 from callboard.brokers.sql.store import Ack, Publish, SqlStore
@@ -64,9 +70,22 @@ from callboard.topics import normalize_patterns
 #: Most publishes (or acknowledgements) committed in one transaction.
 MAX_BATCH = 1_000
 
+#: Retention batches on a store with a ``retention_step``: the first one's size, the least.
+FIRST_STEP = 100
+MIN_STEP = 16
+
+
+def _next_step(step: int, took: float, seconds: float | None, most: int) -> int:
+    """The size of the next retention batch, from how long the last one of ``step`` took: to
+    take about ``seconds`` (``None``: ``most``), never over ``most`` nor twice the last."""
+    if seconds is None:
+        return most
+    wanted = int(step * seconds / took) if took > 0 else most
+    return max(MIN_STEP, min(most, step * 2, wanted))
+
 
 class SqlBroker:
-    """``Broker`` and ``BrokerAdmin`` over a ``SqlStore``."""
+    """``Broker``, ``BrokerAdmin`` and ``EventLog`` over a ``SqlStore``."""
 
     def __init__(
         self,
@@ -128,6 +147,10 @@ class SqlBroker:
             "retention",
         )
         self._spawn(self._store.watch(self._registry.wake), "watch")
+        self._spawn(
+            repeat(self.poll_interval, self._sweep, f"sweeping {label} failed", log=self._log),
+            "sweep",
+        )
 
     async def close(self) -> None:
         await self._stop(release=True)
@@ -203,12 +226,21 @@ class SqlBroker:
             self._log.info("deleted subscription %r", group)
         return deleted
 
+    async def find_events(self, query: EventQuery) -> EventPage:
+        self._check_open()
+        return await self._store.find_events(query)
+
+    async def event_outcomes(self, event_id: str) -> list[Outcome]:
+        self._check_open()
+        return eventlog.outcomes(await self._store.event_facts(event_id))
+
     async def clean(self) -> int:
         """Apply the retention policy now: one pass; the number of events deleted.
 
-        The pass finds its range once, then deletes it in batches of ``batch_size``, each its
-        own transaction (publishes, acknowledgements and lease renewals go between two), for at
-        most half the interval; what is left goes in the next pass. It is logged once, with
+        The pass finds its range once, then deletes it in batches of at most ``batch_size``,
+        each its own transaction (publishes, acknowledgements and lease renewals go between
+        two), on a store that does nothing else meanwhile (SQLite) sized as the pass goes to
+        take about its ``retention_step``, for at most half the interval; what is left goes in the next pass. It is logged once, with
         its totals.
         """
         self._check_open()
@@ -219,8 +251,12 @@ class SqlBroker:
         ended = "done"
         bounds = await self._store.expire_range(policy)
         after = 0
+        seconds = self._store.retention_step
+        step = policy.batch_size if seconds is None else min(policy.batch_size, FIRST_STEP)
         while bounds is not None:
-            expired = await self._store.expire(policy, bounds, after)
+            began = time.monotonic()
+            expired = await self._store.expire(replace(policy, batch_size=step), bounds, after)
+            step = _next_step(step, time.monotonic() - began, seconds, policy.batch_size)
             if expired is None:
                 ended = "left to another process cleaning"
                 break
@@ -290,6 +326,19 @@ class SqlBroker:
         await self._acks.wait_idle()
         await self._registry.end_all(release=release)
         await self._store.close()
+
+    async def _sweep(self) -> None:
+        """Wake the groups read here that have events to claim again, or that are gone.
+
+        What a wake-up does not report: leases run out (their process died) or handed back by
+        another process, and a group deleted by another process. One query for every group,
+        instead of every idle consumer claiming on a timer.
+        """
+        reading = self._registry.groups()
+        if not reading:
+            return
+        due = await self._store.due(self.lease)
+        self._registry.wake((), [g for g in reading if due.get(g, True)])
 
     async def _renew(self) -> None:
         consumers = self._registry.live_ids()

@@ -8,9 +8,11 @@ group claims the events again. Releasing deliveries hands their leases back at o
 a consumer all of its leases.
 
 Waiting for events costs nothing when idle: a consumer that found nothing sleeps until its
-broker wakes it (an event on one of its topics was stored, or leases of its group were handed
-back) or until ``poll_interval`` passes, which catches what no wake-up reports: leases of a
-crashed process running out, and writes by processes that could not tell this one.
+broker wakes it: an event on one of its topics was stored (by this process, or by another one,
+which the store's ``watch`` reports), or its group has leases to claim again or is gone (which
+the broker's sweep finds every ``poll_interval``, for all groups in one query). A consumer also
+claims by itself after ``IDLE_POLLS`` intervals without a wake-up, spread at random so idle
+consumers never claim together; that catches only what the wake-ups would have missed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import random
 import uuid
 from collections.abc import Iterable, Sequence
 from typing import Protocol
@@ -31,6 +34,10 @@ logger = logging.getLogger("callboard.brokers")
 
 #: Longest pause between two attempts to reach a store that is down.
 MAX_BACKOFF = 5.0
+
+#: Poll intervals an idle consumer waits for a wake-up before claiming anyway (at random
+#: between half of it and all of it).
+IDLE_POLLS = 30
 
 
 class LeaseStore(Protocol):
@@ -82,6 +89,10 @@ class ConsumerRegistry:
         if self._consumers.get(old_id) is consumer:
             del self._consumers[old_id]
             self._consumers[consumer.id] = consumer
+
+    def groups(self) -> list[str]:
+        """The groups that consumers of this broker read."""
+        return list(self._groups)
 
     def live_ids(self) -> list[str]:
         return list(self._consumers)
@@ -192,7 +203,7 @@ class LeasedConsumer:
                 continue
             backoff = self._poll_interval
             if not self._ready:
-                await self._sleep(self._poll_interval)
+                await self._sleep(self._poll_interval * IDLE_POLLS * random.uniform(0.5, 1.0))
         return ()
 
     async def _claim_more(self, max_count: int) -> None:

@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol
 
-from callboard.brokers.base import Delivery, RetentionPolicy, Start
+from callboard.brokers.base import Delivery, EventPage, EventQuery, RetentionPolicy, Start
 from callboard.brokers.sql import Expired, StoredEvent
 from callboard.brokers.sql.backlog import Span, StoreState, Tally
+from callboard.brokers.sql.eventlog import EventFacts
 from callboard.brokers.sql.retention import RetentionRange
 from callboard.events import Event
 
@@ -34,6 +35,10 @@ class SqlStore(Protocol):
 
     #: Says which store this is in messages: ``the SQLite broker on cb.db``.
     label: str
+
+    #: How long one batch of a retention pass should take, where the store does nothing else
+    #: meanwhile (SQLite: one writer); ``None``: batches of ``RetentionPolicy.batch_size``.
+    retention_step: float | None
 
     async def open(self) -> None:
         """Connect. ``BrokerUnavailable`` when the database cannot be reached."""
@@ -86,6 +91,11 @@ class SqlStore(Protocol):
         """Push the deadline of every lease the live ``consumers`` hold to a lease from now."""
         ...
 
+    async def due(self, lease: float) -> dict[str, bool]:
+        """Every group, and whether events of it wait to be claimed again (leases handed back
+        or run out; a lease ending more than ``lease`` from now counts as run out)."""
+        ...
+
     async def dead_letters(
         self, group: str, ids: Sequence[str] | None, remove: bool, limit: int
     ) -> list[Event]: ...
@@ -119,6 +129,14 @@ class SqlStore(Protocol):
         longer keeps, each one's age checked again; in a transaction of its own, off the loop.
         ``Expired.resume`` says where the next batch starts; ``None`` when another process is
         at it."""
+        ...
+
+    async def find_events(self, query: EventQuery) -> EventPage:
+        """``EventLog.find_events``, off the event loop (``sql/eventlog.py``)."""
+        ...
+
+    async def event_facts(self, event_id: str) -> EventFacts:
+        """What the store holds about an event id, in one read transaction."""
         ...
 
     async def watch(self, wake: Wake) -> None:

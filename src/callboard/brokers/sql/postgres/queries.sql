@@ -190,6 +190,16 @@ SELECT s.name, s.topics, s.position, s.lost, s.owner,
        WHERE b.subscription = s.name AND (b.consumer IS NULL OR b.expires_at <= now()))
 FROM {schema}.subscriptions AS s ORDER BY s.name
 
+-- name: due
+-- Every subscription, and whether events of it wait to be claimed again: leases handed back or
+-- run out (by leases_due), or a leased batch run out with events not acknowledged.
+SELECT s.name,
+    EXISTS (SELECT 1 FROM {schema}.leases AS l
+            WHERE l.subscription = s.name AND l.expires_at <= now())
+    OR EXISTS (SELECT 1 FROM {schema}.leased_batches AS b
+               WHERE b.subscription = s.name AND b.expires_at <= now() AND b.pending <> '{}')
+FROM {schema}.subscriptions AS s
+
 -- name: expire_range
 -- Where a retention pass deletes, without reading the events it keeps: the newest events older
 -- than the maximum and the minimum age (each one step down the stored_at index, the last of the
@@ -271,3 +281,65 @@ GROUP BY 1, 2, 3
 -- Events in a seq range, one by one, in seq order (a range scan of the key).
 SELECT seq, topic, target FROM {schema}.events
 WHERE seq > %(after)s::bigint AND seq <= %(upto)s::bigint ORDER BY seq
+
+-- name: first_stored_since
+-- The seq of the first event stored at or after a moment (one step down the stored_at index).
+SELECT seq FROM {schema}.events WHERE stored_at >= %(since)s ORDER BY stored_at, seq LIMIT 1
+
+-- name: last_stored_before
+-- The seq of the last event stored before a moment (one step down the stored_at index).
+SELECT seq FROM {schema}.events WHERE stored_at < %(until)s
+ORDER BY stored_at DESC, seq DESC LIMIT 1
+
+-- name: find_events
+-- A page of stored events, newest first, between two seqs (a backward walk of the primary key:
+-- stored_at is compared through an expression, which keeps the planner off its index), of the
+-- exact topics or those the regular expressions match; every topic with neither.
+SELECT seq, id, topic, target, time_us, stored_at, payload, metadata
+FROM {schema}.events
+WHERE seq < %(before)s AND seq >= %(low)s
+  AND (%(since)s::timestamptz IS NULL OR stored_at + interval '0 s' >= %(since)s)
+  AND (%(until)s::timestamptz IS NULL OR stored_at + interval '0 s' < %(until)s)
+  AND (%(every)s::boolean OR topic = ANY(%(exact)s::text[]) OR topic ~ ANY(%(regexes)s::text[]))
+ORDER BY seq DESC LIMIT %(limit)s
+
+-- name: events_with_id
+-- The stored events with an id, newest first (the events_id index).
+SELECT seq, id, topic, target, time_us, stored_at, payload, metadata
+FROM {schema}.events WHERE id = %(id)s ORDER BY seq DESC
+
+-- name: find_dead_letters
+-- A page of dead letters, newest first, of the subscriptions whose dead-letter topic the
+-- patterns match, all or the one with an id.
+SELECT seq, subscription, id, topic, time_us, payload, metadata FROM {schema}.dead_letters
+WHERE seq < %(before)s AND seq >= %(after)s AND time_us >= %(since_us)s AND time_us < %(until_us)s
+  AND (%(id)s::text IS NULL OR id = %(id)s)
+  AND (topic = ANY(%(exact)s::text[]) OR topic ~ ANY(%(regexes)s::text[]))
+ORDER BY seq DESC LIMIT %(limit)s
+
+-- name: subscription_origins
+-- Every subscription's topics, position and when it was made.
+SELECT name, topics, position, created_at FROM {schema}.subscriptions
+
+-- name: leases_of
+-- The leases of one event in some subscriptions: single leases by their key, then the batch
+-- holding it (the subscription's newest batch starting at or before it), with whether a live
+-- consumer holds it, by the server's clock.
+SELECT l.subscription, l.consumer, l.expires_at, l.attempt,
+       l.consumer IS NOT NULL AND l.expires_at > now()
+FROM {schema}.leases AS l
+WHERE l.subscription = ANY(%(groups)s::text[]) AND l.seq = %(seq)s
+UNION ALL
+SELECT g.name, b.consumer, b.expires_at, 1, b.consumer IS NOT NULL AND b.expires_at > now()
+FROM unnest(%(groups)s::text[]) AS g (name)
+CROSS JOIN LATERAL (
+    SELECT consumer, expires_at, pending FROM {schema}.leased_batches
+    WHERE subscription = g.name AND first_seq <= %(seq)s
+    ORDER BY first_seq DESC LIMIT 1
+) AS b
+WHERE %(seq)s = ANY(b.pending)
+
+-- name: dead_letters_naming
+-- The dead letters that name an event id (the original event's, in their metadata).
+SELECT subscription, id, topic, time_us, payload, metadata FROM {schema}.dead_letters
+WHERE metadata::jsonb ->> 'callboard-event-id' = %(id)s ORDER BY seq

@@ -22,6 +22,8 @@ CREATE UNIQUE INDEX events_delivery_id ON {schema}.events (topic, delivery_id)
 
 CREATE INDEX events_stored_at ON {schema}.events (stored_at);
 
+CREATE INDEX events_id ON {schema}.events (id);
+
 CREATE TABLE {schema}.subscriptions (
     name text PRIMARY KEY,
     topics text[] NOT NULL,

@@ -154,6 +154,20 @@ SELECT s.name, s.topics, s.position, s.lost, s.owner,
         WHERE l.subscription = s.name AND (l.consumer IS NULL OR l.expires_at <= :now))
 FROM subscriptions s ORDER BY s.name;
 
+-- name: due
+-- Every subscription, and whether leases of it wait to be claimed again (handed back or run
+-- out, as ``reclaim`` finds them); one lookup of the leases' key per subscription.
+SELECT s.name, EXISTS (
+    SELECT 1 FROM leases l
+    WHERE l.subscription = s.name
+      AND (l.consumer IS NULL OR l.expires_at <= :now OR l.expires_at > :latest)
+)
+FROM subscriptions s;
+
+-- name: stored_topics
+-- The topics and targets of the events stored after a seq, up to another (another process's).
+SELECT DISTINCT topic, target FROM events WHERE seq > :after AND seq <= :upto;
+
 -- name: expire_range
 -- Where a retention pass deletes, without reading the events it keeps: the newest events older
 -- than the maximum and the minimum age (each one step down the stored_at index, the last of the
@@ -212,3 +226,51 @@ GROUP BY 1, 2, 3;
 -- name: events_between
 -- Events in a seq range, one by one, in seq order (a range search on the key).
 SELECT seq, topic, target FROM events WHERE seq > :after AND seq <= :upto ORDER BY seq;
+
+-- name: first_stored_since
+-- The seq of the first event stored at or after a moment (one step down the stored_at index).
+SELECT seq FROM events WHERE stored_at >= :since ORDER BY stored_at, seq LIMIT 1;
+
+-- name: last_stored_before
+-- The seq of the last event stored before a moment (one step down the stored_at index).
+SELECT seq FROM events WHERE stored_at < :until ORDER BY stored_at DESC, seq DESC LIMIT 1;
+
+-- name: find_events
+-- A page of stored events, newest first, between two seqs (a backward walk of the primary key:
+-- the unary + keeps the planner off the stored_at index), of the topics of the literal patterns
+-- (a JSON array) or of the wildcard ones; :every for any topic.
+SELECT seq, id, topic, target, time_us, stored_at, payload, metadata FROM events
+WHERE seq < :before AND seq >= :low
+  AND +stored_at >= :since AND +stored_at < :until
+  AND (:every OR topic IN (SELECT value FROM json_each(:literals))
+       OR (:wildcards AND callboard_match(:topics, topic)))
+ORDER BY seq DESC LIMIT :limit;
+
+-- name: events_with_id
+-- The stored events with an id, newest first (the events_id index).
+SELECT seq, id, topic, target, time_us, stored_at, payload, metadata FROM events
+WHERE id = :id ORDER BY seq DESC;
+
+-- name: find_dead_letters
+-- A page of dead letters, newest first, of the subscriptions whose dead-letter topic the
+-- patterns match, all or the one with an id.
+SELECT seq, subscription, id, topic, time_us, payload, metadata FROM dead_letters
+WHERE seq < :before AND seq >= :after AND time_us >= :since_us AND time_us < :until_us
+  AND (:id IS NULL OR id = :id)
+  AND (topic IN (SELECT value FROM json_each(:literals))
+       OR (:wildcards AND callboard_match(:topics, topic)))
+ORDER BY seq DESC LIMIT :limit;
+
+-- name: subscription_origins
+-- Every subscription's topics, position and when it was made (Unix seconds).
+SELECT name, topics, position, created_at FROM subscriptions;
+
+-- name: leases_of
+-- The leases of one event (a seq) in some subscriptions (a JSON array): by the primary key.
+SELECT subscription, consumer, expires_at, attempt FROM leases
+WHERE subscription IN (SELECT value FROM json_each(:groups)) AND seq = :seq;
+
+-- name: dead_letters_naming
+-- The dead letters that name an event id (the original event's, in their metadata).
+SELECT subscription, id, topic, time_us, payload, metadata FROM dead_letters
+WHERE json_extract(metadata, '$."callboard-event-id"') = :id ORDER BY seq;

@@ -1,4 +1,4 @@
--- The SQLite broker's schema (PRAGMA user_version 2). Applied at start; every statement is
+-- The SQLite broker's schema (PRAGMA user_version 3). Applied at start; every statement is
 -- idempotent so several processes may start on one file at once.
 
 -- Every published event, in publish order. AUTOINCREMENT: a seq is never handed out twice, even
@@ -22,6 +22,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS events_delivery_id
     ON events (topic, delivery_id) WHERE delivery_id IS NOT NULL;
 
 CREATE INDEX IF NOT EXISTS events_stored_at ON events (stored_at);
+
+-- Looking an event up by its id (`callboard events show`). Version 2 files get it at start.
+CREATE INDEX IF NOT EXISTS events_id ON events (id);
 
 -- Consumer groups. Every event up to position was handed out (and is acknowledged unless a
 -- lease for it remains).
@@ -63,4 +66,4 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 
 CREATE INDEX IF NOT EXISTS dead_letters_subscription ON dead_letters (subscription, seq);
 
-PRAGMA user_version = 2;
+PRAGMA user_version = 3;

@@ -1,0 +1,1 @@
+"""The web console in a real browser (Debian's chromium through Playwright) against a real server."""
