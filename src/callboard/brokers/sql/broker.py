@@ -81,7 +81,7 @@ def _next_step(step: int, took: float, seconds: float | None, most: int) -> int:
     if seconds is None:
         return most
     wanted = int(step * seconds / took) if took > 0 else most
-    return max(MIN_STEP, min(most, step * 2, wanted))
+    return max(min(MIN_STEP, most), min(most, step * 2, wanted))
 
 
 class SqlBroker:
