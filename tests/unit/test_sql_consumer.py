@@ -305,7 +305,7 @@ class EmptyStore(RefusingStore):
 async def claimed(store: RefusingStore, claims: int) -> None:
     async with asyncio.timeout(5):
         while store.claims < claims:
-            await asyncio.sleep(0.001)  # noqa: ASYNC110 (a stand-in store has no event)
+            await asyncio.sleep(0.001)
     assert store.claims == claims
 
 
