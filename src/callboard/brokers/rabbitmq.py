@@ -1,0 +1,477 @@
+"""The broker on RabbitMQ: ``amqp://user:password@host:5672/vhost?prefix=callboard.``.
+
+Design
+------
+Events are published, with publisher confirms, to one durable topic exchange
+(``<prefix>events``) under their topic as routing key (``rabbitmq_names``). A consumer group is a
+durable quorum queue (``<prefix>group.<id>``) bound by its patterns, so RabbitMQ does the
+matching and keeps each group's events until acknowledged; the hubs of ``rabbitmq_group`` take
+them with ``basic.get`` and acknowledge them manually. What a process held comes back when its
+connection drops (the lease is the connection, kept alive by AMQP heartbeats).
+
+RabbitMQ has no key-value store and no deduplication: group metadata (patterns, owner, lost
+counts) lives in a registry queue and the retention window in a ledger queue
+(``rabbitmq_store``); delivery ids are remembered by each broker instance (a bounded window), so
+a redelivery is refused when it reaches the same server process, not across processes. Dead
+letters are a classic queue per group. There is no replay: a quorum queue forgets what it
+delivered (``Capabilities.replay`` is false).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+from pamqp.common import FieldTable
+
+from callboard.brokers import redact_url
+from callboard.brokers.base import (
+    DEAD_LETTER_PREFIX,
+    Capabilities,
+    RetentionPolicy,
+    Start,
+    SubscriptionInfo,
+    name_problem,
+)
+from callboard.brokers.rabbitmq_group import TRANSIENT, Hub, RabbitConsumer, plain_channel
+from callboard.brokers.rabbitmq_names import (
+    STAMP,
+    TARGET,
+    RabbitSettings,
+    binding_key,
+    encode_event,
+    parse_url,
+    queue_name,
+    routing_key,
+)
+from callboard.brokers.rabbitmq_store import (
+    DeliveryWindow,
+    dead_letters,
+    forget_group,
+    group_fact,
+    read_groups,
+    trim_ledger,
+)
+from callboard.brokers.storable import check_storable
+from callboard.errors import BrokerError, BrokerUnavailable, SubscriptionError
+from callboard.events import Event
+from callboard.topics import normalize_patterns
+
+logger = logging.getLogger(__name__)
+
+_QUORUM: FieldTable = {"x-queue-type": "quorum"}
+
+
+class RabbitBroker:
+    """Events in RabbitMQ: a topic exchange, a quorum queue per consumer group."""
+
+    def __init__(
+        self,
+        settings: RabbitSettings,
+        *,
+        lease: float | None = None,
+        retention: RetentionPolicy | None = None,
+    ) -> None:
+        self.settings = settings
+        self.retention = retention if retention is not None else RetentionPolicy()
+        #: Seconds without a heartbeat after which RabbitMQ takes this process for dead and
+        #: requeues what its consumers held (``?heartbeat=``; a plain attribute, read at start).
+        self.lease = lease if lease is not None else settings.heartbeat
+        prefix = settings.prefix
+        self._exchange_name = f"{prefix}events"
+        self._registry = f"{prefix}registry"
+        self._ledger = f"{prefix}ledger"
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._hubs: dict[str, Hub] = {}
+        self._window = DeliveryWindow(self.retention)
+        self._cleaner: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, *, retention: RetentionPolicy | None = None) -> RabbitBroker:
+        """The ``BrokerFactory`` of ``amqp://`` and ``amqps://`` URLs."""
+        return cls(parse_url(url), retention=retention)
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(durable=True, shared=True, replay=False)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def _connect(self) -> AbstractRobustConnection:
+        heartbeat = max(1, round(self.lease))
+        url = redact_url(self.settings.url)
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                return await aio_pika.connect_robust(
+                    self.settings.url,
+                    heartbeat=heartbeat,
+                    timeout=self.settings.timeout,
+                    client_properties={"connection_name": "callboard"},
+                )
+        except (*TRANSIENT, aio_pika.exceptions.AMQPException) as error:
+            raise BrokerUnavailable(
+                f"cannot connect to RabbitMQ at {url} ({error or type(error).__name__}); "
+                "check that it runs and that the URL's host, port, user and vhost are right"
+            ) from error
+
+    async def start(self) -> None:
+        async with self._lock:
+            if self._connection is not None:
+                return
+            connection = await self._connect()
+            try:
+                async with asyncio.timeout(self.settings.timeout):
+                    channel = await connection.channel(publisher_confirms=True)
+                    await self._declare(connection, channel)
+                    self._exchange = await channel.get_exchange(self._exchange_name, ensure=False)
+            except TRANSIENT as error:
+                await connection.close()
+                raise BrokerUnavailable(f"RabbitMQ failed while starting: {error}") from error
+            self._connection, self._channel = connection, channel
+            self._cleaner = asyncio.create_task(self._clean_every_interval())
+
+    async def close(self) -> None:
+        for hub in list(self._hubs.values()):
+            for member in list(hub.members):
+                await member.close()
+        self._hubs.clear()
+        await self._stop()
+
+    async def abandon(self) -> None:
+        """Stop as a killed process would: hand nothing back (RabbitMQ requeues what this
+        connection held when it drops)."""
+        for hub in self._hubs.values():
+            for member in list(hub.members):
+                member.abandon()
+            await hub.abandon()
+        self._hubs.clear()
+        await self._stop()
+
+    async def _stop(self) -> None:
+        if self._cleaner is not None:
+            self._cleaner.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._cleaner
+            self._cleaner = None
+        connection, self._connection = self._connection, None
+        self._channel = self._exchange = None
+        if connection is not None:
+            with contextlib.suppress(*TRANSIENT):
+                await connection.close()
+
+    def _live(self) -> AbstractRobustConnection:
+        if self._connection is None:
+            raise BrokerError("the RabbitMQ broker is not started (call start() first)")
+        return self._connection
+
+    @contextlib.asynccontextmanager
+    async def _boundary(self, doing: str) -> AsyncIterator[None]:
+        """Driver errors become callboard's; a wait longer than the timeout is unavailability."""
+        try:
+            async with asyncio.timeout(self.settings.timeout):
+                yield
+        except TimeoutError as error:
+            raise BrokerUnavailable(
+                f"RabbitMQ did not answer within {self.settings.timeout:g}s while {doing}"
+            ) from error
+        except TRANSIENT as error:
+            raise BrokerUnavailable(
+                f"RabbitMQ failed while {doing} ({error or type(error).__name__}); retry later"
+            ) from error
+
+    # -- schema ------------------------------------------------------------------------------
+
+    async def _declare(
+        self, connection: AbstractRobustConnection, channel: AbstractChannel
+    ) -> list[str]:
+        """Declare the exchange, registry and ledger; the names that did not exist before."""
+        made = [
+            name
+            for name in (self._exchange_name, self._registry, self._ledger)
+            if await self._probe(connection, name, exchange=name == self._exchange_name) is None
+        ]
+        exchange = await channel.declare_exchange(
+            self._exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        await channel.declare_queue(self._registry, durable=True)
+        ledger = await channel.declare_queue(self._ledger, durable=True)
+        await ledger.bind(exchange, "#")
+        return made
+
+    @staticmethod
+    async def _probe(
+        connection: AbstractRobustConnection, name: str, *, exchange: bool = False
+    ) -> int | None:
+        """The messages ready in queue ``name`` (0 for an exchange), ``None`` when it does not
+        exist. A passive declare on a channel of its own: RabbitMQ closes it when not found."""
+        transport = connection.transport
+        if transport is None:
+            raise ConnectionError("the connection to RabbitMQ is down")
+        try:
+            probe = await transport.connection.channel()
+        except RuntimeError as error:  # aiormq: the connection closed meanwhile
+            raise ConnectionError(str(error)) from error
+        try:
+            if exchange:
+                await probe.exchange_declare(name, passive=True)
+                return 0
+            declared = await probe.queue_declare(name, passive=True)
+            return int(declared.message_count or 0)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            return None
+        finally:
+            if not probe.is_closed:
+                await probe.close()
+
+    async def migrate(self) -> list[str]:
+        if self._connection is not None and self._channel is not None:
+            async with self._boundary("creating the exchange and queues"):
+                made = await self._declare(self._connection, self._channel)
+                return [f"declared {name}" for name in made]
+        connection = await self._connect()
+        try:
+            async with self._boundary("creating the exchange and queues"):
+                channel = await connection.channel()
+                return [f"declared {name}" for name in await self._declare(connection, channel)]
+        finally:
+            await connection.close()
+
+    async def _ready(self, name: str) -> int | None:
+        """The messages waiting in queue ``name``, or ``None`` when there is no such queue."""
+        return await self._probe(self._live(), name)
+
+    # -- publishing --------------------------------------------------------------------------
+
+    async def publish(self, event: Event) -> bool:
+        check_storable(event)
+        if event.topic.startswith(DEAD_LETTER_PREFIX):
+            target = queue_name(
+                self.settings.prefix, "dead", event.topic[len(DEAD_LETTER_PREFIX) :]
+            )
+            key = routing_key(event.topic)
+        else:
+            target, key = None, routing_key(event.topic)
+        delivery = event.delivery_id
+        seen = (event.topic, delivery) if delivery is not None else None
+        if seen is not None and self._window.seen(seen):
+            return False
+        try:
+            if target is None:
+                await self._send(event, key)
+            else:
+                await self._send_dead_letter(event, target)
+        except BaseException:
+            if seen is not None:
+                self._window.forget((seen,))
+            raise
+        return True
+
+    def _message(self, event: Event, headers: FieldTable | None = None) -> aio_pika.Message:
+        return aio_pika.Message(
+            encode_event(event),
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            message_id=event.id,
+            content_type="application/json",
+            headers={STAMP: time.time_ns(), **(headers or {})},
+        )
+
+    async def _send(self, event: Event, key: str) -> None:
+        self._live()
+        async with self._boundary(f"publishing an event on {event.topic!r}"):
+            exchange = self._exchange
+            if exchange is None:
+                raise BrokerUnavailable("the RabbitMQ broker is closed")
+            await exchange.publish(self._message(event), routing_key=key)
+
+    async def _send_dead_letter(self, event: Event, queue: str) -> None:
+        channel = self._channel
+        self._live()
+        assert channel is not None
+        async with self._boundary(f"keeping a dead letter on {event.topic!r}"):
+            async with self._plain() as declaring:
+                await declaring.declare_queue(queue, durable=True)
+            await channel.default_exchange.publish(self._message(event), routing_key=queue)
+
+    @contextlib.asynccontextmanager
+    async def _plain(self) -> AsyncIterator[AbstractChannel]:
+        """A channel of its own for declaring and deleting queues: aio-pika's robust channel
+        declares again, after each reconnection, every queue declared through it, which would
+        bring a deleted subscription's queue back."""
+        channel = await plain_channel(self._live())
+        try:
+            yield channel
+        finally:
+            if not channel.is_closed:
+                await channel.close()
+
+    # -- consuming ---------------------------------------------------------------------------
+
+    async def consume(
+        self, group: str, topics: Sequence[str], *, start: Start = "end", owner: str | None = None
+    ) -> RabbitConsumer:
+        problem = name_problem(group)
+        if problem is not None:
+            raise SubscriptionError(problem)
+        patterns = normalize_patterns(tuple(topics))
+        connection = self._live()
+        queue = queue_name(self.settings.prefix, "group", group)
+        hub = self._hubs.get(group)
+        if hub is not None and hub.topics != patterns:
+            raise self._other_topics(group, hub.topics)
+        async with self._boundary(f"joining subscription {group!r}"):
+            exists = await self._ready(queue) is not None
+            if not exists and start != "end":
+                raise SubscriptionError(
+                    f"subscription {group!r} cannot start at {start!r}: RabbitMQ queues keep no "
+                    "history to replay; subscribe with start='end'"
+                )
+            records = await read_groups(connection, self._registry)
+            record = records.get(group)
+            if record is not None and record.topics and record.topics != patterns:
+                raise self._other_topics(group, record.topics)
+            if not exists:
+                await self._make_group(queue, patterns)
+            if record is None or (record.owner is None and owner is not None):
+                await self._record(group_fact(group, topics=patterns, owner=owner))
+        hub = self._hubs.get(group)
+        if hub is None:
+            hub = self._hubs[group] = Hub(connection, group, queue, patterns)
+        return RabbitConsumer(hub, self.settings.poll)
+
+    @staticmethod
+    def _other_topics(group: str, topics: Sequence[str]) -> SubscriptionError:
+        return SubscriptionError(
+            f"subscription {group!r} already reads {list(topics)}; delete it first to change "
+            "its topics"
+        )
+
+    async def _make_group(self, queue: str, patterns: Sequence[str]) -> None:
+        async with self._plain() as channel:
+            declared = await channel.declare_queue(queue, durable=True, arguments=_QUORUM)
+            for pattern in patterns:
+                await declared.bind(self._exchange_name, binding_key(pattern))
+
+    async def _record(self, fact: bytes) -> None:
+        channel = self._channel
+        assert channel is not None
+        await channel.default_exchange.publish(
+            aio_pika.Message(fact, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
+            routing_key=self._registry,
+        )
+
+    # -- operations --------------------------------------------------------------------------
+
+    async def subscriptions(self) -> list[SubscriptionInfo]:
+        connection = self._live()
+        found: list[SubscriptionInfo] = []
+        async with self._boundary("listing subscriptions"):
+            records = await read_groups(connection, self._registry)
+            for name in sorted(records):
+                ready = await self._ready(queue_name(self.settings.prefix, "group", name))
+                if ready is None:
+                    continue
+                record = records[name]
+                hub = self._hubs.get(name)
+                in_flight = sum(m.in_flight for m in hub.members) if hub else 0
+                local = len(hub.returned) + sum(m.buffered for m in hub.members) if hub else 0
+                found.append(
+                    SubscriptionInfo(
+                        name=name,
+                        topics=record.topics,
+                        in_flight=in_flight,
+                        backlog=ready + local,
+                        lost=record.lost,
+                        owner=record.owner,
+                    )
+                )
+        return found
+
+    async def delete_subscription(self, group: str) -> bool:
+        hub = self._hubs.get(group)
+        if hub is not None and hub.members:
+            raise SubscriptionError(
+                f"subscription {group!r} is still read by a consumer of this server; "
+                "stop it (close its consumers) before deleting it"
+            )
+        self._hubs.pop(group, None)
+        connection = self._live()
+        async with self._boundary(f"deleting subscription {group!r}"):
+            forgotten = await forget_group(connection, self._registry, group)
+            for kind in ("group", "dead"):
+                name = queue_name(self.settings.prefix, kind, group)
+                if await self._ready(name) is not None:
+                    async with self._plain() as channel:
+                        await channel.queue_delete(name)
+                    forgotten = True
+        return forgotten
+
+    async def take_dead_letters(
+        self,
+        group: str,
+        *,
+        ids: Sequence[str] | None = None,
+        remove: bool = False,
+        limit: int = 100,
+    ) -> list[Event]:
+        connection = self._live()
+        queue = queue_name(self.settings.prefix, "dead", group)
+        async with self._boundary(f"reading the dead letters of {group!r}"):
+            if await self._ready(queue) is None:
+                return []
+            return await dead_letters(connection, queue, ids=ids, remove=remove, limit=limit)
+
+    async def deliver_to(self, group: str, event: Event) -> None:
+        check_storable(event)
+        self._live()
+        channel = self._channel
+        assert channel is not None
+        queue = queue_name(self.settings.prefix, "group", group)
+        async with self._boundary(f"delivering an event to {group!r}"):
+            if await self._ready(queue) is None:
+                raise SubscriptionError(f"no subscription {group!r} to deliver the event to")
+            # BCC: the ledger gets its copy (the retention window), invisibly to the group.
+            message = self._message(event, {TARGET: group, "BCC": [self._ledger]})
+            await channel.default_exchange.publish(message, routing_key=queue)
+
+    async def clean(self) -> int:
+        connection = self._live()
+        async with self._boundary("applying retention"):
+            expired = await trim_ledger(connection, self._ledger, self.retention)
+            self._window.forget(expired.delivery_ids)
+            if not expired.ids:
+                return 0
+            deleted = set(expired.ids)
+            for hub in list(self._hubs.values()):
+                if hub.members:
+                    await self._trim(hub, deleted)
+        return len(expired.ids)
+
+    async def _trim(self, hub: Hub, deleted: set[str]) -> None:
+        """Drop the deleted events from one group's queue and record them as its lost ones;
+        a group that fails (deleted meanwhile) spoils none of the others."""
+        try:
+            lost = await hub.trim(deleted)
+        except TRANSIENT as error:
+            logger.warning("retention skipped subscription %s: %s", hub.name, error)
+            return
+        if lost:
+            await self._record(group_fact(hub.name, lost=lost))
+
+    async def _clean_every_interval(self) -> None:
+        while True:
+            await asyncio.sleep(self.retention.interval)
+            try:
+                deleted = await self.clean()
+            except Exception as error:
+                logger.warning("RabbitMQ retention failed (%s); trying again later", error)
+            else:
+                if deleted:
+                    logger.info("RabbitMQ retention deleted %d events", deleted)

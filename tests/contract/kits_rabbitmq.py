@@ -1,0 +1,69 @@
+"""The kit of the RabbitMQ broker: every test on names of its own, deleted at the end.
+
+RabbitMQ's vhosts cannot be made over AMQP, so a test is isolated by a name prefix
+(``?prefix=cb_test_<random>.``); the teardown deletes the exchange and every queue the test's
+brokers declared, which the kit learns from the registry and the names the broker uses.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+from callboard.brokers.base import Broker, RetentionPolicy
+from tests.contract.kit import POLL, BrokerKit
+from tests.services import require_service
+
+RABBITMQ_URL = os.environ.get("CALLBOARD_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672/")
+
+
+async def drop_namespace(url: str, prefix: str) -> None:
+    """Delete the exchange and every queue named with ``prefix`` (what one test made)."""
+    import aio_pika
+
+    from callboard.brokers.rabbitmq_names import queue_name
+    from callboard.brokers.rabbitmq_store import read_groups
+
+    connection = await aio_pika.connect(url)
+    try:
+        groups = await read_groups(connection, f"{prefix}registry")
+        names = [f"{prefix}registry", f"{prefix}ledger"]
+        names += [queue_name(prefix, kind, g) for g in groups for kind in ("group", "dead")]
+        for name in names:
+            channel = await connection.channel()
+            try:
+                await channel.queue_delete(name)
+            except aio_pika.exceptions.AMQPError:
+                pass
+            finally:
+                if not channel.is_closed:
+                    await channel.close()
+        channel = await connection.channel()
+        await channel.exchange_delete(f"{prefix}events")
+        await channel.close()
+    finally:
+        await connection.close()
+
+
+async def rabbitmq_kit(tmp_path: Path) -> BrokerKit:
+    require_service("RabbitMQ", "127.0.0.1", 5672)
+    from callboard.brokers.rabbitmq import RabbitBroker
+    from callboard.brokers.rabbitmq_names import parse_url
+
+    prefix = f"cb_test_{uuid.uuid4().hex[:12]}."
+    settings = parse_url(f"{RABBITMQ_URL}?prefix={prefix}&poll={POLL}")
+
+    def factory(*, lease: float, retention: RetentionPolicy | None) -> Broker:
+        return RabbitBroker(settings, lease=lease, retention=retention)
+
+    async def crash(broker: Broker) -> None:
+        assert isinstance(broker, RabbitBroker)
+        await broker.abandon()
+
+    async def teardown() -> None:
+        await drop_namespace(settings.url, prefix)
+
+    kit = BrokerKit("rabbitmq", factory, crash=crash)
+    kit.teardown.append(teardown)
+    return kit

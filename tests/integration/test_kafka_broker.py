@@ -1,0 +1,213 @@
+"""The Kafka broker against Tansu servers: what the contract suite cannot say.
+
+Most tests use the session's Tansu server (``tests.contract.kits_kafka``) under a topic prefix of
+their own; those that stop the server run their own Tansu on a free port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from callboard.brokers import open_broker
+from callboard.brokers.base import DEAD_LETTER_PREFIX
+from callboard.errors import BrokerUnavailable, ConfigError, SubscriptionError
+from callboard.events import DELIVERY_ID, Event
+from tests.services import free_port, tansu
+
+pytest.importorskip("aiokafka")
+
+from callboard.brokers.kafka import KafkaBroker
+from tests.contract.kits_kafka import delete_topics, tansu_address
+
+
+def event(topic: str = "github.push", n: int = 0, **metadata: str) -> Event:
+    return Event(topic=topic, payload={"n": n}, metadata=metadata)
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[KafkaBroker]:
+    address = tansu_address()
+    prefix = f"cb_it_{uuid.uuid4().hex[:12]}."
+    opened = KafkaBroker(address, prefix=prefix, fetch_wait_ms=10)
+    await opened.start()
+    try:
+        yield opened
+    finally:
+        await opened.close()
+        await delete_topics(address, prefix)
+
+
+# -- the URL ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("kafka://", "expected kafka://host:port"),
+        ("kafka://user:secret@host:9092", "SASL"),
+        ("kafka://host:9092/?partitions=3", "unknown parameters"),
+        ("kafka://host:9092/?prefix=a/b", "prefix"),
+        ("kafka://host:9092/?timeout=0", "timeout"),
+        ("kafka://host:9092/?fetch_wait_ms=x", "fetch_wait_ms"),
+        ("kafka://host:9092/?idempotent=maybe", "idempotent"),
+        ("kafka://host:9092,:1", "bad host"),
+    ],
+)
+def test_a_url_it_cannot_use_is_a_config_error(url: str, problem: str) -> None:
+    with pytest.raises(ConfigError, match=problem) as raised:
+        KafkaBroker.from_url(url)
+    assert "secret" not in str(raised.value)
+
+
+def test_a_good_url_is_parsed() -> None:
+    broker = KafkaBroker.from_url(
+        "kafka://k1:9092,k2:9093/?prefix=shop.&timeout=2&idempotent=true&fetch_wait_ms=50"
+    )
+    assert broker._bootstrap == "k1:9092,k2:9093"
+    assert broker._log.topic == "shop.events"
+    assert (broker._timeout, broker._idempotent, broker._fetch_wait_ms) == (2.0, True, 50)
+
+
+def test_open_broker_finds_the_kafka_broker() -> None:
+    try:
+        opened = open_broker("kafka://127.0.0.1:9092/?prefix=x.")
+    except ConfigError as error:  # the editable install does not declare the entry point yet
+        pytest.skip(str(error))
+    assert isinstance(opened, KafkaBroker)
+
+
+# -- Kafka unreachable --------------------------------------------------------------------------
+
+
+async def test_start_against_nothing_listening_is_unavailable_quickly() -> None:
+    broker = KafkaBroker(f"127.0.0.1:{free_port()}", timeout=2)
+    began = time.monotonic()
+    with pytest.raises(BrokerUnavailable, match="not reachable"):
+        await broker.start()
+    assert time.monotonic() - began < 5
+
+
+async def test_publish_while_kafka_is_down_is_unavailable_and_fetch_waits() -> None:
+    port = free_port()
+    with tansu(port) as address:
+        broker = KafkaBroker(address, prefix="down.", timeout=1, fetch_wait_ms=10)
+        await broker.start()
+        consumer = await broker.consume("workers", ["github.push"])
+        assert await broker.publish(event(n=1))
+        (delivery,) = await asyncio.wait_for(consumer.fetch(1), 3)
+        await consumer.ack((delivery,))
+    # The server is gone (a stopped Tansu keeps nothing: memory storage).
+    waiting = asyncio.create_task(consumer.fetch(1))
+    began = time.monotonic()
+    with pytest.raises(BrokerUnavailable):
+        await broker.publish(event(n=2))
+    assert time.monotonic() - began < 4
+    await asyncio.sleep(0.5)
+    assert not waiting.done()  # waiting, not raising
+    await consumer.close()
+    assert await asyncio.wait_for(waiting, 2) == ()
+    await broker.abandon()
+
+
+# -- publishing ---------------------------------------------------------------------------------
+
+
+async def test_any_topic_name_travels_in_the_record(broker: KafkaBroker) -> None:
+    topics = ["github.push", "ünïcode.tópic", "with space.and:colon", "a.b-c_d.$e"]
+    consumer = await broker.consume("all", [">"])
+    for n, topic in enumerate(topics):
+        await broker.publish(event(topic, n))
+    got = [await consumer.fetch(1) for _ in topics]
+    assert [d[0].event.topic for d in got] == topics
+
+
+async def test_a_delivery_id_is_recognised_by_a_restarted_broker(broker: KafkaBroker) -> None:
+    assert await broker.publish(event(n=1, **{DELIVERY_ID: "d-1"}))
+    again = KafkaBroker(broker._bootstrap, prefix=broker._prefix, fetch_wait_ms=10)
+    await again.start()
+    try:
+        assert await again.publish(event(n=2, **{DELIVERY_ID: "d-1"})) is False
+        assert await again.publish(event("github.issues", 3, **{DELIVERY_ID: "d-1"})) is True
+    finally:
+        await again.close()
+
+
+async def test_concurrent_publishes_share_requests(broker: KafkaBroker) -> None:
+    began = time.monotonic()
+    results = await asyncio.gather(*(broker.publish(event(n=n)) for n in range(500)))
+    concurrent = time.monotonic() - began
+    began = time.monotonic()
+    for n in range(50):
+        await broker.publish(event(n=n))
+    sequential = (time.monotonic() - began) / 50
+    assert all(results)
+    # 500 together cost far less than 500 one after another.
+    assert concurrent < sequential * 100
+
+
+async def test_dead_letters_are_kept_apart_from_the_log(broker: KafkaBroker) -> None:
+    consumer = await broker.consume("indexer", [">"])
+    letter = event(DEAD_LETTER_PREFIX + "indexer", 1)
+    await broker.publish(letter)
+    assert await broker.take_dead_letters("indexer") == [letter]
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(consumer.fetch(1), 0.3)
+
+
+async def test_migrate_creates_the_topics_once() -> None:
+    address = tansu_address()
+    prefix = f"cb_it_{uuid.uuid4().hex[:12]}."
+    broker = KafkaBroker(address, prefix=prefix)
+    try:
+        assert await broker.migrate() == [
+            f"created topic {prefix}events",
+            f"created topic {prefix}deadletters",
+            f"created topic {prefix}groups",
+        ]
+        assert await broker.migrate() == []
+    finally:
+        await delete_topics(address, prefix)
+
+
+# -- one process per group ----------------------------------------------------------------------
+
+
+async def test_a_group_read_by_another_process_is_refused_until_it_is_let_go(
+    broker: KafkaBroker,
+) -> None:
+    other = KafkaBroker(broker._bootstrap, prefix=broker._prefix, fetch_wait_ms=10, lease=1.5)
+    await other.start()
+    try:
+        held = await broker.consume("workers", ["github.push"])
+        with pytest.raises(SubscriptionError, match="another process"):
+            await other.consume("workers", ["github.push"])
+        await broker.publish(event(n=1))
+        (first,) = await asyncio.wait_for(held.fetch(1), 3)
+        await held.ack((first,))
+        await broker.publish(event(n=2))
+        await broker.close()  # lets the group go, its position written
+        taken = await other.consume("workers", ["github.push"])
+        (second,) = await asyncio.wait_for(taken.fetch(1), 3)
+        assert (second.event.payload, second.attempt) == ({"n": 2}, 1)
+        # A crashed holder gives the group up when its hold runs out. Its position, delivery
+        # counts included, is written every 50 ms: a crash sooner would count one attempt less.
+        await asyncio.sleep(0.2)
+        await other.abandon()
+        again = KafkaBroker(broker._bootstrap, prefix=broker._prefix, fetch_wait_ms=10)
+        await again.start()
+        try:
+            with pytest.raises(SubscriptionError):
+                await again.consume("workers", ["github.push"])
+            await asyncio.sleep(1.6)
+            resumed = await again.consume("workers", ["github.push"])
+            (third,) = await asyncio.wait_for(resumed.fetch(1), 3)
+            assert (third.event.payload, third.attempt) == ({"n": 2}, 2)
+        finally:
+            await again.close()
+    finally:
+        await other.close()
