@@ -22,6 +22,7 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import datetime
 from typing import Any
 
@@ -44,6 +45,8 @@ from callboard.brokers.base import (
 from callboard.brokers.kafka_groups import GroupState, KafkaConsumer
 from callboard.brokers.kafka_log import (
     FLOOR_KEY,
+    HOLDER_PREFIX,
+    Hold,
     Mirror,
     Stored,
     encode_record,
@@ -57,6 +60,10 @@ from callboard.events import Event
 from callboard.topics import normalize_patterns
 
 logger = logging.getLogger(__name__)
+
+
+def _now_ms() -> int:
+    return round(time.time() * 1000)
 
 
 class KafkaBroker:
@@ -188,8 +195,8 @@ class KafkaBroker:
         with contextlib.suppress(BrokerUnavailable):
             await self._flush()
             for name in list(self._groups):
-                if self._mirror.meta.get("holder:" + name, {}).get("instance") == self._instance:
-                    await self._write_meta("holder:" + name, None)
+                if self._holds(name):
+                    await self._write_meta(HOLDER_PREFIX + name, asdict(Hold(self._instance, 0)))
         await self.abandon()
 
     async def abandon(self) -> None:
@@ -253,6 +260,22 @@ class KafkaBroker:
                 "Kafka acknowledged %s@%d but it was not read back yet", tp.topic, offset
             )
         return offset
+
+    async def _read_meta_to_end(self) -> None:
+        """Wait until the copy holds every record of the group topic written so far (by any
+        instance), so a decision on a group sees the latest claims on it."""
+        reader = self._reader
+        if reader is None:
+            raise BrokerUnavailable("the Kafka broker is not started (or was closed)")
+        try:
+            async with asyncio.timeout(self._timeout):
+                end = (await reader.end_offsets([self._meta]))[self._meta]
+        except (KafkaError, TimeoutError) as error:
+            raise BrokerUnavailable(
+                f"could not read the group topic of Kafka at {self._bootstrap}: {error}"
+            ) from error
+        if end and not await self._mirror.reached(self._meta, end - 1, self._timeout):
+            logger.warning("the group topic was not read to its end yet")
 
     async def _read_own_writes(self) -> None:
         """Wait until the copy holds every event this instance published."""
@@ -339,22 +362,28 @@ class KafkaBroker:
         event, so a group is held by one instance at a time, for ``lease`` seconds renewed
         while it has consumers (a crashed process gives it up when its hold runs out).
         """
-        holder = self._mirror.meta.get("holder:" + group)
-        now_ms = round(time.time() * 1000)
-        if holder is not None and holder["instance"] != self._instance:
-            if holder["until"] > now_ms:
-                raise SubscriptionError(
-                    f"the subscription {group!r} is read by another process on this Kafka "
-                    f"namespace for {(holder['until'] - now_ms) / 1000:.0f} more seconds at least; "
-                    "the Kafka broker serves each group from one process: run one server per "
-                    "prefix, or stop the other one"
-                )
+        await self._read_meta_to_end()
+        held = self._mirror.holds.get(group)
+        if held is not None and held.instance != self._instance:
             self._groups.pop(group, None)  # taken over since: resume from the written position
-        await self._renew(group)
+        if held is None or held.instance == self._instance or held.until <= _now_ms():
+            await self._renew(group)  # a claim, which counts only if no one claimed it first
+        if not self._holds(group):
+            held = self._mirror.holds[group]
+            raise SubscriptionError(
+                f"the subscription {group!r} is read by another process on this Kafka "
+                f"namespace for {max(0, held.until - _now_ms()) / 1000:.0f} more seconds at least; "
+                "the Kafka broker serves each group from one process: run one server per "
+                "prefix, or stop the other one"
+            )
+
+    def _holds(self, group: str) -> bool:
+        held = self._mirror.holds.get(group)
+        return held is not None and held.instance == self._instance
 
     async def _renew(self, group: str) -> None:
-        until = round((time.time() + self._lease) * 1000)
-        await self._write_meta("holder:" + group, {"instance": self._instance, "until": until})
+        until = _now_ms() + round(self._lease * 1000)
+        await self._write_meta(HOLDER_PREFIX + group, asdict(Hold(self._instance, until)))
 
     async def _renew_forever(self) -> None:
         while True:
@@ -461,7 +490,7 @@ class KafkaBroker:
         if existed:
             await self._write_meta("group:" + group, None)
             await self._write_meta("pos:" + group, None)
-            await self._write_meta("holder:" + group, None)
+            await self._write_meta(HOLDER_PREFIX + group, None)
             await self._write_meta(
                 "letters:" + group, {"from": self._mirror.position[self._letters], "taken": []}
             )
@@ -504,7 +533,7 @@ class KafkaBroker:
     async def clean(self) -> int:
         await self._read_own_writes()
         mirror = self._mirror
-        now_ms = round(time.time() * 1000)
+        now_ms = _now_ms()
         floor = expired_before(mirror.log, mirror.floor, mirror.end, self._retention, now_ms)
         if floor <= mirror.floor:
             return 0

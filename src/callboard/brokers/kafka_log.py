@@ -27,6 +27,16 @@ logger = logging.getLogger(__name__)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 #: The meta key holding the logical retention floor of the event log.
 FLOOR_KEY = "floor"
+#: The prefix of the meta keys naming which instance reads a group.
+HOLDER_PREFIX = "holder:"
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Which broker instance reads a group, and until when (milliseconds since the epoch)."""
+
+    instance: str
+    until: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +86,8 @@ class Mirror:
         self.letters: dict[int, Stored] = {}
         #: The latest value of every live key of the group topic.
         self.meta: dict[str, Any] = {}
+        #: Which instance holds each group, decided in the order of the group topic.
+        self.holds: dict[str, Hold] = {}
         #: The first offset of the log still retained (the logical retention floor).
         self.floor = 0
         #: The next offset to read, per partition.
@@ -103,7 +115,7 @@ class Mirror:
             return
         self.position[tp] = offset + 1
         if tp == self.meta_tp:
-            self._apply_meta(key, value)
+            self._apply_meta(key, value, stored_ms)
         elif value is None:
             return
         elif tp == self.log_tp:
@@ -114,10 +126,13 @@ class Mirror:
         elif (stored := _decoded(tp, offset, value, stored_ms)) is not None:
             self.letters[offset] = stored
 
-    def _apply_meta(self, key: bytes | None, value: bytes | None) -> None:
+    def _apply_meta(self, key: bytes | None, value: bytes | None, stored_ms: int) -> None:
         if key is None:
             return
         name = key.decode()
+        if name.startswith(HOLDER_PREFIX):
+            self._apply_hold(name.removeprefix(HOLDER_PREFIX), value, stored_ms)
+            return
         if value is None:
             self.meta.pop(name, None)
             return
@@ -125,6 +140,19 @@ class Mirror:
         self.meta[name] = decoded
         if name == FLOOR_KEY:
             self.raise_floor(int(decoded["offset"]))
+
+    def _apply_hold(self, group: str, value: bytes | None, stored_ms: int) -> None:
+        """A claim on a group counts only if, when Kafka stored it, the group was free, held by
+        the same instance, or held past its time. Every instance reads the claims in one order,
+        so all of them agree on the holder, even of two claims written at once."""
+        if value is None:  # the group was deleted
+            self.holds.pop(group, None)
+            return
+        decoded = orjson.loads(value)
+        claim = Hold(str(decoded["instance"]), int(decoded["until"]))
+        current = self.holds.get(group)
+        if current is None or current.instance == claim.instance or current.until <= stored_ms:
+            self.holds[group] = claim
 
     def raise_floor(self, floor: int) -> None:
         """Forget the log below ``floor`` (retention deleted it)."""
