@@ -73,6 +73,8 @@ MAX_BATCH = 1_000
 #: Retention batches on a store with a ``retention_step``: the first one's size, the least.
 FIRST_STEP = 100
 MIN_STEP = 16
+#: After each retention batch the pass rests this many times as long as the batch took.
+RETENTION_REST = 1.0
 
 
 def _next_step(step: int, took: float, seconds: float | None, most: int) -> int:
@@ -239,9 +241,9 @@ class SqlBroker:
 
         The pass finds its range once, then deletes it in batches of at most ``batch_size``,
         each its own transaction (publishes, acknowledgements and lease renewals go between
-        two), on a store that does nothing else meanwhile (SQLite) sized as the pass goes to
-        take about its ``retention_step``, for at most half the interval; what is left goes in the next pass. It is logged once, with
-        its totals.
+        two), sized as the pass goes to take about the store's ``retention_step``, with a rest
+        after each (``RETENTION_REST``), for at most half the interval; what is left goes in
+        the next pass. It is logged once, with its totals.
         """
         self._check_open()
         policy = self.retention
@@ -256,7 +258,8 @@ class SqlBroker:
         while bounds is not None:
             began = time.monotonic()
             expired = await self._store.expire(replace(policy, batch_size=step), bounds, after)
-            step = _next_step(step, time.monotonic() - began, seconds, policy.batch_size)
+            took = time.monotonic() - began
+            step = _next_step(step, took, seconds, policy.batch_size)
             if expired is None:
                 ended = "left to another process cleaning"
                 break
@@ -269,6 +272,9 @@ class SqlBroker:
             if time.monotonic() >= budget:
                 ended = "stopped at its time limit, the rest goes in the next pass"
                 break
+            # The pass takes at most a share of the store's time: what serves webhooks and
+            # subscribers meanwhile waits behind one batch at most, not behind a stream of them.
+            await asyncio.sleep(took * RETENTION_REST)
         self._report_pass(deleted, batches, lost, time.monotonic() - started, ended)
         return deleted
 

@@ -36,8 +36,9 @@ class SqlStore(Protocol):
     #: Says which store this is in messages: ``the SQLite broker on cb.db``.
     label: str
 
-    #: How long one batch of a retention pass should take, where the store does nothing else
-    #: meanwhile (SQLite: one writer); ``None``: batches of ``RetentionPolicy.batch_size``.
+    #: How long one batch of a retention pass should take (what arrives meanwhile waits for
+    #: it: SQLite has one writer, PostgreSQL shares its CPU and WAL); ``None``: batches of
+    #: ``RetentionPolicy.batch_size``. Batches never exceed ``batch_size``.
     retention_step: float | None
 
     async def open(self) -> None:
