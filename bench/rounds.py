@@ -9,6 +9,7 @@ them as Markdown.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -19,6 +20,14 @@ from pathlib import Path
 from session import Measured, Options, Server, measure
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def load_arguments(parser: argparse.ArgumentParser) -> None:
+    """The load of every session: how long, how many rounds, how many connections."""
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=1, help="seconds of load before measuring")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=32)
 
 
 @dataclass(frozen=True)

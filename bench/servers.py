@@ -30,7 +30,7 @@ import argparse
 import importlib.util
 import sys
 
-from rounds import interleave, print_ratios, print_table, save, summarise
+from rounds import interleave, load_arguments, print_ratios, print_table, save, summarise
 from run import ensure_wrk
 from session import STORES, Options, Server, create_pg_database, drop_pg_database
 
@@ -41,10 +41,7 @@ def main() -> int:
     )
     parser.add_argument("--stores", default=",".join(STORES), help="memory,sqlite,postgresql")
     parser.add_argument("--workers", type=int, default=1, help="serving processes of each server")
-    parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=1, help="seconds of load before measuring")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--connections", type=int, default=32)
+    load_arguments(parser)
     args = parser.parse_args()
     if importlib.util.find_spec("granian") is None:
         raise SystemExit("granian is not installed here: pip install granian")

@@ -28,7 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rounds import interleave, print_ratios, print_table, save, summarise
+from rounds import interleave, load_arguments, print_ratios, print_table, save, summarise
 from run import ensure_wrk
 from session import STORES, Options, Server, create_pg_database, drop_pg_database
 
@@ -39,10 +39,7 @@ def main() -> int:
     )
     parser.add_argument("--stores", default="sqlite,postgresql", help="sqlite,postgresql")
     parser.add_argument("--workers", default="1,2", help="worker counts to compare (first: base)")
-    parser.add_argument("--seconds", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=1, help="seconds of load before measuring")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--connections", type=int, default=32)
+    load_arguments(parser)
     args = parser.parse_args()
     stores = [s for s in args.stores.split(",") if s]
     unknown = set(stores) - set(STORES)

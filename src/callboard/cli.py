@@ -83,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     _admin_parsers(commands)
     from callboard.cli_ops import add_parsers
 
-    add_parsers(commands)
+    add_parsers(commands, _config_argument)
     return parser
 
 

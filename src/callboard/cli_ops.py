@@ -17,6 +17,7 @@ import contextlib
 import os
 import re
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -171,13 +172,13 @@ def _print(line: str) -> None:
     print(line, flush=True)
 
 
-def add_parsers(commands: Any) -> None:
+def add_parsers(commands: Any, config_argument: Callable[[argparse.ArgumentParser], None]) -> None:
     """The parsers of ``publish``, ``tail`` and ``events`` (``subscriptions``, ``dead-letters``
-    and ``replay`` are ``cli``'s)."""
+    and ``replay`` are ``cli``'s, which gives ``config_argument``, the ``--config`` option)."""
     publish = commands.add_parser(
         "publish", help="publish an event through the configured broker or a server (--url)"
     )
-    _config(publish)
+    config_argument(publish)
     publish.add_argument("topic", metavar="TOPIC")
     publish.add_argument(
         "--data",
@@ -191,7 +192,7 @@ def add_parsers(commands: Any) -> None:
     _remote_arguments(publish)
 
     tail = commands.add_parser("tail", help="print events as they are stored, until Ctrl-C")
-    _config(tail)
+    config_argument(tail)
     tail.add_argument("patterns", nargs="*", metavar="PATTERN", help="topic patterns (all)")
     tail.add_argument("--since", metavar="TIME", help="print the history first: 10m, 2h, or ISO")
     tail.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -202,7 +203,7 @@ def add_parsers(commands: Any) -> None:
     listing = actions.add_parser("list", help="the stored events, newest first")
     show = actions.add_parser("show", help="an event: payload, metadata, outcome per subscription")
     for action in (listing, show):
-        _config(action)
+        config_argument(action)
         action.add_argument("--json", action="store_true", help="JSON instead of text")
     listing.add_argument("--topic", dest="topics", action="append", metavar="PATTERN")
     listing.add_argument("--since", metavar="TIME", help="stored since: 10m, 2h, or ISO 8601")
@@ -220,18 +221,6 @@ def _page_size(value: str) -> int:
     if not value.isdigit() or not 1 <= int(value) <= MAX_PAGE:
         raise argparse.ArgumentTypeError(f"expected a whole number from 1 to {MAX_PAGE}")
     return int(value)
-
-
-def _config(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        "-c",
-        action="extend",
-        nargs="+",
-        default=[],
-        metavar="FILE",
-        help="YAML configuration file (events.broker is read); several merge in order",
-    )
 
 
 def _remote_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ import contextlib
 import uuid
 from pathlib import Path
 
-from aiokafka.admin import AIOKafkaAdminClient  # type: ignore[import-untyped]
+from aiokafka.admin import AIOKafkaAdminClient
 
 from callboard.brokers.base import Broker, RetentionPolicy
 from callboard.brokers.kafka import KafkaBroker

@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("aiokafka")
 
-from aiokafka import TopicPartition  # type: ignore[import-untyped]
+from aiokafka import TopicPartition
 
 from callboard.brokers.kafka_log import Hold, Mirror
 

@@ -12,13 +12,13 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # type: ignore[import-untyped]
-from aiokafka.admin import (  # type: ignore[import-untyped]
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import (
     AIOKafkaAdminClient,
     NewTopic,
     RecordsToDelete,
 )
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError  # type: ignore[import-untyped]
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
 
 from callboard.brokers import redact_url
 from callboard.errors import BrokerUnavailable, ConfigError

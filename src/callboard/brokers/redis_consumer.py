@@ -23,8 +23,8 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from callboard.brokers.base import Delivery
+from callboard.brokers.columns import StoredEvent, decode_event
 from callboard.brokers.redis_scripts import GROUP
-from callboard.brokers.sql import StoredEvent, decode_event
 from callboard.errors import BrokerError, SubscriptionError
 from callboard.events import Event
 

@@ -1,4 +1,5 @@
-"""What the SQL-backed brokers share: named queries, the stored form of an event.
+"""What the SQL-backed brokers share: named queries, the stored form of an event
+(``columns``, shared with the Redis broker).
 
 Each dialect keeps its SQL in files beside this module (``sqlite/``, ``postgres/``), loaded with
 ``importlib.resources`` so they ship inside the wheel. ``queries.sql`` holds named queries::
@@ -18,19 +19,25 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from functools import cache
 from importlib import resources
-from typing import Any
 
-import orjson
-
-from callboard.brokers.storable import encode_checked
+from callboard.brokers.columns import StoredEvent, decode_event, encode_event
 from callboard.errors import BrokerError
-from callboard.events import Event
+
+__all__ = [
+    "Expired",
+    "StoredEvent",
+    "cancel_all",
+    "decode_event",
+    "encode_event",
+    "migration_names",
+    "queries",
+    "read_sql",
+    "repeat",
+]
 
 _NAME = re.compile(r"^--\s*name:\s*(\w+)\s*$", re.MULTILINE)
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def read_sql(dialect: str, name: str) -> str:
@@ -55,35 +62,6 @@ def queries(dialect: str) -> dict[str, str]:
         lines = [line for line in body.splitlines() if not line.lstrip().startswith("--")]
         found[match.group(1)] = "\n".join(lines).strip()
     return found
-
-
-@dataclass(frozen=True, slots=True)
-class StoredEvent:
-    """An event in the columns the SQL brokers store it in."""
-
-    id: str
-    topic: str
-    #: The provider's delivery id, kept to recognise a redelivery on the same topic.
-    delivery_id: str | None
-    #: ``Event.time`` as microseconds since the epoch: exact, and cheap to read back.
-    time_us: int
-    payload: str
-    metadata: str
-
-
-def encode_event(event: Event) -> StoredEvent:
-    """The event in its stored columns; ``InvalidEventError`` for what no broker can keep."""
-    payload_json, metadata_json = encode_checked(event)
-    payload, metadata = payload_json.decode(), metadata_json.decode()
-    delta = event.time - _EPOCH
-    time_us = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-    return StoredEvent(event.id, event.topic, event.delivery_id, time_us, payload, metadata)
-
-
-def decode_event(id: str, topic: str, time_us: int, payload: str | bytes, metadata: Any) -> Event:
-    meta = orjson.loads(metadata) if isinstance(metadata, str | bytes) else metadata
-    time = _EPOCH + timedelta(microseconds=time_us)
-    return Event.restore(topic, orjson.loads(payload), meta, id, time)
 
 
 @dataclass(frozen=True, slots=True)
