@@ -12,8 +12,9 @@ import contextlib
 import json
 import logging
 import os
+import time
 from collections import Counter
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
@@ -25,7 +26,7 @@ from starlette.routing import Mount, Route
 from starlette.types import Receive, Scope, Send
 
 from callboard.brokers import open_broker, redact_url
-from callboard.brokers.base import Broker, BrokerAdmin
+from callboard.brokers.base import Broker, BrokerAdmin, BrokerHealth
 from callboard.bus.access import Access, Grant
 from callboard.bus.admin import replay
 from callboard.bus.api import BusApp, Publish
@@ -54,6 +55,12 @@ logger = logging.getLogger("callboard.app")
 
 INGRESS_PREFIX = "/api/events/http"
 CONSOLE_PATH = "/console"
+#: Seconds ``/readyz`` waits for the broker's health check: under the 2 s a worker has to
+#: answer a sibling (``peers``), so a worker whose broker hangs says so, not "not answering".
+HEALTH_TIMEOUT = 1.5
+#: Seconds a health check's verdict answers ``/readyz`` before the broker is asked again, so a
+#: storm of probes costs the engine one check a second.
+HEALTH_TTL = 1.0
 
 
 class Callboard:
@@ -271,6 +278,81 @@ def create_app(
     return CallboardApp(build(config, **options), peers=peers)
 
 
+class BrokerCheck:
+    """The broker's health check (``BrokerHealth``) as ``/readyz`` runs it: at most
+    ``timeout`` seconds, one at a time however many probes ask, its verdict kept ``ttl``
+    seconds. ``verdict`` hears each one (``True``: healthy), for ``callboard_broker_up``.
+    """
+
+    def __init__(
+        self,
+        health: BrokerHealth,
+        verdict: Callable[[bool], object],
+        *,
+        timeout: float = HEALTH_TIMEOUT,
+        ttl: float = HEALTH_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._health = health
+        self._verdict = verdict
+        self._timeout = timeout
+        self._ttl = ttl
+        self._clock = clock
+        #: The last verdict (``None``: healthy, else why not) and when it came.
+        self._problem: str | None = None
+        self._checked: float | None = None
+        self._running: asyncio.Task[str | None] | None = None
+        self._closed = False
+
+    async def problem(self) -> str | None:
+        """Why the broker is not healthy (``None``: it is), from the last ``ttl`` seconds."""
+        if self._closed:
+            return "the server is stopping"
+        checked = self._checked
+        if checked is not None and self._clock() - checked < self._ttl:
+            return self._problem
+        running = self._running
+        if running is None or running.done():
+            running = self._running = asyncio.create_task(
+                self._check(), name="callboard-broker-health"
+            )
+        # Shared: a probe that gives up (its client went away) leaves the check to the others.
+        return await asyncio.shield(running)
+
+    async def close(self) -> None:
+        """Stop a check under way, and check no more (the broker is closing)."""
+        self._closed = True
+        running, self._running = self._running, None
+        if running is not None and not running.done():
+            running.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await running
+
+    async def _check(self) -> str | None:
+        problem: str | None = None
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._health.check()
+        except TimeoutError:
+            problem = (
+                f"the broker ({type(self._health).__name__}) did not answer its health check "
+                f"within {self._timeout:g}s"
+            )
+        except CallboardError as error:
+            problem = str(error)
+        except Exception as error:  # a broker's bug: not ready, and the log says why
+            logger.exception("the broker's health check failed")
+            problem = f"the broker's health check failed: {error!r}"
+        # Once per change: a probe every few seconds would repeat the same line.
+        if problem is not None and self._problem is None:
+            logger.warning("the broker is not healthy, /readyz answers 503: %s", problem)
+        elif problem is None and self._problem is not None:
+            logger.info("the broker answers its health check again")
+        self._problem, self._checked = problem, self._clock()
+        self._verdict(problem is None)
+        return problem
+
+
 class CallboardApp:
     """ASGI app: the ingress on a direct path, everything else through Starlette routing."""
 
@@ -278,8 +360,16 @@ class CallboardApp:
         self.board = board
         self.peers = peers
         self._ingress_base = INGRESS_PREFIX + "/"
-        self.bus = bus_app(board.config, board.events.broker, board.events.publish)
+        broker = board.events.broker
+        self.bus = bus_app(board.config, broker, board.events.publish)
         self.console = console_app(board, self.bus)
+        #: The broker's health check behind ``/readyz``; ``None``: a broker without one (memory),
+        #: taken as always healthy.
+        self.health = (
+            BrokerCheck(broker, lambda up: board.metrics.broker_up.set(1 if up else 0))
+            if isinstance(broker, BrokerHealth)
+            else None
+        )
         self.starlette = Starlette(
             routes=[
                 Route("/", self._to_console),
@@ -306,6 +396,8 @@ class CallboardApp:
                     await self.console.close()
                     # Before the broker closes: unacknowledged events go back.
                     await self.bus.close()
+                    if self.health is not None:
+                        await self.health.close()
         finally:
             if self.peers is not None:
                 await self.peers.close()
@@ -328,12 +420,14 @@ class CallboardApp:
         return JSONResponse({"status": "ok"})
 
     async def _ready(self, request: Request) -> Response:
-        status, body = self._readiness()
         if self.peers is None:
+            status, body = await self._readiness()
             return JSONResponse(body, status_code=status)
-        # One worker of several: the server is ready when every worker is.
+        # One worker of several: the server is ready when every worker is. Each checks its
+        # broker meanwhile.
+        (status, body), answers = await asyncio.gather(self._readiness(), self.peers.ask("ready"))
         workers = [{"worker": self.peers.index, **body}]
-        for answer in await self.peers.ask("ready"):
+        for answer in answers:
             if answer.status is None:
                 workers.append({"worker": answer.worker, "status": "not answering"})
             else:
@@ -345,35 +439,41 @@ class CallboardApp:
             status_code=200 if ready else 503,
         )
 
-    def _readiness(self) -> tuple[int, dict[str, Any]]:
+    async def _readiness(self) -> tuple[int, dict[str, Any]]:
         """This process's readiness: its HTTP status and body."""
-        stopped = self.board.events.stopped() if self.board.ready else []
         mine: dict[str, Any] = {} if self.peers is None else {"pid": os.getpid()}
-        if stopped:
-            # A subscription that stopped consuming (its group was deleted under it) takes
-            # webhooks nobody here handles any more: the instance is not ready until restarted.
-            return 503, {
-                "status": "not ready",
-                **mine,
-                "stopped": [{"subscription": s.subscription, "reason": s.reason} for s in stopped],
+        if not self.board.ready:
+            return 503, {"status": "not ready", **mine}
+        # A broker whose engine does not answer takes no webhook (they are answered 503) and
+        # delivers nothing: not ready until it answers again, which the next check sees.
+        problem = None if self.health is None else await self.health.problem()
+        # A subscription that stopped consuming (its group was deleted under it) takes webhooks
+        # nobody here handles any more: the instance is not ready until restarted.
+        stopped = self.board.events.stopped()
+        if stopped or problem is not None:
+            body: dict[str, Any] = {"status": "not ready", **mine}
+            if stopped:
+                body["stopped"] = [
+                    {"subscription": s.subscription, "reason": s.reason} for s in stopped
+                ]
+            if problem is not None:
+                body["broker"] = problem
+            return 503, body
+        # A stalled handler holds up its own subscription only: the instance still takes
+        # webhooks and serves the bus, so it stays ready, and says what is stuck.
+        stalled = [
+            {
+                "subscription": stall.subscription,
+                "event": stall.event_id,
+                "topic": stall.topic,
+                "seconds": round(stall.seconds, 1),
+                "timeout": stall.timeout,
             }
-        if self.board.ready:
-            # A stalled handler holds up its own subscription only: the instance still takes
-            # webhooks and serves the bus, so it stays ready, and says what is stuck.
-            stalled = [
-                {
-                    "subscription": stall.subscription,
-                    "event": stall.event_id,
-                    "topic": stall.topic,
-                    "seconds": round(stall.seconds, 1),
-                    "timeout": stall.timeout,
-                }
-                for stall in self.board.events.stalled()
-            ]
-            if stalled:
-                return 200, {"status": "ready", **mine, "stalled": stalled}
-            return 200, {"status": "ready", **mine}
-        return 503, {"status": "not ready", **mine}
+            for stall in self.board.events.stalled()
+        ]
+        if stalled:
+            return 200, {"status": "ready", **mine, "stalled": stalled}
+        return 200, {"status": "ready", **mine}
 
     async def _metrics(self, request: Request) -> Response:
         await self.board.observe_broker()
@@ -394,7 +494,7 @@ class CallboardApp:
             self.board.observe_process()
             return 200, self.board.metrics.exposition()[0]
         if question == "ready":
-            status, body = self._readiness()
+            status, body = await self._readiness()
             return status, json.dumps(body).encode()
         return 400, b""
 

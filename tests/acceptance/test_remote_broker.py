@@ -130,6 +130,23 @@ async def test_an_unreachable_server_is_retriable() -> None:
         await broker.close()
 
 
+async def test_the_health_check_follows_the_server() -> None:
+    port = _free_port()
+    broker = RemoteBroker(f"http://127.0.0.1:{port}", TOKEN)
+    with pytest.raises(BrokerUnavailable, match="not started"):
+        await broker.check()
+    await broker.start()
+    try:
+        with pytest.raises(BrokerUnavailable, match=f"127.0.0.1:{port}"):
+            await broker.check()
+        async with server(port):
+            await broker.check()
+        with pytest.raises(BrokerUnavailable):
+            await broker.check()
+    finally:
+        await broker.close()
+
+
 async def test_failed_events_become_dead_letters_on_the_server_and_redrive() -> None:
     async with server(_free_port()) as url:
         seen: list[Event] = []

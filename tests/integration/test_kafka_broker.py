@@ -7,9 +7,11 @@ their own; those that stop the server run their own Tansu on a free port.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import subprocess
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
@@ -17,7 +19,8 @@ from callboard.brokers import open_broker
 from callboard.brokers.base import DEAD_LETTER_PREFIX
 from callboard.errors import BrokerUnavailable, ConfigError, SubscriptionError
 from callboard.events import DELIVERY_ID, Event
-from tests.services import free_port, tansu
+from tests.integration.servers import TcpProxy
+from tests.services import free_port, service_up, tansu, tansu_binary
 
 pytest.importorskip("aiokafka")
 
@@ -112,6 +115,74 @@ async def test_publish_while_kafka_is_down_is_unavailable_and_fetch_waits() -> N
     await consumer.close()
     assert await asyncio.wait_for(waiting, 2) == ()
     await broker.abandon()
+
+
+@contextlib.contextmanager
+def tansu_behind(proxy: int) -> Iterator[int]:
+    """A Tansu of the test's own on a free port that tells clients to connect through the
+    proxy listening on ``proxy`` (Kafka clients connect where the metadata says); its port."""
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            tansu_binary(),
+            "broker",
+            "--listener-url",
+            f"tcp://127.0.0.1:{port}",
+            "--advertised-listener-url",
+            f"tcp://127.0.0.1:{proxy}",
+            "--storage-engine",
+            "memory://tansu/",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not service_up("127.0.0.1", port, timeout=0.2):
+            assert process.poll() is None, "Tansu exited at its start"
+            assert time.monotonic() < deadline, "Tansu did not start"
+            time.sleep(0.02)
+        yield port
+    finally:
+        process.terminate()
+        try:
+            process.wait(5)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+async def test_the_health_check_fails_during_an_outage_and_passes_once_it_is_over() -> None:
+    proxy_port = free_port()
+    with tansu_behind(proxy_port) as port:
+        proxy = TcpProxy("127.0.0.1", port)
+        proxy.port = proxy_port
+        await proxy.start()
+        broker = KafkaBroker(
+            f"127.0.0.1:{proxy_port}", prefix="health.", timeout=1, fetch_wait_ms=10
+        )
+        try:
+            with pytest.raises(BrokerUnavailable, match="not started"):
+                await broker.check()
+            await broker.start()
+            await broker.check()
+            await proxy.cut()
+            began = time.monotonic()
+            with pytest.raises(BrokerUnavailable, match=f"Kafka at 127.0.0.1:{proxy_port}"):
+                await broker.check()
+            assert time.monotonic() - began < 3
+            await proxy.restore()
+            deadline = time.monotonic() + 20
+            while True:  # the same broker, not restarted: its clients connect again
+                try:
+                    await broker.check()
+                    break
+                except BrokerUnavailable:
+                    assert time.monotonic() < deadline, "the check never passed again"
+                    await asyncio.sleep(0.2)
+        finally:
+            await broker.close()
+            await proxy.close()
 
 
 # -- publishing ---------------------------------------------------------------------------------

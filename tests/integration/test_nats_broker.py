@@ -328,6 +328,44 @@ async def test_a_killed_server_loses_nothing_answered_and_the_broker_recovers(
     assert max(refused) < 4, max(refused)
 
 
+async def passes_within(broker: NatsBroker, seconds: float) -> None:
+    """Wait until the broker's health check passes; its last error if it never does."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            await broker.check()
+            return
+        except BrokerUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+@pytest.mark.slow
+async def test_the_health_check_fails_while_the_server_is_down_and_passes_once_it_is_back(
+    own_server: NatsServer,
+) -> None:
+    await own_server.start()
+    broker = NatsBroker([own_server.url], prefix="health", timeout=1.0)
+    with pytest.raises(BrokerUnavailable, match="not started"):
+        await broker.check()
+    await broker.start()
+    try:
+        await broker.check()
+        own_server.kill()
+        began = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match=f"NATS at {own_server.url}"):
+            await broker.check()
+        assert time.monotonic() - began < 3
+        await asyncio.sleep(0.5)  # the client is reconnecting by now: still down
+        with pytest.raises(BrokerUnavailable, match=f"NATS at {own_server.url}"):
+            await broker.check()
+        await own_server.start()
+        await passes_within(broker, 15)  # the same broker, not restarted
+    finally:
+        await broker.close()
+
+
 # -- two callboard serve processes --------------------------------------------------------------
 
 

@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -17,6 +18,7 @@ from callboard.brokers.base import RetentionPolicy
 from callboard.cli import main
 from callboard.errors import BrokerError, BrokerUnavailable, InvalidEventError
 from callboard.events import Event
+from tests.integration.servers import TcpProxy
 from tests.services import (
     POSTGRES_URL,
     drop_postgres_schema,
@@ -224,6 +226,49 @@ async def test_the_broker_recovers_when_its_connections_are_killed(schema: str) 
             pytest.fail("the listener did not reconnect")
     finally:
         await broker.close()
+
+
+async def test_the_health_check_fails_during_an_outage_and_passes_once_it_is_over(
+    schema: str,
+) -> None:
+    """PostgreSQL behind a proxy that is cut (connections dropped, new ones refused), then
+    restored: the same broker, not restarted, passes its check again."""
+    parts = urlsplit(POSTGRES_URL)
+    proxy = TcpProxy("127.0.0.1", parts.port or 5432)
+    await proxy.start()
+    proxied = urlunsplit(
+        parts._replace(netloc=f"{parts.username or 'postgres'}@127.0.0.1:{proxy.port}")
+    )
+    broker = PostgresBroker(proxied, schema=schema, timeout=1)
+    try:
+        with pytest.raises(BrokerUnavailable, match="not running"):
+            await broker.check()
+        await broker.start()
+        await broker.check()
+        await proxy.cut()
+        began = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match="PostgreSQL"):
+            await broker.check()
+        assert time.monotonic() - began < 3
+        await proxy.restore()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                await broker.check()
+                break
+            except BrokerUnavailable:
+                assert time.monotonic() < deadline, "the check never passed again"
+                await asyncio.sleep(0.2)
+        # A partition: connections stay open and nothing answers. The check gives up in time.
+        proxy.stall()
+        began = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match="PostgreSQL"):
+            await broker.check()
+        assert time.monotonic() - began < 4
+    finally:
+        proxy.flow()
+        await broker.close()
+        await proxy.close()
 
 
 async def test_group_commit_batches_concurrent_publishes(schema: str) -> None:

@@ -290,6 +290,41 @@ async def test_an_outage_fails_publishes_quickly_and_fetch_recovers(open_rabbit:
         await proxy.close()
 
 
+async def test_the_health_check_fails_during_an_outage_and_passes_once_it_is_over(
+    open_rabbit: Opener,
+) -> None:
+    proxy = TcpProxy("127.0.0.1", 5672)
+    await proxy.start()
+    try:
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+        broker = await open_rabbit(url, timeout="2")
+        await broker.check()
+        await proxy.cut()
+        began = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match=f"127.0.0.1:{proxy.port}"):
+            await broker.check()
+        assert time.monotonic() - began < 3
+        await proxy.restore()
+        # aio-pika reconnects by itself (every 5 seconds); the broker is not restarted.
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                await broker.check()
+                break
+            except BrokerUnavailable:
+                assert time.monotonic() < deadline, "the check never passed again"
+                await asyncio.sleep(0.2)
+    finally:
+        await proxy.close()
+
+
+async def test_the_health_check_of_a_broker_not_started_fails() -> None:
+    broker = RabbitBroker.from_url(f"amqp://guest:secret@127.0.0.1:{free_port()}/")
+    with pytest.raises(BrokerUnavailable, match="not started") as caught:
+        await broker.check()
+    assert "secret" not in str(caught.value)
+
+
 # -- real servers -------------------------------------------------------------------------------
 
 

@@ -23,7 +23,7 @@ from callboard.brokers.base import Delivery, RetentionPolicy
 from callboard.errors import BrokerUnavailable, ConfigError, SubscriptionError
 from callboard.events import DELIVERY_ID, Event
 from tests.contract.kits_redis import REDIS_URL, delete_prefix
-from tests.integration.servers import Fleet, TcpProxy, free_port
+from tests.integration.servers import Fleet, TcpProxy, free_port, write_config
 from tests.integration.test_multi_instance import (
     test_a_killed_instance_loses_nothing_and_its_event_goes_to_the_other as killed_instance,
 )
@@ -373,6 +373,63 @@ async def test_redis_killed_under_publishing_loses_nothing_answered(own_redis: O
         await broker.close()
 
 
+# -- the health check (/readyz) -----------------------------------------------------------------
+
+
+async def passes_within(broker: RedisBroker, seconds: float) -> None:
+    """Wait until the broker's health check passes; its last error if it never does."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            await broker.check()
+            return
+        except BrokerUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+async def test_the_health_check_fails_while_redis_is_down_and_passes_once_it_is_back(
+    own_redis: OwnRedis,
+) -> None:
+    url = f"redis://127.0.0.1:{own_redis.port}/0"
+    broker = RedisBroker(url)
+    with pytest.raises(BrokerUnavailable, match="not running"):
+        await broker.check()
+    await broker.start()
+    try:
+        await broker.check()
+        own_redis.kill()
+        began = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match=f"Redis at {url}"):
+            await broker.check()
+        assert time.monotonic() - began < 3
+        own_redis.start()
+        await passes_within(broker, 10)  # the same broker, not restarted
+    finally:
+        await broker.close()
+
+
+async def test_the_health_check_of_a_stalled_redis_fails_within_seconds(prefix: str) -> None:
+    proxy = TcpProxy("127.0.0.1", 6379)
+    await proxy.start()
+    broker = RedisBroker(f"redis://127.0.0.1:{proxy.port}/0?prefix={prefix}")
+    try:
+        await broker.start()
+        await broker.check()
+        proxy.stall()
+        began = time.monotonic()
+        with pytest.raises(BrokerUnavailable, match="did not answer PING"):
+            await broker.check()
+        assert time.monotonic() - began < 3
+        proxy.flow()
+        await passes_within(broker, 10)
+    finally:
+        proxy.flow()
+        await broker.close()
+        await proxy.close()
+
+
 # -- two callboard serve processes --------------------------------------------------------------
 # The scenarios of ``test_multi_instance`` (SQLite and PostgreSQL there), on Redis.
 
@@ -388,6 +445,35 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
     servers = Fleet(tmp_path)
     yield servers
     servers.kill_all()
+
+
+async def readiness_becomes(
+    client: httpx.AsyncClient, url: str, status: int, within: float
+) -> dict[str, object]:
+    """Probe ``/readyz`` until it answers ``status``; its body."""
+    deadline = time.monotonic() + within
+    while True:
+        answer = await client.get(url + "/readyz", timeout=5)
+        if answer.status_code == status:
+            body: dict[str, object] = answer.json()
+            return body
+        assert time.monotonic() < deadline, f"/readyz stayed {answer.status_code}: {answer.text}"
+        await asyncio.sleep(0.2)
+
+
+@pytest.mark.slow
+async def test_serve_is_not_ready_while_redis_is_down_and_ready_again_once_it_is_back(
+    own_redis: OwnRedis, tmp_path: Path, fleet: Fleet, client: httpx.AsyncClient
+) -> None:
+    url = f"redis://127.0.0.1:{own_redis.port}/0"
+    (server,) = await fleet.start(write_config(tmp_path, url), client, count=1)
+    own_redis.kill()
+    down = await readiness_becomes(client, server.url, 503, within=10)
+    assert down["status"] == "not ready"
+    assert f"Redis at {url}" in str(down["broker"])
+    own_redis.start()
+    assert await readiness_becomes(client, server.url, 200, within=15) == {"status": "ready"}
+    await fleet.stop_all()
 
 
 @pytest.mark.slow

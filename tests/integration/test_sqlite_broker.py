@@ -674,3 +674,29 @@ async def test_leases_stay_alive_through_a_long_retention_pass(
         assert (info.in_flight, info.lost) == (0, 0)
     finally:
         await broker.close()
+
+
+async def test_the_log_is_copied_back_off_the_write_path(tmp_path: Path) -> None:
+    """Commits never checkpoint (a publish would pay for it); the broker's checkpoint thread does."""
+    path = tmp_path / "cb.db"
+    broker = SQLiteBroker(str(path))
+    await broker.start()
+    try:
+        written = await asyncio.gather(
+            *(
+                broker.publish(Event(topic="big", payload={"n": n, "pad": "x" * 2_000}))
+                for n in range(2_000)
+            )
+        )
+        assert all(written)
+        # About 4 MB went to the log; the database file holds them once a checkpoint ran.
+        for _ in range(100):
+            if path.stat().st_size >= 3_000_000:
+                break
+            await asyncio.sleep(0.05)
+        assert path.stat().st_size >= 3_000_000
+    finally:
+        await broker.close()
+    with sqlite3.connect(path) as connection:
+        (pages,) = connection.execute("PRAGMA wal_autocheckpoint").fetchone()
+    assert pages == 1_000  # a connection's own setting: other programs keep SQLite's default

@@ -266,6 +266,26 @@ class BrokerAdmin(Protocol):
         ...
 
 
+@runtime_checkable
+class BrokerHealth(Protocol):
+    """Whether the broker's engine answers now: what ``/readyz`` asks a started broker.
+
+    Apart from ``Broker``, so a broker without an engine to lose (memory) need not implement
+    it: a broker that does not is taken as always healthy.
+    """
+
+    async def check(self) -> None:
+        """Return when the engine answers; raise ``BrokerUnavailable`` otherwise.
+
+        Cheap (a ping, a trivial statement), never waiting longer than the broker's own
+        timeout, and it changes nothing. The error names the engine and what failed (``Redis at
+        redis://cache:6379/0 did not answer PING: ...``); once the engine answers again, the
+        next check passes without the broker being restarted. A broker that is not started (or
+        was closed) fails the check.
+        """
+        ...
+
+
 #: The most events one ``EventPage`` holds.
 MAX_PAGE = 1_000
 

@@ -27,11 +27,9 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # type: ignore[import-untyped]
-from aiokafka.admin import (  # type: ignore[import-untyped]
-    NewTopic,
-)
-from aiokafka.errors import KafkaError  # type: ignore[import-untyped]
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import NewTopic
+from aiokafka.errors import KafkaError
 
 from callboard.brokers.base import (
     DEAD_LETTER_PREFIX,
@@ -276,6 +274,23 @@ class KafkaBroker:
             ) from error
         if end and not await self._mirror.reached(self._meta, end - 1, self._timeout):
             logger.warning("the group topic was not read to its end yet")
+
+    async def check(self) -> None:
+        """``BrokerHealth``: Kafka tells the end of the group topic (one ``ListOffsets``
+        round trip to its leader), within ``timeout``."""
+        reader = self._reader
+        if reader is None:
+            raise BrokerUnavailable(
+                f"the Kafka broker for {self._bootstrap} is not started (or was closed)"
+            )
+        try:
+            async with asyncio.timeout(self._timeout):
+                await reader.end_offsets([self._meta])
+        except (KafkaError, OSError, TimeoutError) as error:
+            raise BrokerUnavailable(
+                f"Kafka at {self._bootstrap} did not tell the end of {self._meta.topic} "
+                f"(waiting at most {self._timeout:g}s): {error or type(error).__name__}"
+            ) from error
 
     async def _read_own_writes(self) -> None:
         """Wait until the copy holds every event this instance published."""

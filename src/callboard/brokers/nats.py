@@ -182,6 +182,26 @@ class NatsBroker(NatsRetention):
             except (nats.errors.Error, OSError) as error:
                 logger.warning("NATS: closing the connection: %r", error)
 
+    async def check(self) -> None:
+        """``BrokerHealth``: connected, and JetStream answers a request within ``timeout``."""
+        where = ", ".join(redact_url(s) for s in self._servers)
+        nc = self._nc
+        if nc is None:
+            raise BrokerUnavailable(f"the NATS broker for {where} is not started")
+        if not nc.is_connected:
+            raise BrokerUnavailable(
+                f"NATS at {where} is not connected (the client keeps reconnecting); "
+                "is nats-server running and reachable?"
+            )
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._jsc.account_info()  # one round trip to JetStream, changing nothing
+        except (nats.errors.Error, TimeoutError, OSError) as error:
+            raise BrokerUnavailable(
+                f"NATS at {where}: JetStream did not answer (waiting at most {self._timeout:g}s): "
+                f"{error!r}; is the server up, with JetStream (-js)?"
+            ) from error
+
     async def _clean_every_interval(self) -> None:
         while True:
             await asyncio.sleep(self._retention.interval)

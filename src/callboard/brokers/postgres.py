@@ -162,7 +162,7 @@ class PostgresStore:
         self.label = f"the PostgreSQL broker on schema {schema!r}"
         # A retention batch competes with publishes for the database's CPU and WAL: short ones
         # (a batch of 1,000 took 5-10 ms and raised the ingest p99 several times over).
-        self.retention_step: float | None = 0.003
+        self.retention_step: float | None = 0.006
         self.timeout = timeout
         #: How often consumers look for events while the notification connection is down.
         self.fallback_poll = fallback_poll
@@ -191,6 +191,12 @@ class PostgresStore:
             return await self._migrate()
         finally:
             await self._close_pool()
+
+    async def check(self) -> None:
+        if self._pool is None:
+            raise BrokerUnavailable(f"{self.label} is not connected")
+        # A pooled connection (a new one if the pool has to reconnect) and one round trip.
+        await self.run(_ping)
 
     async def insert_events(
         self, batch: list[tuple[StoredEvent, str | None]]
@@ -429,6 +435,10 @@ async def _reset(connection: Any) -> None:
     """
     if connection.is_in_transaction():
         await connection.execute("ROLLBACK")
+
+
+async def _ping(connection: Any, q: ops.Queries) -> None:
+    await connection.fetchval("SELECT 1")
 
 
 def _reason(error: BaseException) -> str:

@@ -167,6 +167,21 @@ class RabbitBroker:
             with contextlib.suppress(*TRANSIENT):
                 await connection.close()
 
+    async def check(self) -> None:
+        """``BrokerHealth``: the connection is up and RabbitMQ answers on it (a channel opened,
+        the events exchange declared passively, the channel closed), within ``timeout``."""
+        url = redact_url(self.settings.url)
+        connection = self._connection
+        if connection is None:
+            raise BrokerUnavailable(f"the RabbitMQ broker for {url} is not started")
+        async with self._boundary(f"checking the connection to {url}"):
+            found = await self._probe(connection, self._exchange_name, exchange=True)
+        if found is None:
+            raise BrokerUnavailable(
+                f"RabbitMQ at {url} answers, but the exchange {self._exchange_name!r} is gone; "
+                "run callboard migrate (or restart the server) to declare it again"
+            )
+
     def _live(self) -> AbstractRobustConnection:
         if self._connection is None:
             raise BrokerError("the RabbitMQ broker is not started (call start() first)")

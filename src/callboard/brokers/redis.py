@@ -49,6 +49,7 @@ from callboard.brokers.base import (
     Start,
     SubscriptionInfo,
 )
+from callboard.brokers.columns import encode_event
 from callboard.brokers.redis_consumer import UNREACHABLE, RedisConsumer, decode_entry, pack_event
 from callboard.brokers.redis_publisher import Outgoing, Publisher
 from callboard.brokers.redis_scripts import ACK as ACK_SCRIPT
@@ -65,7 +66,6 @@ from callboard.brokers.redis_scripts import (
     TAKE,
 )
 from callboard.brokers.redis_settings import CONNECT_TIMEOUT, PUBLISH_TIMEOUT, RedisSettings
-from callboard.brokers.sql import encode_event
 from callboard.errors import (
     BrokerError,
     BrokerUnavailable,
@@ -203,6 +203,18 @@ class RedisBroker:
                 await task
         self._started = False
         await self.client.aclose()
+
+    async def check(self) -> None:
+        """``BrokerHealth``: Redis answers ``PING`` within ``CONNECT_TIMEOUT`` seconds."""
+        if not self._started:
+            raise BrokerUnavailable(f"the Redis broker for {self.url} is not running")
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                await self._call("ping", self.client.ping())
+        except TimeoutError:
+            raise BrokerUnavailable(
+                f"Redis at {self.url} did not answer PING within {CONNECT_TIMEOUT:g}s"
+            ) from None
 
     async def _every(self, seconds: float, step: Callable[[], Awaitable[object]]) -> None:
         while True:

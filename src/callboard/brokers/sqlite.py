@@ -53,6 +53,7 @@ from callboard.brokers.sql.broker import SqlBroker
 from callboard.brokers.sql.eventlog import EventFacts
 from callboard.brokers.sql.retention import RetentionRange
 from callboard.brokers.sql.store import Ack, Publish, Wake
+from callboard.brokers.sqlite_checkpoint import Checkpointer
 from callboard.brokers.sqlite_thread import SQLiteThread
 from callboard.errors import BrokerError, ConfigError
 from callboard.events import Event
@@ -151,12 +152,17 @@ class SQLiteStore:
             # A commit that waits for the disk would hold up the event loop.
             inline=synchronous != "full",
         )
+        self._checkpointer = None if path == MEMORY else Checkpointer(path)
 
     async def open(self) -> None:
         self.thread.start()
+        if self._checkpointer is not None:
+            self._checkpointer.start()
 
     async def close(self) -> None:
         await self.thread.stop()
+        if self._checkpointer is not None:
+            await self._checkpointer.stop()
 
     async def migrate(self) -> list[str]:
         running = self.thread.running
@@ -168,6 +174,11 @@ class SQLiteStore:
             if not running:
                 await self.thread.stop()
         return [] if found == store.SCHEMA_VERSION else [f"schema version {store.SCHEMA_VERSION}"]
+
+    async def check(self) -> None:
+        # On the event loop while the file is free; on the thread, at most ``busy_timeout``,
+        # while another process holds it.
+        await self._run(store.ping, writes=False)
 
     async def insert_events(self, batch: list[Publish]) -> list[bool | BaseException]:
         accepted: list[bool | BaseException] = list(

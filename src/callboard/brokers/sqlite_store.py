@@ -60,6 +60,8 @@ def connect(path: str, *, synchronous: str, busy_timeout: float) -> sqlite3.Conn
     try:
         connection.execute("PRAGMA journal_mode = WAL")
         connection.execute(f"PRAGMA synchronous = {synchronous}")
+        # Checkpoints run on a connection of their own (sqlite_checkpoint), not in a commit.
+        connection.execute("PRAGMA wal_autocheckpoint = 0")
     except sqlite3.Error:
         connection.close()
         raise
@@ -88,6 +90,11 @@ def migrate(connection: sqlite3.Connection) -> int:
                 connection.execute(statement)
                 statement = ""
     return int(version)
+
+
+def ping(connection: sqlite3.Connection) -> None:
+    """A trivial read of the file (its header, under a read lock): the store answers."""
+    connection.execute("PRAGMA schema_version").fetchone()
 
 
 def data_version(connection: sqlite3.Connection) -> int:

@@ -96,6 +96,19 @@ class BusClient:
 
     # -- the calls -----------------------------------------------------------------------------
 
+    async def ping(self, timeout: float = 2.0) -> None:
+        """The server answers on the bus path (any answer short of a server error will do: a
+        Backstage backend has no ``/readyz``); ``BrokerUnavailable`` otherwise."""
+        try:
+            with self._request():
+                response = await self._http.get("/subscriptions", timeout=timeout)
+        except httpx.TransportError as error:
+            raise self._unreachable(error) from error
+        if response.status_code >= 500:
+            raise BrokerUnavailable(
+                f"the callboard server at {self.server} answered {response.status_code}"
+            )
+
     async def publish(self, event: Event, notified: Sequence[str] = ()) -> bool:
         """``False`` only when the server recognised the event as a redelivery."""
         response = await self._call(

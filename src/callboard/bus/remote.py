@@ -35,7 +35,7 @@ from callboard.brokers.base import (
 )
 from callboard.brokers.storable import check_storable
 from callboard.bus.client import BusClient
-from callboard.errors import BrokerError, ConfigError, SubscriptionError
+from callboard.errors import BrokerError, BrokerUnavailable, ConfigError, SubscriptionError
 from callboard.events import Event
 from callboard.group_commit import GroupCommit
 
@@ -396,6 +396,12 @@ class RemoteBroker:
 
     async def start(self) -> None:
         _ = self.client
+
+    async def check(self) -> None:
+        """``BrokerHealth``: the server answers on the bus path."""
+        if self._client is None:
+            raise BrokerUnavailable(f"the remote broker for {self.server} is not started")
+        await self._client.ping()
 
     async def close(self) -> None:
         """Close the consumers (they send their last acknowledgements), then the client."""

@@ -62,7 +62,7 @@ from callboard.brokers.sql import cancel_all, encode_event, eventlog, repeat
 from callboard.brokers.sql.backlog import BacklogCounter
 from callboard.brokers.sql.consumer import ConsumerRegistry, LeasedConsumer
 from callboard.brokers.sql.store import Ack, Publish, SqlStore
-from callboard.errors import ServiceClosedError, SubscriptionError
+from callboard.errors import BrokerUnavailable, ServiceClosedError, SubscriptionError
 from callboard.events import Event
 from callboard.group_commit import GroupCommit
 from callboard.topics import normalize_patterns
@@ -87,7 +87,7 @@ def _next_step(step: int, took: float, seconds: float | None, most: int) -> int:
 
 
 class SqlBroker:
-    """``Broker``, ``BrokerAdmin`` and ``EventLog`` over a ``SqlStore``."""
+    """``Broker``, ``BrokerAdmin``, ``EventLog`` and ``BrokerHealth`` over a ``SqlStore``."""
 
     def __init__(
         self,
@@ -168,6 +168,12 @@ class SqlBroker:
     async def migrate(self) -> list[str]:
         """Create or upgrade the schema (``callboard migrate``); what was applied."""
         return await self._store.migrate()
+
+    async def check(self) -> None:
+        """``BrokerHealth``: the store answers a trivial statement, within its own timeout."""
+        if self._closed:
+            raise BrokerUnavailable(f"{self._store.label} is not running")
+        await self._store.check()
 
     async def publish(self, event: Event) -> bool:
         self._check_open()

@@ -53,6 +53,11 @@ class SqlStore(Protocol):
         """Create or upgrade the schema; what was applied. Opens and closes if not open."""
         ...
 
+    async def check(self) -> None:
+        """Run a trivial statement: ``BrokerUnavailable``, naming the database, when it does not
+        answer within the store's own timeout (``BrokerHealth``). Changes nothing."""
+        ...
+
     async def insert_events(self, batch: list[Publish]) -> list[bool | BaseException]:
         """Store a batch in order, in one transaction; per event, accepted (``False``: a known
         delivery id on its topic, or an earlier one of the batch) or the error refusing it."""
