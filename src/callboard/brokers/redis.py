@@ -226,12 +226,14 @@ class RedisBroker:
 
     async def _renew(self) -> None:
         """Renew the leases of everything this process's consumers hold, in one round trip."""
-        consumers = list(self._consumers.values())
+        consumers = [c for c in self._consumers.values() if c.held]
         if not consumers:
             return
         async with self.client.pipeline(transaction=False) as pipe:
             for consumer in consumers:
-                await self.scripts.renew(args=[consumer.stream, consumer.name], client=pipe)
+                await self.scripts.renew(
+                    args=[consumer.stream, consumer.name, *consumer.held], client=pipe
+                )
             await self._call("renew leases on", pipe.execute(raise_on_error=False))
 
     async def _call(self, what: str, awaitable: Awaitable[T]) -> T:

@@ -76,6 +76,9 @@ class RedisConsumer:
         self.stream = broker.key("q:", group)
         self._reading: asyncio.Task[list[Delivery]] | None = None
         self._spare: list[Delivery] = []
+        #: The ids of the entries this consumer received and has not settled: what the broker
+        #: renews (not everything pending under its name: see ``redis_scripts.RENEW``).
+        self.held: set[bytes | str] = set()
         self.closed = False
 
     async def fetch(self, max_count: int) -> Sequence[Delivery]:
@@ -130,6 +133,7 @@ class RedisConsumer:
                 log.info("subscription %r: Redis reachable again", self.group)
                 failures = 0
             if got:
+                self.held.update(d.token for d in got if isinstance(d.token, bytes | str))
                 return got
         return []
 
@@ -172,6 +176,8 @@ class RedisConsumer:
         """Run ``script`` on the entries of ``deliveries``; a failure is dropped with a warning
         (the entries then come back once the lease runs out, as at-least-once allows)."""
         ids = [d.token for d in deliveries if isinstance(d.token, bytes | str)]
+        # Renewed no more, whatever the answer: if it is lost, they come back after the lease.
+        self.held.difference_update(ids)
         try:
             await script(args=[self.stream, self.name, *ids], client=self._broker.client)
         except (*UNREACHABLE, ResponseError) as error:
@@ -194,6 +200,7 @@ class RedisConsumer:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(reading, self._broker.poll_interval + 5.0)
         self._spare = []
+        self.held.clear()
         self._broker.forget(self)
         await self._settle(self._broker.scripts.leave, [], "hand back everything held to")
 

@@ -219,17 +219,19 @@ return #mine
 """
 )
 
-#: ARGV: group stream, consumer. Renews the lease of everything this consumer holds (resets
-#: its idle time without counting a delivery); -1: the group no longer exists.
+#: ARGV: group stream, consumer, ids. Renews the lease of the ids this consumer holds (resets
+#: their idle time without counting a delivery). Only the ids the consumer received: an entry
+#: Redis handed to it whose reply was lost (the connection dropped) is pending under its name
+#: too, and renewed it would never be delivered; left alone it idles out and is taken again.
 RENEW = (
-    _MINE
+    _HELD
     + """
-for i = 1, #mine, 500 do
-  local chunk = {unpack(mine, i, math.min(i + 499, #mine))}
+for i = 1, #held, 500 do
+  local chunk = {unpack(held, i, math.min(i + 499, #held))}
   chunk[#chunk + 1] = 'JUSTID'
   redis.call('XCLAIM', q, g, me, 0, unpack(chunk))
 end
-return #mine
+return #held
 """
 )
 
