@@ -17,7 +17,7 @@ import pytest
 
 from callboard.brokers import open_broker
 from callboard.brokers.base import DEAD_LETTER_PREFIX
-from callboard.errors import BrokerUnavailable, ConfigError, SubscriptionError
+from callboard.errors import BrokerUnavailable, ConfigError
 from callboard.events import DELIVERY_ID, Event
 from tests.integration.servers import TcpProxy
 from tests.services import free_port, service_up, tansu, tansu_binary
@@ -248,37 +248,48 @@ async def test_migrate_creates_the_topics_once() -> None:
 # -- one process per group ----------------------------------------------------------------------
 
 
-async def test_a_group_read_by_another_process_is_refused_until_it_is_let_go(
+async def test_a_group_read_by_another_process_waits_until_it_is_let_go(
     broker: KafkaBroker,
 ) -> None:
     other = KafkaBroker(broker._bootstrap, prefix=broker._prefix, fetch_wait_ms=10, lease=1.5)
     await other.start()
     try:
         held = await broker.consume("workers", ["github.push"])
-        with pytest.raises(SubscriptionError, match="another process"):
-            await other.consume("workers", ["github.push"])
+        # The other process's consumer stands by: its fetches wait while the group is held.
+        standing_by = await other.consume("workers", ["github.push"])
+        waiting = asyncio.ensure_future(standing_by.fetch(1))
         await broker.publish(event(n=1))
         (first,) = await asyncio.wait_for(held.fetch(1), 3)
         await held.ack((first,))
         await broker.publish(event(n=2))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
         await broker.close()  # lets the group go, its position written
-        taken = await other.consume("workers", ["github.push"])
-        (second,) = await asyncio.wait_for(taken.fetch(1), 3)
+        (second,) = await asyncio.wait_for(waiting, 3)  # taken over within a third of a lease
         assert (second.event.payload, second.attempt) == ({"n": 2}, 1)
         # A crashed holder gives the group up when its hold runs out. Its position, delivery
         # counts included, is written every 50 ms: a crash sooner would count one attempt less.
         await asyncio.sleep(0.2)
         await other.abandon()
-        again = KafkaBroker(broker._bootstrap, prefix=broker._prefix, fetch_wait_ms=10)
+        again = KafkaBroker(broker._bootstrap, prefix=broker._prefix, fetch_wait_ms=10, lease=1.5)
         await again.start()
         try:
-            with pytest.raises(SubscriptionError):
-                await again.consume("workers", ["github.push"])
-            await asyncio.sleep(1.6)
             resumed = await again.consume("workers", ["github.push"])
-            (third,) = await asyncio.wait_for(resumed.fetch(1), 3)
+            assert resumed.standing_by
+            (third,) = await asyncio.wait_for(resumed.fetch(1), 4)
             assert (third.event.payload, third.attempt) == ({"n": 2}, 2)
         finally:
             await again.close()
     finally:
         await other.close()
+
+
+async def test_a_consumer_standing_by_ends_with_its_broker(broker: KafkaBroker) -> None:
+    other = KafkaBroker(broker._bootstrap, prefix=broker._prefix, fetch_wait_ms=10)
+    await other.start()
+    await broker.consume("workers", ["github.push"])
+    standing_by = await other.consume("workers", ["github.push"])
+    waiting = asyncio.ensure_future(standing_by.fetch(1))
+    await asyncio.sleep(0.1)
+    await other.close()
+    assert await asyncio.wait_for(waiting, 3) == ()

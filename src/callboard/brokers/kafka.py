@@ -10,7 +10,8 @@ patterns, owner and position, the dead letters taken, and the retention floor.
 Every instance tails the three topics (``kafka_log``) and hands events to its groups' consumers
 from that copy (``kafka_groups``). Kafka's own consumer groups are not used: they lease whole
 partitions, not single events. The leases live in the process, so a group is held by one
-instance at a time (``_hold``): the broker is not ``shared``. A publish returns once Kafka
+instance at a time (``_hold``; a consumer in another instance stands by and takes it over when
+the holder stops): the broker is not ``shared``. A publish returns once Kafka
 acknowledged it (``acks=all``); concurrent publishes share the producer's batches.
 """
 
@@ -18,9 +19,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
+import weakref
 from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime
@@ -103,6 +106,8 @@ class KafkaBroker:
         self._delivery_ids: dict[tuple[str, str], int] = {}
         self._reserved: set[tuple[str, str]] = set()
         self._groups: dict[str, GroupState] = {}
+        #: Consumers of groups another process holds, waiting to take them over.
+        self._standing_by: weakref.WeakSet[KafkaConsumer] = weakref.WeakSet()
         self._producer: AIOKafkaProducer | None = None
         self._reader: AIOKafkaConsumer | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -214,6 +219,9 @@ class KafkaBroker:
         for group in groups.values():
             group.closed = True
             await group.wake()
+        standing_by, self._standing_by = self._standing_by, weakref.WeakSet()
+        for consumer in standing_by:
+            consumer.stand_down()
 
     # -- topics -----------------------------------------------------------------------------
 
@@ -366,12 +374,31 @@ class KafkaBroker:
             await self._make_group(group, patterns, start, owner)
         elif meta.get("owner") is None and owner is not None:
             await self._write_meta("group:" + group, {**meta, "owner": owner})
-        await self._hold(group)
-        state = self._load(group, patterns)
-        return KafkaConsumer(state, lambda: self._group_meta(group) is not None)
+        take = functools.partial(self._take, group, patterns)
+        consumer = KafkaConsumer(
+            group,
+            await take(),
+            take,
+            lambda: self._group_meta(group) is not None,
+            wait=self._lease / 3,
+        )
+        if consumer.standing_by:
+            logger.info(
+                "the subscription %r is read by another process on this Kafka namespace; this "
+                "one stands by and takes it over when that one stops",
+                group,
+            )
+            self._standing_by.add(consumer)
+        return consumer
 
-    async def _hold(self, group: str) -> None:
-        """Take the group for this process, or refuse while another live process reads it.
+    async def _take(self, group: str, patterns: tuple[str, ...]) -> GroupState | None:
+        """The group, held by this process from now on; ``None`` while another one holds it."""
+        if not await self._hold(group):
+            return None
+        return self._load(group, patterns)
+
+    async def _hold(self, group: str) -> bool:
+        """Take the group for this process, unless another live process reads it.
 
         The broker is not ``shared``: two processes reading one group would each deliver every
         event, so a group is held by one instance at a time, for ``lease`` seconds renewed
@@ -383,14 +410,7 @@ class KafkaBroker:
             self._groups.pop(group, None)  # taken over since: resume from the written position
         if held is None or held.instance == self._instance or held.until <= _now_ms():
             await self._renew(group)  # a claim, which counts only if no one claimed it first
-        if not self._holds(group):
-            held = self._mirror.holds[group]
-            raise SubscriptionError(
-                f"the subscription {group!r} is read by another process on this Kafka "
-                f"namespace for {max(0, held.until - _now_ms()) / 1000:.0f} more seconds at least; "
-                "the Kafka broker serves each group from one process: run one server per "
-                "prefix, or stop the other one"
-            )
+        return self._holds(group)
 
     def _holds(self, group: str) -> bool:
         held = self._mirror.holds.get(group)

@@ -11,9 +11,10 @@ say) plus the acknowledged offsets and delivery counts above it, so a group resu
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from callboard.brokers.base import Delivery
@@ -180,26 +181,78 @@ class GroupState:
 
 
 class KafkaConsumer:
-    """One member of a group; what it fetched is leased to it while it lives."""
+    """One member of a group; what it fetched is leased to it while it lives.
 
-    def __init__(self, group: GroupState, exists: Callable[[], bool]) -> None:
-        self._group = group
+    A group is read by one process at a time: a consumer made while another process holds the
+    group stands by (``group`` is ``None``), its fetches waiting, and tries ``take`` every
+    ``wait`` seconds until the group is this process's (the other one stopped, or crashed and
+    its hold ran out); then it reads from the group's written position.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        group: GroupState | None,
+        take: Callable[[], Awaitable[GroupState | None]],
+        exists: Callable[[], bool],
+        *,
+        wait: float,
+    ) -> None:
+        self._name = name
+        self._group: GroupState | None = None
+        self._take = take
+        self._wait = wait
         self._id = next(_consumer_ids)
         self._closed = False
+        self._closing = asyncio.Event()
         #: Tells whether the group still exists (another instance may delete it).
         self._exists = exists
+        if group is not None:
+            self._attach(group)
+
+    @property
+    def standing_by(self) -> bool:
+        return self._group is None and not self._closed
+
+    def _attach(self, group: GroupState) -> None:
+        self._group = group
         group.consumers += 1
 
+    def stand_down(self) -> None:
+        """The broker closes: a consumer still standing by ends its fetches."""
+        if self._group is None:
+            self._closed = True
+            self._closing.set()
+
+    async def _held(self) -> GroupState | None:
+        """The group once this process holds it; ``None`` if the consumer closed first."""
+        while self._group is None:
+            if self._closed:
+                return None
+            self._check_exists()
+            group = await self._take()
+            if group is not None and not self._closed:
+                self._attach(group)
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(), self._wait)
+        return self._group
+
+    def _check_exists(self) -> None:
+        if not self._exists():
+            raise SubscriptionError(
+                f"the subscription {self._name!r} no longer exists (it was deleted); "
+                "subscribe again to make it anew"
+            )
+
     async def fetch(self, max_count: int) -> Sequence[Delivery]:
-        group = self._group
+        group = await self._held()
+        if group is None:
+            return ()
         while True:
             if self._closed or group.closed:
                 return ()
-            if not self._exists():
-                raise SubscriptionError(
-                    f"the subscription {group.name!r} no longer exists (it was deleted); "
-                    "subscribe again to make it anew"
-                )
+            self._check_exists()
             taken = group.take(self._id, max(1, max_count))
             if taken:
                 return taken
@@ -207,17 +260,21 @@ class KafkaConsumer:
                 await group.changed.wait()
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        self._group.settle(self._id, deliveries, ack=True)
+        if self._group is not None:
+            self._group.settle(self._id, deliveries, ack=True)
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
-        if self._group.settle(self._id, deliveries, ack=False):
+        if self._group is not None and self._group.settle(self._id, deliveries, ack=False):
             await self._group.wake()
 
     async def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self._closing.set()
         group = self._group
+        if group is None:
+            return
         group.consumers -= 1
         group.hand_back(self._id)
         await group.wake()
