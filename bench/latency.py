@@ -7,7 +7,11 @@ the time since the client sent it). The driver POSTs ``--events`` webhooks to A'
 at a time per connection (``--concurrency`` connections), each with its send time in a header;
 the event goes through the store to B, which is woken by the broker (PostgreSQL: LISTEN/NOTIFY;
 SQLite: watching the file's data version) and hands it to the handler. The figure is therefore
-client send -> A accepts and commits -> B's handler, on one machine's clock.
+client send -> A accepts and commits -> B's handler, on one machine's clock. On the distributed
+engines (``nats``, ``redis``, ``rabbitmq``, ``kafka``) the two instances share a prefix of their
+own (``bench/engines.py``), deleted afterwards; B is woken as its broker does it (NATS and Redis
+push, RabbitMQ polls, Kafka tails the log). Kafka runs on a Tansu the benchmark starts; its broker
+is not ``shared``, which two instances allow here because A holds no subscription.
 
 ``backstage`` in ``--brokers`` runs the same workload against two Backstage backends
 (``bench/backstage_instance.js``, Node, the packages of the Backstage anchor that
@@ -23,6 +27,7 @@ so B reports when it received each event and the driver subtracts its own send t
     python bench/latency.py                                   # sqlite and postgresql
     python bench/latency.py --brokers sqlite,postgresql,backstage
     python bench/latency.py --brokers postgresql --events 5000 --concurrency 4
+    python bench/latency.py --brokers postgresql,nats,redis,rabbitmq,kafka
     python bench/latency.py --postgres postgresql://postgres@127.0.0.1:5432/postgres
 
 SQLite uses a file in a temporary directory; PostgreSQL a schema of its own
@@ -47,9 +52,12 @@ import threading
 import time
 import urllib.request
 import uuid
+from contextlib import ExitStack
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlsplit
+
+from engines import ENGINES, Namespace, available, tansu
 
 # The ingest benchmark's process helpers, and its PostgreSQL one.
 from run import get, port_taken, postgres_execute, stop, wait_for
@@ -430,12 +438,40 @@ def crossed(row: dict[str, Any]) -> bool:
     )
 
 
+def measure_kind(
+    kind: str, args: argparse.Namespace, workdir: Path, kafka: str, anchor: Path | None
+) -> dict[str, Any]:
+    """One broker's row, on a store of its own (``kafka``: the run's Tansu, ``host:port``)."""
+    if kind == "sqlite":
+        return measure(kind, f"sqlite:///{workdir / 'bench.db'}", args, workdir)
+    if kind == "postgresql":
+        schema = f"callboard_bench_{uuid.uuid4().hex[:12]}"
+        sep = "&" if "?" in args.postgres else "?"
+        try:
+            return measure(kind, f"{args.postgres}{sep}schema={schema}", args, workdir)
+        finally:
+            drop_schema(args.postgres, schema)
+    if kind in ENGINES:
+        namespace = Namespace(kind, kafka)
+        try:
+            return measure(kind, namespace.url, args, workdir)
+        finally:
+            namespace.close()
+    if kind == "backstage" and anchor is not None:
+        return measure_backstage(args, workdir, anchor)
+    raise SystemExit(
+        f"unknown broker {kind!r}: sqlite, postgresql, {', '.join(ENGINES)}, backstage"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--brokers", default="sqlite,postgresql", help="any of sqlite, postgresql, backstage"
+        "--brokers",
+        default="sqlite,postgresql",
+        help=f"any of sqlite, postgresql, {', '.join(ENGINES)}, backstage",
     )
     parser.add_argument("--events", type=int, default=3000)
     parser.add_argument("--warmup", type=int, default=100, help="events sent first, not counted")
@@ -466,23 +502,17 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k.strip() for k in args.brokers.split(",") if k.strip()]
     # Found before anything runs, so a missing anchor is said at once, not after the others.
     anchor = anchor_dir(args.shared) if "backstage" in kinds else None
-    with tempfile.TemporaryDirectory(prefix="callboard-latency-") as tmp:
-        workdir = Path(tmp)
+    for kind in (k for k in kinds if k in ENGINES):
+        why = available(kind)
+        if why:
+            raise SystemExit(f"{kind}: {why} (leave it out of --brokers)")
+    with ExitStack() as stack:
+        workdir = Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="callboard-latency-"))
+        )
+        kafka = stack.enter_context(tansu()) if "kafka" in kinds else ""
         for kind in kinds:
-            if kind == "sqlite":
-                rows.append(measure(kind, f"sqlite:///{workdir / 'bench.db'}", args, workdir))
-            elif kind == "postgresql":
-                schema = f"callboard_bench_{uuid.uuid4().hex[:12]}"
-                sep = "&" if "?" in args.postgres else "?"
-                try:
-                    url = f"{args.postgres}{sep}schema={schema}"
-                    rows.append(measure(kind, url, args, workdir))
-                finally:
-                    drop_schema(args.postgres, schema)
-            elif kind == "backstage" and anchor is not None:
-                rows.append(measure_backstage(args, workdir, anchor))
-            else:
-                raise SystemExit(f"unknown broker {kind!r}: sqlite, postgresql or backstage")
+            rows.append(measure_kind(kind, args, workdir, kafka, anchor))
     if args.json:
         print(json.dumps(rows))
     else:

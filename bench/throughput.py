@@ -10,9 +10,13 @@ median of the rounds and each broker's ratio to the first one.
     python bench/throughput.py                              # memory, sqlite, postgresql
     python bench/throughput.py --brokers sqlite --events 20000
     python bench/throughput.py --postgres postgresql://postgres@127.0.0.1:5432/postgres
+    python bench/throughput.py --brokers postgresql,nats,redis,rabbitmq,kafka
 
 SQLite uses a file in a temporary directory; PostgreSQL a schema of its own
-(``callboard_bench_<random>``), dropped afterwards. A broker whose server is down is skipped.
+(``callboard_bench_<random>``), dropped afterwards. NATS, Redis and RabbitMQ are the servers on
+this machine's standard ports, Kafka a Tansu the benchmark starts (``bench/engines.py``); each
+round opens them with ``open_broker`` on a prefix of its own (``callboard_bench_<random>``),
+deleted afterwards. A broker whose server is down is skipped.
 """
 
 from __future__ import annotations
@@ -26,10 +30,14 @@ import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 
+from engines import ENGINES, Namespace, tansu
+from engines import available as engine_available
+
 from callboard import Event
+from callboard.brokers import open_broker
 from callboard.brokers.base import Broker
 from callboard.default_service import DefaultEventsService
 
@@ -38,7 +46,9 @@ GROUP = "bench-drain"
 
 
 @asynccontextmanager
-async def open_store(kind: str, postgres: str, workdir: Path) -> AsyncIterator[Broker]:
+async def open_store(
+    kind: str, postgres: str, workdir: Path, kafka: str = ""
+) -> AsyncIterator[Broker]:
     """A started broker of ``kind`` on a fresh store, removed afterwards."""
     if kind == "memory":
         from callboard.brokers.memory import MemoryBroker
@@ -76,8 +86,19 @@ async def open_store(kind: str, postgres: str, workdir: Path) -> AsyncIterator[B
                 await connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
             finally:
                 await connection.close()
+    elif kind in ENGINES:
+        namespace = Namespace(kind, kafka)
+        broker = open_broker(namespace.url)
+        await broker.start()
+        try:
+            yield broker
+        finally:
+            await broker.close()
+            namespace.close()
     else:
-        raise SystemExit(f"unknown broker {kind!r}: memory, sqlite or postgresql")
+        raise SystemExit(
+            f"unknown broker {kind!r}: memory, sqlite, postgresql, {', '.join(ENGINES)}"
+        )
 
 
 async def publish_all(broker: Broker, count: int, chunk: int = 500) -> float:
@@ -94,9 +115,9 @@ async def publish_all(broker: Broker, count: int, chunk: int = 500) -> float:
 
 
 async def one_round(
-    kind: str, postgres: str, workdir: Path, count: int, batch_size: int
+    kind: str, postgres: str, workdir: Path, count: int, batch_size: int, kafka: str = ""
 ) -> dict[str, float]:
-    async with open_store(kind, postgres, workdir) as broker:
+    async with open_store(kind, postgres, workdir, kafka) as broker:
         # A member that never fetches keeps the group (and, in memory, its queue) alive while
         # the events are published; it takes nothing, so the worker below gets them all.
         holder = await broker.consume(GROUP, [TOPIC])
@@ -136,6 +157,8 @@ async def one_round(
 
 
 def available(kind: str, postgres: str) -> bool:
+    if kind in ENGINES:
+        return engine_available(kind) is None
     if kind != "postgresql":
         return True
     import socket
@@ -153,11 +176,15 @@ async def run(args: argparse.Namespace) -> list[dict[str, object]]:
     kinds = [k.strip() for k in args.brokers.split(",") if k.strip()]
     kinds = [k for k in kinds if available(k, args.postgres) or skipped(k)]
     results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
-    with tempfile.TemporaryDirectory(prefix="callboard-throughput-") as tmp:
+    with ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="callboard-throughput-"))
+        kafka = stack.enter_context(tansu()) if "kafka" in kinds else ""
         for _ in range(args.rounds):
             for kind in kinds:  # brokers in turn, so a drift of the machine hits all alike
                 results[kind].append(
-                    await one_round(kind, args.postgres, Path(tmp), args.events, args.batch_size)
+                    await one_round(
+                        kind, args.postgres, Path(tmp), args.events, args.batch_size, kafka
+                    )
                 )
     rows: list[dict[str, object]] = []
     base = statistics.median(r["drain_per_s"] for r in results[kinds[0]]) if kinds else 0.0
@@ -187,7 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--brokers", default="memory,sqlite,postgresql")
+    parser.add_argument(
+        "--brokers",
+        default="memory,sqlite,postgresql",
+        help=f"any of memory, sqlite, postgresql, {', '.join(ENGINES)}",
+    )
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=32, help="the worker's fetch size")
