@@ -8,7 +8,8 @@ delivery. Rarer events (failures, retries, dead letters) use ordinary instrument
 Label values are bounded: topics and subscription ids come from outside (a webhook's path, a bus
 client's subscription), and one sample per value would let ``/metrics`` grow without end. The
 first ``max_topics`` topics (``max_subscriptions`` subscriptions) keep a label of their own; any
-later one is counted under ``"other"``, so totals stay right. Mapping a value to its label is a
+later one is counted under ``"<other>"``, so totals stay right. No topic can be named so (``>``
+is not allowed in a topic), so the bucket never mixes with a real topic's figures. Mapping a value to its label is a
 dict lookup, the only cost the hot path pays for the bound.
 """
 
@@ -29,8 +30,8 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector
 
-#: The label of every topic or subscription beyond the bound.
-OTHER = "other"
+#: The label of every topic or subscription beyond the bound; never a topic's name.
+OTHER = "<other>"
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from callboard.errors import InvalidTopicError
 from callboard.metrics import OTHER, Labels, Metrics
+from callboard.topics import validate_topic
 
 
 def totals(metrics: Metrics) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
@@ -65,3 +68,10 @@ def test_subscription_gauges_combine_the_ones_beyond_the_bound() -> None:
     # A subscription that is gone loses its sample.
     metrics.set_per_subscription(metrics.backlog, [("a", 0)])
     assert totals(metrics)["callboard_subscription_backlog"] == {(("subscription", "a"),): 0}
+
+
+def test_a_topic_named_other_keeps_its_own_label_apart_from_the_bucket() -> None:
+    labels = Labels(1)
+    assert [labels(t) for t in ("other", "b", "c")] == ["other", OTHER, OTHER]
+    with pytest.raises(InvalidTopicError):
+        validate_topic(OTHER)
