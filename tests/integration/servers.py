@@ -19,9 +19,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
+
+from callboard.brokers.base import BrokerHealth
+from callboard.errors import BrokerUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 SUPPORT_MODULE = "tests.integration.support_modules:instance"
@@ -221,6 +225,33 @@ async def wait_for_records(
         if time.monotonic() > deadline:
             pytest.fail(f"events never handled: {missing}\n{fleet.logs()}")
         await asyncio.sleep(0.05)
+
+
+async def readiness_becomes(
+    client: httpx.AsyncClient, url: str, status: int, within: float
+) -> dict[str, Any]:
+    """Probe the server's ``/readyz`` until it answers ``status``; its body."""
+    deadline = time.monotonic() + within
+    while True:
+        answer = await client.get(url + "/readyz", timeout=10)
+        if answer.status_code == status:
+            body: dict[str, Any] = answer.json()
+            return body
+        assert time.monotonic() < deadline, f"/readyz stayed {answer.status_code}: {answer.text}"
+        await asyncio.sleep(0.2)
+
+
+async def passes_within(broker: BrokerHealth, seconds: float) -> None:
+    """Wait until the broker's health check passes; its last error if it never does."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            await broker.check()
+            return
+        except BrokerUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
 
 
 class TcpProxy:

@@ -30,10 +30,10 @@ import contextlib
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import httpx
@@ -48,6 +48,7 @@ from tests.integration.servers import (
     TcpProxy,
     handled,
     read_records,
+    readiness_becomes,
     wait_for_records,
     write_config,
 )
@@ -68,35 +69,8 @@ TIMEOUT = 2
 ANSWER_BOUND = 15.0
 
 
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as http:
-        yield http
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    servers = Fleet(tmp_path)
-    yield servers
-    servers.kill_all()
-
-
 def unique(stem: str) -> str:
     return f"{stem}_{uuid.uuid4().hex[:12]}"
-
-
-async def readiness_becomes(
-    client: httpx.AsyncClient, server: Server, status: int, within: float
-) -> dict[str, Any]:
-    """Probe ``/readyz`` until it answers ``status``; its body."""
-    deadline = time.monotonic() + within
-    while True:
-        answer = await client.get(server.url + "/readyz", timeout=10)
-        if answer.status_code == status:
-            body: dict[str, Any] = answer.json()
-            return body
-        assert time.monotonic() < deadline, f"/readyz stayed {answer.status_code}: {answer.text}"
-        await asyncio.sleep(0.2)
 
 
 async def accepted_again(load: Load, since: float, within: float) -> None:
@@ -283,14 +257,14 @@ async def test_a_partition_answers_503_quickly_and_the_server_recovers_by_itself
             error = response.json()["error"]
             assert error["name"] == "ServiceUnavailableError", error
             assert behind.word in error["message"], error
-            down = await readiness_becomes(client, server, 503, within=ANSWER_BOUND)
+            down = await readiness_becomes(client, server.url, 503, within=ANSWER_BOUND)
             assert behind.named_in(str(down.get("broker"))), down
 
             behind.proxy.flow()
             flowed = time.monotonic()
             # Recovery without a restart: the same process takes webhooks again, and is ready.
             await accepted_again(load, flowed, within=30)
-            await readiness_becomes(client, server, 200, within=30)
+            await readiness_becomes(client, server.url, 200, within=30)
             await asyncio.sleep(0.5)
         finally:
             await load.stop()
@@ -428,7 +402,7 @@ async def test_the_engine_restarted_under_load_loses_nothing_answered_202(
             await own.start()
             restarted = time.monotonic()
             for server in servers:
-                await readiness_becomes(client, server, 200, within=30)
+                await readiness_becomes(client, server.url, 200, within=30)
             await accepted_again(load, restarted, within=30)
             await asyncio.sleep(1)
         finally:

@@ -30,6 +30,7 @@ from tests.integration.servers import (
     Fleet,
     free_port,
     handled,
+    passes_within,
     read_records,
     wait_for_records,
     write_config,
@@ -328,19 +329,6 @@ async def test_a_killed_server_loses_nothing_answered_and_the_broker_recovers(
     assert max(refused) < 4, max(refused)
 
 
-async def passes_within(broker: NatsBroker, seconds: float) -> None:
-    """Wait until the broker's health check passes; its last error if it never does."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            await broker.check()
-            return
-        except BrokerUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
-
-
 @pytest.mark.slow
 async def test_the_health_check_fails_while_the_server_is_down_and_passes_once_it_is_back(
     own_server: NatsServer,
@@ -367,19 +355,6 @@ async def test_the_health_check_fails_while_the_server_is_down_and_passes_once_i
 
 
 # -- two callboard serve processes --------------------------------------------------------------
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as http:
-        yield http
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    servers = Fleet(tmp_path)
-    yield servers
-    servers.kill_all()
 
 
 @pytest.mark.slow

@@ -23,7 +23,14 @@ from callboard.brokers.base import Delivery, RetentionPolicy
 from callboard.errors import BrokerUnavailable, ConfigError, SubscriptionError
 from callboard.events import DELIVERY_ID, Event
 from tests.contract.kits_redis import REDIS_URL, delete_prefix
-from tests.integration.servers import Fleet, TcpProxy, free_port, write_config
+from tests.integration.servers import (
+    Fleet,
+    TcpProxy,
+    free_port,
+    passes_within,
+    readiness_becomes,
+    write_config,
+)
 from tests.integration.test_multi_instance import (
     test_a_killed_instance_loses_nothing_and_its_event_goes_to_the_other as killed_instance,
 )
@@ -376,19 +383,6 @@ async def test_redis_killed_under_publishing_loses_nothing_answered(own_redis: O
 # -- the health check (/readyz) -----------------------------------------------------------------
 
 
-async def passes_within(broker: RedisBroker, seconds: float) -> None:
-    """Wait until the broker's health check passes; its last error if it never does."""
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            await broker.check()
-            return
-        except BrokerUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.2)
-
-
 async def test_the_health_check_fails_while_redis_is_down_and_passes_once_it_is_back(
     own_redis: OwnRedis,
 ) -> None:
@@ -432,33 +426,6 @@ async def test_the_health_check_of_a_stalled_redis_fails_within_seconds(prefix: 
 
 # -- two callboard serve processes --------------------------------------------------------------
 # The scenarios of ``test_multi_instance`` (SQLite and PostgreSQL there), on Redis.
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient() as http:
-        yield http
-
-
-@pytest.fixture
-def fleet(tmp_path: Path) -> Iterator[Fleet]:
-    servers = Fleet(tmp_path)
-    yield servers
-    servers.kill_all()
-
-
-async def readiness_becomes(
-    client: httpx.AsyncClient, url: str, status: int, within: float
-) -> dict[str, object]:
-    """Probe ``/readyz`` until it answers ``status``; its body."""
-    deadline = time.monotonic() + within
-    while True:
-        answer = await client.get(url + "/readyz", timeout=5)
-        if answer.status_code == status:
-            body: dict[str, object] = answer.json()
-            return body
-        assert time.monotonic() < deadline, f"/readyz stayed {answer.status_code}: {answer.text}"
-        await asyncio.sleep(0.2)
 
 
 @pytest.mark.slow
