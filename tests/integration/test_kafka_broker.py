@@ -208,17 +208,18 @@ async def test_a_delivery_id_is_recognised_by_a_restarted_broker(broker: KafkaBr
         await again.close()
 
 
-async def test_concurrent_publishes_share_requests(broker: KafkaBroker) -> None:
-    began = time.monotonic()
+async def test_concurrent_publishes_are_all_acknowledged_in_order(broker: KafkaBroker) -> None:
+    # How much concurrent publishes gain by sharing the producer's batches is for the
+    # benchmarks (bench/run.py --brokers), not a timed test on a shared machine.
+    consumer = await broker.consume("all", ["github.push"])
     results = await asyncio.gather(*(broker.publish(event(n=n)) for n in range(500)))
-    concurrent = time.monotonic() - began
-    began = time.monotonic()
-    for n in range(50):
-        await broker.publish(event(n=n))
-    sequential = (time.monotonic() - began) / 50
     assert all(results)
-    # 500 together cost far less than 500 one after another.
-    assert concurrent < sequential * 100
+    got: list[int] = []
+    while len(got) < 500:
+        batch = await asyncio.wait_for(consumer.fetch(500), 10)
+        await consumer.ack(batch)
+        got += [d.event.payload["n"] for d in batch]
+    assert got == list(range(500))
 
 
 async def test_dead_letters_are_kept_apart_from_the_log(broker: KafkaBroker) -> None:

@@ -182,23 +182,17 @@ async def test_a_delivery_id_is_recognised_by_the_instance_that_accepted_it(
     assert [d.event.payload["n"] for d in await fetch(consumer, 2)] == [1, 3]
 
 
-async def test_concurrent_publishes_are_pipelined_and_confirmed_in_order(
+async def test_concurrent_publishes_are_all_confirmed_and_kept_in_order(
     open_rabbit: Opener,
 ) -> None:
+    # How much faster overlapping confirms are is for the benchmarks (bench/run.py --brokers),
+    # not a timed test on a shared machine.
     broker = await open_rabbit()
     consumer = await broker.consume("all", ["github.push"])
-    began = time.monotonic()
     accepted = await asyncio.gather(*(broker.publish(event(n=n)) for n in range(500)))
-    concurrent = time.monotonic() - began
     assert all(accepted)
     got = await fetch(consumer, 500, timeout=20)
     assert [d.event.payload["n"] for d in got] == list(range(500))
-    began = time.monotonic()
-    for n in range(100):
-        await broker.publish(event(n=n))
-    one_by_one = (time.monotonic() - began) * 5
-    # Confirms of concurrent publishes overlap: far quicker than one round trip each.
-    assert concurrent < one_by_one, (concurrent, one_by_one)
 
 
 async def test_concurrent_listings_from_two_servers_see_every_group(open_rabbit: Opener) -> None:
