@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,postgres,nats,redis,rabbitmq,kafka]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev,postgres,nats,redis,rabbitmq,kafka,aws]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 

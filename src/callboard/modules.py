@@ -25,6 +25,12 @@ BUILTIN: dict[str, str] = {
     "gerrit": "callboard.providers.gerrit:module",
     "gitea": "callboard.providers.gitea:module",
     "webhooks": "callboard.providers.webhooks:module",
+    # Bridges: Backstage's module keys where Backstage has the module.
+    "kafka": "callboard.bridges.kafka:module",
+    "awsSqs": "callboard.bridges.aws_sqs:module",
+    "awsSns": "callboard.bridges.aws_sns:module",
+    "awsEventBridge": "callboard.bridges.aws_eventbridge:module",
+    "rabbitmq": "callboard.bridges.rabbitmq:module",
 }
 
 

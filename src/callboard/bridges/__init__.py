@@ -1,0 +1,1 @@
+"""Bridges: modules that copy events between callboard's broker and outside systems."""

@@ -1,0 +1,1 @@
+"""CloudEvents 1.0 over HTTP, through the CloudEvents SDK: read (binary and structured) and written."""

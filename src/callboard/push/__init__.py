@@ -1,0 +1,1 @@
+"""HTTP push subscriptions: each event POSTed to a URL, signed with Standard Webhooks headers."""
