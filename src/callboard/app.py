@@ -33,7 +33,7 @@ from callboard.bus.api import BusApp, Publish
 from callboard.bus.auth import PLUGIN_ID, BusAuth, Principal, StaticTokenAuth, static_tokens
 from callboard.bus.plugin_keys import PluginKeys, PluginTokenVerifier, plugin_base_urls
 from callboard.bus.wire import BUS_PATH
-from callboard.config import Config
+from callboard.config import Config, parse_push_target
 from callboard.console.access import ConsoleAccess
 from callboard.console.app import ConsoleApp
 from callboard.console.ingress_stats import IngressStats
@@ -48,12 +48,17 @@ from callboard.metrics import Metrics
 from callboard.metrics_sum import Part, combine
 from callboard.modules import resolve_modules
 from callboard.peers import Peers
+from callboard.push.api import Caller, PushApi, Refused
+from callboard.push.registry import PushTargets
+from callboard.push.store import JsonFileStore
 from callboard.routing import EventRouter
 from callboard.spans import Tracer
 
 logger = logging.getLogger("callboard.app")
 
 INGRESS_PREFIX = "/api/events/http"
+#: Where the push targets' routes are, under the bus's path.
+PUSH_PATH = "/push"
 CONSOLE_PATH = "/console"
 #: Seconds ``/readyz`` waits for the broker's health check: under the 2 s a worker has to
 #: answer a sibling (``peers``), so a worker whose broker hangs says so, not "not answering".
@@ -112,6 +117,15 @@ class Callboard:
             observers=[RequestLog()],
             **traced,
         )
+        store_path = config.events.push_store_path
+        #: The push subscriptions (``events.push`` and those made through the API).
+        self.push = PushTargets(
+            config.events.push_specs(),
+            parse=parse_push_target,
+            store=None if store_path is None else JsonFileStore(store_path),
+            broker=broker,
+            metrics=metrics.push,
+        )
         self.ready = False
         self._started: list[ModuleContext] = []
 
@@ -149,6 +163,11 @@ class Callboard:
                 logger.error("module %r failed to start: %s", context.name, error)
                 await self.stop()
                 raise ModuleError(context.name, f"failed to start: {error}") from error
+        try:
+            await self.push.start(self.events)
+        except Exception:
+            await self.stop()
+            raise
         self._read_broker_figures()  # counted from now: the first scrape does not wait for it
         self.ready = True
         logger.info(
@@ -219,6 +238,7 @@ class Callboard:
             self._reading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reading
+        await self.push.stop()
         for context in reversed(self._started):
             for hook in reversed(context.lifecycle.stop_hooks):
                 try:
@@ -363,6 +383,7 @@ class CallboardApp:
         broker = board.events.broker
         self.bus = bus_app(board.config, broker, board.events.publish)
         self.console = console_app(board, self.bus)
+        self.push = push_app(board, self.bus)
         #: The broker's health check behind ``/readyz``; ``None``: a broker without one (memory),
         #: taken as always healthy.
         self.health = (
@@ -377,6 +398,8 @@ class CallboardApp:
                 Route("/readyz", self._ready),
                 Route("/metrics", self._metrics),
                 Mount(INGRESS_PREFIX, app=board.ingress),
+                Route(BUS_PATH + PUSH_PATH, self.push),
+                Route(BUS_PATH + PUSH_PATH + "/{name}", self.push),
                 Mount(BUS_PATH, app=self.bus),
                 Mount(CONSOLE_PATH, app=self.console),
             ],
@@ -515,6 +538,18 @@ def bus_app(config: Config, broker: Broker, publish: Publish | None = None) -> B
         access=Access(Grant.parse(g.subject, g.subscriptions) for g in bus.grants),
         max_topics=bus.max_topics_per_subscription,
     )
+
+
+def push_app(board: Callboard, bus: BusApp) -> PushApi:
+    """The push targets' routes, authenticated as the bus is."""
+
+    async def authenticate(authorization: str | None) -> Caller | Refused:
+        verdict = await bus.auth.check(authorization)
+        if isinstance(verdict, Principal):
+            return Caller(verdict.created_by)
+        return Refused(verdict.message)
+
+    return PushApi(board.push, authenticate)
 
 
 def console_app(board: Callboard, bus: BusApp) -> ConsoleApp:

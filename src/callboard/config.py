@@ -27,8 +27,10 @@ from pydantic import (
 
 from callboard.brokers.base import RetentionPolicy
 from callboard.errors import ConfigError, InvalidTopicError
+from callboard.push.signing import signing_key
+from callboard.push.spec import BreakerPolicy, PushSpec, RateLimit, Source, name_problem
 from callboard.settings import Section, closest, doc_for, keys_of, validate_section
-from callboard.topics import validate_topic
+from callboard.topics import normalize_patterns, validate_topic
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|mb|gb)?\s*$", re.IGNORECASE)
 _UNITS = {None: 1, "b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
@@ -274,6 +276,150 @@ class Bus(Section):
     max_topics_per_subscription: int = Field(default=1_000, alias="maxTopicsPerSubscription", ge=1)
 
 
+def _rate(value: Any) -> Any:
+    # ``rateLimit: 50`` is 50 a second, with the burst's default.
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return {"perSecond": value}
+    return value
+
+
+class PushRateLimit(Section):
+    """A push target's token bucket: ``perSecond`` on average, ``burst`` at once."""
+
+    per_second: float = Field(alias="perSecond", gt=0, le=1_000_000)
+    #: Default: one second's worth (``perSecond``, at least 1).
+    burst: int | None = Field(default=None, ge=1, le=1_000_000)
+
+
+class PushBreaker(Section):
+    """A push target's circuit breaker: open after ``failures`` in a row, for ``cooldownMs``."""
+
+    failures: int = Field(default=5, ge=1, le=10_000)
+    cooldown_ms: float = Field(default=30_000, alias="cooldownMs", ge=10, le=86_400_000)
+
+
+class PushCloudEvents(Section):
+    """How a push target with ``format: cloudevents`` writes them."""
+
+    mode: Literal["structured", "binary"] = "structured"
+    #: The CloudEvents ``source`` of events that did not come in as CloudEvents.
+    source: str = Field(default="/callboard", min_length=1)
+
+
+#: Headers a push target sets itself: configured ``headers`` may not replace them.
+_OWN_HEADERS = frozenset(
+    {
+        "webhook-id",
+        "webhook-timestamp",
+        "webhook-signature",
+        "content-type",
+        "content-length",
+        "host",
+        "transfer-encoding",
+        "connection",
+    }
+)
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+class PushTarget(Section):
+    """One ``events.push.<name>``: each event on ``topics`` POSTed to ``url``, signed."""
+
+    url: str
+    topics: tuple[str, ...] = Field(min_length=1)
+    #: A ``whsec_...`` secret, or several (each signs every request) while rotating.
+    secret: tuple[str, ...] = Field(min_length=1)
+    #: Milliseconds a request may take, connecting included.
+    timeout: float = Field(default=10_000, ge=1, le=600_000)
+    headers: dict[str, str] = {}
+    rate_limit: Annotated[PushRateLimit | None, BeforeValidator(_rate)] = Field(
+        default=None, alias="rateLimit"
+    )
+    enabled: bool = True
+    format: Literal["json", "cloudevents"] = "json"
+    cloud_events: PushCloudEvents = Field(default=PushCloudEvents(), alias="cloudEvents")
+    #: Requests in flight at most; above 1 the events are not sent in publish order.
+    concurrency: int = Field(default=8, ge=1, le=256)
+    circuit_breaker: PushBreaker = Field(default=PushBreaker(), alias="circuitBreaker")
+    max_retry_after_ms: float = Field(default=300_000, alias="maxRetryAfterMs", ge=0, le=86_400_000)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s?#]+", value) or any(c.isspace() for c in value):
+            raise ValueError("expected an http:// or https:// URL")
+        return value
+
+    @field_validator("topics", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("topics")
+    @classmethod
+    def _patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            return normalize_patterns(value)
+        except InvalidTopicError as error:
+            raise ValueError(f"{error.topic!r} is not a topic pattern: {error.reason}") from None
+
+    @field_validator("secret", mode="before")
+    @classmethod
+    def _secrets(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("secret")
+    @classmethod
+    def _decodable(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for secret in value:
+            signing_key(secret)  # its ValueError never repeats the secret
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _headers(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a header name")
+            if name.lower() in _OWN_HEADERS:
+                raise ValueError(f"{name!r} is set by callboard itself and cannot be configured")
+            if "\r" in text or "\n" in text:
+                raise ValueError(f"the value of {name!r} holds a line break")
+        return value
+
+    def spec(self, name: str, source: Source = "config") -> PushSpec:
+        limit = self.rate_limit
+        return PushSpec(
+            name=name,
+            url=self.url,
+            topics=self.topics,
+            secrets=self.secret,
+            timeout=self.timeout / 1000,
+            headers=tuple((k.lower(), v) for k, v in self.headers.items()),
+            rate_limit=None
+            if limit is None
+            else RateLimit(limit.per_second, limit.burst or max(1, round(limit.per_second))),
+            enabled=self.enabled,
+            format=self.format,
+            cloud_events_mode=self.cloud_events.mode,
+            cloud_events_source=self.cloud_events.source,
+            concurrency=self.concurrency,
+            breaker=BreakerPolicy(
+                self.circuit_breaker.failures, self.circuit_breaker.cooldown_ms / 1000
+            ),
+            max_retry_after=self.max_retry_after_ms / 1000,
+            source=source,
+        )
+
+
+def parse_push_target(name: str, section: Mapping[str, Any]) -> PushSpec:
+    """A push target created through the API; errors name ``push.<name>.<key>``."""
+    problem = name_problem(name)
+    if problem is not None:
+        raise ConfigError(f"push.{name[:80]}", problem)
+    return validate_section(PushTarget, section, f"push.{name}").spec(name, "api")
+
+
 class Events(Section):
     broker: str = "memory://"
     http: Http = Http()
@@ -286,6 +432,25 @@ class Events(Section):
     use_event_bus: Literal["never", "always", "auto"] = Field(default="auto", alias="useEventBus")
     load: tuple[str, ...] = ()
     modules: dict[str, dict[str, Any]] = {}
+    #: HTTP push subscriptions by name (``docs/bridges.md``).
+    push: dict[str, PushTarget] = {}
+    #: The file that keeps the push subscriptions created through the API; unset: none can be.
+    push_store_path: str | None = Field(default=None, alias="pushStorePath", min_length=1)
+
+    @field_validator("push")
+    @classmethod
+    def _push_names(cls, value: dict[str, PushTarget]) -> dict[str, PushTarget]:
+        for name in value:
+            problem = name_problem(name)
+            if problem is not None:
+                # Raised as ConfigError directly: a ValueError's message would echo the whole
+                # section, secrets included.
+                raise ConfigError(f"events.push.{name[:80]}", f"{problem}; see docs/bridges.md")
+        return value
+
+    def push_specs(self) -> list[PushSpec]:
+        """The configured push targets."""
+        return [target.spec(name) for name, target in self.push.items()]
 
     @field_validator("modules", mode="before")
     @classmethod

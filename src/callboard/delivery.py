@@ -2,7 +2,8 @@
 
 One ``SubscriptionWorker`` is one consumer of a subscription's group. It fetches a batch, hands
 each event to the handler in order, and acknowledges it once the handler returned. A handler that
-raises is called again after an exponentially growing delay; when the last attempt fails, the event
+raises is called again after an exponentially growing delay (or, when it raised ``RetryLater``,
+after the delay it names, if that is longer); when the last attempt fails, the event
 is published on the subscription's dead-letter topic with the error, and then acknowledged.
 
 A handler call has a time limit (``events.delivery.handlerTimeoutMs``). It is kept by one timer
@@ -50,7 +51,7 @@ from time import time as wall_time
 
 from callboard.brokers.base import Broker, Consumer, Delivery
 from callboard.deadletters import dead_letter_event
-from callboard.errors import HandlerTimeoutError, SubscriptionError
+from callboard.errors import HandlerTimeoutError, RetryLater, SubscriptionError
 from callboard.metrics import Metrics
 from callboard.service import Handler
 
@@ -326,6 +327,8 @@ class SubscriptionWorker:
             await self._dead_letter(delivery, error, attempt)
             return True
         delay = policy.delay(attempt)
+        if isinstance(error, RetryLater):
+            delay = max(delay, error.delay)  # the handler knows better: a Retry-After
         logger.warning(
             "subscription %r failed on event %s (topic %r), attempt %d of %d; "
             "retrying in %.2fs%s: %s",

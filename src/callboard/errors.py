@@ -12,6 +12,9 @@ Every error callboard raises on purpose derives from ``CallboardError``::
     ├── NotFoundError          what an operation names does not exist (a subscription, a dead
     │                          letter, an event, the store's file)
     ├── HandlerTimeoutError    a handler ran past its time limit (also a ``TimeoutError``)
+    ├── RetryLater             a handler's failure that says when to try again (``delay``)
+    ├── PushFailed             a push subscription's receiver did not take an event
+    ├── BridgeFailed           the outside system a bridge writes to did not take an event
     ├── ModuleError            a module failed to load, register or start (``module`` names it)
     ├── RequestRejected        an HTTP request was refused (``status_code``)
     │   ├── MalformedBodyError         400: the body does not parse as its media type says
@@ -93,6 +96,37 @@ class HandlerTimeoutError(CallboardError, TimeoutError):
             "(events.delivery.handlerTimeoutMs, or handler_timeout= of the subscription)"
         )
         self.seconds = seconds
+
+
+class RetryLater(CallboardError):
+    """A handler failed and names how long to wait before the next attempt (``delay``, in
+    seconds): a receiver's ``Retry-After``, a circuit breaker's cool-down. The retry policy
+    waits at least that long; the attempt counts as failed like any other."""
+
+    def __init__(self, message: str, *, delay: float) -> None:
+        super().__init__(message)
+        self.delay = max(0.0, delay)
+
+
+class PushFailed(CallboardError):
+    """A push subscription's receiver did not take an event: an answer other than ``2xx``
+    (``status``), no answer in time (``timed_out``), or no connection (``status`` is ``None``).
+    Retried, then a dead letter."""
+
+    def __init__(self, message: str, *, status: int | None = None, timed_out: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.timed_out = timed_out
+
+
+class BridgeFailed(CallboardError):
+    """The outside system a bridge writes to (SNS, EventBridge, Kafka, RabbitMQ) did not take
+    an event: it refused the entry (``code`` is its error code) or could not be reached
+    (``code`` is ``None``). Retried, then a dead letter."""
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class ModuleError(CallboardError):

@@ -20,7 +20,7 @@ from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.metrics_core import (
     CounterMetricFamily,
@@ -174,6 +174,8 @@ class Metrics:
             registry=r,
         )
 
+        self.push = PushMetrics(r, max_targets=max_subscriptions)
+
     def count_ingress(self, topic: str, status: int) -> None:
         self.ingress[self.topic_label(topic), status] += 1
 
@@ -213,6 +215,38 @@ class Metrics:
     def exposition(self) -> tuple[bytes, str]:
         """The registry in Prometheus text format, with its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class PushMetrics:
+    """Push subscriptions' figures, per target (bounded as subscriptions are): requests by
+    outcome, their duration, and the state of each target's circuit breaker."""
+
+    #: Every outcome a push is counted under; a fixed set, so the label stays bounded.
+    OUTCOMES = ("delivered", "rejected", "failed", "timeout", "unreachable", "circuit_open")
+
+    def __init__(self, registry: CollectorRegistry, *, max_targets: int = 200) -> None:
+        #: The label of a target's name (``OTHER`` beyond the bound).
+        self.target_label = Labels(max_targets)
+        self.requests = Counter(
+            "callboard_push_requests",
+            "Push deliveries by target and outcome: delivered (2xx), rejected (4xx), failed "
+            "(5xx), timeout, unreachable, circuit_open (not sent: the breaker is open).",
+            ["target", "outcome"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "callboard_push_duration_seconds",
+            "Time from sending a push request to its answer (or its failure).",
+            ["target"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.breaker = Gauge(
+            "callboard_push_breaker_state",
+            "A push target's circuit breaker: 0 closed, 1 half-open (one trial), 2 open.",
+            ["target"],
+            registry=registry,
+        )
 
 
 class _HotPath(Collector):

@@ -15,8 +15,9 @@ from callboard.errors import ConfigError
 
 M = TypeVar("M", bound=BaseModel)
 
-# The value of a key with one of these words in its name is never repeated in an error.
-_CREDENTIAL_KEY = re.compile(r"secret|token|password|credential", re.IGNORECASE)
+# The value of a key with one of these words in its name is never repeated in an error (header
+# values carry credentials too: ``Authorization``).
+_CREDENTIAL_KEY = re.compile(r"secret|token|password|credential|headers", re.IGNORECASE)
 
 
 class Section(BaseModel):
@@ -26,7 +27,11 @@ class Section(BaseModel):
 
 
 #: Where the keys are documented, by the start of their path; the first match wins.
-_DOCS = (("events.modules.", "docs/providers.md"), ("", "docs/configuration.md"))
+_DOCS = (
+    ("events.modules.", "docs/providers.md"),
+    ("events.push", "docs/bridges.md"),
+    ("", "docs/configuration.md"),
+)
 
 
 def doc_for(path: str) -> str:
@@ -86,6 +91,9 @@ def _section_at(model: type[BaseModel], loc: Iterable[int | str]) -> type[BaseMo
     current: Any = model
     for part in loc:
         if isinstance(part, int):
+            continue
+        if typing.get_origin(current) is dict:
+            current = _section_type(typing.get_args(current)[1])  # ``part`` names an entry
             continue
         if not (isinstance(current, type) and issubclass(current, BaseModel)):
             return None

@@ -1,1 +1,163 @@
-"""To be written."""
+"""What the AWS bridges share: the client settings, making a client, and durations.
+
+The SDK (aiobotocore, the ``aws`` extra) is imported lazily, when a bridge opens its client:
+callboard without the extra loads, and a configuration that names an AWS bridge is refused at
+registration with an error naming the extra (``require_sdk``), before anything starts.
+
+Credentials come from the SDK's default chain (environment, shared files, instance or task
+role) unless ``accessKeyId`` and ``secretAccessKey`` are both set; ``endpoint`` points a client
+at LocalStack or moto instead of AWS.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from contextlib import AbstractAsyncContextManager
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, SecretStr, model_validator
+
+from callboard.errors import ModuleError
+from callboard.settings import Section
+
+#: The AWS services the bridges talk to, by the SDK's name for each.
+Service = Literal["sqs", "sns", "events"]
+
+#: Seconds a connection may take to open; a read waits longer than the longest SQS long poll.
+CONNECT_TIMEOUT = 5.0
+READ_TIMEOUT = 30.0
+#: Calls the SDK makes per request, the first included (its ``standard`` retry mode), before the
+#: bridge's own back-off or the delivery policy takes over.
+SDK_ATTEMPTS = 2
+
+_UNIT_SECONDS = {
+    "ms": 0.001,
+    "millisecond": 0.001,
+    "s": 1.0,
+    "sec": 1.0,
+    "second": 1.0,
+    "m": 60.0,
+    "min": 60.0,
+    "minute": 60.0,
+    "h": 3600.0,
+    "hour": 3600.0,
+    "d": 86400.0,
+    "day": 86400.0,
+}
+_OBJECT_KEYS = {
+    "milliseconds": 0.001,
+    "seconds": 1.0,
+    "minutes": 60.0,
+    "hours": 3600.0,
+    "days": 86400.0,
+}
+_SPOKEN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*$", re.IGNORECASE)
+_ISO = re.compile(
+    r"^P(?:(?P<d>\d+(?:\.\d+)?)D)?(?:T(?:(?P<h>\d+(?:\.\d+)?)H)?(?:(?P<m>\d+(?:\.\d+)?)M)?"
+    r"(?:(?P<s>\d+(?:\.\d+)?)S)?)?$",
+    re.IGNORECASE,
+)
+_DURATION_FORMS = "{seconds: 20}, '20s', '1 minute' or 'PT20S'"
+
+
+def _seconds(value: Any) -> Any:
+    """A duration as Backstage writes one (a HumanDuration object or a string), in seconds."""
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(_OBJECT_KEYS))
+        if unknown or not value:
+            raise ValueError(f"expected a duration such as {_DURATION_FORMS}")
+        total = 0.0
+        for key, amount in value.items():
+            if isinstance(amount, bool) or not isinstance(amount, int | float):
+                raise ValueError(f"{key} must be a number, not {amount!r}")
+            total += amount * _OBJECT_KEYS[key]
+        return total
+    if isinstance(value, str):
+        spoken = _SPOKEN.match(value)
+        if spoken is not None:
+            unit = spoken.group(2).lower()
+            factor = _UNIT_SECONDS.get(unit) or _UNIT_SECONDS.get(unit.removesuffix("s"))
+            if factor is not None:
+                return float(spoken.group(1)) * factor
+        iso = _ISO.match(value.strip())
+        if iso is not None and value.strip().upper() not in ("P", "PT"):
+            parts = {key: float(found or 0) for key, found in iso.groupdict().items()}
+            return parts["d"] * 86400 + parts["h"] * 3600 + parts["m"] * 60 + parts["s"]
+    raise ValueError(f"expected a duration such as {_DURATION_FORMS}")
+
+
+#: A duration in seconds, written as Backstage writes one: ``{seconds: 20}``, ``'20s'``,
+#: ``'1 minute'`` or ISO 8601 (``'PT20S'``).
+Duration = Annotated[float, BeforeValidator(_seconds)]
+
+
+class ClientSettings(Section):
+    """Where and as whom an AWS client connects."""
+
+    #: The AWS region (``eu-west-1``); the SDK's default chain (``AWS_REGION``) when unset.
+    region: str | None = None
+    #: Another endpoint than AWS's own: LocalStack, moto.
+    endpoint: str | None = None
+    access_key_id: str | None = Field(default=None, alias="accessKeyId")
+    secret_access_key: SecretStr | None = Field(default=None, alias="secretAccessKey")
+    session_token: SecretStr | None = Field(default=None, alias="sessionToken")
+
+    @model_validator(mode="after")
+    def _key_pair(self) -> ClientSettings:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError(
+                "set both accessKeyId and secretAccessKey, or neither (then the SDK's default "
+                "credential chain is used: environment, shared files, instance or task role)"
+            )
+        return self
+
+
+def require_sdk(module: str) -> None:
+    """Refuse to register an AWS bridge when the SDK (the ``aws`` extra) is not installed."""
+    if importlib.util.find_spec("aiobotocore") is None:
+        raise ModuleError(
+            module,
+            "needs the AWS SDK (aiobotocore), which the 'aws' extra installs: "
+            "pip install 'callboard[aws]'",
+        )
+
+
+def client(service: Service, settings: ClientSettings) -> AbstractAsyncContextManager[Any]:
+    """An SDK client of ``service`` as ``settings`` say; entered, it is open until exited."""
+    from aiobotocore.config import AioConfig  # type: ignore[import-untyped]
+    from aiobotocore.session import get_session  # type: ignore[import-untyped]
+
+    secret, token = settings.secret_access_key, settings.session_token
+    made: AbstractAsyncContextManager[Any] = get_session().create_client(
+        service,
+        region_name=settings.region,
+        endpoint_url=settings.endpoint,
+        aws_access_key_id=settings.access_key_id,
+        aws_secret_access_key=secret.get_secret_value() if secret is not None else None,
+        aws_session_token=token.get_secret_value() if token is not None else None,
+        config=AioConfig(
+            connect_timeout=CONNECT_TIMEOUT,
+            read_timeout=READ_TIMEOUT,
+            retries={"mode": "standard", "total_max_attempts": SDK_ATTEMPTS},
+        ),
+    )
+    return made
+
+
+def refusal(error: Exception) -> tuple[str, str] | None:
+    """The service's error code and message when ``error`` is its answer refusing a request;
+    ``None`` for anything else (no connection, a timeout)."""
+    from botocore.exceptions import ClientError  # type: ignore[import-untyped]
+
+    if not isinstance(error, ClientError):
+        return None
+    details = error.response.get("Error", {})
+    return details.get("Code", "?"), details.get("Message", "")
+
+
+def sdk_error(error: BaseException) -> bool:
+    """Whether ``error`` is the SDK's: a service's refusal, or no connection or answer."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return isinstance(error, BotoCoreError | ClientError)

@@ -9,6 +9,12 @@ refusal (``403``) whatever its body or media type, and no parser ever reads what
 wrote. Input that can never be stored is ``400`` (``InvalidEventError``), never ``503``: a
 ``503`` tells the sender to try again, which only helps when the store is unavailable.
 
+A CloudEvent (binary mode: a ``ce-specversion`` header; structured mode:
+``application/cloudevents+json``, or ``application/cloudevents-batch+json`` for several) is read
+by ``callboard.cloud_events`` once the validator accepted it: its data becomes the payload, its
+attributes ``ce-*`` metadata and its source and id the delivery id. A request that is no
+CloudEvent pays one header lookup and one media-type lookup for this.
+
 Every refusal is JSON in one shape,
 ``{"error": {"name", "message"}, "request": {...}, "response": {"statusCode"}}``.
 
@@ -27,6 +33,7 @@ from typing import Any, NoReturn
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
+from callboard.cloud_events import DATA_BASE64, MEDIA_TYPES, SPECVERSION_HEADER, read_http
 from callboard.errors import (
     BrokerError,
     InvalidEventError,
@@ -37,7 +44,7 @@ from callboard.errors import (
 )
 from callboard.events import DELIVERY_ID, Event
 from callboard.http_errors import error_body
-from callboard.ingress.parsers import DEFAULT_PARSERS
+from callboard.ingress.parsers import CLOUD_EVENT_PARSERS, DEFAULT_PARSERS, parse_cloud_data
 from callboard.ingress.types import (
     BodyParser,
     Headers,
@@ -84,7 +91,7 @@ class IngressApp:
     ) -> None:
         self._publish = publish
         self.ingresses = {ingress.topic: ingress for ingress in ingresses}
-        self.parsers = {**DEFAULT_PARSERS, **(parsers or {})}
+        self.parsers = {**DEFAULT_PARSERS, **CLOUD_EVENT_PARSERS, **(parsers or {})}
         self.body_limit = body_limit
         self.max_metadata_bytes = max_metadata_bytes
         self._keep_credentials = keep_credentials
@@ -176,25 +183,17 @@ class IngressApp:
 
     async def _accept(self, scope: Scope, receive: Receive, send: Send, ingress: Ingress) -> None:
         topic = ingress.topic
-        headers: dict[str, str | list[str]] = {}
-        header_bytes = 0
-        for raw_name, raw_value in scope["headers"]:
-            header_bytes += len(raw_name) + len(raw_value)
-            name = raw_name.decode("latin-1").lower()
-            value = raw_value.decode("latin-1")
-            known = headers.get(name)
-            if known is None:
-                headers[name] = value
-            elif isinstance(known, list):
-                known.append(value)
-            else:
-                headers[name] = [known, value]
+        headers, header_bytes = _request_headers(scope)
         length = headers.get("content-length")
         if isinstance(length, str) and length.isdigit() and int(length) > self.body_limit:
             raise PayloadTooLargeError(self._too_large(int(length)))
         raw = await self._read_body(receive)
 
-        media_type, parser = self._parser_for(headers.get("content-type"))
+        content_type = headers.get("content-type")
+        media_type, parser = self._parser_for(content_type)
+        binary = SPECVERSION_HEADER in headers  # a CloudEvent in binary mode
+        if binary and not isinstance(content_type, list):
+            parser = parse_cloud_data
         request = WebhookRequest(topic, headers, raw, media_type, parser)
         if ingress.validator is not None:
             rejection = await ingress.validator(request)
@@ -207,6 +206,9 @@ class IngressApp:
             metadata = {k: v for k, v in headers.items() if k not in redacted}
         else:
             metadata = self._bounded_metadata(topic, headers, redacted)
+        if binary or media_type.type in MEDIA_TYPES:
+            await self._accept_cloud_events(send, ingress, request, metadata)
+            return
         delivery_id = None
         if ingress.delivery_id is not None and self._detect_redeliveries:
             delivery_id = ingress.delivery_id(request)
@@ -221,6 +223,44 @@ class IngressApp:
                 delivery_id = ingress.delivery_id(request)
             outcome = IngressOutcome(topic, 202, None, delivery_id or None, time.time())
             self._tell(outcome, self._accepted_observers)
+
+    async def _accept_cloud_events(
+        self, send: Send, ingress: Ingress, request: WebhookRequest, metadata: dict[str, Any]
+    ) -> None:
+        """Publish the CloudEvents of a request, each as an event of the topic with its
+        attributes in the metadata, and answer ``202`` once the broker accepted them all.
+
+        The ``ce-*`` headers as sent are left out of the metadata: in binary mode the attributes
+        replace them decoded, and structured mode ignores them, as the specification says. A
+        batch is published in its order; should one fail, the sender's retry of the whole batch
+        is recognised as redelivery for those already stored (by their source and id).
+        """
+        topic = ingress.topic
+        received = read_http(request.headers, request.body)
+        common = {
+            name: value
+            for name, value in metadata.items()
+            if not name.startswith("ce-") and name != DATA_BASE64
+        }
+        for cloud in received:
+            size = sum(len(name) + len(value) for name, value in cloud.metadata.items())
+            if size > self.max_metadata_bytes:
+                raise InvalidEventError(
+                    f"the attributes of the CloudEvent {cloud.delivery_id[:200]} add up to {size} "
+                    f"bytes, over the limit of {self.max_metadata_bytes} bytes "
+                    "(events.http.maxMetadataBytes)"
+                )
+        for cloud in received:
+            kept = {**common, **cloud.metadata}
+            if self._detect_redeliveries:
+                kept[DELIVERY_ID] = cloud.delivery_id
+            await self._publish(Event.from_owned(topic, cloud.payload, kept))
+        self._metrics.count_ingress(topic, 202)
+        await send({"type": "http.response.start", "status": 202, "headers": _ACCEPTED_HEADERS})
+        await send({"type": "http.response.body", "body": _ACCEPTED})
+        if self._accepted_observers:
+            delivery_id = received[0].delivery_id if len(received) == 1 else None
+            self._tell(IngressOutcome(topic, 202, None, delivery_id, time.time()))
 
     def _bounded_metadata(
         self, topic: str, headers: Mapping[str, str | list[str]], redacted: frozenset[str]
@@ -423,6 +463,25 @@ def _header_delivery_id(ingress: Ingress, headers: Headers) -> str | None:
     )
     first = next(probes)
     return first if first == next(probes) else None
+
+
+def _request_headers(scope: Scope) -> tuple[dict[str, str | list[str]], int]:
+    """The request headers under lower-cased names (a repeated one as a list), and the bytes
+    they add up to."""
+    headers: dict[str, str | list[str]] = {}
+    header_bytes = 0
+    for raw_name, raw_value in scope["headers"]:
+        header_bytes += len(raw_name) + len(raw_value)
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        known = headers.get(name)
+        if known is None:
+            headers[name] = value
+        elif isinstance(known, list):
+            known.append(value)
+        else:
+            headers[name] = [known, value]
+    return headers, header_bytes
 
 
 def _headers_of(scope: Scope) -> Headers:

@@ -19,6 +19,7 @@ from urllib.parse import parse_qs
 
 import orjson
 
+from callboard import cloud_events
 from callboard.errors import InvalidEventError, MalformedBodyError, UnsupportedMediaTypeError
 from callboard.ingress.types import BodyParser, MediaType
 
@@ -247,7 +248,33 @@ def _check_form(fields: Mapping[str, list[str]]) -> None:
             _utf8(text, what)
 
 
+def parse_cloud_data(raw: bytes, media_type: MediaType, topic: str) -> Any:
+    """The data of a binary-mode CloudEvent, whatever its media type.
+
+    JSON for a JSON media type, or for none (the CloudEvents default); the text for another
+    media type in UTF-8 (declared or not); the ``bytes`` as they came for anything else, and for
+    text holding NUL, which no store keeps as text (``callboard.cloud_events`` keeps those as
+    base64). ``None`` for an empty body: a CloudEvent without data.
+    """
+    if not raw:
+        return None
+    if not media_type.type or cloud_events.is_json(media_type.type):
+        return parse_json(raw, media_type, topic)
+    charset = media_type.charset
+    if charset is None or charset.lower() in _UTF8:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return raw
+        if "\x00" not in text:
+            return text
+    return raw
+
+
 DEFAULT_PARSERS: dict[str, BodyParser] = {
     "application/json": parse_json,
     "application/x-www-form-urlencoded": parse_form,
 }
+#: Structured-mode CloudEvents: the body is their JSON document, which the ingress then reads
+#: as events with ``callboard.cloud_events``.
+CLOUD_EVENT_PARSERS: dict[str, BodyParser] = dict.fromkeys(cloud_events.MEDIA_TYPES, parse_json)

@@ -1,1 +1,77 @@
-"""To be written."""
+"""The HTTP client of push subscriptions: one pooled aiohttp session for every target.
+
+The only module that imports aiohttp. One ``Sender`` per process (the application makes one and
+hands it to every target): its connections are kept alive and reused across requests and
+targets, so a push costs a request, not a connection. Redirects are not followed (a signed
+request goes where it was configured to go, or fails). aiohttp's exceptions end here, turned
+into ``PushFailed`` that names what went wrong without the request's body or headers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import aiohttp
+
+from callboard.errors import PushFailed
+
+#: A response body longer than this is not read: the connection is closed instead of reused.
+MAX_READ = 64 * 1024
+USER_AGENT = "callboard-push"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """What the receiver answered: its status, and its ``Retry-After`` header if any."""
+
+    status: int
+    retry_after: str | None = None
+
+
+class Sender:
+    """POSTs requests over one pooled, keep-alive aiohttp session (opened on first use)."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
+
+    def _open(self) -> aiohttp.ClientSession:
+        # No pool-wide bound: each target bounds its own requests in flight (its concurrency).
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            headers={"user-agent": USER_AGENT},
+            skip_auto_headers=("accept-encoding",),
+            auto_decompress=False,
+        )
+        return self._session
+
+    async def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
+    ) -> Answer:
+        """POST ``body``; the answer, whatever its status. Raises ``PushFailed`` on a timeout
+        or when the endpoint cannot be reached."""
+        session = self._session or self._open()
+        limit = self._timeouts.get(timeout)
+        if limit is None:
+            limit = self._timeouts[timeout] = aiohttp.ClientTimeout(total=timeout)
+        try:
+            async with session.post(
+                url, data=body, headers=headers, timeout=limit, allow_redirects=False
+            ) as response:
+                length = response.content_length
+                if length is None or length <= MAX_READ:
+                    # Read to the end, so the connection goes back to the pool.
+                    await response.read()
+                return Answer(response.status, response.headers.get("retry-after"))
+        except TimeoutError:
+            raise PushFailed(f"no answer within {timeout:g}s", timed_out=True) from None
+        except aiohttp.ClientError as error:
+            raise PushFailed(f"the endpoint cannot be reached: {error}") from None
+
+    async def close(self) -> None:
+        """Close the pooled connections."""
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()

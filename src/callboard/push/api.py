@@ -1,0 +1,213 @@
+"""Push targets managed over HTTP, beside the bus API and authenticated as it is.
+
+Mounted at ``/api/events/bus/v1/push``:
+
+- ``GET /push``: every target (configured and created here), secrets and header values left out;
+- ``GET /push/{name}``: one;
+- ``PUT /push/{name}``: create (``201``) or replace (``200``) a target from a JSON object with
+  the keys of ``events.push.<name>``; ``409`` for a configured one, ``501`` without a store;
+- ``DELETE /push/{name}``: ``204``, ``404`` when unknown, ``409`` for a configured one.
+
+A raw ASGI app, served by the application's routes for ``/push`` and ``/push/{name}`` (the name
+comes in the scope's ``path_params``); the application hands it the bus's authentication as a
+plain callable, so this package depends on no other implementation. Refusals have callboard's
+JSON error shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from callboard.errors import ConfigError, SubscriptionError
+from callboard.http_errors import error_body
+from callboard.push.registry import PushTargets
+from callboard.push.spec import PushSpec, name_problem
+
+BODY_LIMIT = 64 * 1024
+_JSON = [(b"content-type", b"application/json; charset=utf-8")]
+_NAMES = {
+    400: "InputError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    405: "MethodNotAllowedError",
+    409: "ConflictError",
+    413: "PayloadTooLargeError",
+    415: "UnsupportedMediaTypeError",
+    501: "NotImplementedError",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """Who called, as the logs name them (``service=backstage``)."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """Why the caller was not authenticated; safe to send back."""
+
+    message: str
+
+
+#: The bus's authentication: the caller for an ``Authorization`` header value (``None``: absent).
+Authenticate = Callable[[str | None], Awaitable[Caller | Refused]]
+# The ASGI types, spelled out: this package imports no web framework.
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def describe(spec: PushSpec) -> dict[str, Any]:
+    """A target as the API shows it: no secret, header names only (their values may be keys)."""
+    limit = spec.rate_limit
+    return {
+        "name": spec.name,
+        "subscription": spec.subscription,
+        "source": spec.source,
+        "url": spec.url,
+        "topics": list(spec.topics),
+        "enabled": spec.enabled,
+        "format": spec.format,
+        "timeout": round(spec.timeout * 1000),
+        "headers": sorted(name for name, _ in spec.headers),
+        "rateLimit": None
+        if limit is None
+        else {"perSecond": limit.per_second, "burst": limit.burst},
+        "concurrency": spec.concurrency,
+        "circuitBreaker": {
+            "failures": spec.breaker.failures,
+            "cooldownMs": round(spec.breaker.cooldown * 1000),
+        },
+        "signed": bool(spec.secrets),
+    }
+
+
+class PushApi:
+    """The push routes as an ASGI app, mounted under the bus's path."""
+
+    def __init__(self, targets: PushTargets, authenticate: Authenticate) -> None:
+        self.targets = targets
+        self._authenticate = authenticate
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        try:
+            status, body = await self._answer(scope, receive)
+        except _Refusal as refusal:
+            headers = list(_JSON)
+            if refusal.status == 401:
+                headers.append((b"www-authenticate", b"Bearer"))
+            name = _NAMES.get(refusal.status, "Error")
+            await _send(
+                send,
+                refusal.status,
+                error_body(scope, refusal.status, name, refusal.message),
+                headers,
+            )
+            return
+        await _send(send, status, body, _JSON if body else [])
+
+    async def _answer(self, scope: Scope, receive: Receive) -> tuple[int, bytes]:
+        authorization = _header(scope, b"authorization")
+        verdict = await self._authenticate(authorization)
+        if isinstance(verdict, Refused):
+            raise _Refusal(401, verdict.message)
+        rest: str | None = scope.get("path_params", {}).get("name")
+        method = scope["method"]
+        if rest is None:
+            if method != "GET":
+                raise _Refusal(405, f"{method} is not allowed here; GET lists the push targets")
+            return 200, orjson.dumps({"push": [describe(s) for s in self.targets.targets()]})
+        problem = name_problem(rest)
+        if problem is not None:
+            raise _Refusal(400, problem)
+        if method == "GET":
+            spec = self.targets.get(rest)
+            if spec is None:
+                raise _Refusal(404, f"no push target {rest!r}")
+            return 200, orjson.dumps(describe(spec))
+        if method == "PUT":
+            return await self._put(rest, await _body(scope, receive), verdict)
+        if method == "DELETE":
+            return await self._delete(rest, verdict)
+        raise _Refusal(405, f"{method} is not allowed here: GET, PUT or DELETE")
+
+    async def _put(self, name: str, section: Any, caller: Caller) -> tuple[int, bytes]:
+        if not isinstance(section, dict):
+            raise _Refusal(
+                400, "the body must be a JSON object with the keys of events.push.<name>"
+            )
+        self._check_store()
+        try:
+            spec, created = await self.targets.put(name, section, by=caller.name)
+        except ConfigError as error:
+            raise _Refusal(400, str(error)) from None
+        except SubscriptionError as error:
+            raise _Refusal(409, str(error)) from None
+        return (201 if created else 200), orjson.dumps(describe(spec))
+
+    async def _delete(self, name: str, caller: Caller) -> tuple[int, bytes]:
+        self._check_store()
+        try:
+            deleted = await self.targets.delete(name, by=caller.name)
+        except SubscriptionError as error:
+            raise _Refusal(409, str(error)) from None
+        if not deleted:
+            raise _Refusal(404, f"no push target {name!r}")
+        return 204, b""
+
+    def _check_store(self) -> None:
+        if not self.targets.can_store:
+            raise _Refusal(
+                501,
+                "push targets cannot be created or deleted at runtime here: set "
+                "events.pushStorePath, the file that keeps them over a restart",
+            )
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            text: str = value.decode("latin-1")
+            return text
+    return None
+
+
+async def _body(scope: Scope, receive: Receive) -> Any:
+    media = (_header(scope, b"content-type") or "application/json").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise _Refusal(415, f"send application/json, not {media}")
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > BODY_LIMIT:
+            raise _Refusal(413, f"the body is over the limit of {BODY_LIMIT} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    try:
+        return orjson.loads(b"".join(chunks) or b"null")
+    except orjson.JSONDecodeError:
+        raise _Refusal(400, "the body is not valid JSON") from None
+
+
+async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

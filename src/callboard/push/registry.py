@@ -1,0 +1,156 @@
+"""The push targets of one process: those configured and those created through the API.
+
+Each enabled target is a subscription of the events service, ``push.<name>``, whose handler is
+the target's ``Pusher``; every target shares one ``Sender`` (one connection pool). Targets from
+``events.push`` are fixed; the API creates, replaces and deletes the others, kept in a
+``PushStore`` so they come back after a restart. Deleting one closes its subscription and
+forgets its consumer group (position and dead letters), so a target created again later under
+the same name starts from the newest events instead of a stale backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from callboard.brokers.base import Broker, BrokerAdmin
+from callboard.errors import ConfigError, SubscriptionError
+from callboard.metrics import PushMetrics
+from callboard.push.sender import Sender
+from callboard.push.spec import PushSpec
+from callboard.push.store import PushStore
+from callboard.push.target import Pusher
+from callboard.service import EventsService, Subscription
+
+logger = logging.getLogger("callboard.push")
+
+#: Validates a target's section (the configuration's keys) into a spec; raises ``ConfigError``.
+Parse = Callable[[str, Mapping[str, Any]], PushSpec]
+
+
+class PushTargets:
+    """Starts, stops, lists and changes the push targets of one process."""
+
+    def __init__(
+        self,
+        configured: Sequence[PushSpec],
+        *,
+        parse: Parse,
+        store: PushStore | None,
+        broker: Broker,
+        metrics: PushMetrics,
+        sender: Sender | None = None,
+    ) -> None:
+        self._configured = {spec.name: spec for spec in configured}
+        self._specs: dict[str, PushSpec] = dict(self._configured)
+        self._parse = parse
+        self._store = store
+        self._broker = broker
+        self._metrics = metrics
+        self.sender = sender if sender is not None else Sender()
+        self._running: dict[str, Subscription] = {}
+        self._events: EventsService | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def can_store(self) -> bool:
+        """Whether targets can be created at runtime (a store is configured)."""
+        return self._store is not None
+
+    def targets(self) -> list[PushSpec]:
+        return [self._specs[name] for name in sorted(self._specs)]
+
+    def get(self, name: str) -> PushSpec | None:
+        return self._specs.get(name)
+
+    async def start(self, events: EventsService) -> None:
+        """Read the stored targets and subscribe every enabled one."""
+        self._events = events
+        if self._store is not None:
+            for name, section in (await self._store.load()).items():
+                if name in self._configured:
+                    logger.warning(
+                        "push target %r is both in events.push and stored from the API; the "
+                        "configuration's is used",
+                        name,
+                    )
+                    continue
+                try:
+                    self._specs[name] = self._parse(name, section)
+                except ConfigError as error:
+                    logger.error("the stored push target %r is left out: %s", name, error)
+        for spec in self._specs.values():
+            if spec.enabled:
+                await self._run(events, spec)
+        if self._running:
+            logger.info("push targets started: %s", sorted(self._running))
+
+    async def stop(self) -> None:
+        """Close every target's subscription (finishing the pushes in flight), then the pool."""
+        for name in list(self._running):
+            await self._halt(name)
+        self._events = None
+        await self.sender.close()
+
+    async def put(self, name: str, section: Mapping[str, Any], *, by: str) -> tuple[PushSpec, bool]:
+        """Create or replace the runtime target ``name``: it, and whether it was created.
+
+        Raises ``ConfigError`` for a wrong section, ``SubscriptionError`` for a configured name.
+        """
+        store = self._writable(name)
+        spec = self._parse(name, section)
+        async with self._lock:
+            stored = await store.load()
+            stored[name] = dict(section)
+            await store.save(stored)
+            created = name not in self._specs
+            await self._halt(name)
+            self._specs[name] = spec
+            if spec.enabled and self._events is not None:
+                await self._run(self._events, spec)
+        logger.info("push target %r %s by %s", name, "created" if created else "replaced", by)
+        return spec, created
+
+    async def delete(self, name: str, *, by: str) -> bool:
+        """Delete the runtime target ``name`` and its consumer group; whether it existed."""
+        store = self._writable(name)
+        async with self._lock:
+            spec = self._specs.get(name)
+            if spec is None:
+                return False
+            stored = await store.load()
+            stored.pop(name, None)
+            await store.save(stored)
+            await self._halt(name)
+            del self._specs[name]
+            if isinstance(self._broker, BrokerAdmin):
+                try:
+                    await self._broker.delete_subscription(spec.subscription)
+                except SubscriptionError as error:
+                    logger.warning("push target %r: its group stays: %s", name, error)
+        logger.info("push target %r deleted by %s", name, by)
+        return True
+
+    def _writable(self, name: str) -> PushStore:
+        if name in self._configured:
+            raise SubscriptionError(
+                f"push target {name!r} is configured in events.push; change it there"
+            )
+        if self._store is None:
+            raise ConfigError(
+                "events.pushStorePath", "is not set, so push targets cannot be made at runtime"
+            )
+        return self._store
+
+    async def _run(self, events: EventsService, spec: PushSpec) -> None:
+        pusher = Pusher(spec, self.sender, self._metrics)
+        self._running[spec.name] = await events.subscribe(
+            spec.subscription, spec.topics, pusher, concurrency=spec.concurrency
+        )
+
+    async def _halt(self, name: str) -> None:
+        running = self._running.pop(name, None)
+        if running is not None:
+            await running.close()

@@ -1,0 +1,46 @@
+"""The JSON file that keeps push targets made through the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from callboard.errors import ConfigError
+from callboard.push.store import JsonFileStore
+
+
+async def test_what_is_saved_is_loaded_and_readable_by_its_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "state" / "push.json"
+    store = JsonFileStore(path)
+    assert await store.load() == {}
+    await store.save({"crm": {"url": "http://x", "topics": ["a"], "secret": "whsec_AAAA"}})
+    assert await JsonFileStore(path).load() == {
+        "crm": {"url": "http://x", "topics": ["a"], "secret": "whsec_AAAA"}
+    }
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    await store.save({})
+    assert await store.load() == {}
+    assert [p.name for p in path.parent.iterdir()] == ["push.json"]  # no temporary file left
+
+
+@pytest.mark.parametrize("text", ["{not json", '{"push": []}', '["x"]', '{"push": {"a": 1}}'])
+async def test_a_file_that_is_not_a_store_stops_the_start(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "push.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        await JsonFileStore(path).load()
+    assert caught.value.path == "events.pushStorePath"
+
+
+async def test_the_file_is_replaced_whole(tmp_path: Path) -> None:
+    path = tmp_path / "push.json"
+    store = JsonFileStore(path)
+    await store.save({"a": {"url": "http://a"}})
+    inode = os.stat(path).st_ino
+    await store.save({"b": {"url": "http://b"}})
+    assert os.stat(path).st_ino != inode  # a new file renamed over the old one
+    assert json.loads(path.read_text())["push"] == {"b": {"url": "http://b"}}
