@@ -28,6 +28,10 @@ class Section(BaseModel):
 
 #: Where the keys are documented, by the start of their path; the first match wins.
 _DOCS = (
+    *(
+        (f"events.modules.{bridge}", "docs/bridges.md")
+        for bridge in ("kafka", "awsSqs", "awsSns", "awsEventBridge", "rabbitmq")
+    ),
     ("events.modules.", "docs/providers.md"),
     ("events.push", "docs/bridges.md"),
     ("", "docs/configuration.md"),
