@@ -10,7 +10,7 @@ SQLite: watching the file's data version) and hands it to the handler. The figur
 client send -> A accepts and commits -> B's handler, on one machine's clock. On the distributed
 engines (``nats``, ``redis``, ``rabbitmq``, ``kafka``) the two instances share a prefix of their
 own (``bench/engines.py``), deleted afterwards; B is woken as its broker does it (NATS and Redis
-push, RabbitMQ polls, Kafka tails the log). Kafka runs on a Tansu the benchmark starts; its broker
+push, RabbitMQ pushes (basic.consume), Kafka tails the log). Kafka runs on a Tansu the benchmark starts; its broker
 is not ``shared``, which two instances allow here because A holds no subscription.
 
 ``backstage`` in ``--brokers`` runs the same workload against two Backstage backends

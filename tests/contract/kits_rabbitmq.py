@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 from callboard.brokers.base import Broker, RetentionPolicy
-from tests.contract.kit import POLL, BrokerKit
+from tests.contract.kit import BrokerKit
 from tests.services import require_service
 
 RABBITMQ_URL = os.environ.get("CALLBOARD_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672/")
@@ -52,7 +52,7 @@ async def rabbitmq_kit(tmp_path: Path) -> BrokerKit:
     from callboard.brokers.rabbitmq_names import parse_url
 
     prefix = f"cb_test_{uuid.uuid4().hex[:12]}."
-    settings = parse_url(f"{RABBITMQ_URL}?prefix={prefix}&poll={POLL}")
+    settings = parse_url(f"{RABBITMQ_URL}?prefix={prefix}")
 
     def factory(*, lease: float, retention: RetentionPolicy | None) -> Broker:
         return RabbitBroker(settings, lease=lease, retention=retention)

@@ -55,9 +55,7 @@ async def open_rabbit() -> AsyncIterator[Opener]:
     opened: list[RabbitBroker] = []
 
     async def open_(url: str = RABBITMQ_URL, **query: str) -> RabbitBroker:
-        params = "&".join(
-            f"{k}={v}" for k, v in {"prefix": prefix, "poll": "0.05", **query}.items()
-        )
+        params = "&".join(f"{k}={v}" for k, v in {"prefix": prefix, **query}.items())
         broker = RabbitBroker.from_url(f"{url}?{params}")
         opened.append(broker)
         await broker.start()
@@ -90,7 +88,7 @@ def event(topic: str = "github.push", n: int = 0, **metadata: str) -> Event:
         ("redis://127.0.0.1/", "amqp://"),
         ("amqp:///vhost", "no host"),
         ("amqp://host:notaport/", "bad port"),
-        ("amqp://host/?poll=0", "poll"),
+        ("amqp://host/?heartbeat=0", "heartbeat"),
         ("amqp://host/?timeout=soon", "timeout"),
         ("amqp://host/?prefix=amq.mine", "prefix"),
         ("amqp://host/?prefix=", "prefix"),
@@ -103,8 +101,8 @@ def test_a_url_it_cannot_use_is_a_config_error(url: str, says: str) -> None:
 
 
 def test_the_url_keeps_the_brokers_parameters_and_passes_the_others_on() -> None:
-    settings = parse_url("amqps://u:secret@mq:5671/prod?prefix=cb.&poll=0.5&heartbeat=10&x=1")
-    assert (settings.prefix, settings.poll, settings.timeout) == ("cb.", 0.5, 5.0)
+    settings = parse_url("amqps://u:secret@mq:5671/prod?prefix=cb.&timeout=0.5&heartbeat=10&x=1")
+    assert (settings.prefix, settings.timeout) == ("cb.", 0.5)
     assert settings.heartbeat == 10
     assert settings.url == "amqps://u:secret@mq:5671/prod?x=1"
     assert "secret" not in redact_url(settings.url)
@@ -329,7 +327,7 @@ def amqp_url(tmp_path: Path) -> Iterator[str]:
     from callboard.brokers import open_broker
 
     prefix = f"cb_serve_{uuid.uuid4().hex[:12]}."
-    url = f"{RABBITMQ_URL}?prefix={prefix}&poll=0.1"
+    url = f"{RABBITMQ_URL}?prefix={prefix}"
     try:
         open_broker(url)
     except ConfigError as error:

@@ -5,9 +5,10 @@ Design
 Events are published, with publisher confirms, to one durable topic exchange
 (``<prefix>events``) under their topic as routing key (``rabbitmq_names``). A consumer group is a
 durable quorum queue (``<prefix>group.<id>``) bound by its patterns, so RabbitMQ does the
-matching and keeps each group's events until acknowledged; the hubs of ``rabbitmq_group`` take
-them with ``basic.get`` and acknowledge them manually. What a process held comes back when its
-connection drops (the lease is the connection, kept alive by AMQP heartbeats).
+matching and keeps each group's events until acknowledged; the hubs of ``rabbitmq_group``
+consume them (``basic.consume`` with a prefetch window sized by the fetches waiting) and
+acknowledge them manually. What a process held comes back when its connection drops (the lease
+is the connection, kept alive by AMQP heartbeats).
 
 RabbitMQ has no key-value store and no deduplication: group metadata (patterns, owner, lost
 counts) lives in a registry queue and the retention window in a ledger queue
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -359,7 +361,7 @@ class RabbitBroker:
         hub = self._hubs.get(group)
         if hub is None:
             hub = self._hubs[group] = Hub(connection, group, queue, patterns)
-        return RabbitConsumer(hub, self.settings.poll)
+        return RabbitConsumer(hub)
 
     @staticmethod
     def _other_topics(group: str, topics: Sequence[str]) -> SubscriptionError:
@@ -388,15 +390,24 @@ class RabbitBroker:
         connection = self._live()
         found: list[SubscriptionInfo] = []
         async with self._boundary("listing subscriptions"):
+            counts: dict[str, int | None] = {}
+            for name, reading in list(self._hubs.items()):
+                if reading.members:
+                    queue = queue_name(self.settings.prefix, "group", name)
+                    counts[name] = await reading.settle(functools.partial(self._ready, queue))
+            await self._record_late_losses()
             records = await read_groups(connection, self._registry)
             for name in sorted(records):
-                ready = await self._ready(queue_name(self.settings.prefix, "group", name))
+                hub = self._hubs.get(name)
+                if name in counts:
+                    ready = counts[name]
+                else:
+                    ready = await self._ready(queue_name(self.settings.prefix, "group", name))
                 if ready is None:
                     continue
                 record = records[name]
-                hub = self._hubs.get(name)
                 in_flight = sum(m.in_flight for m in hub.members) if hub else 0
-                local = len(hub.returned) + sum(m.buffered for m in hub.members) if hub else 0
+                local = hub.backlog if hub else 0
                 found.append(
                     SubscriptionInfo(
                         name=name,
@@ -467,7 +478,15 @@ class RabbitBroker:
             for hub in list(self._hubs.values()):
                 if hub.members:
                     await self._trim(hub, deleted)
+            await self._record_late_losses()
         return len(expired.ids)
+
+    async def _record_late_losses(self) -> None:
+        """Record the events retention deleted that reached a hub after its cleanup."""
+        for hub in list(self._hubs.values()):
+            lost, hub.late_lost = hub.late_lost, 0
+            if lost:
+                await self._record(group_fact(hub.name, lost=lost))
 
     async def _trim(self, hub: Hub, deleted: set[str]) -> None:
         """Drop the deleted events from one group's queue and record them as its lost ones;

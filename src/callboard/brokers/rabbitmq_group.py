@@ -1,14 +1,33 @@
 """The consumers of the RabbitMQ broker: one hub per group and broker instance, its members.
 
-A group is a quorum queue. A hub takes messages from it with ``basic.get`` on one channel of its
-own, so every member's deliveries can be acknowledged on the channel that received them, and
-RabbitMQ counts exactly what this process holds as unacknowledged. What a member hands back
-(``release``, or ``close`` while other members stay) is kept by the hub, still unacknowledged,
-and given out again first: a quorum queue puts a requeued message behind newer ones, which the
-contract forbids. When the last member leaves, the hub requeues what it holds (``nack``) and
-closes its channel; when the process dies, RabbitMQ requeues it when the connection drops.
-The ``attempt`` is RabbitMQ's ``x-delivery-count`` (returns counted by the quorum queue) plus the
-hand-outs the hub made itself.
+A group is a quorum queue. A hub reads it with ``basic.consume`` on one channel of its own, so
+every member's deliveries are acknowledged on the channel that received them and RabbitMQ counts
+exactly what this process holds as unacknowledged. RabbitMQ pushes messages into the hub's
+buffer; a member's ``fetch`` takes from it, and when it is empty waits for the next push (no
+polling).
+
+The consumer is sized by demand: the first fetch that finds nothing to take starts it, with a
+prefetch window (QoS) of what the waiting fetches ask for (the delivery worker's batch size), so
+a server holds at most that many of a group's events it has not handed out, never the group's
+whole backlog while a reader of another server waits; once members acknowledge, RabbitMQ fills
+the window again, and those events wait here for this server's next fetch. RabbitMQ counts the
+window per consumer: a fetch that finds it full (the members hold all of it) starts a new
+consumer rather than wait for them. A consumer is cancelled only then (nothing can be on its way
+to it) or when the last member leaves: RabbitMQ 3.x requeues what it was sending a consumer
+cancelled meanwhile behind newer messages, out of order, so an idle consumer is not cancelled.
+
+Nothing stops the pushes for a while, so what ``subscriptions`` counts and what retention trims
+is settled by round trips on the hub's channel (``settle``): whatever RabbitMQ sent before is
+then in the buffer. Events retention deleted that arrive later are dropped on arrival and
+counted as lost (``late_lost``).
+
+What a member hands back (``release``, or ``close`` while other members stay) is kept by the
+hub, still unacknowledged, and given out again first: a quorum queue puts a requeued message
+behind newer ones, which the contract forbids. When the last member leaves, the hub cancels its
+consumer, requeues what it holds (``nack``, oldest first) and closes its channel; when the
+process dies, RabbitMQ requeues it when the connection drops. The ``attempt`` is RabbitMQ's
+``x-delivery-count`` (returns counted by the quorum queue) plus the hand-outs the hub made
+itself.
 """
 
 from __future__ import annotations
@@ -16,10 +35,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
-from collections.abc import Sequence
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
@@ -33,11 +52,17 @@ from callboard.topics import TopicMatcher
 
 if TYPE_CHECKING:
     from aio_pika.abc import AbstractConnection
+    from aiormq.abc import DeliveredMessage
+    from pamqp.commands import Basic
 
 logger = logging.getLogger(__name__)
 
 #: What the driver raises while RabbitMQ cannot be reached or a channel broke.
 TRANSIENT = (AMQPError, ChannelInvalidStateError, ConnectionError, OSError, TimeoutError)
+#: Seconds between two tries to consume again while RabbitMQ is unreachable.
+RETRY = 1.0
+#: Looks ``Hub.settle`` takes at most for two that agree.
+_SETTLE_TRIES = 10
 
 
 @dataclass(slots=True, eq=False)
@@ -48,8 +73,16 @@ class Held:
     event: Event
     #: Deliveries RabbitMQ counted before this one (``x-delivery-count``).
     returns: int
+    #: The consumer that pushed it, whose window it fills until settled (``None``: taken with
+    #: ``basic.get``).
+    tag: str | None = None
     #: Times the hub handed it out itself.
     handouts: int = 0
+
+    @property
+    def order(self) -> int:
+        """Its place on the channel: RabbitMQ numbers what it sends a channel in order."""
+        return self.message.delivery_tag or 0
 
     def alive(self) -> bool:
         """The channel it came on is open, so it can still be acknowledged."""
@@ -77,11 +110,20 @@ async def plain_channel(connection: AbstractConnection) -> AbstractChannel:
     return channel
 
 
+def _returns(message: AbstractIncomingMessage) -> int:
+    count = (message.headers or {}).get("x-delivery-count", 0)
+    return int(count) if isinstance(count, int) else 0
+
+
 class Hub:
     """The group ``name`` as this broker instance reads it."""
 
     def __init__(
-        self, connection: AbstractConnection, name: str, queue: str, topics: Sequence[str]
+        self,
+        connection: AbstractConnection,
+        name: str,
+        queue: str,
+        topics: Sequence[str],
     ) -> None:
         self.name = name
         self.queue = queue
@@ -90,33 +132,46 @@ class Hub:
         self._connection = connection
         self._channel: AbstractChannel | None = None
         self.members: set[RabbitConsumer] = set()
-        #: Handed back, waiting to be given out again before anything from the queue.
+        #: Handed back, waiting to be given out again before anything else.
         self.returned: deque[Held] = deque()
+        #: Pushed by RabbitMQ, not handed out yet, in the order it sent them.
+        self.buffer: deque[Held] = deque()
+        #: The running consumer, its prefetch window, and per consumer what it pushed and is
+        #: not settled yet (what fills its window).
+        self._tag: str | None = None
+        self._window = 0
+        self._unsettled: Counter[str] = Counter()
+        #: Events the fetches waiting now ask for.
+        self._demand = 0
+        self._gone = False
+        #: Ids the last retention cleanup deleted: dropped when they arrive, counted as lost.
+        self._expired: set[str] = set()
+        #: Events dropped so since the broker last recorded them.
+        self.late_lost = 0
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._starting: asyncio.Task[None] | None = None
 
-    async def _open(self) -> AbstractChannel:
-        channel = self._channel
-        if channel is None or channel.is_closed:
-            channel = self._channel = await plain_channel(self._connection)
-        return channel
+    @property
+    def backlog(self) -> int:
+        """Events this process holds for the group and has not handed out."""
+        return len(self.returned) + len(self.buffer)
 
-    def next_returned(self) -> Held | None:
-        """The first handed-back message still on a live channel; those on a channel that
-        broke were requeued by RabbitMQ and come again from the queue."""
-        while self.returned:
-            held = self.returned.popleft()
-            if held.alive():
-                return held
-        return None
+    def take(self, max_count: int) -> list[Held]:
+        """Up to ``max_count`` messages to hand out, handed-back ones first; those on a channel
+        that broke were requeued by RabbitMQ and come again from the queue."""
+        taken: list[Held] = []
+        for source in (self.returned, self.buffer):
+            while source and len(taken) < max_count:
+                held = source.popleft()
+                if held.alive():
+                    taken.append(held)
+        return taken
 
     def wake(self) -> None:
         self._wake.set()
         self._wake = asyncio.Event()
-
-    async def wait(self, poll: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), poll)
 
     def hand_back(self, held: Sequence[Held], *, front: bool) -> None:
         if front:
@@ -125,101 +180,267 @@ class Hub:
             self.returned.extend(held)
         self.wake()
 
-    async def pull(self, into: list[Held], max_count: int) -> None:
-        """Take up to ``max_count`` messages from the queue into ``into`` (what a cancelled
-        fetch leaves there, the next one returns)."""
-        async with self._lock:
-            channel = await self._open()
-            queue = await channel.get_queue(self.queue, ensure=False)
-            while len(into) < max_count:
-                try:
-                    message = await queue.get(no_ack=False, fail=False)
-                except ChannelNotFoundEntity:
-                    raise SubscriptionError(
-                        f"subscription {self.name!r} no longer exists (deleted by another "
-                        "process); subscribe again to make it afresh"
-                    ) from None
-                if message is None:
-                    return
-                held = await self._accept(message)
-                if held is not None:
-                    into.append(held)
+    def settled(self, held: Held) -> None:
+        """``held`` was acknowledged or requeued: its consumer's window has room again."""
+        self._free(held.tag)
 
-    async def _accept(self, message: AbstractIncomingMessage) -> Held | None:
+    def _free(self, tag: str | None) -> None:
+        if tag is not None and tag in self._unsettled:
+            self._unsettled[tag] -= 1
+            if self._unsettled[tag] <= 0:
+                del self._unsettled[tag]
+
+    # -- waiting for pushes --------------------------------------------------------------------
+
+    async def wait(self, max_count: int) -> None:
+        """Wait until something may be taken, starting the consumer when none can push."""
+        if self._gone:
+            raise self._gone_error()
+        woken = self._wake
+        self._demand += max_count
+        try:
+            while self._starved():
+                task = self._starting
+                if task is None or task.done():
+                    task = self._starting = self._spawn(self._start())
+                # Shielded: a cancelled fetch must not leave a consumer half made.
+                await asyncio.shield(task)
+            if not self.buffer and not self.returned:
+                await woken.wait()
+        finally:
+            self._demand -= max_count
+
+    def _starved(self) -> bool:
+        """Nothing to take, and no consumer that may push more."""
+        if self.buffer or self.returned:
+            return False
+        return self._tag is None or self._window <= self._unsettled[self._tag]
+
+    async def _start(self) -> None:
+        """Consume with a window of what the waiting fetches ask for (a new consumer when the
+        running one's window is full)."""
+        async with self._lock:
+            window = self._demand
+            if not window or not self._starved():
+                return
+            channel = await self._open()
+            underlay = await channel.get_underlay_channel()
+            await self._cancel()
+            if self.buffer:
+                return  # the cancelled consumer's last pushes
+            # The demand when it began: fetches cancelled meanwhile must not make it 0
+            # (unbounded).
+            await underlay.basic_qos(prefetch_count=window)
+            try:
+                consumed = await underlay.basic_consume(self.queue, self._on_message)
+            except ChannelNotFoundEntity:
+                self._gone = True
+                raise self._gone_error() from None
+            self._tag, self._window = consumed.consumer_tag, window
+
+    async def settle(self, ready: Callable[[], Awaitable[int | None]]) -> int | None:
+        """The queue's ready count (``ready()``) once it and what this process holds agree
+        twice in a row, a round trip on the channel after each look: RabbitMQ may be pushing
+        what acknowledgements just freed."""
+        seen: tuple[int | None, int] | None = None
+        for _ in range(_SETTLE_TRIES):
+            await self._flush()
+            count = await ready()
+            await self._flush()
+            reading = (count, self.backlog)
+            if reading == seen:
+                break
+            seen = reading
+        return count
+
+    async def _flush(self) -> None:
+        """A round trip on the channel: what RabbitMQ sent it before is then buffered."""
+        channel = self._channel
+        if self._tag is None or channel is None or channel.is_closed:
+            return
+        underlay = await channel.get_underlay_channel()
+        await underlay.basic_qos(prefetch_count=max(self._window, 1))
+
+    async def _cancel(self) -> None:
+        """Cancel the running consumer; its pushes sent before are in the buffer on return
+        (those RabbitMQ was sending meanwhile it requeues: see the module's doc)."""
+        tag, self._tag = self._tag, None
+        channel = self._channel
+        if tag is None or channel is None or channel.is_closed:
+            return
+        underlay = await channel.get_underlay_channel()
+        await underlay.basic_cancel(tag)
+
+    async def _open(self) -> AbstractChannel:
+        channel = self._channel
+        if channel is None or channel.is_closed:
+            channel = await plain_channel(self._connection)
+            underlay = await channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(self._cancelled)
+            channel.close_callbacks.add(self._closed)
+            self._channel, self._tag = channel, None
+            self._unsettled.clear()
+        return channel
+
+    def _cancelled(self, frame: Basic.Cancel) -> None:
+        """RabbitMQ cancelled the consumer (the queue was deleted, most likely): the next
+        fetch consumes again, and finds out."""
+        if frame.consumer_tag == self._tag:
+            self._tag = None
+            self.wake()
+
+    def _closed(self, *_: object) -> None:
+        """The channel closed (RabbitMQ requeued what it held): fetches start afresh."""
+        self._tag = None
+        self.wake()
+
+    def _gone_error(self) -> SubscriptionError:
+        return SubscriptionError(
+            f"subscription {self.name!r} no longer exists (deleted by another process); "
+            "subscribe again to make it afresh"
+        )
+
+    def _spawn(self, work: Coroutine[object, object, None]) -> asyncio.Task[None]:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+        return task
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: whoever awaited it was told
+
+    # -- what RabbitMQ sends -------------------------------------------------------------------
+
+    async def _on_message(self, delivered: DeliveredMessage) -> None:
+        message = aio_pika.IncomingMessage(delivered, no_ack=False)
+        tag = message.consumer_tag
+        if tag is not None:
+            self._unsettled[tag] += 1
+        # Nothing awaited before it is buffered: pushes are buffered in the order they came.
+        held = self._admit(message, tag)
+        if isinstance(held, Held):
+            self._keep(held)
+            self.wake()
+            return
+        with contextlib.suppress(*TRANSIENT):
+            await self._drop(message, held)
+        self._free(tag)
+
+    def _keep(self, held: Held) -> None:
+        """Buffer ``held`` in the channel's order (a message taken with ``basic.get`` may
+        overtake pushes RabbitMQ sent before it)."""
+        buffer = self.buffer
+        if not buffer or buffer[-1].order < held.order:
+            buffer.append(held)
+            return
+        ordered = sorted([*buffer, held], key=lambda h: h.order)
+        buffer.clear()
+        buffer.extend(ordered)
+
+    def _admit(self, message: AbstractIncomingMessage, tag: str | None) -> Held | _Refusal:
         try:
             event = decode_event(message.body)
         except (ValueError, KeyError, TypeError) as error:
             # Not written by callboard (someone published to the queue): dropped, not retried.
             logger.error("group %s: dropped a message that is not an event (%s)", self.name, error)
-            await message.reject(requeue=False)
-            return None
-        headers = message.headers or {}
-        if TARGET not in headers and not self._matcher(event.topic):
+            return "foreign"
+        if TARGET not in (message.headers or {}) and not self._matcher(event.topic):
             # AMQP wildcards match ``$`` topics, callboard's do not: settle it unseen.
+            return "unmatched"
+        if event.id in self._expired:
+            self.late_lost += 1
+            return "expired"
+        return Held(message, event, _returns(message), tag)
+
+    @staticmethod
+    async def _drop(message: AbstractIncomingMessage, refusal: _Refusal) -> None:
+        if refusal == "foreign":
+            await message.reject(requeue=False)
+        else:
             await message.ack()
-            return None
-        count = headers.get("x-delivery-count", 0)
-        return Held(message, event, int(count) if isinstance(count, int) else 0)
+
+    # -- retention and leaving -----------------------------------------------------------------
 
     async def trim(self, deleted: set[str]) -> int:
-        """Drop the deleted events from the head of the queue and from what was handed back;
-        how many were dropped (the group's lost events)."""
+        """Drop the deleted events from what this process holds and from the head of the
+        queue; how many were dropped (the group's lost events). Those still on their way here
+        are dropped when they arrive (``late_lost``)."""
         lost = 0
-        kept: deque[Held] = deque()
-        for held in self.returned:
-            if held.event.id in deleted:
-                await held.message.ack()
-                lost += 1
-            else:
-                kept.append(held)
-        self.returned = kept
         async with self._lock:
+            self._expired = deleted
+            await self._flush()
+            for source in (self.returned, self.buffer):
+                # Taken out first: pushes arriving while acknowledging go behind.
+                items = list(source)
+                source.clear()
+                kept: list[Held] = []
+                for held in items:
+                    if held.event.id in deleted and held.alive():
+                        await held.message.ack()
+                        self.settled(held)
+                        lost += 1
+                    else:
+                        kept.append(held)
+                source.extendleft(reversed(kept))
             queue = await (await self._open()).get_queue(self.queue, ensure=False)
             while True:
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:
                     break
-                kept_one = await self._accept(message)
-                if kept_one is None:
-                    continue
-                if kept_one.event.id not in deleted:
-                    # The first event kept: it stays here, first in line, not requeued behind.
-                    self.returned.append(kept_one)
+                got = self._admit(message, None)  # a deleted one is counted as late_lost
+                if not isinstance(got, Held):
+                    await self._drop(message, got)
+                else:
+                    # The first event kept: the newest held here, so last in line.
+                    self._keep(got)
                     break
-                await message.ack()
-                lost += 1
+            await self._flush()
+        self.wake()
         return lost
 
     async def requeue_all(self, held: Sequence[Held]) -> None:
-        """The last member left: everything held goes back to RabbitMQ, the channel closes."""
-        pending = [*held, *self.returned]
-        self.returned.clear()
-        channel = self._channel
-        self._channel = None
-        try:
-            for item in pending:
-                await item.message.nack(requeue=True)
+        """The last member left: everything held goes back to RabbitMQ, oldest first; the
+        consumer stops and the channel closes (which requeues whatever it pushed since)."""
+        async with self._lock:
+            pending = sorted([*held, *self.returned, *self.buffer], key=lambda h: h.order)
+            self.returned.clear()
+            self.buffer.clear()
+            try:
+                await self._cancel()
+                for item in pending:
+                    if item.alive():
+                        await item.message.nack(requeue=True)
+            except TRANSIENT as error:
+                # The channel is gone: RabbitMQ requeued its unacknowledged messages itself.
+                logger.info("group %s: channel already closed (%s)", self.name, error)
+            channel, self._channel = self._channel, None
+            self.buffer.clear()
+            self._unsettled.clear()
             if channel is not None and not channel.is_closed:
-                await channel.close()
-        except TRANSIENT as error:
-            # The channel is gone: RabbitMQ requeued its unacknowledged messages itself.
-            logger.info("group %s: channel already closed (%s)", self.name, error)
+                with contextlib.suppress(*TRANSIENT):
+                    await channel.close()
 
     async def abandon(self) -> None:
         """Forget everything without handing it back, as a killed process would."""
+        for task in list(self._tasks):
+            task.cancel()
         self.returned.clear()
-        self._channel = None
+        self.buffer.clear()
+        self._channel = self._tag = None
+
+
+#: Why a message that reached a group's queue is no event for the group.
+_Refusal = Literal["foreign", "unmatched", "expired"]
 
 
 class RabbitConsumer:
     """One member of a group: hands out what its hub takes, settles it on the hub's channel."""
 
-    def __init__(self, hub: Hub, poll: float) -> None:
+    def __init__(self, hub: Hub) -> None:
         self._hub = hub
-        self._poll = poll
         self._held: dict[int, Held] = {}
-        self._pending: list[Held] = []
-        self._pull: asyncio.Task[None] | None = None
         self.closed = False
         hub.members.add(self)
 
@@ -227,60 +448,46 @@ class RabbitConsumer:
     def in_flight(self) -> int:
         return len(self._held)
 
-    @property
-    def buffered(self) -> int:
-        return len(self._pending)
-
     async def fetch(self, max_count: int) -> Sequence[Delivery]:
         hub = self._hub
         while not self.closed:
-            while len(self._pending) < max_count and (held := hub.next_returned()) is not None:
-                self._pending.append(held)
-            if not self._pending:
-                await self._pull_some(max_count)
-            if self.closed:
-                break
-            if self._pending:
-                batch = self._pending[:max_count]
-                del self._pending[:max_count]
-                deliveries = [held.delivery() for held in batch]
+            batch = hub.take(max_count)
+            if batch:
+                # Nothing awaited from the take to the return: a cancelled fetch loses nothing.
                 for held in batch:
                     self._held[id(held)] = held
-                return deliveries
-            await hub.wait(self._poll)
+                return [held.delivery() for held in batch]
+            try:
+                await hub.wait(max_count)
+            except SubscriptionError:
+                raise
+            except TRANSIENT as error:
+                logger.warning(
+                    "group %s: RabbitMQ unreachable (%s); retrying",
+                    hub.name,
+                    error or type(error),
+                )
+                await asyncio.sleep(RETRY)
         return ()
 
-    async def _pull_some(self, max_count: int) -> None:
-        task = self._pull
-        if task is None or task.done():
-            task = asyncio.ensure_future(self._hub.pull(self._pending, max_count))
-            self._pull = task
-        try:
-            # Shielded: a cancelled fetch leaves what the pull took in ``_pending``.
-            await asyncio.shield(task)
-        except SubscriptionError:
-            raise
-        except TRANSIENT as error:
-            logger.warning(
-                "group %s: RabbitMQ unreachable (%s); retrying",
-                self._hub.name,
-                error or type(error),
-            )
-            await asyncio.sleep(self._poll * 5)
-
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        for delivery in deliveries:
-            held = self._take(delivery)
-            if held is None:
-                continue
+        taken = [held for delivery in deliveries if (held := self._take(delivery)) is not None]
+        for held in taken:
+            self._hub.settled(held)
+        for index, held in enumerate(taken):
+            message = held.message
             try:
-                await held.message.ack()
+                # Written without waiting for the socket but the last: AMQP confirms no ack.
+                await message.channel.basic_ack(
+                    message.delivery_tag or 0, wait=index == len(taken) - 1
+                )
             except TRANSIENT as error:
                 logger.warning(
                     "group %s: acknowledgement dropped (%s); the event comes again",
                     self._hub.name,
                     error or type(error),
                 )
+                return
 
     def _take(self, delivery: Delivery) -> Held | None:
         token = delivery.token
@@ -302,12 +509,7 @@ class RabbitConsumer:
         hub = self._hub
         hub.members.discard(self)
         hub.wake()
-        if self._pull is not None and not self._pull.done():
-            # Let it finish rather than cancel it: what it takes must be handed back too.
-            with contextlib.suppress(Exception):
-                await self._pull
-        held = [*self._pending, *self._held.values()]
-        self._pending.clear()
+        held = list(self._held.values())
         self._held.clear()
         if hub.members:
             hub.hand_back(held, front=True)
@@ -318,7 +520,4 @@ class RabbitConsumer:
         """Stop without handing anything back (the connection drop will)."""
         self.closed = True
         self._hub.members.discard(self)
-        self._pending.clear()
         self._held.clear()
-        if self._pull is not None and not self._pull.done():
-            self._pull.cancel()

@@ -32,7 +32,7 @@ TARGET = "cb-target"
 _KEY = "events.broker"
 _DEFAULT_PREFIX = "callboard."
 #: Query parameters the broker reads itself; the others go to aio-pika (``heartbeat``...).
-_OWN = {"prefix", "poll", "timeout", "heartbeat"}
+_OWN = {"prefix", "timeout", "heartbeat"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,8 +43,6 @@ class RabbitSettings:
     url: str
     #: Prefix of every exchange and queue name: the namespace of one callboard installation.
     prefix: str = _DEFAULT_PREFIX
-    #: Seconds between two looks at an empty queue (AMQP ``basic.get`` is a poll).
-    poll: float = 0.2
     #: Seconds a publish or an operation may wait for RabbitMQ before ``BrokerUnavailable``.
     timeout: float = 5.0
     #: AMQP heartbeat in seconds: how soon a silent peer is taken for dead, which is the lease
@@ -88,7 +86,6 @@ def parse_url(url: str) -> RabbitSettings:
     return RabbitSettings(
         url=driver,
         prefix=prefix,
-        poll=_seconds("poll", own["poll"]) if "poll" in own else 0.2,
         timeout=_seconds("timeout", own["timeout"]) if "timeout" in own else 5.0,
         heartbeat=_seconds("heartbeat", own["heartbeat"]) if "heartbeat" in own else 30.0,
     )
