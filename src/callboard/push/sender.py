@@ -60,10 +60,7 @@ class Sender:
             async with session.post(
                 url, data=body, headers=headers, timeout=limit, allow_redirects=False
             ) as response:
-                length = response.content_length
-                if length is None or length <= MAX_READ:
-                    # Read to the end, so the connection goes back to the pool.
-                    await response.read()
+                await _drain(response)
                 return Answer(response.status, response.headers.get("retry-after"))
         except TimeoutError:
             raise PushFailed(f"no answer within {timeout:g}s", timed_out=True) from None
@@ -75,3 +72,18 @@ class Sender:
         session, self._session = self._session, None
         if session is not None:
             await session.close()
+
+
+async def _drain(response: aiohttp.ClientResponse) -> None:
+    """Read the answer's body to its end, so the connection goes back to the pool; one longer
+    than ``MAX_READ`` (declared or streamed) is not read on: its connection is closed."""
+    length = response.content_length
+    if length is not None and length > MAX_READ:
+        response.close()
+        return
+    read = 0
+    async for chunk in response.content.iter_any():
+        read += len(chunk)
+        if read > MAX_READ:
+            response.close()
+            return

@@ -1,0 +1,53 @@
+"""The push sender reads an answer's body only up to a bound: a receiver cannot make it read on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from callboard.push.sender import MAX_READ, Sender
+
+
+async def _endless_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answers any request with ``200`` and a chunked body that never ends."""
+    await reader.readuntil(b"\r\n\r\n")
+    writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    chunk = b"x" * 16_384
+    with contextlib.suppress(ConnectionError):
+        while True:
+            writer.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            await writer.drain()
+
+
+async def test_an_endless_answer_is_cut_off_after_the_bound() -> None:
+    server = await asyncio.start_server(_endless_answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sender = Sender()
+    try:
+        answer = await sender.post(f"http://127.0.0.1:{port}/", b"{}", {}, timeout=10.0)
+        assert answer.status == 200
+    finally:
+        await sender.close()
+        server.close()
+
+
+async def test_a_short_answer_is_read_and_its_status_returned() -> None:
+    async def short(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        body = b"y" * (MAX_READ // 2)
+        writer.write(
+            b"HTTP/1.1 503 Busy\r\nretry-after: 7\r\ncontent-length: %d\r\n\r\n" % len(body)
+        )
+        writer.write(body)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(short, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sender = Sender()
+    try:
+        answer = await sender.post(f"http://127.0.0.1:{port}/", b"{}", {}, timeout=10.0)
+        assert (answer.status, answer.retry_after) == (503, "7")
+    finally:
+        await sender.close()
+        server.close()
