@@ -30,7 +30,14 @@ from callboard.brokers.base import Broker, BrokerAdmin, BrokerHealth
 from callboard.bus.access import Access, Grant
 from callboard.bus.admin import replay
 from callboard.bus.api import BusApp, Publish
-from callboard.bus.auth import PLUGIN_ID, BusAuth, Principal, StaticTokenAuth, static_tokens
+from callboard.bus.auth import (
+    ANONYMOUS,
+    PLUGIN_ID,
+    BusAuth,
+    Principal,
+    StaticTokenAuth,
+    static_tokens,
+)
 from callboard.bus.plugin_keys import PluginKeys, PluginTokenVerifier, plugin_base_urls
 from callboard.bus.wire import BUS_PATH
 from callboard.config import Config, parse_push_target
@@ -48,7 +55,8 @@ from callboard.metrics import Metrics
 from callboard.metrics_sum import Part, combine
 from callboard.modules import resolve_modules
 from callboard.peers import Peers
-from callboard.push.api import Caller, PushApi, Refused
+from callboard.push.access import Caller
+from callboard.push.api import PushApi, Refused
 from callboard.push.registry import PushTargets
 from callboard.push.store import JsonFileStore
 from callboard.routing import EventRouter
@@ -266,9 +274,18 @@ def build(
     config = config if config is not None else Config()
     for warning in config.warnings:
         logging.getLogger("callboard.config").warning("%s", warning)
+    if metrics is None:
+        labels = config.events.metrics
+        metrics = Metrics(
+            max_topics=labels.max_topic_labels, max_subscriptions=labels.max_subscription_labels
+        )
     contexts = []
     for module in resolve_modules(config, modules, use_entry_points=use_entry_points):
-        context = ModuleContext(module.name, config.events.modules.get(module.name, {}))
+        context = ModuleContext(
+            module.name,
+            config.events.modules.get(module.name, {}),
+            inlet_meter=metrics.bridges.meter,
+        )
         try:
             module.register(context)
         except (ModuleError, ConfigError):
@@ -279,11 +296,6 @@ def build(
     chosen = broker if broker is not None else _module_broker(contexts)
     if chosen is None:
         chosen = open_broker(config.events.broker, retention=config.events.retention.policy())
-    if metrics is None:
-        labels = config.events.metrics
-        metrics = Metrics(
-            max_topics=labels.max_topic_labels, max_subscriptions=labels.max_subscription_labels
-        )
     return Callboard(config, contexts, chosen, metrics, tracer)
 
 
@@ -541,15 +553,21 @@ def bus_app(config: Config, broker: Broker, publish: Publish | None = None) -> B
 
 
 def push_app(board: Callboard, bus: BusApp) -> PushApi:
-    """The push targets' routes, authenticated as the bus is."""
+    """The push targets' routes, authenticated as the bus is and granted by its grants."""
+    grants = bus.access.grants
 
     async def authenticate(authorization: str | None) -> Caller | Refused:
         verdict = await bus.auth.check(authorization)
-        if isinstance(verdict, Principal):
-            return Caller(verdict.created_by)
-        return Refused(verdict.message)
+        if not isinstance(verdict, Principal):
+            return Refused(verdict.message)
+        principal = verdict
 
-    return PushApi(board.push, authenticate)
+        def granted(id: str) -> bool:
+            return any(grant.covers(principal, id) for grant in grants)
+
+        return Caller(principal.created_by, granted, anonymous=principal == ANONYMOUS)
+
+    return PushApi(board.push, authenticate, anonymous=board.config.events.bus.anonymous_push)
 
 
 def console_app(board: Callboard, bus: BusApp) -> ConsoleApp:

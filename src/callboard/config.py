@@ -273,6 +273,8 @@ class BusGrant(Section):
 class Bus(Section):
     backstage: BusBackstage | None = None
     grants: tuple[BusGrant, ...] = ()
+    #: Whether callers without credentials may manage push targets (``docs/bus-api.md``).
+    anonymous_push: bool = Field(default=False, alias="anonymousPush")
     max_topics_per_subscription: int = Field(default=1_000, alias="maxTopicsPerSubscription", ge=1)
 
 

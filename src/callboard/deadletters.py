@@ -3,6 +3,10 @@
 A broker keeps them as events on ``$deadletter.<subscription>``; ``read_dead_letters`` and
 ``redrive`` are the two things done with them, over any broker's operations (``BrokerAdmin``):
 the events service, the bus and the ``callboard dead-letters`` command all use these.
+
+A module that takes messages in from outside (an inbound bridge) keeps those it can never publish
+through a ``DeadLetterSink``, which the events service is: the module names the source the dead
+letters are listed under, and never reaches the broker itself.
 """
 
 from __future__ import annotations
@@ -11,8 +15,10 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Protocol, runtime_checkable
 
 from callboard.brokers.base import BrokerAdmin, dead_letter_topic
+from callboard.errors import ModuleError
 from callboard.events import (
     DEAD_LETTER_ATTEMPTS,
     DEAD_LETTER_ERROR,
@@ -76,11 +82,42 @@ class DeadLetter:
         )
 
 
+@runtime_checkable
+class DeadLetterSink(Protocol):
+    """Where a module keeps what it can never publish (``DefaultEventsService`` is one).
+
+    The events service refuses the reserved ``$deadletter.`` topics on ``publish``; this is the
+    one way in for a module. ``source`` names the dead letters (``awsSqs.orders``): they are
+    listed and counted under that name as a subscription's are.
+    """
+
+    async def dead_letter(self, source: str, event: Event, reason: str) -> None: ...
+
+
+def require_sink(events: object, module: str) -> DeadLetterSink:
+    """``events`` as a ``DeadLetterSink``; a ``ModuleError`` naming ``module`` if it is not one."""
+    if not isinstance(events, DeadLetterSink):
+        raise ModuleError(
+            module,
+            f"keeps the messages it cannot publish as dead letters, and the events service it "
+            f"was started with ({type(events).__name__}) cannot keep them: run it on "
+            "callboard's events service (DefaultEventsService, or RecordingEventsService in "
+            "tests)",
+        )
+    return events
+
+
+def reason_of(error: BaseException) -> str:
+    """How a dead letter states the failure: the exception's type and message."""
+    return f"{type(error).__name__}: {error}"
+
+
 def dead_letter_event(
-    subscription: str, event: Event, error: BaseException, attempts: int
+    subscription: str, event: Event, error: BaseException | str, attempts: int
 ) -> Event:
-    """The event to publish on the subscription's dead-letter topic."""
-    reason = f"{type(error).__name__}: {error}"
+    """The event to publish on the subscription's dead-letter topic; ``error`` is the failure,
+    or the reason already stated."""
+    reason = error if isinstance(error, str) else reason_of(error)
     return Event(
         topic=dead_letter_topic(subscription),
         payload=event.payload,

@@ -9,11 +9,17 @@ from types import TracebackType
 from typing import Self
 
 from callboard.brokers import admin, open_broker
-from callboard.brokers.base import IN_PROCESS, Broker, Start, name_problem
-from callboard.deadletters import DeadLetter, read_dead_letters
+from callboard.brokers.base import IN_PROCESS, Broker, Start, dead_letter_topic, name_problem
+from callboard.deadletters import DeadLetter, dead_letter_event, read_dead_letters
 from callboard.deadletters import redrive as redrive_dead_letters
 from callboard.delivery import RetryPolicy, Stall, Stopped, SubscriptionWorker
-from callboard.errors import InvalidTopicError, ServiceClosedError, SubscriptionError
+from callboard.errors import (
+    BrokerUnavailable,
+    CallboardError,
+    InvalidTopicError,
+    ServiceClosedError,
+    SubscriptionError,
+)
 from callboard.events import Event
 from callboard.metrics import Metrics
 from callboard.service import DEFAULT, Handler, HandlerTimeout, Subscriber
@@ -110,6 +116,8 @@ class DefaultEventsService:
         self._closed = False
         self._start_lock = asyncio.Lock()
         self._checked_topics: set[str] = set()
+        #: Sources of dead letters (``dead_letter``) whose group this process made sure of.
+        self._letter_groups: set[str] = set()
 
     async def start(self) -> None:
         if self._closed:
@@ -248,6 +256,43 @@ class DefaultEventsService:
         """The dead letters of a subscription, oldest first."""
         await self.start()
         return await read_dead_letters(admin(self.broker), subscription, limit=limit)
+
+    async def dead_letter(self, source: str, event: Event, reason: str) -> None:
+        """Keep ``event`` as a dead letter of ``source``: what a module (an inbound bridge)
+        received and can never publish (``deadletters.DeadLetterSink``).
+
+        Operators find dead letters by subscription (``callboard dead-letters list``, the
+        console), so the first one of a source makes a group of that name, owned by this
+        service, that reads only the source's dead-letter topic: no event is ever published
+        there, so the group never has a backlog. It is counted in ``callboard_dead_letters``.
+        """
+        await self.start()
+        if source not in self._letter_groups:
+            await self._make_letter_group(source)
+        await self.broker.publish(dead_letter_event(source, event, reason, 1))
+        self.metrics.dead_letters.labels(self.metrics.subscription_label(source)).inc()
+
+    async def _make_letter_group(self, source: str) -> None:
+        problem = name_problem(source)
+        if problem is not None:
+            raise SubscriptionError(f"dead letters of {source!r}: {problem}")
+        try:
+            consumer = await self.broker.consume(
+                source, (dead_letter_topic(source),), owner=IN_PROCESS
+            )
+        except BrokerUnavailable:
+            raise  # the letter could not be kept either: the caller tries again
+        except CallboardError as error:
+            # A broker that takes no group on a dead-letter topic (the bus of another server):
+            # the letters are still kept, and read by name (``dead_letters(source)``).
+            logger.warning(
+                "dead letters of %r are kept but not listed among the subscriptions: %s",
+                source,
+                error,
+            )
+        else:
+            await consumer.close()
+        self._letter_groups.add(source)
 
     async def redrive(self, subscription: str, ids: Sequence[str] | None = None) -> int:
         """Deliver dead letters (all, or those with the given ids) to the subscription again."""

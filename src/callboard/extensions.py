@@ -36,6 +36,47 @@ _routing_logger = logging.getLogger("callboard.routing")
 _MAX_CACHED_TOPICS = 1024
 
 
+class InletMeter(Protocol):
+    """What an inbound bridge (messages from outside into callboard) tells about one of its
+    instances; the application's metrics count it (``callboard.metrics.BridgeMetrics``)."""
+
+    def stored(self, accepted: bool) -> None:
+        """A message was published: stored, or (``False``) recognised as a redelivery."""
+
+    def dead_lettered(self) -> None:
+        """A message that can never be published was kept as a dead letter."""
+
+    def failed(self) -> None:
+        """Receiving from the outside system, or connecting to it, failed."""
+
+    def connected(self, now: bool) -> None:
+        """Whether the instance is connected to the outside system now."""
+
+
+#: An inbound bridge's meter, by the name of its instance (the source of its dead letters).
+InletMeters = Callable[[str], InletMeter]
+
+
+class _Unmetered:
+    """The meter of a context built without metrics (a module's own tests): counts nothing."""
+
+    def stored(self, accepted: bool) -> None:
+        pass
+
+    def dead_lettered(self) -> None:
+        pass
+
+    def failed(self) -> None:
+        pass
+
+    def connected(self, now: bool) -> None:
+        pass
+
+
+def unmetered(name: str) -> InletMeter:
+    return _Unmetered()
+
+
 class Module(Protocol):
     """A unit of wiring, named in configuration or found through an entry point."""
 
@@ -222,6 +263,8 @@ class ModuleContext:
     subscribers: SubscriberPoint = field(default_factory=SubscriberPoint)
     broker: BrokerPoint = field(default_factory=BrokerPoint)
     lifecycle: LifecyclePoint = field(default_factory=LifecyclePoint)
+    #: The meter of an inbound bridge's instance, by name; given by the application.
+    inlet_meter: InletMeters = unmetered
 
     def settings(self, model: type[M]) -> M:
         """The module's section validated as ``model``; errors name ``events.modules.<name>.<key>``."""

@@ -1,4 +1,4 @@
-"""Prometheus instruments for ingress and delivery, one registry per application.
+"""Prometheus instruments for ingress, delivery, push and bridges, one registry per application.
 
 The counters touched on every request and every delivery are plain integers, turned into
 Prometheus samples only when ``/metrics`` is scraped: a labelled ``prometheus_client`` counter
@@ -175,6 +175,7 @@ class Metrics:
         )
 
         self.push = PushMetrics(r, max_targets=max_subscriptions)
+        self.bridges = BridgeMetrics(r, max_bridges=max_subscriptions)
 
     def count_ingress(self, topic: str, status: int) -> None:
         self.ingress[self.topic_label(topic), status] += 1
@@ -247,6 +248,68 @@ class PushMetrics:
             ["target"],
             registry=registry,
         )
+
+
+class BridgeMetrics:
+    """Inbound bridges' figures, per instance (named as its dead letters are, and bounded as
+    subscriptions are): messages by outcome, failures to receive or connect, and whether each
+    is connected. Outbound bridges are subscriptions: the delivery metrics count them."""
+
+    #: Every outcome a message is counted under; a fixed set, so the label stays bounded.
+    OUTCOMES = ("stored", "duplicate", "dead_letter")
+
+    def __init__(self, registry: CollectorRegistry, *, max_bridges: int = 200) -> None:
+        #: The label of an instance's name (``OTHER`` beyond the bound).
+        self.bridge_label = Labels(max_bridges)
+        self.messages = Counter(
+            "callboard_bridge_messages",
+            "Messages an inbound bridge took in, by outcome: stored (published), duplicate (a "
+            "redelivery the broker already had), dead_letter (never publishable; kept as a "
+            "dead letter).",
+            ["bridge", "outcome"],
+            registry=registry,
+        )
+        self.failures = Counter(
+            "callboard_bridge_failures",
+            "Times an inbound bridge failed to receive from, or connect to, the outside system.",
+            ["bridge"],
+            registry=registry,
+        )
+        self.connected = Gauge(
+            "callboard_bridge_connected",
+            "1 while an inbound bridge is connected to the outside system, 0 when it is not.",
+            ["bridge"],
+            registry=registry,
+        )
+
+    def meter(self, bridge: str) -> BridgeMeter:
+        """The meter of one inbound bridge instance (``extensions.InletMeter``)."""
+        return BridgeMeter(self, self.bridge_label(bridge))
+
+
+class BridgeMeter:
+    """One inbound bridge instance's samples, looked up once."""
+
+    __slots__ = ("_connected", "_dead", "_duplicate", "_failures", "_stored")
+
+    def __init__(self, metrics: BridgeMetrics, label: str) -> None:
+        self._stored = metrics.messages.labels(label, "stored")
+        self._duplicate = metrics.messages.labels(label, "duplicate")
+        self._dead = metrics.messages.labels(label, "dead_letter")
+        self._failures = metrics.failures.labels(label)
+        self._connected = metrics.connected.labels(label)
+
+    def stored(self, accepted: bool) -> None:
+        (self._stored if accepted else self._duplicate).inc()
+
+    def dead_lettered(self) -> None:
+        self._dead.inc()
+
+    def failed(self) -> None:
+        self._failures.inc()
+
+    def connected(self, now: bool) -> None:
+        self._connected.set(1 if now else 0)
 
 
 class _HotPath(Collector):

@@ -3,7 +3,8 @@
 - SQS in: messages published to the topic with their attributes as metadata and the message id
   as delivery id, SNS-wrapped ones unwrapped, a poison message in dead letters, every one
   deleted; a message whose store failed is kept and comes back after its visibility timeout;
-  moto stopped and started again on the same port: the bridge resumes.
+  moto stopped and started again on the same port: the bridge resumes. The bridge's metrics
+  count what was stored and dead-lettered, the failed rounds, and whether it is connected.
 - SNS out and EventBridge out: events arrive in an SQS queue subscribed to the topic, or
   targeted by a rule; an event too large, and a topic that does not exist, end in dead letters
   after the retries.
@@ -222,6 +223,7 @@ async def test_sqs_messages_become_events_and_are_deleted_once_stored(endpoint: 
                 return await queue_depth(sqs, url) == 0
 
             await eventually(empty, what="every message deleted")
+            assert sqs_sample(board, "callboard_bridge_connected") == 1
 
         by_order = {event.payload["order"]: event for event in recorder.events}
         plain, wrapped = by_order[1], by_order[2]
@@ -239,6 +241,16 @@ async def test_sqs_messages_become_events_and_are_deleted_once_stored(endpoint: 
         assert letter.event.payload == "{not json"
         assert letter.event.metadata[DELIVERY_ID] == poison["MessageId"]
         assert "not JSON" in letter.error
+        messages = "callboard_bridge_messages_total"
+        assert sqs_sample(board, messages, outcome="stored") == 2
+        assert sqs_sample(board, messages, outcome="dead_letter") == 1
+        assert sqs_sample(board, "callboard_bridge_failures_total") == 0
+        assert sqs_sample(board, "callboard_bridge_connected") == 0, "stopped"
+
+
+def sqs_sample(board: Callboard, name: str, **labels: str) -> float | None:
+    """A figure of the SQS bridge reading into ``orders``."""
+    return board.metrics.registry.get_sample_value(name, {"bridge": "awsSqs.orders", **labels})
 
 
 @pytest.mark.slow
@@ -275,12 +287,15 @@ async def test_the_bridge_resumes_when_sqs_comes_back() -> None:
     # moto is down when the bridge starts: it keeps trying.
     async with board.lifespan():
         await asyncio.sleep(2)
+        assert (sqs_sample(board, "callboard_bridge_failures_total") or 0) >= 1
+        assert sqs_sample(board, "callboard_bridge_connected") == 0
         with moto_server(port):
             async with aws(endpoint, "sqs") as sqs:
                 # A fresh moto has forgotten the queue: make it again at the same address.
                 assert (await sqs.create_queue(QueueName="resumes"))["QueueUrl"] == url
                 await sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"n": 2}))
                 await until(lambda: len(recorder.events) == 1, within=40, what="resumed")
+                assert sqs_sample(board, "callboard_bridge_connected") == 1
         await asyncio.sleep(2)  # down again for a while, and back
         with moto_server(port):
             async with aws(endpoint, "sqs") as sqs:

@@ -3,7 +3,8 @@
 In: Kafka messages become events of a callboard topic with their headers as metadata, offsets are
 committed only once the events are stored (a server killed with -9 mid-stream loses nothing), an
 undecodable message becomes a dead letter while the partition goes on, and the bridge rides out
-Kafka going away. Out: every event reaches Kafka, acknowledged before the subscription moves on;
+Kafka going away; its metrics count what was stored and dead-lettered, and the failures to
+reach Kafka. Out: every event reaches Kafka, acknowledged before the subscription moves on;
 while Kafka is away the shared policy retries and, after its last attempt, keeps a dead letter.
 """
 
@@ -126,6 +127,11 @@ async def read_topic(address: str, topic: str, count: int, within: float = 30) -
     return found
 
 
+def bridge_sample(app: CallboardApp, name: str, bridge: str, **labels: str) -> float | None:
+    registry = app.board.metrics.registry
+    return registry.get_sample_value(name, {"bridge": bridge, **labels})
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], within: float = 30) -> None:
     deadline = time.monotonic() + within
     while not await check():
@@ -162,15 +168,36 @@ async def test_an_undecodable_message_is_a_dead_letter_and_the_partition_goes_on
         await out.send_and_wait(topic, b'{"n": 0}', partition=0)
         await out.send_and_wait(topic, b"not json {", partition=0, headers=[("kind", b"bad")])
         await out.send_and_wait(topic, b'{"n": 2}', partition=0)
+    source = dead_letter_group("default", group)
     async with app.board.lifespan():
         events = await inbox.holds(2)
-        [letter] = await app.board.events.dead_letters(dead_letter_group("default", group))
+        [letter] = await app.board.events.dead_letters(source)
+        assert bridge_sample(app, "callboard_bridge_connected", source) == 1
     assert [e.payload for e in events] == [{"n": 0}, {"n": 2}]
+    messages = "callboard_bridge_messages_total"
+    assert bridge_sample(app, messages, source, outcome="stored") == 2
+    assert bridge_sample(app, messages, source, outcome="dead_letter") == 1
+    assert bridge_sample(app, "callboard_bridge_connected", source) == 0, "stopped"
+    assert bridge_sample(app, "callboard_bridge_failures_total", source) == 0
     assert letter.event.payload == "not json {"
     assert letter.event.topic == "orders"
     assert letter.event.metadata["kind"] == "bad"
     assert "JSONDecodeError" in letter.error
     assert letter.attempts == 1
+
+
+async def test_a_kafka_that_cannot_be_reached_is_counted_as_failures() -> None:
+    group = unique("g")
+    source = dead_letter_group("default", group)
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    app = app_with({"kafka": inlet(address, unique("away"), group)}, Inbox())
+    async with app.board.lifespan():
+
+        async def failed_twice() -> bool:
+            return (bridge_sample(app, "callboard_bridge_failures_total", source) or 0) >= 2
+
+        await eventually(failed_twice)
+        assert bridge_sample(app, "callboard_bridge_connected", source) == 0
 
 
 async def test_a_group_resumes_after_what_it_stored_before_it_stopped(kafka: str) -> None:

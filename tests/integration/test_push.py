@@ -223,6 +223,8 @@ def api_config(url: str, store: Path | None, database: Path) -> dict[str, Any]:
     data["events"]["broker"] = f"sqlite:///{database}"
     if store is not None:
         data["events"]["pushStorePath"] = str(store)
+    # The caller may see the configured target, and still not change it (409).
+    data["events"]["bus"] = {"grants": [{"subject": "ops", "subscriptions": ["push.billing"]}]}
     data["backend"] = {
         "auth": {
             "externalAccess": [{"type": "static", "options": {"token": TOKEN, "subject": "ops"}}]

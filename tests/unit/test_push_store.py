@@ -10,16 +10,18 @@ from pathlib import Path
 import pytest
 
 from callboard.errors import ConfigError
-from callboard.push.store import JsonFileStore
+from callboard.push.store import JsonFileStore, StoredTarget
 
 
 async def test_what_is_saved_is_loaded_and_readable_by_its_owner_only(tmp_path: Path) -> None:
     path = tmp_path / "state" / "push.json"
     store = JsonFileStore(path)
     assert await store.load() == {}
-    await store.save({"crm": {"url": "http://x", "topics": ["a"], "secret": "whsec_AAAA"}})
+    crm = StoredTarget({"url": "http://x", "topics": ["a"], "secret": "whsec_AAAA"}, "service=ops")
+    await store.save({"crm": crm, "old": StoredTarget({"url": "http://y"}, None)})
     assert await JsonFileStore(path).load() == {
-        "crm": {"url": "http://x", "topics": ["a"], "secret": "whsec_AAAA"}
+        "crm": crm,
+        "old": StoredTarget({"url": "http://y"}, None),
     }
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     await store.save({})
@@ -27,7 +29,17 @@ async def test_what_is_saved_is_loaded_and_readable_by_its_owner_only(tmp_path: 
     assert [p.name for p in path.parent.iterdir()] == ["push.json"]  # no temporary file left
 
 
-@pytest.mark.parametrize("text", ["{not json", '{"push": []}', '["x"]', '{"push": {"a": 1}}'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        '{"push": []}',
+        '["x"]',
+        '{"push": {"a": 1}}',
+        '{"push": {}, "owners": []}',
+        '{"push": {}, "owners": {"a": 1}}',
+    ],
+)
 async def test_a_file_that_is_not_a_store_stops_the_start(tmp_path: Path, text: str) -> None:
     path = tmp_path / "push.json"
     path.write_text(text)
@@ -39,8 +51,10 @@ async def test_a_file_that_is_not_a_store_stops_the_start(tmp_path: Path, text: 
 async def test_the_file_is_replaced_whole(tmp_path: Path) -> None:
     path = tmp_path / "push.json"
     store = JsonFileStore(path)
-    await store.save({"a": {"url": "http://a"}})
+    await store.save({"a": StoredTarget({"url": "http://a"}, "service=ops")})
     inode = os.stat(path).st_ino
-    await store.save({"b": {"url": "http://b"}})
+    await store.save({"b": StoredTarget({"url": "http://b"}, "service=ops")})
     assert os.stat(path).st_ino != inode  # a new file renamed over the old one
-    assert json.loads(path.read_text())["push"] == {"b": {"url": "http://b"}}
+    document = json.loads(path.read_text())
+    assert document["push"] == {"b": {"url": "http://b"}}
+    assert document["owners"] == {"b": "service=ops"}

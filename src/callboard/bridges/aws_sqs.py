@@ -21,10 +21,12 @@ so a message received twice is a redelivery the broker does not store again.
 
 A message is deleted only once the broker stored it: if the broker fails, the message comes back
 after its visibility timeout. A message that cannot be decoded (not JSON, a broken SNS envelope)
-or that no broker can keep goes to the dead letters of ``awsSqs.<topic>`` with the reason, and is
-then deleted; if even the dead letter cannot be stored it stays in the queue, where the queue's
+or that no broker can keep is handed to the events service (a ``DeadLetterSink``) as a dead
+letter of ``awsSqs.<topic>`` with the reason, and is then deleted; if even the dead letter cannot be stored it stays in the queue, where the queue's
 own redrive policy, if it has one, takes it. When SQS cannot be reached, or the broker did not
-store a message, the task logs it, waits (1 s, doubling up to 30 s) and tries again.
+store a message, the task logs it, waits (1 s, doubling up to 30 s) and tries again. Each
+queue's reader tells its meter what it stored and dead-lettered, SQS's failures, and whether its
+last receive succeeded (``callboard_bridge_*`` in ``/metrics``).
 """
 
 from __future__ import annotations
@@ -35,22 +37,15 @@ import logging
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator, model_validator
 
 from callboard.bridges.aws import ClientSettings, Duration, client, require_sdk, sdk_error
-from callboard.brokers.base import Broker
-from callboard.deadletters import dead_letter_event
-from callboard.errors import (
-    BrokerUnavailable,
-    CallboardError,
-    InvalidEventError,
-    InvalidTopicError,
-    ModuleError,
-)
+from callboard.deadletters import DeadLetterSink, reason_of, require_sink
+from callboard.errors import BrokerUnavailable, CallboardError, InvalidEventError, InvalidTopicError
 from callboard.events import DELIVERY_ID, Event, MetadataValue
-from callboard.extensions import FunctionModule, ModuleContext
+from callboard.extensions import FunctionModule, InletMeter, InletMeters, ModuleContext
 from callboard.service import EventsService
 from callboard.settings import Section
 from callboard.topics import validate_topic
@@ -136,6 +131,11 @@ class Decoded:
     delivery_id: str
 
 
+def dead_letter_source(topic: str) -> str:
+    """The name under which the poison messages read into ``topic`` are kept."""
+    return f"{NAME}.{topic}"
+
+
 class PoisonMessage(ValueError):
     """A message whose body cannot be decoded; it goes to dead letters, never retried."""
 
@@ -205,38 +205,46 @@ def _unwrap(envelope: dict[str, Any]) -> Decoded:
     return Decoded(payload, metadata, str(envelope.get("MessageId", "")))
 
 
-@runtime_checkable
-class _WithBroker(Protocol):
-    """An events service that shows its broker (``DefaultEventsService``): dead letters are
-    stored through it, as the delivery policy stores them."""
-
-    @property
-    def broker(self) -> Broker: ...
-
-
 class QueueReader:
     """Reads one queue into one callboard topic until stopped."""
 
     def __init__(
-        self, topic: str, settings: TopicQueue, sqs: SQSClient, events: EventsService, dead: Broker
+        self,
+        topic: str,
+        settings: TopicQueue,
+        sqs: SQSClient,
+        events: EventsService,
+        dead: DeadLetterSink,
+        meter: InletMeter,
     ) -> None:
         self.topic = topic
         self.settings = settings
-        #: The group whose dead letters keep this queue's poison messages.
-        self.subscription = f"{NAME}.{topic}"
+        #: The source whose dead letters keep this queue's poison messages.
+        self.subscription = dead_letter_source(topic)
         self._sqs = sqs
         self._events = events
         self._dead = dead
+        self._meter = meter
         self._url = settings.queue.url
 
     async def run(self) -> None:
         """Round after round; a failed round is logged and the next waits, longer each time."""
+        try:
+            await self._rounds()
+        finally:
+            self._meter.connected(False)
+
+    async def _rounds(self) -> None:
         backoff = BACKOFF_FIRST
         while True:
             try:
                 async with asyncio.timeout(self.settings.round_timeout):
                     await self.one_round()
             except Exception as error:
+                if not isinstance(error, CallboardError):
+                    # SQS failed, or the round timed out; the broker's failures are not SQS's.
+                    self._meter.failed()
+                    self._meter.connected(False)
                 logger.warning(
                     "SQS queue %s (topic %r): %s; trying again in %gs",
                     self._url,
@@ -266,6 +274,7 @@ class QueueReader:
             MessageAttributeNames=["All"],
             **options,
         )
+        self._meter.connected(True)
         messages = answer.get("Messages", [])
         if not messages:
             await asyncio.sleep(self.settings.wait_time_after_empty_receive)
@@ -290,7 +299,7 @@ class QueueReader:
                 payload=decoded.payload,
                 metadata={**decoded.metadata, DELIVERY_ID: decoded.delivery_id},
             )
-            await self._events.publish(event)
+            self._meter.stored(await self._events.publish(event))
         except (PoisonMessage, InvalidEventError) as error:
             return await self._dead_letter(message, error)
         except Exception as error:
@@ -301,7 +310,7 @@ class QueueReader:
         metadata: dict[str, MetadataValue] = {DELIVERY_ID: message.get("MessageId", "")}
         original = Event(topic=self.topic, payload=message.get("Body", ""), metadata=metadata)
         try:
-            await self._dead.publish(dead_letter_event(self.subscription, original, error, 1))
+            await self._dead.dead_letter(self.subscription, original, reason_of(error))
         except Exception as failure:
             logger.error(
                 "SQS message %s of %s cannot be published (%s) and could not be kept as a dead "
@@ -312,6 +321,7 @@ class QueueReader:
                 failure,
             )
             return None
+        self._meter.dead_lettered()
         logger.error(
             "SQS message %s of %s cannot be published; moved to the dead letters of %r: %s",
             message.get("MessageId"),
@@ -343,17 +353,18 @@ class QueueReader:
 class SqsBridge:
     """The module's running part: a client and a reading task per configured topic."""
 
-    def __init__(self, publisher: Publisher) -> None:
+    def __init__(self, publisher: Publisher, meters: InletMeters) -> None:
         self._publisher = publisher
+        self._meters = meters
         self._stack = AsyncExitStack()
         self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self, events: EventsService) -> None:
-        if not isinstance(events, _WithBroker):
-            raise ModuleError(NAME, "needs an events service with a broker for its dead letters")
+        sink = require_sink(events, NAME)
         for topic, settings in self._publisher.topics.items():
             sqs: SQSClient = await self._stack.enter_async_context(client("sqs", settings.queue))
-            reader = QueueReader(topic, settings, sqs, events, events.broker)
+            meter = self._meters(dead_letter_source(topic))
+            reader = QueueReader(topic, settings, sqs, events, sink, meter)
             self._tasks.append(asyncio.create_task(reader.run(), name=f"callboard-sqs-{topic}"))
             logger.info("reading SQS queue %s into topic %r", settings.queue.url, topic)
 
@@ -369,7 +380,7 @@ class SqsBridge:
 def _register(context: ModuleContext) -> None:
     settings = context.settings(Settings)
     require_sdk(NAME)
-    bridge = SqsBridge(settings.publisher)
+    bridge = SqsBridge(settings.publisher, context.inlet_meter)
     context.lifecycle.on_start(bridge.start)
     context.lifecycle.on_stop(bridge.stop)
 

@@ -99,7 +99,7 @@ def _add_inlets(context: ModuleContext, name: str, settings: ConsumingPublisher)
             validate_topic(entry.topic)
         except InvalidTopicError as error:
             raise ConfigError(f"{path}.topics.{index}.topic", error.reason) from None
-        inlet = KafkaInlet(name, settings, entry)
+        inlet = KafkaInlet(name, settings, entry, context.inlet_meter)
         context.lifecycle.on_start(inlet.start)
         context.lifecycle.on_stop(inlet.stop)
 

@@ -14,9 +14,11 @@ for many); a message the broker could not take is tried again, after a back-off 
 the messages it had refused are stored after the later ones it had taken.
 
 A message that can never be published (its value is not JSON, or it holds what no broker can
-keep) is a dead letter of the bridge, ``$deadletter.kafka:consumer:<instance>:<groupId>``, with the
-reason and the value as text, and the partition goes on. While Kafka cannot be reached the
-consumer tries again with the same back-off, and resumes from the last commit.
+keep) is handed to the events service (a ``DeadLetterSink``) as a dead letter of
+``kafka:consumer:<instance>:<groupId>``, with the reason and the value as text, and the partition
+goes on. While Kafka cannot be reached the consumer tries again with the same back-off, and
+resumes from the last commit. What is stored, dead-lettered and failed, and whether the consumer
+is connected, go to the inlet's meter (``callboard_bridge_*`` in ``/metrics``).
 """
 
 from __future__ import annotations
@@ -27,17 +29,17 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from time import monotonic
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 
 from callboard.bridges.kafka_settings import ConsumingPublisher, InTopic, client_options
-from callboard.brokers.base import Broker
-from callboard.deadletters import dead_letter_event
-from callboard.errors import InvalidEventError, ModuleError
+from callboard.deadletters import DeadLetterSink, reason_of, require_sink
+from callboard.errors import InvalidEventError
 from callboard.events import DELIVERY_ID, Event, MetadataValue
+from callboard.extensions import InletMeters
 from callboard.service import EventsService
 
 logger = logging.getLogger("callboard.bridges.kafka")
@@ -48,15 +50,6 @@ MAX_RECORDS = 500
 FETCH_WAIT = 1.0
 #: Seconds ``stop`` waits for the batch under way to be stored before it gives up on it.
 STOP_TIMEOUT = 10.0
-
-
-@runtime_checkable
-class _WithBroker(Protocol):
-    """An events service that shows its broker: dead letters go to the broker directly (the
-    service refuses the reserved ``$deadletter.`` topics)."""
-
-    @property
-    def broker(self) -> Broker: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,15 +92,18 @@ def headers_metadata(headers: Sequence[tuple[str, bytes | None]]) -> dict[str, M
 class KafkaInlet:
     """One Kafka consumer publishing what it reads to one callboard topic; see the module."""
 
-    def __init__(self, instance: str, settings: ConsumingPublisher, entry: InTopic) -> None:
+    def __init__(
+        self, instance: str, settings: ConsumingPublisher, entry: InTopic, meters: InletMeters
+    ) -> None:
         self.instance = instance
         self.topic = entry.topic
         self.options = entry.kafka
         self.id = dead_letter_group(instance, entry.kafka.group_id)
         self._settings = settings
         self._retry = settings.retry
+        self._meter = meters(self.id)
         self._events: EventsService | None = None
-        self._broker: Broker | None = None
+        self._sink: DeadLetterSink | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = asyncio.Event()
         #: Waiting on Kafka with nothing unstored in hand: ``stop`` may cancel at once.
@@ -117,11 +113,7 @@ class KafkaInlet:
         self._committed_at = monotonic()
 
     async def start(self, events: EventsService) -> None:
-        if not isinstance(events, _WithBroker):
-            raise ModuleError(
-                "kafka", "the Kafka bridge needs callboard's events service (it keeps dead letters)"
-            )
-        self._events, self._broker = events, events.broker
+        self._events, self._sink = events, require_sink(events, "kafka")
         self._stopping.clear()
         self._task = asyncio.create_task(self._run(), name=f"callboard {self.id}")
 
@@ -139,6 +131,7 @@ class KafkaInlet:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        self._meter.connected(False)
 
     # -- the consumer's life ----------------------------------------------------------------
 
@@ -153,6 +146,7 @@ class KafkaInlet:
                         await consumer.start()
                 finally:
                     self._waiting = False
+                self._meter.connected(True)
                 if failures:
                     logger.info("Kafka bridge %s: connected again", self.id)
                 failures = 0
@@ -161,6 +155,8 @@ class KafkaInlet:
                 # Whatever failed, the bridge starts its consumer again after a back-off: it
                 # never stops by itself while callboard runs.
                 failures += 1
+                self._meter.failed()
+                self._meter.connected(False)
                 delay = self._retry.delay(failures)
                 known = isinstance(error, KafkaError | OSError | TimeoutError)
                 logger.warning(
@@ -307,7 +303,7 @@ class KafkaInlet:
         problem = read.problem
         if problem is None:
             try:
-                await self._events.publish(read.event)
+                self._meter.stored(await self._events.publish(read.event))
                 return
             except InvalidEventError as error:
                 problem = error
@@ -315,7 +311,7 @@ class KafkaInlet:
 
     async def _dead_letter(self, read: Read, problem: Exception) -> None:
         """Keep a message that can never be published as a dead letter of the bridge."""
-        assert self._broker is not None
+        assert self._sink is not None
         message = read.message
         event = Event(
             topic=self.topic,
@@ -323,7 +319,8 @@ class KafkaInlet:
             metadata=headers_metadata(message.headers)
             | {DELIVERY_ID: str(read.event.metadata[DELIVERY_ID])},
         )
-        await self._broker.publish(dead_letter_event(self.id, event, problem, 1))
+        await self._sink.dead_letter(self.id, event, reason_of(problem))
+        self._meter.dead_lettered()
         logger.warning(
             "Kafka bridge %s: message %s/%d@%d cannot be published on %r (%s); kept as a dead "
             "letter of %r",

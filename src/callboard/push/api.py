@@ -2,11 +2,18 @@
 
 Mounted at ``/api/events/bus/v1/push``:
 
-- ``GET /push``: every target (configured and created here), secrets and header values left out;
-- ``GET /push/{name}``: one;
+- ``GET /push``: the targets the caller may see, secrets and header values left out;
+- ``GET /push/{name}``: one (``404`` when unknown or not the caller's to see);
 - ``PUT /push/{name}``: create (``201``) or replace (``200``) a target from a JSON object with
-  the keys of ``events.push.<name>``; ``409`` for a configured one, ``501`` without a store;
-- ``DELETE /push/{name}``: ``204``, ``404`` when unknown, ``409`` for a configured one.
+  the keys of ``events.push.<name>``; ``403`` for another caller's, ``409`` for a configured
+  one, ``501`` without a store;
+- ``DELETE /push/{name}``: ``204``, ``404`` when unknown, ``403`` and ``409`` as for ``PUT``.
+
+Who may see and change which target is ``push/access.py``'s rule: its owner, and the callers
+``events.bus.grants`` gives ``push.<name>``. A caller without credentials (the bus run without
+authentication) is refused every route with a ``403`` unless ``anonymous`` is set
+(``events.bus.anonymousPush``): a push target makes the server send requests to any URL, which
+nobody should be able to do just by reaching its port.
 
 A raw ASGI app, served by the application's routes for ``/push`` and ``/push/{name}`` (the name
 comes in the scope's ``path_params``); the application hands it the bus's authentication as a
@@ -22,8 +29,9 @@ from typing import Any
 
 import orjson
 
-from callboard.errors import ConfigError, SubscriptionError
+from callboard.errors import ConfigError, RequestRejected, SubscriptionError
 from callboard.http_errors import error_body
+from callboard.push.access import Caller, may
 from callboard.push.registry import PushTargets
 from callboard.push.spec import PushSpec, name_problem
 
@@ -32,6 +40,7 @@ _JSON = [(b"content-type", b"application/json; charset=utf-8")]
 _NAMES = {
     400: "InputError",
     401: "AuthenticationError",
+    403: "NotAllowedError",
     404: "NotFoundError",
     405: "MethodNotAllowedError",
     409: "ConflictError",
@@ -39,13 +48,6 @@ _NAMES = {
     415: "UnsupportedMediaTypeError",
     501: "NotImplementedError",
 }
-
-
-@dataclass(frozen=True, slots=True)
-class Caller:
-    """Who called, as the logs name them (``service=backstage``)."""
-
-    name: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,9 +101,13 @@ def describe(spec: PushSpec) -> dict[str, Any]:
 class PushApi:
     """The push routes as an ASGI app, mounted under the bus's path."""
 
-    def __init__(self, targets: PushTargets, authenticate: Authenticate) -> None:
+    def __init__(
+        self, targets: PushTargets, authenticate: Authenticate, *, anonymous: bool = False
+    ) -> None:
         self.targets = targets
         self._authenticate = authenticate
+        #: Whether callers without credentials may use the routes (``events.bus.anonymousPush``).
+        self.anonymous = anonymous
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -127,18 +133,28 @@ class PushApi:
         verdict = await self._authenticate(authorization)
         if isinstance(verdict, Refused):
             raise _Refusal(401, verdict.message)
+        if verdict.anonymous and not self.anonymous:
+            raise _Refusal(
+                403,
+                "push targets are not managed by callers without credentials: a push target "
+                "makes this server send requests to any URL. Configure backend.auth."
+                "externalAccess tokens and call with one, or set events.bus.anonymousPush: true "
+                "if everyone who can reach this server may do that",
+            )
         rest: str | None = scope.get("path_params", {}).get("name")
         method = scope["method"]
         if rest is None:
             if method != "GET":
                 raise _Refusal(405, f"{method} is not allowed here; GET lists the push targets")
-            return 200, orjson.dumps({"push": [describe(s) for s in self.targets.targets()]})
+            shown = [describe(s) for s in self.targets.targets() if self._sees(verdict, s)]
+            return 200, orjson.dumps({"push": shown})
         problem = name_problem(rest)
         if problem is not None:
             raise _Refusal(400, problem)
         if method == "GET":
             spec = self.targets.get(rest)
-            if spec is None:
+            # Not the caller's to see: answered as if unknown, as the list leaves it out.
+            if spec is None or not self._sees(verdict, spec):
                 raise _Refusal(404, f"no push target {rest!r}")
             return 200, orjson.dumps(describe(spec))
         if method == "PUT":
@@ -154,9 +170,11 @@ class PushApi:
             )
         self._check_store()
         try:
-            spec, created = await self.targets.put(name, section, by=caller.name)
+            spec, created = await self.targets.put(name, section, by=caller)
         except ConfigError as error:
             raise _Refusal(400, str(error)) from None
+        except RequestRejected as error:
+            raise _Refusal(error.status_code, error.message) from None
         except SubscriptionError as error:
             raise _Refusal(409, str(error)) from None
         return (201 if created else 200), orjson.dumps(describe(spec))
@@ -164,12 +182,17 @@ class PushApi:
     async def _delete(self, name: str, caller: Caller) -> tuple[int, bytes]:
         self._check_store()
         try:
-            deleted = await self.targets.delete(name, by=caller.name)
+            deleted = await self.targets.delete(name, by=caller)
+        except RequestRejected as error:
+            raise _Refusal(error.status_code, error.message) from None
         except SubscriptionError as error:
             raise _Refusal(409, str(error)) from None
         if not deleted:
             raise _Refusal(404, f"no push target {name!r}")
         return 204, b""
+
+    def _sees(self, caller: Caller, spec: PushSpec) -> bool:
+        return may(caller, spec, self.targets.owner(spec.name))
 
     def _check_store(self) -> None:
         if not self.targets.can_store:

@@ -3,9 +3,11 @@
 Each enabled target is a subscription of the events service, ``push.<name>``, whose handler is
 the target's ``Pusher``; every target shares one ``Sender`` (one connection pool). Targets from
 ``events.push`` are fixed; the API creates, replaces and deletes the others, kept in a
-``PushStore`` so they come back after a restart. Deleting one closes its subscription and
-forgets its consumer group (position and dead letters), so a target created again later under
-the same name starts from the newest events instead of a stale backlog.
+``PushStore`` so they come back after a restart, each with its owner: the API's caller that made
+it, who alone (with the callers ``events.bus.grants`` gives it) may replace or delete it, checked
+here under the lock that orders changes (``push/access.py``). Deleting one closes its
+subscription and forgets its consumer group (position and dead letters), so a target created
+again later under the same name starts from the newest events instead of a stale backlog.
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import Any
 from callboard.brokers.base import Broker, BrokerAdmin
 from callboard.errors import ConfigError, SubscriptionError
 from callboard.metrics import PushMetrics
+from callboard.push.access import Caller, check
 from callboard.push.sender import Sender
 from callboard.push.spec import PushSpec
-from callboard.push.store import PushStore
+from callboard.push.store import PushStore, StoredTarget
 from callboard.push.target import Pusher
 from callboard.service import EventsService, Subscription
 
@@ -45,6 +48,8 @@ class PushTargets:
     ) -> None:
         self._configured = {spec.name: spec for spec in configured}
         self._specs: dict[str, PushSpec] = dict(self._configured)
+        #: The owners of the targets made through the API (``None``: stored without one).
+        self._owners: dict[str, str | None] = {}
         self._parse = parse
         self._store = store
         self._broker = broker
@@ -65,11 +70,15 @@ class PushTargets:
     def get(self, name: str) -> PushSpec | None:
         return self._specs.get(name)
 
+    def owner(self, name: str) -> str | None:
+        """The caller that made the target ``name`` through the API (``None``: none recorded)."""
+        return self._owners.get(name)
+
     async def start(self, events: EventsService) -> None:
         """Read the stored targets and subscribe every enabled one."""
         self._events = events
         if self._store is not None:
-            for name, section in (await self._store.load()).items():
+            for name, stored in (await self._store.load()).items():
                 if name in self._configured:
                     logger.warning(
                         "push target %r is both in events.push and stored from the API; the "
@@ -78,7 +87,8 @@ class PushTargets:
                     )
                     continue
                 try:
-                    self._specs[name] = self._parse(name, section)
+                    self._specs[name] = self._parse(name, stored.section)
+                    self._owners[name] = stored.owner
                 except ConfigError as error:
                     logger.error("the stored push target %r is left out: %s", name, error)
         for spec in self._specs.values():
@@ -94,43 +104,57 @@ class PushTargets:
         self._events = None
         await self.sender.close()
 
-    async def put(self, name: str, section: Mapping[str, Any], *, by: str) -> tuple[PushSpec, bool]:
+    async def put(
+        self, name: str, section: Mapping[str, Any], *, by: Caller
+    ) -> tuple[PushSpec, bool]:
         """Create or replace the runtime target ``name``: it, and whether it was created.
 
-        Raises ``ConfigError`` for a wrong section, ``SubscriptionError`` for a configured name.
+        A new target belongs to ``by``; a replaced one keeps its owner. Raises ``ConfigError``
+        for a wrong section, ``RequestRejected`` (403) when the target is not ``by``'s to
+        replace, ``SubscriptionError`` for a configured name.
         """
-        store = self._writable(name)
         spec = self._parse(name, section)
         async with self._lock:
+            current = self._specs.get(name)
+            if current is not None:
+                check(by, current, self.owner(name))
+            store = self._writable(name)
+            owner = by.name if current is None else self.owner(name)
             stored = await store.load()
-            stored[name] = dict(section)
+            stored[name] = StoredTarget(dict(section), owner)
             await store.save(stored)
-            created = name not in self._specs
             await self._halt(name)
             self._specs[name] = spec
+            self._owners[name] = owner
             if spec.enabled and self._events is not None:
                 await self._run(self._events, spec)
-        logger.info("push target %r %s by %s", name, "created" if created else "replaced", by)
+        created = current is None
+        logger.info("push target %r %s by %s", name, "created" if created else "replaced", by.name)
         return spec, created
 
-    async def delete(self, name: str, *, by: str) -> bool:
-        """Delete the runtime target ``name`` and its consumer group; whether it existed."""
-        store = self._writable(name)
+    async def delete(self, name: str, *, by: Caller) -> bool:
+        """Delete the runtime target ``name`` and its consumer group; whether it existed.
+
+        Raises as ``put`` does when the target is not ``by``'s or is configured.
+        """
         async with self._lock:
             spec = self._specs.get(name)
             if spec is None:
                 return False
+            check(by, spec, self.owner(name))
+            store = self._writable(name)
             stored = await store.load()
             stored.pop(name, None)
             await store.save(stored)
             await self._halt(name)
             del self._specs[name]
+            self._owners.pop(name, None)
             if isinstance(self._broker, BrokerAdmin):
                 try:
                     await self._broker.delete_subscription(spec.subscription)
                 except SubscriptionError as error:
                     logger.warning("push target %r: its group stays: %s", name, error)
-        logger.info("push target %r deleted by %s", name, by)
+        logger.info("push target %r deleted by %s", name, by.name)
         return True
 
     def _writable(self, name: str) -> PushStore:

@@ -6,6 +6,8 @@ and then needs no database, the file can be read and backed up by hand, and it w
 the broker is. It is written whole each time, to a temporary file beside it that then replaces
 it (``os.replace``, after ``fsync``), so a crash leaves the old file or the new one, never half
 of one. It holds the targets' secrets: it is created readable by its owner only (``0600``).
+Beside each target it keeps the bus caller that made it (``owners``), who alone may manage it
+(``push/access.py``); a file written before owners were kept has none, and is read as such.
 
 Each process reads the file when it starts; a change made through one process's API is not
 seen by another process until that one restarts (``docs/bridges.md``).
@@ -17,14 +19,27 @@ import asyncio
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from callboard.errors import ConfigError
 
-#: Stored targets: each name's section, as the API was given it (the configuration's keys).
-Stored = dict[str, dict[str, Any]]
-_VERSION = 1
+_VERSION = 2
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTarget:
+    """One target made through the API: its section as the API was given it, and its owner."""
+
+    #: The target's keys, as ``events.push.<name>`` has them.
+    section: Mapping[str, Any]
+    #: The bus caller that made it (``service=ops``); ``None``: kept before owners were.
+    owner: str | None
+
+
+#: Stored targets by name.
+Stored = dict[str, StoredTarget]
 
 
 class PushStore(Protocol):
@@ -34,7 +49,7 @@ class PushStore(Protocol):
         """Every stored target by name (nothing stored: an empty mapping)."""
         ...
 
-    async def save(self, targets: Mapping[str, Mapping[str, Any]]) -> None:
+    async def save(self, targets: Mapping[str, StoredTarget]) -> None:
         """Replace what is stored by ``targets``, durably."""
         ...
 
@@ -50,8 +65,14 @@ class JsonFileStore:
     async def load(self) -> Stored:
         return await asyncio.to_thread(self._read)
 
-    async def save(self, targets: Mapping[str, Mapping[str, Any]]) -> None:
-        document = {"version": _VERSION, "push": {n: dict(t) for n, t in targets.items()}}
+    async def save(self, targets: Mapping[str, StoredTarget]) -> None:
+        document = {
+            "version": _VERSION,
+            "push": {name: dict(target.section) for name, target in targets.items()},
+            "owners": {
+                name: target.owner for name, target in targets.items() if target.owner is not None
+            },
+        }
         await asyncio.to_thread(self._write, json.dumps(document, indent=2, sort_keys=True))
 
     def _read(self) -> Stored:
@@ -66,12 +87,19 @@ class JsonFileStore:
         except ValueError:
             raise ConfigError(self._key, f"{self.path} is not valid JSON") from None
         targets = document.get("push") if isinstance(document, dict) else None
-        if not isinstance(targets, dict) or not all(isinstance(t, dict) for t in targets.values()):
+        owners = document.get("owners", {}) if isinstance(document, dict) else None
+        if (
+            not isinstance(targets, dict)
+            or not all(isinstance(t, dict) for t in targets.values())
+            or not isinstance(owners, dict)
+            or not all(isinstance(o, str) for o in owners.values())
+        ):
             raise ConfigError(
                 self._key,
-                f'{self.path} is not a push store: expected {{"push": {{name: {{...}}}}}}',
+                f'{self.path} is not a push store: expected {{"push": {{name: {{...}}}}, '
+                '"owners": {name: caller}}',
             )
-        return targets
+        return {name: StoredTarget(t, owners.get(name)) for name, t in targets.items()}
 
     def _write(self, text: str) -> None:
         folder = self.path.parent

@@ -1,6 +1,11 @@
 """Helpers for testing code that uses callboard."""
 
-from callboard.testing.recording import FAST_RETRY, RecordingEventsService, SubscribeCall
+from callboard.testing.recording import (
+    FAST_RETRY,
+    DeadLetterCall,
+    RecordingEventsService,
+    SubscribeCall,
+)
 from callboard.testing.signing import (
     basic_auth,
     new_standard_webhooks_secret,
@@ -17,6 +22,7 @@ from callboard.testing.signing import (
 
 __all__ = [
     "FAST_RETRY",
+    "DeadLetterCall",
     "RecordingEventsService",
     "SubscribeCall",
     "basic_auth",

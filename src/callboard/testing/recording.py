@@ -22,11 +22,22 @@ class SubscribeCall:
     topics: tuple[str, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class DeadLetterCall:
+    """What a module kept as a dead letter (``dead_letter``): its source, event and reason."""
+
+    source: str
+    event: Event
+    reason: str
+
+
 class RecordingEventsService(DefaultEventsService):
-    """An in-memory events service that records what was published and subscribed.
+    """An in-memory events service that records what was published, subscribed and kept as a
+    module's dead letter.
 
     Events are really delivered to subscribers; ``await drain()`` returns once every event
-    published so far has been handled (retries and routers included).
+    published so far has been handled (retries and routers included). A module's dead letters
+    are kept as the service keeps them (``dead_letters(source)`` reads them back) and recorded.
     """
 
     def __init__(self, *, retry: RetryPolicy = FAST_RETRY) -> None:
@@ -34,6 +45,7 @@ class RecordingEventsService(DefaultEventsService):
         super().__init__(self.memory, retry=retry)
         self.published: list[Event] = []
         self.subscribed: list[SubscribeCall] = []
+        self.dead_lettered: list[DeadLetterCall] = []
 
     async def publish(self, event: Event) -> bool:
         self.published.append(event)
@@ -62,6 +74,10 @@ class RecordingEventsService(DefaultEventsService):
         self.subscribed.append(SubscribeCall(id, subscription.topics))
         return subscription
 
+    async def dead_letter(self, source: str, event: Event, reason: str) -> None:
+        await super().dead_letter(source, event, reason)
+        self.dead_lettered.append(DeadLetterCall(source, event, reason))
+
     def published_on(self, topic: str) -> list[Event]:
         return [event for event in self.published if event.topic == topic]
 
@@ -72,3 +88,4 @@ class RecordingEventsService(DefaultEventsService):
     def reset(self) -> None:
         self.published.clear()
         self.subscribed.clear()
+        self.dead_lettered.clear()
