@@ -18,7 +18,7 @@ import pytest
 from callboard.brokers import redact_url
 from callboard.brokers.base import Broker, Consumer, Delivery
 from callboard.deadletters import dead_letter_event
-from callboard.errors import BrokerUnavailable, ConfigError, SubscriptionError
+from callboard.errors import BrokerError, BrokerUnavailable, ConfigError, SubscriptionError
 from callboard.events import DELIVERY_ID, Event
 from tests.contract.kits_rabbitmq import RABBITMQ_URL, drop_namespace
 from tests.integration.servers import (
@@ -33,6 +33,8 @@ from tests.integration.servers import (
 from tests.services import require_service
 
 pytest.importorskip("aio_pika")
+
+import aio_pika
 
 from callboard.brokers.rabbitmq import RabbitBroker
 from callboard.brokers.rabbitmq_names import (
@@ -191,6 +193,44 @@ async def test_concurrent_publishes_are_all_confirmed_and_kept_in_order(
     assert all(accepted)
     got = await fetch(consumer, 500, timeout=20)
     assert [d.event.payload["n"] for d in got] == list(range(500))
+
+
+async def test_each_publish_answers_for_its_own_confirm(open_rabbit: Opener) -> None:
+    """Concurrent publishes share RabbitMQ's cumulative confirms, yet an event a queue refuses
+    (``basic.nack``) fails its own publish and no other."""
+    broker = await open_rabbit()
+    full = f"{broker.settings.prefix}full"
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    channel = await connection.channel()
+    try:
+        arguments = {"x-max-length": 1, "x-overflow": "reject-publish"}
+        queue = await channel.declare_queue(full, durable=True, arguments=arguments)
+        await queue.bind(f"{broker.settings.prefix}events", "github.push")
+        results = await asyncio.gather(
+            *(broker.publish(event(n=n)) for n in range(5)), return_exceptions=True
+        )
+        assert results[0] is True
+        for refused in results[1:]:
+            assert isinstance(refused, BrokerUnavailable)
+            assert "basic.nack" in str(refused)
+    finally:
+        await channel.queue_delete(full)
+        await connection.close()
+
+
+async def test_an_event_routed_to_no_queue_fails_its_publish(open_rabbit: Opener) -> None:
+    broker = await open_rabbit()
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    try:
+        channel = await connection.channel()
+        await channel.queue_delete(f"{broker.settings.prefix}ledger")  # the catch-all queue
+    finally:
+        await connection.close()
+    with pytest.raises(BrokerError, match="to no queue; run callboard migrate"):
+        await broker.publish(event(n=1, **{DELIVERY_ID: "d-1"}))
+    await broker.migrate()
+    # The refused event's delivery id was not kept: the same delivery is accepted now.
+    assert await broker.publish(event(n=1, **{DELIVERY_ID: "d-1"})) is True
 
 
 async def test_concurrent_listings_from_two_servers_see_every_group(open_rabbit: Opener) -> None:

@@ -26,9 +26,12 @@ import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
+from typing import cast
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractRobustConnection
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractRobustConnection
+from pamqp.commands import Basic
 from pamqp.common import FieldTable
 
 from callboard.brokers import redact_url
@@ -90,7 +93,6 @@ class RabbitBroker:
         self._ledger = f"{prefix}ledger"
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
-        self._exchange: AbstractExchange | None = None
         self._hubs: dict[str, Hub] = {}
         self._window = DeliveryWindow(self.retention)
         self._cleaner: asyncio.Task[None] | None = None
@@ -133,7 +135,6 @@ class RabbitBroker:
                 async with asyncio.timeout(self.settings.timeout):
                     channel = await connection.channel(publisher_confirms=True)
                     await self._declare(connection, channel)
-                    self._exchange = await channel.get_exchange(self._exchange_name, ensure=False)
             except TRANSIENT as error:
                 await connection.close()
                 raise BrokerUnavailable(f"RabbitMQ failed while starting: {error}") from error
@@ -164,7 +165,7 @@ class RabbitBroker:
                 await self._cleaner
             self._cleaner = None
         connection, self._connection = self._connection, None
-        self._channel = self._exchange = None
+        self._channel = None
         if connection is not None:
             with contextlib.suppress(*TRANSIENT):
                 await connection.close()
@@ -291,31 +292,65 @@ class RabbitBroker:
             raise
         return True
 
-    def _message(self, event: Event, headers: FieldTable | None = None) -> aio_pika.Message:
-        return aio_pika.Message(
-            encode_event(event),
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    @staticmethod
+    def _properties(event: Event, headers: FieldTable | None = None) -> Basic.Properties:
+        return Basic.Properties(
+            delivery_mode=2,  # persistent
             message_id=event.id,
             content_type="application/json",
             headers={STAMP: time.time_ns(), **(headers or {})},
         )
 
+    async def _confirmed(
+        self, exchange: str, key: str, body: bytes, properties: Basic.Properties
+    ) -> None:
+        """Publish one message; return once RabbitMQ confirmed it, fail on a nack or a return.
+
+        The message goes straight to aiormq's channel without waiting for the socket to drain
+        (``wait=False``): aio-pika's ``Exchange.publish`` waits for it while holding the
+        channel's lock, so concurrent publishes would queue one behind the other for a turn of
+        the writer each. Here they only wait for their own confirm, which RabbitMQ sends for
+        many at once (``multiple``); the channel's bounded write queue still holds a fast
+        publisher back. ``mandatory`` makes RabbitMQ return a message no queue takes instead
+        of dropping it."""
+        channel = self._channel
+        if channel is None:
+            raise BrokerUnavailable("the RabbitMQ broker is closed")
+        # aio-pika's channels run on aiormq's; its abstract class does not declare ``wait``.
+        underlay = cast(aiormq.Channel, await channel.get_underlay_channel())
+        try:
+            answer = await underlay.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=key,
+                properties=properties,
+                mandatory=True,
+                wait=False,
+            )
+        except aiormq.exceptions.DeliveryError as error:
+            raise BrokerUnavailable(
+                f"RabbitMQ refused the message for {key!r} (basic.nack): a queue it goes to is "
+                "full or RabbitMQ is short of memory or disk; retry later"
+            ) from error
+        if not isinstance(answer, Basic.Ack):
+            where = f"exchange {exchange!r}" if exchange else "the default exchange"
+            raise BrokerError(
+                f"RabbitMQ routed the message for {key!r} on {where} to no queue; run "
+                "callboard migrate (or restart the server) to declare the missing queues again"
+            )
+
     async def _send(self, event: Event, key: str) -> None:
         self._live()
         async with self._boundary(f"publishing an event on {event.topic!r}"):
-            exchange = self._exchange
-            if exchange is None:
-                raise BrokerUnavailable("the RabbitMQ broker is closed")
-            await exchange.publish(self._message(event), routing_key=key)
+            body = encode_event(event)
+            await self._confirmed(self._exchange_name, key, body, self._properties(event))
 
     async def _send_dead_letter(self, event: Event, queue: str) -> None:
-        channel = self._channel
         self._live()
-        assert channel is not None
         async with self._boundary(f"keeping a dead letter on {event.topic!r}"):
             async with self._plain() as declaring:
                 await declaring.declare_queue(queue, durable=True)
-            await channel.default_exchange.publish(self._message(event), routing_key=queue)
+            await self._confirmed("", queue, encode_event(event), self._properties(event))
 
     @contextlib.asynccontextmanager
     async def _plain(self) -> AsyncIterator[AbstractChannel]:
@@ -377,12 +412,7 @@ class RabbitBroker:
                 await declared.bind(self._exchange_name, binding_key(pattern))
 
     async def _record(self, fact: bytes) -> None:
-        channel = self._channel
-        assert channel is not None
-        await channel.default_exchange.publish(
-            aio_pika.Message(fact, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-            routing_key=self._registry,
-        )
+        await self._confirmed("", self._registry, fact, Basic.Properties(delivery_mode=2))
 
     # -- operations --------------------------------------------------------------------------
 
@@ -457,15 +487,13 @@ class RabbitBroker:
     async def deliver_to(self, group: str, event: Event) -> None:
         check_storable(event)
         self._live()
-        channel = self._channel
-        assert channel is not None
         queue = queue_name(self.settings.prefix, "group", group)
         async with self._boundary(f"delivering an event to {group!r}"):
             if await self._ready(queue) is None:
                 raise SubscriptionError(f"no subscription {group!r} to deliver the event to")
             # BCC: the ledger gets its copy (the retention window), invisibly to the group.
-            message = self._message(event, {TARGET: group, "BCC": [self._ledger]})
-            await channel.default_exchange.publish(message, routing_key=queue)
+            properties = self._properties(event, {TARGET: group, "BCC": [self._ledger]})
+            await self._confirmed("", queue, encode_event(event), properties)
 
     async def clean(self) -> int:
         connection = self._live()
