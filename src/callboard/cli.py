@@ -337,7 +337,8 @@ def check_config(config: Config, *, strict: bool = False) -> int:
         f"  listen:  {config.backend.listen.host}:{config.backend.listen.port}\n"
         f"  broker:  {redact_url(config.events.broker)}\n"
         f"  topics:  {', '.join(sorted(board.ingress.ingresses)) or '(none)'}\n"
-        f"  modules: {', '.join(c.name for c in board.contexts) or '(none)'}"
+        f"  modules: {', '.join(c.name for c in board.contexts) or '(none)'}\n"
+        f"  push:    {', '.join(sorted(config.events.push)) or '(none)'}"
     )
     return 0
 
