@@ -99,27 +99,23 @@ def tansu(port: int | None = None) -> Iterator[str]:
     """A fresh in-memory Tansu broker on ``port`` (default: a free one); yields ``host:port``."""
     port = port or free_port()
     address = f"tcp://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [
-            tansu_binary(),
-            "broker",
-            "--listener-url",
-            address,
-            "--advertised-listener-url",
-            address,
-            "--storage-engine",
-            "memory://tansu/",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    argv = [tansu_binary(), "broker", "--listener-url", address]
+    argv += ["--advertised-listener-url", address, "--storage-engine", "memory://tansu/"]
+    with listening(argv, port, "Tansu", within=10):
+        yield f"127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def listening(argv: list[str], port: int, name: str, *, within: float) -> Iterator[None]:
+    """Run ``argv`` until the block ends, once it listens on ``port`` (``within`` seconds)."""
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + within
         while not service_up("127.0.0.1", port, timeout=0.2):
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Tansu did not start on port {port}")
+                raise RuntimeError(f"{name} did not start on port {port}")
             time.sleep(0.02)
-        yield f"127.0.0.1:{port}"
+        yield
     finally:
         process.terminate()
         try:
@@ -144,22 +140,5 @@ def moto_server(port: int | None = None) -> Iterator[str]:
     if binary is None:
         pytest.skip("moto_server (package moto[server]) is not installed")
     port = port or free_port()
-    process = subprocess.Popen(
-        [binary, "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while not service_up("127.0.0.1", port, timeout=0.2):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"moto_server did not start on port {port}")
-            time.sleep(0.05)
+    with listening([binary, "-H", "127.0.0.1", "-p", str(port)], port, "moto_server", within=20):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        try:
-            process.wait(5)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()

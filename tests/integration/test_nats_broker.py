@@ -41,7 +41,14 @@ pytest.importorskip("nats")
 
 from callboard.brokers.nats import NatsBroker
 from callboard.brokers.nats_consumer import NatsConsumer
-from callboard.brokers.nats_names import Layout, decode_token, encode_token, tokens_topic
+from callboard.brokers.nats_names import (
+    Layout,
+    ack_position,
+    decode_token,
+    encode_token,
+    group_key,
+    tokens_topic,
+)
 
 NATS_SERVER = shutil.which("nats-server") or "/usr/sbin/nats-server"
 
@@ -165,6 +172,15 @@ async def test_topics_nats_cannot_carry_as_they_are_are_delivered_intact(
     got = await fetch(consumer, 2)
     assert [d.event for d in got] == sent[:2]
     await consumer.ack(got)
+
+
+def test_the_ack_subject_tells_the_stream_sequence_and_the_deliveries() -> None:
+    assert ack_position("$JS.ACK.cb_events.gabc.3.1207.40.1733450000000000000.12") == (1207, 3)
+    newer = "$JS.ACK._.ACCHASH.cb_events.gabc.1.88.7.1733450000000000000.0.tok"
+    assert ack_position(newer) == (88, 1)
+    assert ack_position(newer.rpartition(".")[0]) == (88, 1)
+    with pytest.raises(ValueError, match="not the ack subject"):
+        ack_position("_INBOX.abc.def")
 
 
 # -- publishing ---------------------------------------------------------------------------------
@@ -427,3 +443,49 @@ async def test_a_group_of_several_patterns_gets_only_what_they_match(broker: Nat
     await consumer.ack(got)
     (info,) = await broker.subscriptions()
     assert (info.in_flight, info.backlog) == (0, 0)
+
+
+# -- settling -----------------------------------------------------------------------------------
+
+
+async def test_a_batch_from_both_consumers_of_a_group_is_settled_before_ack_returns(
+    broker: NatsBroker,
+) -> None:
+    consumer = await broker.consume("both", ["github.push"])
+    for n in range(6):
+        await broker.publish(event(n=n))
+        await broker.deliver_to("both", event("direct.one", 10 + n))
+    got = await fetch(consumer, 12)
+    assert sorted(d.event.payload["n"] for d in got) == [*range(6), *range(10, 16)]
+    await consumer.release(got[::2])
+    again = await fetch(consumer, 6)
+    assert [d.attempt for d in again] == [2] * 6
+    await consumer.ack([*got[1::2], *again])
+    # Each consumer confirmed its last settle: every one before it was handled, right now.
+    key = group_key("both")
+    for name in (key, key + "_to"):
+        info = await broker._jsc.consumer_info(broker._layout.events, name)
+        assert (info.num_ack_pending, info.num_pending) == (0, 0)
+    (listed,) = await broker.subscriptions()
+    assert (listed.in_flight, listed.backlog) == (0, 0)
+
+
+async def test_acks_the_server_cannot_confirm_are_counted_in_the_log(
+    broker: NatsBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    consumer = await broker.consume("vanishing", ["github.push"])
+    for n in range(3):
+        await broker.publish(event(n=n))
+    got = await fetch(consumer, 3)
+    await broker._jsc.delete_consumer(broker._layout.events, group_key("vanishing"))
+    await consumer.ack(got)
+    assert "3 of 3 +ACK not confirmed by NATS" in caplog.text
+
+
+async def test_closing_the_broker_is_not_reported_as_a_disconnection(
+    prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = NatsBroker([NATS_URL], prefix=prefix)
+    await broker.start()
+    await broker.close()
+    assert "disconnected" not in caplog.text

@@ -129,6 +129,8 @@ class NatsBroker(NatsRetention):
         where = ", ".join(redact_url(s) for s in self._servers)
 
         async def disconnected() -> None:
+            if self._nc is None:
+                return  # closed on purpose (``_stop`` lets go of the client before closing it)
             logger.warning("NATS at %s: disconnected; reconnecting", where)
 
         async def reconnected() -> None:

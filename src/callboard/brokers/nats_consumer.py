@@ -32,7 +32,7 @@ from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext
 
 from callboard.brokers.base import Delivery
-from callboard.brokers.nats_names import decode_event
+from callboard.brokers.nats_names import ack_position, decode_event
 from callboard.errors import SubscriptionError
 from callboard.topics import TopicMatcher
 
@@ -56,6 +56,8 @@ class Held:
     msg: Msg
     seq: int
     source: int
+    #: How many times JetStream has delivered it to the group, this time included.
+    delivered: int = 1
 
 
 @dataclass(slots=True, eq=False)
@@ -163,12 +165,11 @@ class NatsConsumer:
             if await self._request(source, need, no_wait=no_wait):
                 asked.append(source)
         if no_wait and asked:
-            waits = [asyncio.ensure_future(s.done.wait()) for s in asked]
-            try:
-                await asyncio.wait(waits, timeout=NO_WAIT_ANSWER)
-            finally:
-                for waiting in waits:
-                    waiting.cancel()
+            # One after the other under one timeout: no task per answer awaited.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(NO_WAIT_ANSWER):
+                    for source in asked:
+                        await source.done.wait()
             for source in asked:
                 if not source.done.is_set():
                     # No answer at all: its consumer is gone (or the server is): find out.
@@ -236,13 +237,18 @@ class NatsConsumer:
             self._late.add(late)
             late.add_done_callback(self._late.discard)
             return
-        seq = msg.metadata.sequence.stream
+        seq, delivered = ack_position(msg.reply)
         source.wanted -= 1
         if source.wanted <= 0:
             source.wanted = 0
             source.done.set()
         self._h.released.discard((index, seq))
-        bisect.insort(self._buffer, Held(msg, seq, index), key=lambda held: held.seq)
+        held = Held(msg, seq, index, delivered)
+        buffer = self._buffer
+        if buffer and buffer[-1].seq > seq:
+            bisect.insort(buffer, held, key=lambda held: held.seq)
+        else:
+            buffer.append(held)  # the usual case: a pull's messages come in stream order
         self._wake.set()
 
     def _status(self, source: _Source, msg: Msg) -> None:
@@ -273,8 +279,7 @@ class NatsConsumer:
                 dropped.append(held)  # under the group's filter, outside its patterns
                 continue
             self._held[id(held)] = held
-            attempt = held.msg.metadata.num_delivered or 1
-            taken.append(Delivery(event, attempt, held))
+            taken.append(Delivery(event, held.delivered, held))
         if dropped:
             await self._settle(dropped, b"+ACK")
         return taken
@@ -295,40 +300,33 @@ class NatsConsumer:
         await self._settle(back, b"-NAK")
 
     async def _settle(self, held: Sequence[Held], verb: bytes) -> None:
-        """Acknowledge or hand back, each confirmed by the server (so figures read next see it).
+        """Acknowledge or hand back, confirmed by the server (so figures read next see it).
 
-        The batch shares one reply inbox, subscribed for the batch and waited for under one
-        timeout: a request per message (a reply token, a future and a timer each) cost about a
-        third of a delivery.
+        Only the last message of each consumer asks for a reply: JetStream handles the acks of
+        one consumer in the order one connection sent them, so its reply to the last says that
+        every one before it was handled too. A reply per message (each a message in, parsed and
+        called back) cost as much as receiving the events themselves.
         """
         if not held:
             return
         nc = self._h.nc
-        confirmed = asyncio.get_running_loop().create_future()
-        left, refused = len(held), 0
-
-        async def reply(msg: Msg) -> None:
-            nonlocal left, refused
-            if (msg.headers or {}).get("Status") == "503":
-                refused += 1  # no responders: the consumer is gone
-            left -= 1
-            if left <= 0 and not confirmed.done():
-                confirmed.set_result(None)
-
-        failure: BaseException | None = None
-        sub: Subscription | None = None
+        last = {h.source: h for h in held}  # per consumer, its last one (a dict keeps the last)
+        failure: Exception | None = None
         try:
-            sub = await nc.subscribe(nc.new_inbox(), cb=reply)
             for h in held:
-                await nc.publish(h.msg.reply, verb, reply=sub.subject)
-            await asyncio.wait_for(confirmed, self._h.timeout)
-        except (nats.errors.Error, TimeoutError) as error:
+                if last[h.source] is not h:
+                    await nc.publish(h.msg.reply, verb)
+        except nats.errors.Error as error:
             failure = error
-        finally:
-            if sub is not None:
-                with contextlib.suppress(nats.errors.Error):
-                    await sub.unsubscribe()
-        failed = max(left, 0) + refused
+        unconfirmed = set(last) if failure else set()
+        # In turn rather than gathered: almost always one, then sent with the others at once.
+        for source, h in last.items() if failure is None else ():
+            try:
+                await nc.request(h.msg.reply, verb, timeout=self._h.timeout)
+            except (nats.errors.Error, TimeoutError) as error:
+                failure = error  # no responders (its consumer is gone), a timeout, an outage
+                unconfirmed.add(source)
+        failed = sum(1 for h in held if h.source in unconfirmed)
         if failed:
             logger.warning(
                 "subscription %r: %d of %d %s not confirmed by NATS (%s); those events come "
@@ -337,7 +335,7 @@ class NatsConsumer:
                 failed,
                 len(held),
                 verb.decode(),
-                failure or "no responders",
+                failure,
             )
 
     async def _renew(self) -> None:

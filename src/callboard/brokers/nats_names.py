@@ -132,6 +132,23 @@ class Layout:
         return f"{self.prefix}.ev." + ".".join([*map(encode_token, common), ">"])
 
 
+def ack_position(reply: str) -> tuple[int, int]:
+    """The stream sequence of a message JetStream delivered, and how often it was delivered,
+    read off its ack subject (``reply``).
+
+    The subject is ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>
+    .<pending>``, or that with a domain and an account hash after ``$JS.ACK`` (and a random token
+    at the end) on newer servers. Two numbers of a split, rather than the client's ``metadata``
+    (nine fields, a timestamp and three objects): this is read once per event delivered.
+    """
+    tokens = reply.split(".")
+    count = len(tokens)
+    if tokens[:2] == ["$JS", "ACK"] and count in (9, 11, 12):
+        first = 4 if count == 9 else 6
+        return int(tokens[first + 1]), int(tokens[first])
+    raise ValueError(f"{reply!r} is not the ack subject of a JetStream message")
+
+
 def encode_event(event: Event) -> bytes:
     """The event as stored: JSON with its payload and metadata checked (``encode_checked``)."""
     payload, metadata = encode_checked(event)
