@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -142,3 +144,120 @@ def moto_server(port: int | None = None) -> Iterator[str]:
     port = port or free_port()
     with listening([binary, "-H", "127.0.0.1", "-p", str(port)], port, "moto_server", within=20):
         yield f"http://127.0.0.1:{port}"
+
+
+# -- a RabbitMQ node of a test's own, that a test may kill --------------------------------------
+
+#: Where the Debian and Ubuntu packages keep the ``rabbitmq-server`` script itself: the one they
+#: put on PATH runs it as the user ``rabbitmq`` from that user's home, away from a test's files.
+_PACKAGED_RABBITMQ = "/usr/lib/rabbitmq/bin"
+
+
+def rabbitmq_server() -> str:
+    """The ``rabbitmq-server`` script that runs a node as the caller; skips the test without it."""
+    import shutil
+
+    search = os.pathsep.join([_PACKAGED_RABBITMQ, os.environ.get("PATH", "")])
+    found = shutil.which("rabbitmq-server", path=search)
+    if found is None:
+        pytest.skip("rabbitmq-server is not installed")
+    return found
+
+
+class OwnRabbit:
+    """A RabbitMQ node of a test's own, whose data outlives a ``kill()`` and is found again by
+    the next ``start()``.
+
+    Everything the machine's node (``rabbit@<host>`` on 5672) is set up with is left aside:
+    its own node name, AMQP and distribution ports (free ones, on loopback), database, logs and
+    home (its Erlang cookie) under ``directory``, and files of its own in place of the
+    system's ``rabbitmq.conf`` (which may name a listener), ``advanced.config``,
+    ``rabbitmq-env.conf`` and enabled plugins (none: no management plugin to boot). Guest
+    logs in from loopback, RabbitMQ's default.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        import uuid
+
+        self.script = rabbitmq_server()
+        self.directory = directory
+        self.port = free_port()
+        self.dist_port = free_port()
+        while self.dist_port == self.port:
+            self.dist_port = free_port()
+        self.node = f"callboard-{uuid.uuid4().hex[:10]}@localhost"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def _environment(self) -> dict[str, str]:
+        home = self.directory / "home"
+        home.mkdir(parents=True, exist_ok=True)
+        files = {"rabbitmq.conf": "", "rabbitmq-env.conf": "", "enabled_plugins": "[].\n"}
+        for name, text in files.items():
+            (self.directory / name).write_text(text)
+        return {
+            **os.environ,
+            "HOME": str(home),
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS": "-kernel inet_dist_use_interface {127,0,0,1}",
+            "ERL_EPMD_ADDRESS": "127.0.0.1",
+            "RABBITMQ_MNESIA_BASE": str(self.directory / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(self.directory / "log"),
+            "RABBITMQ_CONFIG_FILE": str(self.directory / "rabbitmq.conf"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.directory / "advanced.config"),
+            "RABBITMQ_CONF_ENV_FILE": str(self.directory / "rabbitmq-env.conf"),
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.directory / "enabled_plugins"),
+        }
+
+    async def start(self, within: float = 60) -> None:
+        """Boot the node and return once an AMQP connection to it succeeds; the node is killed
+        if it does not get there ``within`` seconds."""
+        import aio_pika
+
+        environment = self._environment()
+        with (self.directory / "rabbitmq-server.out").open("ab") as output:
+            # A session of its own: ``kill()`` ends the script and its Erlang VM as a group.
+            self.process = subprocess.Popen(  # noqa: ASYNC220 (a daemon, not waited for here)
+                [self.script],
+                env=environment,
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + within
+        try:
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"rabbitmq-server exited:\n{self.log()}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"RabbitMQ did not start in {within:g}s:\n{self.log()}")
+                if service_up("127.0.0.1", self.port, timeout=0.2):
+                    with contextlib.suppress(OSError, aio_pika.exceptions.AMQPError):
+                        connection = await aio_pika.connect(self.url, timeout=2)
+                        await connection.close()
+                        return
+                await asyncio.sleep(0.1)
+        except BaseException:
+            self.kill()
+            raise
+
+    def log(self) -> str:
+        """The end of what the node printed (its log goes to standard output too)."""
+        path = self.directory / "rabbitmq-server.out"
+        return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+    def kill(self) -> None:
+        """``kill -9`` of the node: its Erlang VM and the script around it, nothing flushed."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
