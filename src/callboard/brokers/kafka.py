@@ -8,11 +8,12 @@ keeps dead letters until they are taken; ``<prefix>groups`` (compacted) keeps ea
 patterns, owner and position, the dead letters taken, and the retention floor.
 
 Every instance tails the three topics (``kafka_log``) and hands events to its groups' consumers
-from that copy (``kafka_groups``). Kafka's own consumer groups are not used: they lease whole
-partitions, not single events. The leases live in the process, so a group is held by one
-instance at a time (``_hold``; a consumer in another instance stands by and takes it over when
-the holder stops): the broker is not ``shared``. A publish returns once Kafka
-acknowledged it (``acks=all``); concurrent publishes share the producer's batches.
+from that copy (``kafka_groups``); ``EventLog`` reads the same copy (``kafka_eventlog``). Kafka's
+own consumer groups are not used: they lease whole partitions, not single events. The leases live
+in the process, so a group is held by one instance at a time (``_hold``; a consumer in another
+instance stands by and takes it over when the holder stops): the broker is not ``shared``. A
+publish returns once Kafka acknowledged it (``acks=all``); concurrent publishes share the
+producer's batches.
 """
 
 from __future__ import annotations
@@ -38,11 +39,15 @@ from callboard.brokers.base import (
     DEAD_LETTER_PREFIX,
     Capabilities,
     Consumer,
+    EventPage,
+    EventQuery,
+    Outcome,
     RetentionPolicy,
     Start,
     SubscriptionInfo,
     name_problem,
 )
+from callboard.brokers.kafka_eventlog import EventIndex, GroupView, kept_letters, outcomes
 from callboard.brokers.kafka_groups import GroupState, KafkaConsumer
 from callboard.brokers.kafka_log import (
     FLOOR_KEY,
@@ -103,6 +108,8 @@ class KafkaBroker:
         self._mirror = Mirror(self._log, self._letters, self._meta)
         self._mirror.on_record = self._index
         self._mirror.on_floor = self._trim
+        self._events = EventIndex()
+        self._mirror.on_letter = self._events.add_letter
         self._delivery_ids: dict[tuple[str, str], int] = {}
         self._reserved: set[tuple[str, str]] = set()
         self._groups: dict[str, GroupState] = {}
@@ -267,21 +274,23 @@ class KafkaBroker:
             )
         return offset
 
-    async def _read_meta_to_end(self) -> None:
-        """Wait until the copy holds every record of the group topic written so far (by any
-        instance), so a decision on a group sees the latest claims on it."""
+    async def _read_to_end(self, *partitions: TopicPartition) -> None:
+        """Wait until the copy holds every record of ``partitions`` written so far (by any
+        instance): a decision on a group sees the latest claims on it, a search what any
+        instance published before it."""
         reader = self._reader
         if reader is None:
             raise BrokerUnavailable("the Kafka broker is not started (or was closed)")
         try:
             async with asyncio.timeout(self._timeout):
-                end = (await reader.end_offsets([self._meta]))[self._meta]
+                ends = await reader.end_offsets(list(partitions))
         except (KafkaError, TimeoutError) as error:
             raise BrokerUnavailable(
-                f"could not read the group topic of Kafka at {self._bootstrap}: {error}"
+                f"could not read the end of the topics of Kafka at {self._bootstrap}: {error}"
             ) from error
-        if end and not await self._mirror.reached(self._meta, end - 1, self._timeout):
-            logger.warning("the group topic was not read to its end yet")
+        for tp, end in ends.items():
+            if end and not await self._mirror.reached(tp, end - 1, self._timeout):
+                logger.warning("%s was not read to its end yet", tp.topic)
 
     async def check(self) -> None:
         """``BrokerHealth``: Kafka tells the end of the group topic (one ``ListOffsets``
@@ -341,9 +350,11 @@ class KafkaBroker:
         delivery_id = stored.event.delivery_id
         if delivery_id is not None and stored.target is None:
             self._delivery_ids.setdefault((stored.event.topic, delivery_id), stored.offset)
+        self._events.add(stored)
 
     def _trim(self, old: int, new: int) -> None:
         self._delivery_ids = {k: o for k, o in self._delivery_ids.items() if o >= new}
+        self._events.trim(new)
 
     async def _dispatch(self) -> None:
         """The copy grew: wake the consumers waiting in a fetch."""
@@ -404,7 +415,7 @@ class KafkaBroker:
         event, so a group is held by one instance at a time, for ``lease`` seconds renewed
         while it has consumers (a crashed process gives it up when its hold runs out).
         """
-        await self._read_meta_to_end()
+        await self._read_to_end(self._meta)
         held = self._mirror.holds.get(group)
         if held is not None and held.instance != self._instance:
             self._groups.pop(group, None)  # taken over since: resume from the written position
@@ -436,7 +447,9 @@ class KafkaBroker:
         state = GroupState(group, patterns, self._mirror)
         state.start_at(self._start_offset(start))
         await self._write_meta("pos:" + group, state.snapshot())
-        await self._write_meta("group:" + group, {"topics": list(patterns), "owner": owner})
+        await self._write_meta(
+            "group:" + group, {"topics": list(patterns), "owner": owner, "start": state.next}
+        )
         self._groups[group] = state
 
     def _start_offset(self, start: Start) -> int:
@@ -464,9 +477,10 @@ class KafkaBroker:
 
     def _state(self, group: str, patterns: tuple[str, ...]) -> GroupState:
         """The group as held here, or as its written position says (not loaded)."""
-        state = self._groups.get(group)
-        if state is not None:
-            return state
+        return self._groups.get(group) or self._written(group, patterns)
+
+    def _written(self, group: str, patterns: tuple[str, ...]) -> GroupState:
+        """The group as its written position says (not loaded)."""
         state = GroupState(group, patterns, self._mirror)
         saved = self._mirror.meta.get("pos:" + group)
         if saved is not None:
@@ -533,12 +547,11 @@ class KafkaBroker:
 
     def _letters_of(self, group: str) -> list[Event]:
         topic = DEAD_LETTER_PREFIX + group
-        record = self._mirror.meta.get("letters:" + group) or {"from": 0, "taken": []}
-        taken = set(record["taken"])
+        kept = kept_letters(self._mirror.meta)
         return [
             s.event
-            for o, s in sorted(self._mirror.letters.items())
-            if o >= record["from"] and s.event.topic == topic and s.event.id not in taken
+            for _, s in sorted(self._mirror.letters.items())
+            if s.event.topic == topic and kept(s)
         ]
 
     async def take_dead_letters(
@@ -599,3 +612,37 @@ class KafkaBroker:
                 await self.clean()
             except BrokerUnavailable as error:
                 logger.warning("retention could not run now: %s", error)
+
+    # -- the event log (kafka_eventlog) -------------------------------------------------------
+
+    async def find_events(self, query: EventQuery) -> EventPage:
+        """Read from the copy, once it holds what Kafka held when the search began."""
+        await self._read_to_end(self._letters if query.dead_letters else self._log, self._meta)
+        if query.dead_letters:
+            return self._events.find_letters(query, kept_letters(self._mirror.meta))
+        return self._events.find(query)
+
+    async def event_outcomes(self, event_id: str) -> list[Outcome]:
+        """Read from the copy, once it holds what Kafka held when the question was asked: a
+        group held by another process is told as that process last wrote it (``kafka_eventlog``)."""
+        await self._read_to_end(self._log, self._letters, self._meta)
+        kept = kept_letters(self._mirror.meta)
+        letters = [s for s in self._events.letters_naming(event_id) if kept(s)]
+        views = [
+            self._view(key.removeprefix("group:"), meta)
+            for key, meta in self._mirror.meta.items()
+            if key.startswith("group:")
+        ]
+        return outcomes(self._events.rows(event_id), letters, views)
+
+    def _view(self, name: str, meta: dict[str, Any]) -> GroupView:
+        live = self._groups.get(name) if self._holds(name) else None
+        return GroupView.of(
+            name,
+            meta,
+            live or self._written(name, tuple(meta["topics"])),
+            live=live is not None,
+            hold=self._mirror.holds.get(name),
+            position=self._mirror.meta.get("pos:" + name) or {},
+            now_ms=_now_ms(),
+        )

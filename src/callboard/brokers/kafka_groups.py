@@ -5,7 +5,8 @@ events, acknowledged one by one. So a group is kept by the broker itself: ``next
 offset not yet looked at), what was handed back (``pending``, delivered again first), what is in
 flight, and what was acknowledged above the group's ``floor``, the lowest offset not settled. The
 group's position is written to the compacted group topic as ``floor`` (what a Kafka commit would
-say) plus the acknowledged offsets and delivery counts above it, so a group resumes where it was.
+say) plus the acknowledged offsets and delivery counts above it, so a group resumes where it was,
+and the events leased now (by consumer), so other processes can tell what is in flight.
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ class GroupState:
             "acked": sorted(o for o in self.acked if o >= floor),
             "attempts": {str(o): n for o, n in self.attempts.items() if o >= floor},
             "lost": self.lost,
+            # Not read back by ``restore``: for what other processes tell of the group.
+            "leased": {str(o): c for o, c in self.in_flight.items()},
         }
 
     def restore(self, saved: dict[str, Any]) -> None:

@@ -93,8 +93,10 @@ class Mirror:
         #: The next offset to read, per partition.
         self.position: dict[TopicPartition, int] = {log: 0, letters: 0, meta: 0}
         self._changed = asyncio.Condition()
-        #: Called with each new log record (dispatch, the delivery id index).
+        #: Called with each new log record (dispatch, the delivery id index, the event index).
         self.on_record: Callable[[Stored], None] = lambda stored: None
+        #: Called with each new dead letter (the event index).
+        self.on_letter: Callable[[Stored], None] = lambda stored: None
         #: Called when the floor moved up (trim indexes).
         self.on_floor: Callable[[int, int], None] = lambda old, new: None
 
@@ -125,6 +127,7 @@ class Mirror:
                 self.on_record(stored)
         elif (stored := _decoded(tp, offset, value, stored_ms)) is not None:
             self.letters[offset] = stored
+            self.on_letter(stored)
 
     def _apply_meta(self, key: bytes | None, value: bytes | None, stored_ms: int) -> None:
         if key is None:
