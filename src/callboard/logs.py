@@ -30,6 +30,11 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+#: Drivers whose INFO lines narrate their own workings (a consumer group joined, the topics it
+#: follows, a channel opened): shown at ``debug`` only; their warnings and errors always.
+CHATTY_DRIVERS = ("aiokafka", "aio_pika", "aiormq", "nats", "aiobotocore", "botocore", "aiohttp")
+
+
 def configure_logging(level: str = "info", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -46,3 +51,6 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
         uvicorn_logger.propagate = True
         uvicorn_logger.setLevel(logging.NOTSET)
     logging.getLogger("uvicorn.access").disabled = True
+    quiet = logging.NOTSET if level == "debug" else logging.WARNING
+    for name in CHATTY_DRIVERS:
+        logging.getLogger(name).setLevel(quiet)

@@ -143,6 +143,28 @@ async def test_an_event_sent_while_rabbitmq_is_away_is_retried_then_delivered(
     assert [orjson.loads(m.body)["n"] for m in messages] == [0, 1]
 
 
+async def test_a_connection_dropped_while_idle_is_made_again_at_the_next_event(
+    queue: Queue,
+) -> None:
+    proxy = TcpProxy("127.0.0.1", 5672)
+    await proxy.start()
+    app = app_with(publisher(proxy.port, queue.exchange))
+    try:
+        async with app.board.lifespan():
+            await app.board.events.publish(Event(topic="orders.new", payload={"n": 0}))
+            await queue.take(1)
+            await proxy.cut()  # RabbitMQ drops the idle connection; the client sees it closed
+            await asyncio.sleep(0.5)
+            await proxy.restore()
+            await app.board.events.publish(Event(topic="orders.new", payload={"n": 1}))
+            messages = await queue.take(2)
+            letters = await app.board.events.dead_letters(publisher_id("default"))
+    finally:
+        await proxy.close()
+    assert [orjson.loads(m.body)["n"] for m in messages] == [0, 1]
+    assert letters == []
+
+
 async def test_an_event_rabbitmq_never_takes_becomes_a_dead_letter(queue: Queue) -> None:
     proxy = TcpProxy("127.0.0.1", 5672)
     await proxy.start()

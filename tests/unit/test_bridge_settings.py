@@ -154,6 +154,9 @@ def test_rabbitmq_instances_and_their_subscriptions() -> None:
     )
     [subscription] = context.subscribers.subscriptions
     assert subscription.id == "rabbitmq:publisher:default"
+    secured = {"url": "amqp://callboard:hunter2-secret@rabbit/", "topics": ["a"]}
+    settings = validate_section(rabbitmq.PublishingConsumer, secured, "x")
+    assert "hunter2" not in repr(settings)
     assert subscription.topics == ("orders.>", "github")
     with pytest.raises(ConfigError, match=r"rabbitmqPublishingEventConsumer\.topics"):
         registered(

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from callboard.logs import JsonFormatter, configure_logging
+from callboard.logs import CHATTY_DRIVERS, JsonFormatter, configure_logging
 
 
 def record(message: str, *args: object, **extra: object) -> logging.LogRecord:
@@ -71,3 +71,22 @@ def test_configure_logging(monkeypatch: pytest.MonkeyPatch, fmt: str, is_json: b
         assert "DEBUG" in lines[0]
         assert "callboard.x: hello there" in lines[0]
     assert logging.getLogger().level == logging.DEBUG
+
+
+@pytest.mark.usefixtures("restore_root_logger")
+def test_drivers_narrate_at_debug_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    stream = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", stream)
+    try:
+        configure_logging("info", "text")
+        logging.getLogger("aiokafka.consumer").info("Updating subscribed topics to: x")
+        logging.getLogger("aiokafka.consumer").warning("fetch failed")
+        assert [line.split(": ", 1)[1] for line in stream.getvalue().splitlines()] == [
+            "fetch failed"
+        ]
+        configure_logging("debug", "text")
+        logging.getLogger("aiokafka.consumer").info("Joined group")
+        assert stream.getvalue().splitlines()[-1].endswith("Joined group")
+    finally:
+        for name in CHATTY_DRIVERS:
+            logging.getLogger(name).setLevel(logging.NOTSET)

@@ -26,7 +26,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from callboard.bridges.kafka import DEFAULT_INSTANCE, instances
 from callboard.bridges.kafka_settings import Headers, Millis
@@ -59,7 +59,8 @@ class Exchange(Section):
 class PublishingConsumer(Section):
     """One instance of ``rabbitmqPublishingEventConsumer``."""
 
-    url: str = Field(min_length=1)
+    #: Holds the password: kept out of ``repr`` and logs (``redact_url``).
+    url: SecretStr = Field(min_length=1)
     exchange: Exchange = Exchange()
     #: The callboard topics (or patterns) forwarded.
     topics: tuple[str, ...] = Field(min_length=1)
@@ -92,6 +93,7 @@ class RabbitPublisher:
         self.instance = instance
         self.settings = settings
         self._connection: AbstractConnection | None = None
+        self._channel: AbstractChannel | None = None
         self._exchange: AbstractExchange | None = None
         self._connecting = asyncio.Lock()
         self._closed = False
@@ -122,10 +124,18 @@ class RabbitPublisher:
                 mandatory=self.settings.mandatory,
                 timeout=self.settings.timeout / 1000,
             )
-        except (aio_pika.exceptions.AMQPError, ConnectionError, OSError, TimeoutError) as error:
+        except (
+            aio_pika.exceptions.AMQPError,
+            # aiormq's "channel closed" is a RuntimeError, not a connection error.
+            aio_pika.exceptions.ChannelInvalidStateError,
+            ConnectionError,
+            OSError,
+            TimeoutError,
+        ) as error:
             await self._forget()
+            where = redact_url(self.settings.url.get_secret_value())
             raise BridgeFailed(
-                f"RabbitMQ at {redact_url(self.settings.url)} did not confirm event {event.id} "
+                f"RabbitMQ at {where} did not confirm event {event.id} "
                 f"on {event.topic!r}: {error or type(error).__name__}"
             ) from error
 
@@ -139,8 +149,11 @@ class RabbitPublisher:
         import aio_pika
 
         async with self._connecting:
-            if self._exchange is not None:
+            open_channel = self._channel is not None and not self._channel.is_closed
+            if self._exchange is not None and open_channel:
                 return self._exchange
+            # Never connected, or RabbitMQ dropped the connection while it was idle.
+            await self._forget()
             if self._closed:
                 # Stopped before the events service finished its deliveries: the event stays
                 # unacknowledged and comes again at the next start.
@@ -148,7 +161,7 @@ class RabbitPublisher:
             settings = self.settings
             async with asyncio.timeout(settings.timeout / 1000):
                 connection = await aio_pika.connect(
-                    settings.url,
+                    settings.url.get_secret_value(),
                     timeout=settings.timeout / 1000,
                     client_properties={"connection_name": publisher_id(self.instance)},
                 )
@@ -166,12 +179,13 @@ class RabbitPublisher:
                 except BaseException:
                     await connection.close()
                     raise
-            self._connection, self._exchange = connection, exchange
+            self._connection, self._channel, self._exchange = connection, channel, exchange
             return exchange
 
     async def _forget(self) -> None:
         """Drop the connection after a failure: the next publish connects again."""
-        connection, self._connection, self._exchange = self._connection, None, None
+        connection, self._connection = self._connection, None
+        self._channel = self._exchange = None
         if connection is not None and not connection.is_closed:
             try:
                 await connection.close()
