@@ -60,6 +60,7 @@ from callboard.push.api import PushApi, Refused
 from callboard.push.registry import PushTargets
 from callboard.push.store import JsonFileStore
 from callboard.routing import EventRouter
+from callboard.service import Subscription
 from callboard.spans import Tracer
 
 logger = logging.getLogger("callboard.app")
@@ -136,6 +137,8 @@ class Callboard:
         )
         self.ready = False
         self._started: list[ModuleContext] = []
+        #: Per module started, the subscriptions it asked for: closed before its stop hooks run.
+        self._subscribed: dict[str, list[Subscription]] = {}
 
     @asynccontextmanager
     async def lifespan(self, app: object = None) -> AsyncIterator[None]:
@@ -150,9 +153,10 @@ class Callboard:
         await self.events.start()
         for context in self.contexts:
             self._started.append(context)
+            subscribed = self._subscribed.setdefault(context.name, [])
             try:
                 for spec in context.subscribers.subscriptions:
-                    await self.events.subscribe(
+                    subscription = await self.events.subscribe(
                         spec.id,
                         spec.topics,
                         spec.handler,
@@ -160,6 +164,7 @@ class Callboard:
                         handler_timeout=spec.handler_timeout,
                         ordered=spec.ordered,
                     )
+                    subscribed.append(subscription)
                 for route in context.subscribers.routers:
                     router = EventRouter(
                         self.events, id=route.id, topics=route.topics, destination=route.destination
@@ -247,7 +252,12 @@ class Callboard:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reading
         await self.push.stop()
+        timeout = self.config.events.shutdown_timeout_ms / 1000
         for context in reversed(self._started):
+            # Its subscriptions first: a handler still running may need what a stop hook closes
+            # (an outbound bridge's producer), and an event it could not finish comes again.
+            for subscription in reversed(self._subscribed.pop(context.name, [])):
+                await _close_within(subscription, timeout, context.name)
             for hook in reversed(context.lifecycle.stop_hooks):
                 try:
                     await hook()
@@ -255,6 +265,27 @@ class Callboard:
                     logger.exception("module %r failed to stop cleanly", context.name)
         self._started.clear()
         await self.events.close()
+
+
+async def _close_within(subscription: Subscription, timeout: float, module: str) -> None:
+    """Close a module's subscription, waiting ``timeout`` seconds at most for its handlers: one
+    still running then is left to the service's own close, which cancels it."""
+    closing = asyncio.ensure_future(subscription.close())
+    done, _ = await asyncio.wait([closing], timeout=timeout)
+    if not done:
+        logger.warning(
+            "module %r: subscription %r still handling after %gs; it is cancelled",
+            module,
+            subscription.id,
+            timeout,
+        )
+    elif closing.exception() is not None:
+        logger.error(
+            "module %r: subscription %r failed to stop",
+            module,
+            subscription.id,
+            exc_info=closing.exception(),
+        )
 
 
 def build(

@@ -239,7 +239,11 @@ class BrokerPoint:
 
 
 class LifecyclePoint:
-    """Hooks run when the application starts (in module order) and stops (in reverse)."""
+    """Hooks run when the application starts (in module order) and stops (in reverse).
+
+    A module's subscriptions are closed before its stop hooks run, so a stop hook may close
+    what its handlers use (a producer, a connection).
+    """
 
     def __init__(self) -> None:
         self.start_hooks: list[StartHook] = []

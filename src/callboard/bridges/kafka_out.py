@@ -85,8 +85,9 @@ class KafkaSender:
             if self._producer is not None:
                 return self._producer
             if self._closed:
-                # Stopped before the events service finished its deliveries: the event stays
-                # unacknowledged and comes again at the next start.
+                # Closed: callboard closes a module's subscriptions before its stop hooks, so
+                # only a handler that outlived the shutdown timeout gets here; it counts as a
+                # failed attempt.
                 raise BridgeFailed("the Kafka bridge is stopping")
             kafka = self.entry.kafka
             retry = kafka.retry or self._settings.retry

@@ -155,8 +155,9 @@ class RabbitPublisher:
             # Never connected, or RabbitMQ dropped the connection while it was idle.
             await self._forget()
             if self._closed:
-                # Stopped before the events service finished its deliveries: the event stays
-                # unacknowledged and comes again at the next start.
+                # Closed: callboard closes a module's subscriptions before its stop hooks, so
+                # only a handler that outlived the shutdown timeout gets here; it counts as a
+                # failed attempt.
                 raise ConnectionError("the RabbitMQ bridge is stopping")
             settings = self.settings
             async with asyncio.timeout(settings.timeout / 1000):
