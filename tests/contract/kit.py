@@ -42,7 +42,9 @@ OWNER = "owner"
 CALL_ORDER = "call-order"
 #: A reader of a group deleted by another broker instance does not find it gone.
 DELETED_GROUP = "deleted-group"
-DEVIATIONS = frozenset({OWNER, CALL_ORDER, DELETED_GROUP})
+#: Retention's ``max_count`` counts the events of each group, not every event stored.
+RETENTION_COUNT = "retention-count"
+DEVIATIONS = frozenset({OWNER, CALL_ORDER, DELETED_GROUP, RETENTION_COUNT})
 
 
 class KitFactory(Protocol):

@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 from callboard.brokers.base import Broker, RetentionPolicy
-from tests.contract.kit import BrokerKit
+from tests.contract.kit import RETENTION_COUNT, BrokerKit
 from tests.services import require_service
 
 RABBITMQ_URL = os.environ.get("CALLBOARD_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672/")
@@ -27,8 +27,11 @@ async def drop_namespace(url: str, prefix: str) -> None:
 
     connection = await aio_pika.connect(url)
     try:
-        groups = await read_groups(connection, f"{prefix}registry")
-        names = [f"{prefix}registry", f"{prefix}ledger"]
+        try:
+            groups = await read_groups(connection, f"{prefix}registry")
+        except aio_pika.exceptions.ChannelNotFoundEntity:  # the test made nothing
+            groups = {}
+        names = [f"{prefix}registry", f"{prefix}ledger"]  # the ledger of earlier versions
         names += [queue_name(prefix, kind, g) for g in groups for kind in ("group", "dead")]
         for name in names:
             channel = await connection.channel()
@@ -64,6 +67,15 @@ async def rabbitmq_kit(tmp_path: Path) -> BrokerKit:
     async def teardown() -> None:
         await drop_namespace(settings.url, prefix)
 
-    kit = BrokerKit("rabbitmq", factory, crash=crash)
+    kit = BrokerKit(
+        "rabbitmq",
+        factory,
+        crash=crash,
+        deviations={
+            RETENTION_COUNT: "each event is stored only in the queues of the groups that take "
+            "it, so retention counts max_count per group's queue (tests/integration/"
+            "test_rabbitmq_broker.py checks the figures against that model)"
+        },
+    )
     kit.teardown.append(teardown)
     return kit

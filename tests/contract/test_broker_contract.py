@@ -33,7 +33,14 @@ from callboard.delivery import RetryPolicy
 from callboard.errors import InvalidEventError, SubscriptionError
 from callboard.events import DELIVERY_ID, Event
 from callboard.topics import TopicMatcher
-from tests.contract.kit import CALL_ORDER, DELETED_GROUP, LEASE, OWNER, BrokerKit
+from tests.contract.kit import (
+    CALL_ORDER,
+    DELETED_GROUP,
+    LEASE,
+    OWNER,
+    RETENTION_COUNT,
+    BrokerKit,
+)
 
 
 def event(topic: str = "github.push", n: int = 0, **metadata: str) -> Event:
@@ -569,6 +576,7 @@ async def test_retention_reports_a_group_that_fell_behind(kit: BrokerKit) -> Non
 async def test_backlog_figures_stay_exact_as_events_come_go_and_expire(kit: BrokerKit) -> None:
     """Checked against a model through several rounds: groups made at different positions,
     over bucket edges of the incremental count, events for one group only, and retention."""
+    kit.require(RETENTION_COUNT)
     policy = RetentionPolicy(min_age=0, max_age=3600, max_count=1500, batch_size=400)
     broker = await kit.open(retention=policy)
     ops = kit.admin(broker)

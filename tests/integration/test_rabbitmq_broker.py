@@ -1,4 +1,4 @@
-"""The RabbitMQ broker beyond the contract suite: its URL, names, outages and dedupe.
+"""The RabbitMQ broker beyond the contract suite: its URL, names, outages, dedupe, retention.
 
 Every test works under a name prefix of its own on the machine's RabbitMQ and deletes what it
 made; outages go through ``servers.TcpProxy``, so the shared server is never touched.
@@ -7,6 +7,7 @@ made; outages go through ``servers.TcpProxy``, so the shared server is never tou
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -16,10 +17,11 @@ import httpx
 import pytest
 
 from callboard.brokers import redact_url
-from callboard.brokers.base import Broker, Consumer, Delivery
+from callboard.brokers.base import Broker, Consumer, Delivery, RetentionPolicy
 from callboard.deadletters import dead_letter_event
-from callboard.errors import BrokerError, BrokerUnavailable, ConfigError, SubscriptionError
+from callboard.errors import BrokerUnavailable, ConfigError, SubscriptionError
 from callboard.events import DELIVERY_ID, Event
+from callboard.topics import TopicMatcher
 from tests.contract.kits_rabbitmq import RABBITMQ_URL, drop_namespace
 from tests.integration.servers import (
     Fleet,
@@ -38,7 +40,9 @@ import aio_pika
 
 from callboard.brokers.rabbitmq import RabbitBroker
 from callboard.brokers.rabbitmq_names import (
+    STAMP,
     binding_key,
+    encode_event,
     parse_url,
     queue_name,
     routing_key,
@@ -56,9 +60,11 @@ async def open_rabbit() -> AsyncIterator[Opener]:
     prefix = f"cb_it_{uuid.uuid4().hex[:12]}."
     opened: list[RabbitBroker] = []
 
-    async def open_(url: str = RABBITMQ_URL, **query: str) -> RabbitBroker:
+    async def open_(
+        url: str = RABBITMQ_URL, *, retention: RetentionPolicy | None = None, **query: str
+    ) -> RabbitBroker:
         params = "&".join(f"{k}={v}" for k, v in {"prefix": prefix, **query}.items())
-        broker = RabbitBroker.from_url(f"{url}?{params}")
+        broker = RabbitBroker.from_url(f"{url}?{params}", retention=retention)
         opened.append(broker)
         await broker.start()
         return broker
@@ -218,19 +224,15 @@ async def test_each_publish_answers_for_its_own_confirm(open_rabbit: Opener) -> 
         await connection.close()
 
 
-async def test_an_event_routed_to_no_queue_fails_its_publish(open_rabbit: Opener) -> None:
+async def test_an_event_no_subscription_takes_is_accepted_and_kept_nowhere(
+    open_rabbit: Opener,
+) -> None:
     broker = await open_rabbit()
-    connection = await aio_pika.connect(RABBITMQ_URL)
-    try:
-        channel = await connection.channel()
-        await channel.queue_delete(f"{broker.settings.prefix}ledger")  # the catch-all queue
-    finally:
-        await connection.close()
-    with pytest.raises(BrokerError, match="to no queue; run callboard migrate"):
-        await broker.publish(event(n=1, **{DELIVERY_ID: "d-1"}))
-    await broker.migrate()
-    # The refused event's delivery id was not kept: the same delivery is accepted now.
-    assert await broker.publish(event(n=1, **{DELIVERY_ID: "d-1"})) is True
+    assert await broker.publish(event("gitlab.push", n=1, **{DELIVERY_ID: "d-1"})) is True
+    assert await broker.publish(event("gitlab.push", n=1, **{DELIVERY_ID: "d-1"})) is False
+    late = await broker.consume("late", ["gitlab.push"])
+    await broker.publish(event("gitlab.push", n=2))
+    assert [d.event.payload["n"] for d in await fetch(late)] == [2]
 
 
 async def test_concurrent_listings_from_two_servers_see_every_group(open_rabbit: Opener) -> None:
@@ -254,10 +256,54 @@ async def test_migrate_declares_what_is_missing_without_starting() -> None:
     broker = RabbitBroker.from_url(f"{RABBITMQ_URL}?prefix={prefix}")
     try:
         applied = await broker.migrate()
-        assert applied == [f"declared {prefix}{name}" for name in ("events", "registry", "ledger")]
+        assert applied == [f"declared {prefix}{name}" for name in ("events", "registry")]
         assert await broker.migrate() == []
     finally:
         await drop_namespace(RABBITMQ_URL, prefix)
+
+
+async def _make_old_ledger(prefix: str) -> None:
+    """The ledger queue earlier versions kept: bound to every event, holding some."""
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    try:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            f"{prefix}events", aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        ledger = await channel.declare_queue(f"{prefix}ledger", durable=True)
+        await ledger.bind(exchange, "#")
+        await exchange.publish(aio_pika.Message(encode_event(event())), "github.push")
+    finally:
+        await connection.close()
+
+
+async def test_migrate_deletes_the_ledger_of_earlier_versions() -> None:
+    require_service("RabbitMQ", "127.0.0.1", 5672)
+    prefix = f"cb_it_{uuid.uuid4().hex[:12]}."
+    broker = RabbitBroker.from_url(f"{RABBITMQ_URL}?prefix={prefix}")
+    try:
+        await _make_old_ledger(prefix)
+        applied = await broker.migrate()
+        assert applied == [
+            f"declared {prefix}registry",
+            f"deleted {prefix}ledger (retention now trims each subscription's queue)",
+        ]
+        assert await broker.migrate() == []
+    finally:
+        await drop_namespace(RABBITMQ_URL, prefix)
+
+
+async def test_a_server_started_beside_an_old_ledger_deletes_it_and_works(
+    open_rabbit: Opener,
+) -> None:
+    first = await open_rabbit()
+    await _make_old_ledger(first.settings.prefix)
+    broker = await open_rabbit()
+    assert await broker._ready(f"{broker.settings.prefix}ledger") is None
+    consumer = await broker.consume("workers", ["github.push"])
+    await broker.publish(event(n=1))
+    assert [d.event.payload["n"] for d in await fetch(consumer)] == [1]
+    assert await broker.clean() == 0
 
 
 async def test_a_new_group_cannot_replay(open_rabbit: Opener) -> None:
@@ -355,6 +401,143 @@ async def test_the_health_check_of_a_broker_not_started_fails() -> None:
     with pytest.raises(BrokerUnavailable, match="not started") as caught:
         await broker.check()
     assert "secret" not in str(caught.value)
+
+
+# -- retention ----------------------------------------------------------------------------------
+
+
+def numbers(deliveries: list[Delivery]) -> list[int]:
+    return [d.event.payload["n"] for d in deliveries]
+
+
+async def test_retention_counts_each_groups_queue_on_its_own(open_rabbit: Opener) -> None:
+    policy = RetentionPolicy(min_age=0, max_age=3600, max_count=2, batch_size=2)
+    broker = await open_rabbit(retention=policy)
+    pushes = await broker.consume("pushes", ["github.push"])
+    merges = await broker.consume("merges", ["gitlab.merge_request"])
+    for n in range(5):
+        await broker.publish(event("github.push", n))
+    for n in range(5, 7):
+        await broker.publish(event("gitlab.merge_request", n))
+    # Seven events stored, two of them in merges' queue: only pushes' queue is over the count.
+    assert await broker.clean() == 3
+    listed = {s.name: s for s in await broker.subscriptions()}
+    assert {name: (s.lost, s.backlog) for name, s in listed.items()} == {
+        "pushes": (3, 2),
+        "merges": (0, 2),
+    }
+    assert numbers(await fetch(pushes, 2)) == [3, 4]
+    assert numbers(await fetch(merges, 2)) == [5, 6]
+    assert await broker.clean() == 0
+
+
+async def _put_old_events(broker: RabbitBroker, group: str, numbers: range, age: float) -> None:
+    """Events published ``age`` seconds ago, as RabbitMQ would hold them in the group's queue."""
+    stamp = time.time_ns() - int(age * 1e9)
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    try:
+        channel = await connection.channel()
+        for n in numbers:
+            message = aio_pika.Message(encode_event(event(n=n)), headers={STAMP: stamp})
+            await channel.default_exchange.publish(
+                message, queue_name(broker.settings.prefix, "group", group)
+            )
+    finally:
+        await connection.close()
+
+
+@pytest.mark.parametrize(
+    ("policy", "deleted"),
+    [
+        # Older than max_age: deleted whatever the count.
+        (RetentionPolicy(min_age=0, max_age=3600, max_count=100), 3),
+        # Beyond max_count and older than min_age: deleted, the oldest first.
+        (RetentionPolicy(min_age=600, max_age=86_400, max_count=2), 2),
+        # Beyond max_count but younger than min_age: kept.
+        (RetentionPolicy(min_age=3 * 3600, max_age=86_400, max_count=2), 0),
+    ],
+)
+async def test_retention_ages_each_event_by_its_publish_time(
+    open_rabbit: Opener, policy: RetentionPolicy, deleted: int
+) -> None:
+    broker = await open_rabbit(retention=policy)
+    consumer = await broker.consume("workers", ["github.push"])
+    await _put_old_events(broker, "workers", range(3), age=2 * 3600)
+    await broker.publish(event(n=3))
+    assert await broker.clean() == deleted
+    assert numbers(await fetch(consumer, 4 - deleted)) == list(range(deleted, 4))
+    listed = await broker.subscriptions()
+    assert [(s.lost, s.in_flight) for s in listed] == [(deleted, 4 - deleted)]
+
+
+async def test_retention_leaves_what_consumers_hold_and_trims_what_comes_after(
+    open_rabbit: Opener,
+) -> None:
+    policy = RetentionPolicy(min_age=0, max_age=3600, max_count=3, batch_size=1)
+    broker = await open_rabbit(retention=policy)
+    consumer = await broker.consume("workers", ["github.push"])
+    for n in range(6):
+        await broker.publish(event(n=n))
+    held = await fetch(consumer, 2)
+    released = await fetch(consumer, 1)
+    await consumer.release(released)
+    # Six in the queue, three too many: the two handed out stay, the released one and the
+    # two after it go.
+    assert await broker.clean() == 3
+    await consumer.ack(held)
+    assert numbers(await fetch(consumer, 1)) == [5]
+    assert [s.lost for s in await broker.subscriptions()] == [3]
+
+
+async def test_backlog_figures_stay_exact_as_each_queue_is_trimmed(open_rabbit: Opener) -> None:
+    """The contract's model of backlog, lost and retention, with ``max_count`` per group's queue
+    (the broker's declared deviation): several rounds, groups made at different positions,
+    events for one group only."""
+    policy = RetentionPolicy(min_age=0, max_age=3600, max_count=300, batch_size=120)
+    broker = await open_rabbit(retention=policy)
+    rng = random.Random(23)
+    topics = ("github.push", "github.issues", "gitlab.push", "gerrit.change-merged")
+    patterns = {"pushes": ["*.push"], "github": ["github.>"], "all": [">"], "gerrit": ["gerrit.*"]}
+    matchers = {name: TopicMatcher(p) for name, p in patterns.items()}
+    consumers: dict[str, Consumer] = {}
+    waiting: dict[str, list[int]] = {}  # per group, what it has not received, in order
+    lost = dict.fromkeys(patterns, 0)
+    n = 0
+    for round_ in range(6):
+        if round_ < len(patterns):
+            name = list(patterns)[round_]
+            consumers[name] = await broker.consume(name, patterns[name])
+            waiting[name] = []
+        for _ in range(rng.randint(150, 350)):
+            topic = rng.choice(topics)
+            await broker.publish(event(topic, n))
+            for name in consumers:
+                if matchers[name](topic):
+                    waiting[name].append(n)
+            n += 1
+        for name in consumers:
+            await broker.deliver_to(name, event("github.issues", n))  # for that group only
+            waiting[name].append(n)
+            n += 1
+        for name in rng.sample(sorted(consumers), k=min(2, len(consumers))):
+            took = await fetch(consumers[name], rng.randint(0, min(150, len(waiting[name]))))
+            await consumers[name].ack(took)
+            assert numbers(took) == waiting[name][: len(took)]
+            del waiting[name][: len(took)]
+        if round_ in (2, 4, 5):
+            gone = {name: max(0, len(waiting[name]) - policy.max_count) for name in waiting}
+            assert await broker.clean() == sum(gone.values()), round_
+            for name, count in gone.items():
+                lost[name] += count
+                del waiting[name][:count]
+        listed = {s.name: s for s in await broker.subscriptions()}
+        figures = {name: (listed[name].backlog, listed[name].in_flight) for name in consumers}
+        assert figures == {name: (len(waiting[name]), 0) for name in consumers}, round_
+        assert {name: listed[name].lost for name in consumers} == {
+            name: lost[name] for name in consumers
+        }, round_
+    for name, consumer in consumers.items():
+        assert numbers(await fetch(consumer, len(waiting[name]), timeout=20)) == waiting[name]
 
 
 # -- real servers -------------------------------------------------------------------------------

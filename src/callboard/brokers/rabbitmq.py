@@ -11,11 +11,16 @@ acknowledge them manually. What a process held comes back when its connection dr
 is the connection, kept alive by AMQP heartbeats).
 
 RabbitMQ has no key-value store and no deduplication: group metadata (patterns, owner, lost
-counts) lives in a registry queue and the retention window in a ledger queue
-(``rabbitmq_store``); delivery ids are remembered by each broker instance (a bounded window), so
-a redelivery is refused when it reaches the same server process, not across processes. Dead
-letters are a classic queue per group. There is no replay: a quorum queue forgets what it
-delivered (``Capabilities.replay`` is false).
+counts) lives in a registry queue (``rabbitmq_store``); delivery ids are remembered by each
+broker instance (a bounded window), so a redelivery is refused when it reaches the same server
+process, not across processes. Dead letters are a classic queue per group. There is no replay:
+a quorum queue forgets what it delivered (``Capabilities.replay`` is false).
+
+Each event is stored once per group that takes it, and nowhere else: retention trims each
+group's queue from its head, counting ``max_count`` per queue (``Hub.trim``), which a server
+does for the groups it reads. An event no group takes is confirmed and dropped. Earlier
+versions kept a copy of every event in a ``<prefix>ledger`` queue; starting or migrating deletes
+it.
 """
 
 from __future__ import annotations
@@ -60,7 +65,6 @@ from callboard.brokers.rabbitmq_store import (
     forget_group,
     group_fact,
     read_groups,
-    trim_ledger,
 )
 from callboard.brokers.storable import check_storable
 from callboard.errors import BrokerError, BrokerUnavailable, SubscriptionError
@@ -90,6 +94,7 @@ class RabbitBroker:
         prefix = settings.prefix
         self._exchange_name = f"{prefix}events"
         self._registry = f"{prefix}registry"
+        #: The queue earlier versions copied every event to, deleted where it remains.
         self._ledger = f"{prefix}ledger"
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
@@ -212,19 +217,24 @@ class RabbitBroker:
     async def _declare(
         self, connection: AbstractRobustConnection, channel: AbstractChannel
     ) -> list[str]:
-        """Declare the exchange, registry and ledger; the names that did not exist before."""
-        made = [
-            name
-            for name in (self._exchange_name, self._registry, self._ledger)
-            if await self._probe(connection, name, exchange=name == self._exchange_name) is None
+        """Declare the exchange and registry and delete the ledger of earlier versions; what
+        was done (nothing when everything was already in place)."""
+        done = [
+            f"declared {name}"
+            for name, exchange in ((self._exchange_name, True), (self._registry, False))
+            if await self._probe(connection, name, exchange=exchange) is None
         ]
-        exchange = await channel.declare_exchange(
+        await channel.declare_exchange(
             self._exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
         )
         await channel.declare_queue(self._registry, durable=True)
-        ledger = await channel.declare_queue(self._ledger, durable=True)
-        await ledger.bind(exchange, "#")
-        return made
+        if await self._probe(connection, self._ledger) is not None:
+            # Every event's second copy, which no version reads any more and none would trim.
+            async with self._plain(connection) as deleting:
+                await deleting.queue_delete(self._ledger)
+            logger.info("deleted %s, the copy of every event earlier versions kept", self._ledger)
+            done.append(f"deleted {self._ledger} (retention now trims each subscription's queue)")
+        return done
 
     @staticmethod
     async def _probe(
@@ -254,13 +264,12 @@ class RabbitBroker:
     async def migrate(self) -> list[str]:
         if self._connection is not None and self._channel is not None:
             async with self._boundary("creating the exchange and queues"):
-                made = await self._declare(self._connection, self._channel)
-                return [f"declared {name}" for name in made]
+                return await self._declare(self._connection, self._channel)
         connection = await self._connect()
         try:
             async with self._boundary("creating the exchange and queues"):
                 channel = await connection.channel()
-                return [f"declared {name}" for name in await self._declare(connection, channel)]
+                return await self._declare(connection, channel)
         finally:
             await connection.close()
 
@@ -290,7 +299,7 @@ class RabbitBroker:
                 await self._send_dead_letter(event, target)
         except BaseException:
             if seen is not None:
-                self._window.forget((seen,))
+                self._window.forget(seen)
             raise
         return True
 
@@ -306,15 +315,17 @@ class RabbitBroker:
     async def _confirmed(
         self, exchange: str, key: str, body: bytes, properties: Basic.Properties
     ) -> None:
-        """Publish one message; return once RabbitMQ confirmed it, fail on a nack or a return.
+        """Publish one message; return once RabbitMQ confirmed it, fail on a nack, and on a
+        return when it goes to one queue by name (the default exchange).
 
         The message goes straight to aiormq's channel without waiting for the socket to drain
         (``wait=False``): aio-pika's ``Exchange.publish`` waits for it while holding the
         channel's lock, so concurrent publishes would queue one behind the other for a turn of
         the writer each. Here they only wait for their own confirm, which RabbitMQ sends for
         many at once (``multiple``); the channel's bounded write queue still holds a fast
-        publisher back. ``mandatory`` makes RabbitMQ return a message no queue takes instead
-        of dropping it."""
+        publisher back. An event on the events exchange that no group's binding takes is
+        dropped (no group asked for it); a message for one queue is ``mandatory``: RabbitMQ
+        returns it, instead of dropping it, when that queue is gone."""
         channel = self._channel
         if channel is None:
             raise BrokerUnavailable("the RabbitMQ broker is closed")
@@ -326,7 +337,7 @@ class RabbitBroker:
                 exchange=exchange,
                 routing_key=key,
                 properties=properties,
-                mandatory=True,
+                mandatory=not exchange,
                 wait=False,
             )
         except aiormq.exceptions.DeliveryError as error:
@@ -335,10 +346,10 @@ class RabbitBroker:
                 "full or RabbitMQ is short of memory or disk; retry later"
             ) from error
         if not isinstance(answer, Basic.Ack):
-            where = f"exchange {exchange!r}" if exchange else "the default exchange"
             raise BrokerError(
-                f"RabbitMQ routed the message for {key!r} on {where} to no queue; run "
-                "callboard migrate (or restart the server) to declare the missing queues again"
+                f"RabbitMQ has no queue {key!r} (deleted meanwhile): run callboard migrate "
+                "to declare the registry again, or subscribe again to make a subscription's "
+                "queue afresh"
             )
 
     async def _send(self, event: Event, key: str) -> None:
@@ -355,11 +366,13 @@ class RabbitBroker:
             await self._confirmed("", queue, encode_event(event), self._properties(event))
 
     @contextlib.asynccontextmanager
-    async def _plain(self) -> AsyncIterator[AbstractChannel]:
+    async def _plain(
+        self, connection: AbstractRobustConnection | None = None
+    ) -> AsyncIterator[AbstractChannel]:
         """A channel of its own for declaring and deleting queues: aio-pika's robust channel
         declares again, after each reconnection, every queue declared through it, which would
         bring a deleted subscription's queue back."""
-        channel = await plain_channel(self._live())
+        channel = await plain_channel(connection or self._live())
         try:
             yield channel
         finally:
@@ -427,7 +440,6 @@ class RabbitBroker:
                 if reading.members:
                     queue = queue_name(self.settings.prefix, "group", name)
                     counts[name] = await reading.settle(functools.partial(self._ready, queue))
-            await self._record_late_losses()
             records = await read_groups(connection, self._registry)
             for name in sorted(records):
                 hub = self._hubs.get(name)
@@ -493,41 +505,39 @@ class RabbitBroker:
         async with self._boundary(f"delivering an event to {group!r}"):
             if await self._ready(queue) is None:
                 raise SubscriptionError(f"no subscription {group!r} to deliver the event to")
-            # BCC: the ledger gets its copy (the retention window), invisibly to the group.
-            properties = self._properties(event, {TARGET: group, "BCC": [self._ledger]})
+            properties = self._properties(event, {TARGET: group})
             await self._confirmed("", queue, encode_event(event), properties)
 
     async def clean(self) -> int:
-        connection = self._live()
-        async with self._boundary("applying retention"):
-            expired = await trim_ledger(connection, self._ledger, self.retention)
-            self._window.forget(expired.delivery_ids)
-            if not expired.ids:
-                return 0
-            deleted = set(expired.ids)
-            for hub in list(self._hubs.values()):
-                if hub.members:
-                    await self._trim(hub, deleted)
-            await self._record_late_losses()
-        return len(expired.ids)
-
-    async def _record_late_losses(self) -> None:
-        """Record the events retention deleted that reached a hub after its cleanup."""
+        """Trim the queue of every group this server reads; how many events were deleted (an
+        event deleted from two groups' queues counts twice)."""
+        self._live()
+        deleted = 0
         for hub in list(self._hubs.values()):
-            lost, hub.late_lost = hub.late_lost, 0
-            if lost:
-                await self._record(group_fact(hub.name, lost=lost))
+            if hub.members:
+                deleted += await self._trim(hub)
+        return deleted
 
-    async def _trim(self, hub: Hub, deleted: set[str]) -> None:
-        """Drop the deleted events from one group's queue and record them as its lost ones;
+    async def _trim(self, hub: Hub) -> int:
+        """Apply retention to one group's queue, ``batch_size`` events at a time, each batch
+        recorded as the group's lost events before the next (one batch within ``timeout``);
         a group that fails (deleted meanwhile) spoils none of the others."""
-        try:
-            lost = await hub.trim(deleted)
-        except TRANSIENT as error:
-            logger.warning("retention skipped subscription %s: %s", hub.name, error)
-            return
-        if lost:
-            await self._record(group_fact(hub.name, lost=lost))
+        queue = queue_name(self.settings.prefix, "group", hub.name)
+        ready = functools.partial(self._ready, queue)
+        limit = self.retention.batch_size
+        deleted = 0
+        while True:
+            async with self._boundary(f"applying retention to {hub.name!r}"):
+                try:
+                    lost = await hub.trim(self.retention, ready, limit=limit)
+                except TRANSIENT as error:
+                    logger.warning("retention skipped subscription %s: %s", hub.name, error)
+                    return deleted
+                if lost:
+                    await self._record(group_fact(hub.name, lost=lost))
+            deleted += lost
+            if lost < limit:
+                return deleted
 
     async def _clean_every_interval(self) -> None:
         while True:

@@ -16,10 +16,12 @@ consumer rather than wait for them. A consumer is cancelled only then (nothing c
 to it) or when the last member leaves: RabbitMQ 3.x requeues what it was sending a consumer
 cancelled meanwhile behind newer messages, out of order, so an idle consumer is not cancelled.
 
-Nothing stops the pushes for a while, so what ``subscriptions`` counts and what retention trims
-is settled by round trips on the hub's channel (``settle``): whatever RabbitMQ sent before is
-then in the buffer. Events retention deleted that arrive later are dropped on arrival and
-counted as lost (``late_lost``).
+Nothing stops the pushes for a while, so what ``subscriptions`` counts is settled by round
+trips on the hub's channel (``settle``): whatever RabbitMQ sent before is then in the buffer.
+Retention trims the group's queue from its head (``trim``): the head is the oldest of what the
+hub holds back, then of what ``basic.get`` takes on the same channel; RabbitMQ numbers pushes and
+gets on one channel in the order it sends them, and the driver buffers a push before it answers
+a later get, so the head is never overtaken by an older event on its way.
 
 What a member hands back (``release``, or ``close`` while other members stay) is kept by the
 hub, still unacknowledged, and given out again first: a quorum queue puts a requeued message
@@ -35,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -44,8 +47,8 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelNotFoundEntity
 
-from callboard.brokers.base import Delivery
-from callboard.brokers.rabbitmq_names import TARGET, decode_event
+from callboard.brokers.base import Delivery, RetentionPolicy
+from callboard.brokers.rabbitmq_names import STAMP, TARGET, decode_event
 from callboard.errors import SubscriptionError
 from callboard.events import Event
 from callboard.topics import TopicMatcher
@@ -94,6 +97,14 @@ class Held:
     def delivery(self) -> Delivery:
         self.handouts += 1
         return Delivery(self.event, attempt=self.returns + self.handouts, token=self)
+
+    def expires(self, policy: RetentionPolicy, count: int, now: int) -> bool:
+        """Whether ``policy`` deletes this event at the head of a queue of ``count`` events, at
+        ``now`` (nanoseconds since the epoch). An event without the publish stamp (not written
+        by this broker) counts as the oldest, so it never holds the queue's trimming up."""
+        stamp = (self.message.headers or {}).get(STAMP)
+        age = (now - stamp) / 1e9 if isinstance(stamp, int) else policy.max_age
+        return age >= policy.max_age or (count > policy.max_count and age >= policy.min_age)
 
 
 async def plain_channel(connection: AbstractConnection) -> AbstractChannel:
@@ -144,10 +155,6 @@ class Hub:
         #: Events the fetches waiting now ask for.
         self._demand = 0
         self._gone = False
-        #: Ids the last retention cleanup deleted: dropped when they arrive, counted as lost.
-        self._expired: set[str] = set()
-        #: Events dropped so since the broker last recorded them.
-        self.late_lost = 0
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -349,9 +356,6 @@ class Hub:
         if TARGET not in (message.headers or {}) and not self._matcher(event.topic):
             # AMQP wildcards match ``$`` topics, callboard's do not: settle it unseen.
             return "unmatched"
-        if event.id in self._expired:
-            self.late_lost += 1
-            return "expired"
         return Held(message, event, _returns(message), tag)
 
     @staticmethod
@@ -363,42 +367,87 @@ class Hub:
 
     # -- retention and leaving -----------------------------------------------------------------
 
-    async def trim(self, deleted: set[str]) -> int:
-        """Drop the deleted events from what this process holds and from the head of the
-        queue; how many were dropped (the group's lost events). Those still on their way here
-        are dropped when they arrive (``late_lost``)."""
-        lost = 0
+    async def trim(
+        self,
+        policy: RetentionPolicy,
+        ready: Callable[[], Awaitable[int | None]],
+        *,
+        limit: int,
+    ) -> int:
+        """Delete from the head of the group's queue, up to ``limit`` events, what ``policy``
+        no longer keeps; how many events were deleted (the group's lost ones).
+
+        The queue's count is its ready count (``ready()``, settled) plus what this process
+        holds of the group, handed out or not; what other processes hold unacknowledged is
+        not known over AMQP and not counted. The head is what this process holds back
+        (handed back first, then pushed), then what ``basic.get`` takes; trimming stops at
+        the first event kept, which stays held here as the newest of the buffer. Events
+        handed out to members are counted, never deleted.
+
+        ``basic.get`` is used only while the consumer cannot push: a quorum queue may send a
+        push and a get's answer in either order, so a message pushed meanwhile could be
+        older than the one got. Once settled, a consumer with room in its window has taken
+        everything ready; what is deleted is acknowledged only at the end, so the window
+        stays as full as it was."""
+        deleted: list[Held] = []
         async with self._lock:
-            self._expired = deleted
-            await self._flush()
-            for source in (self.returned, self.buffer):
-                # Taken out first: pushes arriving while acknowledging go behind.
-                items = list(source)
-                source.clear()
-                kept: list[Held] = []
-                for held in items:
-                    if held.event.id in deleted and held.alive():
-                        await held.message.ack()
-                        self.settled(held)
-                        lost += 1
-                    else:
-                        kept.append(held)
-                source.extendleft(reversed(kept))
-            queue = await (await self._open()).get_queue(self.queue, ensure=False)
-            while True:
-                message = await queue.get(no_ack=False, fail=False)
-                if message is None:
-                    break
-                got = self._admit(message, None)  # a deleted one is counted as late_lost
-                if not isinstance(got, Held):
-                    await self._drop(message, got)
-                else:
-                    # The first event kept: the newest held here, so last in line.
-                    self._keep(got)
-                    break
-            await self._flush()
+            waiting = await self.settle(ready)
+            if waiting is None:
+                return 0  # the queue is gone
+            count = waiting + self.backlog + sum(m.in_flight for m in self.members)
+            now = time.time_ns()
+            handed_back = 0  # of ``deleted``, those taken from ``returned`` (the first ones)
+            try:
+                while len(deleted) < limit:
+                    source = self._head()
+                    if source is None:
+                        if self._pushing():
+                            break  # nothing ready when settled: what comes is newer
+                        message = await self._get()
+                        if message is None and self._head() is None:
+                            break
+                        if message is not None:
+                            got = self._admit(message, None)
+                            if isinstance(got, Held):
+                                self._keep(got)
+                            else:
+                                await self._drop(message, got)
+                                count -= 1
+                        continue
+                    if not source[0].expires(policy, count, now):
+                        break
+                    handed_back += source is self.returned
+                    deleted.append(source.popleft())
+                    count -= 1
+            except BaseException:
+                # Put back in place: nothing was acknowledged yet.
+                self.buffer.extendleft(reversed(deleted[handed_back:]))
+                self.returned.extendleft(reversed(deleted[:handed_back]))
+                raise
+            for held in deleted:
+                await held.message.ack()
+                self.settled(held)
         self.wake()
-        return lost
+        return len(deleted)
+
+    def _pushing(self) -> bool:
+        """The running consumer has room in its window: RabbitMQ may push to it any time."""
+        return self._tag is not None and self._window > self._unsettled[self._tag]
+
+    def _head(self) -> deque[Held] | None:
+        """Where the oldest event this process holds back is (handed back ones first); those
+        on a channel that broke are forgotten (RabbitMQ requeued them)."""
+        for source in (self.returned, self.buffer):
+            while source and not source[0].alive():
+                source.popleft()
+            if source:
+                return source
+        return None
+
+    async def _get(self) -> AbstractIncomingMessage | None:
+        """The head of the queue, unacknowledged, on the hub's channel (``None``: empty)."""
+        queue = await (await self._open()).get_queue(self.queue, ensure=False)
+        return await queue.get(no_ack=False, fail=False)
 
     async def requeue_all(self, held: Sequence[Held]) -> None:
         """The last member left: everything held goes back to RabbitMQ, oldest first; the
@@ -432,7 +481,7 @@ class Hub:
 
 
 #: Why a message that reached a group's queue is no event for the group.
-_Refusal = Literal["foreign", "unmatched", "expired"]
+_Refusal = Literal["foreign", "unmatched"]
 
 
 class RabbitConsumer:

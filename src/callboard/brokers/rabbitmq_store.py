@@ -9,10 +9,9 @@ first-wins: the first patterns and the first owner recorded stand, lost counts a
 servers recording the same group at once never contradict each other. Deleting a group
 acknowledges (removes) its records.
 
-Dead letters are a classic queue per group, listed the same way. The ledger
-(``<prefix>ledger``) receives a copy of every event in publish order: it is the retention window
-``clean`` trims oldest first. The delivery ids a broker instance accepted are kept in memory
-(``DeliveryWindow``): RabbitMQ has no deduplication of its own.
+Dead letters are a classic queue per group, listed the same way. The delivery ids a broker
+instance accepted are kept in memory (``DeliveryWindow``), bounded by the retention policy's
+count and age: RabbitMQ has no deduplication of its own.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ from aiormq.exceptions import ChannelLockedResource
 
 from callboard.brokers.base import RetentionPolicy
 from callboard.brokers.rabbitmq_group import plain_channel
-from callboard.brokers.rabbitmq_names import STAMP, decode_event
+from callboard.brokers.rabbitmq_names import decode_event
 from callboard.events import Event
 
 
@@ -189,50 +188,9 @@ async def dead_letters(
     return chosen
 
 
-@dataclass(frozen=True, slots=True)
-class Expired:
-    """What one cleanup took out of the ledger."""
-
-    #: Event ids deleted.
-    ids: frozenset[str]
-    #: ``(topic, delivery id)`` of the deleted events that had one.
-    delivery_ids: frozenset[tuple[str, str]]
-
-
-async def trim_ledger(
-    connection: AbstractConnection, ledger: str, policy: RetentionPolicy
-) -> Expired:
-    """Delete the ledger's oldest entries the policy no longer keeps."""
-    channel = await plain_channel(connection)
-    ids: set[str] = set()
-    delivery_ids: set[tuple[str, str]] = set()
-    try:
-        declared = await channel.declare_queue(ledger, passive=True)
-        remaining = declared.declaration_result.message_count or 0
-        now = time.time_ns()
-        while remaining > 0:
-            message = await declared.get(no_ack=False, fail=False)
-            if message is None:
-                break
-            stamp = (message.headers or {}).get(STAMP)
-            age = (now - stamp) / 1e9 if isinstance(stamp, int) else policy.max_age
-            over = remaining > policy.max_count and age >= policy.min_age
-            if not (over or age >= policy.max_age):
-                break  # put back in place when the channel closes
-            await message.ack()
-            remaining -= 1
-            event = decode_event(message.body)
-            ids.add(event.id)
-            if event.delivery_id is not None:
-                delivery_ids.add((event.topic, event.delivery_id))
-    finally:
-        if not channel.is_closed:
-            await channel.close()
-    return Expired(frozenset(ids), frozenset(delivery_ids))
-
-
 class DeliveryWindow:
-    """The delivery ids this instance accepted, per topic, bounded by count and age."""
+    """The delivery ids this instance accepted, per topic: the newest ``max_count`` of them,
+    each for ``max_age`` seconds (memory stays bounded whatever ``min_age`` says)."""
 
     def __init__(self, policy: RetentionPolicy) -> None:
         self._ids: OrderedDict[tuple[str, str], float] = OrderedDict()
@@ -251,6 +209,6 @@ class DeliveryWindow:
         ids[key] = now
         return False
 
-    def forget(self, keys: Sequence[tuple[str, str]] | frozenset[tuple[str, str]]) -> None:
-        for key in keys:
-            self._ids.pop(key, None)
+    def forget(self, key: tuple[str, str]) -> None:
+        """Drop an id recorded for a publish that failed, so the sender's retry is taken."""
+        self._ids.pop(key, None)
