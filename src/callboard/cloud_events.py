@@ -35,7 +35,7 @@ from cloudevents.core.exceptions import BaseCloudEventException, CloudEventValid
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
 
-from callboard.errors import MalformedBodyError
+from callboard.errors import MalformedBodyError, PayloadTooLargeError
 from callboard.events import Event, MetadataValue
 from callboard.ingress.types import Headers
 
@@ -43,10 +43,16 @@ from callboard.ingress.types import Headers
 SPECVERSION_HEADER: Final = "ce-specversion"
 #: Structured mode: one CloudEvent in JSON, and a JSON array of them.
 STRUCTURED: Final = "application/cloudevents+json"
+#: What the media type of every event format starts with: such a request is in structured mode,
+#: whatever ``ce-*`` headers it also has (the HTTP binding decides by the media type alone).
+FORMAT_PREFIX: Final = "application/cloudevents"
 BATCH: Final = "application/cloudevents-batch+json"
 MEDIA_TYPES: Final = frozenset({STRUCTURED, BATCH})
 #: Metadata of an event whose payload is the data's bytes in base64.
 DATA_BASE64: Final = "callboard-data-base64"
+#: Events one batch may hold: each is published on its own before the answer, so the body limit
+#: alone (tens of thousands of small events in 5 MiB) would let one request hold the ingress.
+MAX_BATCH: Final = 1000
 
 _PREFIX = "ce-"
 _FORMAT = JSONFormat()
@@ -83,24 +89,38 @@ def is_json(content_type: str) -> bool:
 def read_http(headers: Headers, body: Any) -> list[Received]:
     """The CloudEvents of an HTTP request, validated by the SDK.
 
-    Binary mode when the headers hold ``ce-specversion``: the attributes are the ``ce-*``
-    headers and ``Content-Type``, ``body`` is the data as the ingress parsed it (a JSON value,
-    text, or ``bytes``). Otherwise structured mode: ``body`` is the JSON document, one event or,
-    for ``application/cloudevents-batch+json``, an array of them.
+    Binary mode when the headers hold ``ce-specversion`` and the media type is not an event
+    format's (``binary_mode``): the attributes are the ``ce-*`` headers and ``Content-Type``,
+    ``body`` is the data as the ingress parsed it (a JSON value, text, or ``bytes``). Otherwise
+    structured mode: ``body`` is the JSON document, one event or, for
+    ``application/cloudevents-batch+json``, an array of them (``MAX_BATCH`` at most).
 
-    Raises ``MalformedBodyError`` (400) naming what is wrong.
+    Raises ``MalformedBodyError`` (400) naming what is wrong, ``PayloadTooLargeError`` (413) for
+    a batch over ``MAX_BATCH``.
     """
-    if SPECVERSION_HEADER in headers:
-        return [_read_binary(headers, body)]
     content_type = headers.get("content-type")
-    if isinstance(content_type, str) and content_type.partition(";")[0].strip().lower() == BATCH:
+    media = content_type.partition(";")[0].strip().lower() if isinstance(content_type, str) else ""
+    if binary_mode(headers, media):
+        return [_read_binary(headers, body)]
+    if media == BATCH:
         if not isinstance(body, list):
             raise MalformedBodyError(
                 f"a CloudEvents batch ({BATCH}) is a JSON array of events; "
                 f"the body is a JSON {_kind(body)}"
             )
+        if len(body) > MAX_BATCH:
+            raise PayloadTooLargeError(
+                f"the CloudEvents batch holds {len(body)} events, over the limit of {MAX_BATCH}; "
+                "send it as several batches"
+            )
         return [_read_structured(element, f"event {index}") for index, element in enumerate(body)]
     return [_read_structured(body, "the CloudEvent")]
+
+
+def binary_mode(headers: Headers, media_type: str) -> bool:
+    """Whether a request with ``headers`` and ``media_type`` (lower-cased, no parameters) is a
+    binary-mode CloudEvent: ``ce-specversion`` is there and the body is no event format."""
+    return SPECVERSION_HEADER in headers and not media_type.startswith(FORMAT_PREFIX)
 
 
 def _read_binary(headers: Headers, data: Any) -> Received:

@@ -385,8 +385,8 @@ class PushTarget(Section):
                 raise ValueError(f"{name!r} is not a header name")
             if name.lower() in _OWN_HEADERS:
                 raise ValueError(f"{name!r} is set by callboard itself and cannot be configured")
-            if "\r" in text or "\n" in text:
-                raise ValueError(f"the value of {name!r} holds a line break")
+            if any((c < " " and c != "\t") or c == "\x7f" for c in text):
+                raise ValueError(f"the value of {name!r} holds a control character")
         return value
 
     def spec(self, name: str, source: Source = "config") -> PushSpec:

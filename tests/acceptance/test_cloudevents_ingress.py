@@ -22,7 +22,8 @@ from callboard import (
     load_config,
     module,
 )
-from callboard.cloud_events import delivery_id, to_binary, to_structured
+from callboard.cloud_events import MAX_BATCH, delivery_id, to_binary, to_structured
+from callboard.ingress.types import IngressOutcome
 
 CONFIG = {"events": {"http": {"topics": ["cloud"]}}}
 URL = "/api/events/http/cloud"
@@ -306,3 +307,48 @@ async def test_an_event_emitted_by_callboard_comes_back_as_itself(
     assert first.metadata["ce-id"] == original.id
     assert first.metadata["ce-type"] == "github.push"
     assert first.metadata["ce-source"] == "https://callboard.example"
+
+
+class Outcomes:
+    def __init__(self, *, refusals_only: bool) -> None:
+        self.refusals_only = refusals_only
+        self.statuses: list[int] = []
+
+    def request(self, outcome: IngressOutcome) -> None:
+        self.statuses.append(outcome.status)
+
+
+async def test_an_observer_of_refusals_only_is_not_told_of_accepted_cloud_events(
+    app: CallboardApp, client: httpx.AsyncClient
+) -> None:
+    refusals, everything = Outcomes(refusals_only=True), Outcomes(refusals_only=False)
+    app.board.ingress.add_observer(refusals)
+    app.board.ingress.add_observer(everything)
+    accepted(await client.post(URL, content=orjson.dumps(EVENT), headers=STRUCTURED))
+    accepted(await client.post(URL, content=b'{"a": 1}', headers=BINARY))
+    refused(await client.post(URL, content=b"[]", headers=STRUCTURED))
+    assert refusals.statuses == [400]
+    assert everything.statuses == [202, 202, 400]
+
+
+async def test_a_batch_over_the_bound_is_refused_with_413(
+    app: CallboardApp, client: httpx.AsyncClient, inbox: Inbox
+) -> None:
+    events = [{**EVENT, "id": str(n)} for n in range(MAX_BATCH + 1)]
+    response = await client.post(URL, content=orjson.dumps(events), headers=BATCH)
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["name"] == "PayloadTooLargeError"
+    await drain(app)
+    assert inbox.events == []
+
+
+async def test_a_structured_cloud_event_with_stray_ce_headers_stays_structured(
+    app: CallboardApp, client: httpx.AsyncClient, inbox: Inbox
+) -> None:
+    headers = {**STRUCTURED, "ce-specversion": "1.0", "ce-id": "from-a-header"}
+    accepted(await client.post(URL, content=orjson.dumps(EVENT), headers=headers))
+    await drain(app)
+    [event] = inbox.events
+    assert event.payload == EVENT["data"]
+    assert event.metadata["ce-id"] == EVENT["id"]
+    assert event.metadata[DELIVERY_ID] == delivery_id(EVENT["source"], EVENT["id"])

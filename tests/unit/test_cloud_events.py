@@ -15,6 +15,7 @@ from cloudevents.v1.http import from_http as from_http_v1
 from callboard.cloud_events import (
     BATCH,
     DATA_BASE64,
+    MAX_BATCH,
     STRUCTURED,
     delivery_id,
     read_http,
@@ -22,7 +23,7 @@ from callboard.cloud_events import (
     to_binary,
     to_structured,
 )
-from callboard.errors import MalformedBodyError
+from callboard.errors import MalformedBodyError, PayloadTooLargeError
 from callboard.events import Event
 from callboard.ingress.parsers import parse_cloud_data
 from callboard.ingress.types import Headers, MediaType
@@ -307,3 +308,21 @@ def test_malformed_shapes_are_named() -> None:
     assert "specversion" in malformed({**BINARY, "ce-specversion": "0.3"}, None)
     assert "time" in malformed({**BINARY, "ce-time": "soon"}, None)
     assert "bad-name" in malformed({**BINARY, "ce-bad-name": "x"}, None)
+
+
+def test_a_batch_over_the_bound_is_refused_with_413() -> None:
+    events = [{**STRUCTURED_EVENT, "id": str(n)} for n in range(MAX_BATCH + 1)]
+    assert len(read_http({"content-type": BATCH}, events[:MAX_BATCH])) == MAX_BATCH
+    with pytest.raises(PayloadTooLargeError, match=f"{MAX_BATCH + 1} events") as caught:
+        read_http({"content-type": BATCH}, events)
+    assert caught.value.status_code == 413
+
+
+def test_the_media_type_decides_the_mode_whatever_ce_headers_come_along() -> None:
+    # The HTTP binding: an event format's media type is structured mode, ce-* headers or not.
+    stray = {"content-type": STRUCTURED, "ce-specversion": "1.0", "ce-id": "from-a-header"}
+    [received] = read_http(stray, STRUCTURED_EVENT)
+    assert received.metadata["ce-id"] == "B234-1234-1234"
+    assert received.payload == STRUCTURED_EVENT["data"]
+    batch = read_http({**stray, "content-type": BATCH}, [STRUCTURED_EVENT])
+    assert [r.metadata["ce-id"] for r in batch] == ["B234-1234-1234"]

@@ -160,3 +160,12 @@ async def test_callers_without_credentials_are_refused_unless_allowed(tmp_path: 
         assert await names(http, {}) == ["mine"]
         # Still the owner rule: the anonymous caller is a caller like any other.
         assert (await http.delete(f"{BASE}/crm")).status_code == 403
+
+
+async def test_a_method_not_allowed_names_the_allowed_ones(tmp_path: Path) -> None:
+    async with client(config(tmp_path / "push.json")) as http:
+        listed = await http.post(BASE, json=TARGET, headers=OPS)
+        one = await http.post(f"{BASE}/crm", json=TARGET, headers=OPS)
+    assert (listed.status_code, listed.headers.get("allow")) == (405, "GET")
+    assert (one.status_code, one.headers.get("allow")) == (405, "GET, PUT, DELETE")
+    assert one.json()["error"]["name"] == "MethodNotAllowedError"

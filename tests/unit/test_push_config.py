@@ -115,6 +115,8 @@ def test_a_missing_key_is_named() -> None:
     [
         {"secret": "whsec_s3cr3t not base64"},
         {"headers": {"Authorization": "Bearer s3cr3t\n"}},
+        {"headers": {"Authorization": "Bearer s3cr3t\x00"}},
+        {"headers": {"Authorization": "Bearer s3cr3t\x7f"}},
     ],
 )
 def test_secrets_and_header_values_are_never_echoed(keys: dict[str, Any]) -> None:

@@ -51,3 +51,24 @@ async def test_a_short_answer_is_read_and_its_status_returned() -> None:
     finally:
         await sender.close()
         server.close()
+
+
+async def test_the_time_limits_kept_ready_stay_bounded() -> None:
+    async def no_content(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(no_content, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    sender = Sender()
+    try:
+        # Targets replaced through the API, each with a time limit of its own.
+        for n in range(200):
+            answer = await sender.post(f"http://127.0.0.1:{port}/", b"{}", {}, 1 + n / 1000)
+            assert answer.status == 204
+        assert len(sender._timeouts) <= 64
+    finally:
+        await sender.close()
+        server.close()

@@ -58,3 +58,15 @@ async def test_the_file_is_replaced_whole(tmp_path: Path) -> None:
     document = json.loads(path.read_text())
     assert document["push"] == {"b": {"url": "http://b"}}
     assert document["owners"] == {"b": "service=ops"}
+
+
+async def test_the_repr_of_a_stored_target_holds_no_secret(tmp_path: Path) -> None:
+    store = JsonFileStore(tmp_path / "push.json")
+    section = {"secret": "whsec_czNjcjN0", "headers": {"authorization": "Bearer s3cr3t"}}
+    await store.save({"crm": StoredTarget(section, "service=ops")})
+    loaded = await store.load()
+    assert loaded["crm"].section == section
+    shown = repr(loaded)
+    assert "service=ops" in shown
+    assert "czNjcjN0" not in shown
+    assert "s3cr3t" not in shown

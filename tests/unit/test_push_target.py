@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import orjson
 import pytest
 
-from callboard.errors import PushFailed, RetryLater
+from callboard.errors import InvalidEventError, PushFailed, RetryLater
 from callboard.events import Event
 from callboard.metrics import Metrics
 from callboard.providers import standard_webhooks
@@ -206,3 +206,70 @@ async def test_a_cancelled_trial_does_not_keep_the_breaker_half_open() -> None:
     assert pusher.breaker.state is State.OPEN  # failed: another cool-down, then a new trial
     now[0] = 62.0
     assert pusher.breaker.admit() is None
+
+
+async def test_configured_headers_never_rewrite_the_ones_callboard_writes() -> None:
+    sender = ScriptedSender()
+    rewriting = (("ce-type", "forged"), ("content-type", "text/plain"), ("x-team", "payments"))
+    cloud = spec(format="cloudevents", cloud_events_mode="binary", headers=rewriting)
+    await Pusher(cloud, sender, Metrics().push)(EVENT)
+    await Pusher(spec(headers=(("callboard-topic", "forged"),)), sender, Metrics().push)(EVENT)
+    binary, plain = sender.sent
+    assert binary.headers["ce-type"] == "billing"
+    assert binary.headers["content-type"] == "application/json"
+    assert binary.headers["x-team"] == "payments"
+    assert plain.headers["callboard-topic"] == "billing"
+
+
+async def test_a_header_http_cannot_carry_fails_the_event_not_the_endpoint() -> None:
+    attributes = {"specversion": "1.0", "id": "1", "source": "/s", "type": "t"}
+    poisoned = Event(
+        topic="billing",
+        payload="hi",
+        metadata={f"ce-{k}": v for k, v in attributes.items()}
+        | {"ce-datacontenttype": "text/plain\r\nx-injected: 1"},
+    )
+    sender = ScriptedSender()
+    cloud = spec(format="cloudevents", cloud_events_mode="binary", breaker=BreakerPolicy(1, 30.0))
+    pusher = Pusher(cloud, sender, Metrics().push)
+    with pytest.raises(InvalidEventError, match="'content-type'") as caught:
+        await pusher(poisoned)
+    assert "x-injected" not in str(caught.value)
+    assert sender.sent == []
+    assert pusher.breaker.state is State.CLOSED
+
+
+class GatedSender(ScriptedSender):
+    """Holds the first request until ``gate`` is set."""
+
+    def __init__(self, *script: Answer | Exception) -> None:
+        super().__init__(*script)
+        self.gate = asyncio.Event()
+
+    async def post(
+        self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
+    ) -> Answer:
+        if not self.sent:
+            await self.gate.wait()
+        return await super().post(url, body, headers, timeout)
+
+
+async def test_deliveries_wait_for_the_half_open_trial_without_spending_an_attempt() -> None:
+    now = [0.0]
+    sender = GatedSender(Answer(204), Answer(204))
+    pusher = Pusher(
+        spec(breaker=BreakerPolicy(1, 0.01)), sender, Metrics().push, clock=lambda: now[0]
+    )
+    pusher.breaker.failed()
+    now[0] = 1.0  # past the cool-down: the next delivery is the trial
+    trial = asyncio.ensure_future(pusher(EVENT))
+    await asyncio.sleep(0)
+    assert pusher.breaker.state is State.HALF_OPEN
+    other = asyncio.ensure_future(pusher(Event(topic="billing", payload={"amount": 1})))
+    await asyncio.sleep(0.05)
+    assert not other.done()  # waiting for the trial, not failed with a RetryLater
+    sender.gate.set()
+    await trial
+    await other  # the trial succeeded: sent
+    assert len(sender.sent) == 2
+    assert pusher.breaker.state is State.CLOSED

@@ -9,8 +9,9 @@ refusal (``403``) whatever its body or media type, and no parser ever reads what
 wrote. Input that can never be stored is ``400`` (``InvalidEventError``), never ``503``: a
 ``503`` tells the sender to try again, which only helps when the store is unavailable.
 
-A CloudEvent (binary mode: a ``ce-specversion`` header; structured mode:
-``application/cloudevents+json``, or ``application/cloudevents-batch+json`` for several) is read
+A CloudEvent (binary mode: a ``ce-specversion`` header on a body that is no event format;
+structured mode: ``application/cloudevents+json``, or ``application/cloudevents-batch+json`` for
+several, whatever ``ce-*`` headers come with it) is read
 by ``callboard.cloud_events`` once the validator accepted it: its data becomes the payload, its
 attributes ``ce-*`` metadata and its source and id the delivery id. A request that is no
 CloudEvent pays one header lookup and one media-type lookup for this.
@@ -33,7 +34,7 @@ from typing import Any, NoReturn
 import orjson
 from starlette.types import Message, Receive, Scope, Send
 
-from callboard.cloud_events import DATA_BASE64, MEDIA_TYPES, SPECVERSION_HEADER, read_http
+from callboard.cloud_events import DATA_BASE64, MEDIA_TYPES, binary_mode, read_http
 from callboard.errors import (
     BrokerError,
     InvalidEventError,
@@ -191,7 +192,7 @@ class IngressApp:
 
         content_type = headers.get("content-type")
         media_type, parser = self._parser_for(content_type)
-        binary = SPECVERSION_HEADER in headers  # a CloudEvent in binary mode
+        binary = binary_mode(headers, media_type.type)  # a CloudEvent in binary mode
         if binary and not isinstance(content_type, list):
             parser = parse_cloud_data
         request = WebhookRequest(topic, headers, raw, media_type, parser)
@@ -260,7 +261,8 @@ class IngressApp:
         await send({"type": "http.response.body", "body": _ACCEPTED})
         if self._accepted_observers:
             delivery_id = received[0].delivery_id if len(received) == 1 else None
-            self._tell(IngressOutcome(topic, 202, None, delivery_id, time.time()))
+            outcome = IngressOutcome(topic, 202, None, delivery_id, time.time())
+            self._tell(outcome, self._accepted_observers)
 
     def _bounded_metadata(
         self, topic: str, headers: Mapping[str, str | list[str]], redacted: frozenset[str]

@@ -67,10 +67,12 @@ Send = Callable[[Message], Awaitable[None]]
 
 
 class _Refusal(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, allow: bytes | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        #: The methods of the route, sent with a ``405`` as ``Allow`` (RFC 9110, 15.5.6).
+        self.allow = allow
 
 
 def describe(spec: PushSpec) -> dict[str, Any]:
@@ -118,6 +120,8 @@ class PushApi:
             headers = list(_JSON)
             if refusal.status == 401:
                 headers.append((b"www-authenticate", b"Bearer"))
+            if refusal.allow is not None:
+                headers.append((b"allow", refusal.allow))
             name = _NAMES.get(refusal.status, "Error")
             await _send(
                 send,
@@ -145,7 +149,9 @@ class PushApi:
         method = scope["method"]
         if rest is None:
             if method != "GET":
-                raise _Refusal(405, f"{method} is not allowed here; GET lists the push targets")
+                raise _Refusal(
+                    405, f"{method} is not allowed here; GET lists the push targets", allow=b"GET"
+                )
             shown = [describe(s) for s in self.targets.targets() if self._sees(verdict, s)]
             return 200, orjson.dumps({"push": shown})
         problem = name_problem(rest)
@@ -161,7 +167,9 @@ class PushApi:
             return await self._put(rest, await _body(scope, receive), verdict)
         if method == "DELETE":
             return await self._delete(rest, verdict)
-        raise _Refusal(405, f"{method} is not allowed here: GET, PUT or DELETE")
+        raise _Refusal(
+            405, f"{method} is not allowed here: GET, PUT or DELETE", allow=b"GET, PUT, DELETE"
+        )
 
     async def _put(self, name: str, section: Any, caller: Caller) -> tuple[int, bytes]:
         if not isinstance(section, dict):

@@ -5,7 +5,9 @@ the target's ``Pusher``; every target shares one ``Sender`` (one connection pool
 ``events.push`` are fixed; the API creates, replaces and deletes the others, kept in a
 ``PushStore`` so they come back after a restart, each with its owner: the API's caller that made
 it, who alone (with the callers ``events.bus.grants`` gives it) may replace or delete it, checked
-here under the lock that orders changes (``push/access.py``). Deleting one closes its
+here under the lock that orders changes (``push/access.py``); starting and stopping take the
+lock too, so no change made through the API meanwhile is half done or outlives ``stop``. Deleting
+one closes its
 subscription and forgets its consumer group (position and dead letters), so a target created
 again later under the same name starts from the newest events instead of a stale backlog.
 """
@@ -76,6 +78,10 @@ class PushTargets:
 
     async def start(self, events: EventsService) -> None:
         """Read the stored targets and subscribe every enabled one."""
+        async with self._lock:
+            await self._start(events)
+
+    async def _start(self, events: EventsService) -> None:
         self._events = events
         if self._store is not None:
             for name, stored in (await self._store.load()).items():
@@ -98,11 +104,16 @@ class PushTargets:
             logger.info("push targets started: %s", sorted(self._running))
 
     async def stop(self) -> None:
-        """Close every target's subscription (finishing the pushes in flight), then the pool."""
-        for name in list(self._running):
-            await self._halt(name)
-        self._events = None
-        await self.sender.close()
+        """Close every target's subscription (finishing the pushes in flight), then the pool.
+
+        A change through the API under way finishes first; one that comes later is kept in the
+        store and started by nothing.
+        """
+        async with self._lock:
+            self._events = None
+            for name in list(self._running):
+                await self._halt(name)
+            await self.sender.close()
 
     async def put(
         self, name: str, section: Mapping[str, Any], *, by: Caller
@@ -149,6 +160,7 @@ class PushTargets:
             await self._halt(name)
             del self._specs[name]
             self._owners.pop(name, None)
+            self._forget_metrics(name)
             if isinstance(self._broker, BrokerAdmin):
                 try:
                     await self._broker.delete_subscription(spec.subscription)
@@ -156,6 +168,19 @@ class PushTargets:
                     logger.warning("push target %r: its group stays: %s", name, error)
         logger.info("push target %r deleted by %s", name, by.name)
         return True
+
+    def _forget_metrics(self, name: str) -> None:
+        """Drop the series of a deleted target: a breaker left open would be reported, and
+        alerted on, for as long as the process runs. A target counted under ``OTHER`` shares
+        them with others, which keep them."""
+        metrics = self._metrics
+        label = metrics.target_label.own.get(name)
+        if label is None:
+            return
+        for outcome in PushMetrics.OUTCOMES:
+            metrics.requests.remove(label, outcome)
+        metrics.duration.remove(label)
+        metrics.breaker.remove(label)
 
     def _writable(self, name: str) -> PushStore:
         if name in self._configured:

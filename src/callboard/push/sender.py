@@ -18,6 +18,8 @@ from callboard.errors import PushFailed
 
 #: A response body longer than this is not read: the connection is closed instead of reused.
 MAX_READ = 64 * 1024
+#: Time limits kept ready: targets use a handful, while the API may set any number over time.
+_MAX_TIMEOUTS = 64
 USER_AGENT = "callboard-push"
 
 
@@ -55,7 +57,9 @@ class Sender:
         session = self._session or self._open()
         limit = self._timeouts.get(timeout)
         if limit is None:
-            limit = self._timeouts[timeout] = aiohttp.ClientTimeout(total=timeout)
+            limit = aiohttp.ClientTimeout(total=timeout)
+            if len(self._timeouts) < _MAX_TIMEOUTS:
+                self._timeouts[timeout] = limit
         try:
             async with session.post(
                 url, data=body, headers=headers, timeout=limit, allow_redirects=False

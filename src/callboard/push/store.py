@@ -19,7 +19,7 @@ import asyncio
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,8 +32,9 @@ _VERSION = 2
 class StoredTarget:
     """One target made through the API: its section as the API was given it, and its owner."""
 
-    #: The target's keys, as ``events.push.<name>`` has them.
-    section: Mapping[str, Any]
+    #: The target's keys, as ``events.push.<name>`` has them (left out of ``repr``: they hold
+    #: the secret and the headers' values).
+    section: Mapping[str, Any] = field(repr=False)
     #: The bus caller that made it (``service=ops``); ``None``: kept before owners were.
     owner: str | None
 

@@ -7,22 +7,28 @@ the acknowledgement; anything else raises, so the subscription's retry policy tr
 in the end moves the event to its dead letters. A ``429`` or ``503`` with ``Retry-After`` asks
 the policy to wait that long (``RetryLater``), cut to ``max_retry_after``.
 
-Which failures count against the breaker: timeouts, unreachable endpoints, ``5xx`` and ``429``.
-Another ``4xx`` is about the event, not the endpoint: it is retried and dead-lettered, and the
-breaker takes it as an answer.
+Which failures count against the breaker: timeouts, unreachable endpoints, ``5xx``, ``408`` and
+``429``. Another ``4xx`` is about the event, not the endpoint: it is retried and dead-lettered,
+and the breaker takes it as an answer. While the breaker's half-open trial is out, the other deliveries
+wait in the handler for its outcome rather than fail: a failure would spend one of their attempts
+every moment, and dead-letter events that were never sent.
+
+The configured headers go under the ones callboard writes (the signature, the CloudEvent's
+``ce-*``, ``content-type``, ``callboard-topic``), so they can add to a request, never rewrite it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Callable
 from time import monotonic, time
 
 import orjson
 
 from callboard import cloud_events
-from callboard.errors import PushFailed, RetryLater
+from callboard.errors import InvalidEventError, PushFailed, RetryLater
 from callboard.events import Event
 from callboard.metrics import PushMetrics
 from callboard.push.breaker import CircuitBreaker, State
@@ -40,6 +46,8 @@ Encoder = Callable[[Event], tuple[dict[str, str], bytes]]
 TOPIC_HEADER = "callboard-topic"
 #: Answers that say the endpoint is overloaded or down, not that the event is wrong.
 _ENDPOINT_TROUBLE = frozenset({408, 429})
+#: What an HTTP header value may not hold (RFC 9110, section 5.5): control characters but the tab.
+_NOT_IN_HEADER = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def encoder(spec: PushSpec) -> Encoder:
@@ -92,8 +100,14 @@ class Pusher:
 
     async def __call__(self, event: Event) -> None:
         # Written first: an event that cannot be written fails without touching the breaker.
-        headers, body = self._encode(event)
+        written, body = self._encode(event)
+        headers = {**self._extra, **written}
+        self._check_headers(headers)
         wait = self.breaker.admit()
+        while wait is not None and self.breaker.state is State.HALF_OPEN:
+            # The trial is out: its outcome decides for this delivery too.
+            await asyncio.sleep(wait)
+            wait = self.breaker.admit()
         if wait is not None:
             self._outcomes["circuit_open"].inc()
             raise RetryLater(
@@ -110,7 +124,6 @@ class Pusher:
                 if pause > 0:
                     await asyncio.sleep(pause)
                     began = monotonic()
-            headers.update(self._extra)
             headers.update(signed_headers(self._keys, event.id, int(time()), body))
             answer = await self._sender.post(spec.url, body, headers, spec.timeout)
         except PushFailed as error:
@@ -125,6 +138,17 @@ class Pusher:
             raise
         self._duration.observe(monotonic() - began)
         self._answered(answer.status, answer.retry_after)
+
+    def _check_headers(self, headers: dict[str, str]) -> None:
+        """Refuse a header value the HTTP client would refuse (a CloudEvent's
+        ``datacontenttype`` holding a line break): the event's fault, not the endpoint's, so it
+        is raised before the breaker is asked. The value is not repeated."""
+        for name, value in headers.items():
+            if _NOT_IN_HEADER.search(value):
+                raise InvalidEventError(
+                    f"push target {self.spec.name!r}: not sent, its header {name!r} would hold a "
+                    "control character (a line break, NUL), which HTTP does not allow"
+                )
 
     def _answered(self, status: int, retry_after_header: str | None) -> None:
         """Count an answer; raise unless it is a ``2xx``."""
