@@ -119,6 +119,11 @@ class PushFailed(CallboardError):
         self.timed_out = timed_out
 
 
+class PushStoreError(CallboardError):
+    """The file that keeps push targets made over the API could not be read or written; the
+    change asked for was not made."""
+
+
 class BridgeFailed(CallboardError):
     """The outside system a bridge writes to (SNS, EventBridge, Kafka, RabbitMQ) did not take
     an event: it refused the entry (``code`` is its error code) or could not be reached

@@ -309,3 +309,21 @@ async def test_without_a_store_nothing_is_made_at_runtime(
         assert "events.pushStorePath" in refused.json()["error"]["message"]
         listed = await client.get("/api/events/bus/v1/push", headers=AUTH)
         assert [t["name"] for t in listed.json()["push"]] == ["billing"]
+
+
+async def test_a_store_that_cannot_be_written_is_a_json_503_and_changes_nothing(
+    receiver: tuple[Receiver, str], tmp_path: Path
+) -> None:
+    _, url = receiver
+    store = tmp_path / "push.json"
+    data = api_config(url, store, tmp_path / "events.db")
+    server = create_app(parse_config(data), use_entry_points=False)
+    async with served(server) as address, httpx.AsyncClient(base_url=address) as client:
+        store.mkdir()  # the store's path is now a directory: it cannot be replaced by a file
+        body = {"url": url, "topics": ["a"], "secret": SECRET}
+        refused = await client.put("/api/events/bus/v1/push/a", json=body, headers=AUTH)
+        assert refused.status_code == 503, refused.text
+        assert refused.json()["error"]["name"] == "PushStoreError"
+        assert "events.pushStorePath" in refused.json()["error"]["message"]
+        missing = await client.get("/api/events/bus/v1/push/a", headers=AUTH)
+        assert missing.status_code == 404

@@ -29,7 +29,7 @@ from typing import Any
 
 import orjson
 
-from callboard.errors import ConfigError, RequestRejected, SubscriptionError
+from callboard.errors import ConfigError, PushStoreError, RequestRejected, SubscriptionError
 from callboard.http_errors import error_body
 from callboard.push.access import Caller, may
 from callboard.push.registry import PushTargets
@@ -47,6 +47,7 @@ _NAMES = {
     413: "PayloadTooLargeError",
     415: "UnsupportedMediaTypeError",
     501: "NotImplementedError",
+    503: "PushStoreError",
 }
 
 
@@ -185,6 +186,8 @@ class PushApi:
             raise _Refusal(error.status_code, error.message) from None
         except SubscriptionError as error:
             raise _Refusal(409, str(error)) from None
+        except PushStoreError as error:
+            raise _Refusal(503, str(error)) from None
         return (201 if created else 200), orjson.dumps(describe(spec))
 
     async def _delete(self, name: str, caller: Caller) -> tuple[int, bytes]:
@@ -195,6 +198,8 @@ class PushApi:
             raise _Refusal(error.status_code, error.message) from None
         except SubscriptionError as error:
             raise _Refusal(409, str(error)) from None
+        except PushStoreError as error:
+            raise _Refusal(503, str(error)) from None
         if not deleted:
             raise _Refusal(404, f"no push target {name!r}")
         return 204, b""

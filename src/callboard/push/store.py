@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from callboard.errors import ConfigError
+from callboard.errors import PushStoreError
 
 _VERSION = 2
 
@@ -74,7 +74,12 @@ class JsonFileStore:
                 name: target.owner for name, target in targets.items() if target.owner is not None
             },
         }
-        await asyncio.to_thread(self._write, json.dumps(document, indent=2, sort_keys=True))
+        try:
+            await asyncio.to_thread(self._write, json.dumps(document, indent=2, sort_keys=True))
+        except OSError as error:
+            raise PushStoreError(
+                f"cannot write {self.path} ({self._key}): {error.strerror}; nothing was changed"
+            ) from None
 
     def _read(self) -> Stored:
         try:
@@ -82,11 +87,13 @@ class JsonFileStore:
         except FileNotFoundError:
             return {}
         except OSError as error:
-            raise ConfigError(self._key, f"cannot read {self.path}: {error.strerror}") from None
+            raise PushStoreError(
+                f"cannot read {self.path} ({self._key}): {error.strerror}"
+            ) from None
         try:
             document = json.loads(text)
         except ValueError:
-            raise ConfigError(self._key, f"{self.path} is not valid JSON") from None
+            raise PushStoreError(f"{self.path} ({self._key}) is not valid JSON") from None
         targets = document.get("push") if isinstance(document, dict) else None
         owners = document.get("owners", {}) if isinstance(document, dict) else None
         if (
@@ -95,10 +102,9 @@ class JsonFileStore:
             or not isinstance(owners, dict)
             or not all(isinstance(o, str) for o in owners.values())
         ):
-            raise ConfigError(
-                self._key,
-                f'{self.path} is not a push store: expected {{"push": {{name: {{...}}}}, '
-                '"owners": {name: caller}}',
+            raise PushStoreError(
+                f'{self.path} ({self._key}) is not a push store: expected {{"push": '
+                '{name: {...}}, "owners": {name: caller}}'
             )
         return {name: StoredTarget(t, owners.get(name)) for name, t in targets.items()}
 
