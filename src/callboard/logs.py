@@ -1,9 +1,10 @@
-"""Logging set-up: readable lines, or one JSON object per line."""
+"""Logging set-up: readable lines, or one JSON object per line; drivers' outages in one line."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import orjson
@@ -54,3 +55,40 @@ def configure_logging(level: str = "info", fmt: str = "text") -> None:
     quiet = logging.NOTSET if level == "debug" else logging.WARNING
     for name in CHATTY_DRIVERS:
         logging.getLogger(name).setLevel(quiet)
+
+
+class OneLine(logging.Filter):
+    """Logs a driver's record of an outage as one line instead of a traceback.
+
+    Drivers log a dropped connection or a failed reconnect with the exception attached; callboard
+    reports the outage itself, as warnings, and recovers, so a traceback would read as a crash.
+    A record whose exception is one of ``kinds`` becomes ``<message>: <reason>``; any other
+    exception keeps its traceback.
+    """
+
+    def __init__(
+        self,
+        kinds: tuple[type[BaseException], ...],
+        reason: Callable[[BaseException], str] = lambda error: str(error) or type(error).__name__,
+    ) -> None:
+        super().__init__()
+        self._kinds = kinds
+        self._reason = reason
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and isinstance(error, self._kinds):
+            record.msg = f"{record.getMessage()}: {self._reason(error)}"
+            record.args = None
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+#: aiormq's record of a connection RabbitMQ dropped (a node stopped or killed).
+AIORMQ_OUTAGE = OneLine((ConnectionError, TimeoutError))
+
+
+def quiet_aiormq_outages() -> None:
+    """One line, not a traceback, for each RabbitMQ connection aiormq sees dropped."""
+    logging.getLogger("aiormq.connection").addFilter(AIORMQ_OUTAGE)

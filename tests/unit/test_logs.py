@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from callboard.logs import CHATTY_DRIVERS, JsonFormatter, configure_logging
+from callboard.logs import CHATTY_DRIVERS, JsonFormatter, OneLine, configure_logging
 
 
 def record(message: str, *args: object, **extra: object) -> logging.LogRecord:
@@ -90,3 +90,24 @@ def test_drivers_narrate_at_debug_only(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         for name in CHATTY_DRIVERS:
             logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def test_an_outage_is_one_line_and_another_error_keeps_its_traceback() -> None:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    driver = logging.getLogger("tests.driver")
+    driver.addHandler(handler)
+    driver.addFilter(OneLine((ConnectionError,)))
+    try:
+        for error in (ConnectionResetError("reset by peer"), ValueError("bad frame")):
+            try:
+                raise error
+            except Exception:
+                driver.warning("reader exited %s", "abnormally", exc_info=True)
+    finally:
+        driver.removeHandler(handler)
+        driver.filters.clear()
+    text = stream.getvalue()
+    assert text.startswith("reader exited abnormally: reset by peer\n")
+    assert text.count("Traceback") == 1
+    assert "ValueError: bad frame" in text

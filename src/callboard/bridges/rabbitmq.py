@@ -36,6 +36,7 @@ from callboard.errors import BridgeFailed, ConfigError, InvalidTopicError, Modul
 from callboard.events import Event
 from callboard.extensions import ModuleContext
 from callboard.extensions import module as define_module
+from callboard.logs import quiet_aiormq_outages
 from callboard.settings import Section
 from callboard.topics import normalize_patterns
 
@@ -160,6 +161,7 @@ class RabbitPublisher:
                 # failed attempt.
                 raise ConnectionError("the RabbitMQ bridge is stopping")
             settings = self.settings
+            quiet_aiormq_outages()  # RabbitMQ dropping the connection: a line, not a traceback
             async with asyncio.timeout(settings.timeout / 1000):
                 connection = await aio_pika.connect(
                     settings.url.get_secret_value(),

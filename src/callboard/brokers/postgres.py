@@ -81,6 +81,7 @@ from callboard.errors import (
     SubscriptionError,
 )
 from callboard.events import Event
+from callboard.logs import OneLine
 
 logger = logging.getLogger("callboard.brokers.postgres")
 
@@ -405,25 +406,6 @@ class PostgresStore:
             raise BrokerUnavailable(f"PostgreSQL connection unusable: {error}") from error
 
 
-class _OneLine(logging.Filter):
-    """asyncpg's pool logs each failed reconnect (during an outage) with a traceback: one line.
-
-    The broker reports the outage itself, as warnings; a traceback would read as a crash. Other
-    errors keep their traceback.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], (TimeoutError, *_UNAVAILABLE)):
-            record.msg = f"{record.getMessage()}: {_reason(record.exc_info[1])}"
-            record.args = None
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-_one_line = _OneLine()
-
-
 async def _reset(connection: Any) -> None:
     """The pool's reset: no round trip on a release, unless a transaction was left open.
 
@@ -443,6 +425,10 @@ async def _ping(connection: Any, q: ops.Queries) -> None:
 
 def _reason(error: BaseException) -> str:
     return str(error) or type(error).__name__
+
+
+#: asyncpg's pool logs each failed reconnect during an outage with a traceback: one line.
+_one_line = OneLine((TimeoutError, *_UNAVAILABLE))
 
 
 def _closed(error: asyncpg.InterfaceError) -> bool:

@@ -69,6 +69,7 @@ from callboard.brokers.rabbitmq_store import (
 from callboard.brokers.storable import check_storable
 from callboard.errors import BrokerError, BrokerUnavailable, SubscriptionError
 from callboard.events import Event
+from callboard.logs import quiet_aiormq_outages
 from callboard.topics import normalize_patterns
 
 logger = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ class RabbitBroker:
 
     async def _connect(self) -> AbstractRobustConnection:
         # Added once: ``addFilter`` skips a filter it already has.
-        logging.getLogger("aiormq.connection").addFilter(_one_line)
+        quiet_aiormq_outages()
         heartbeat = max(1, round(self.lease))
         url = redact_url(self.settings.url)
         try:
@@ -549,24 +550,3 @@ class RabbitBroker:
             else:
                 if deleted:
                     logger.info("RabbitMQ retention deleted %d events", deleted)
-
-
-class _OneLine(logging.Filter):
-    """aiormq logs the connection RabbitMQ dropped (a node stopped or killed) with a traceback:
-    one line.
-
-    The broker reports the outage itself, as warnings, and reconnects; a traceback would read as
-    a crash. Other errors (a malformed frame) keep their traceback.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], (ConnectionError, TimeoutError)):
-            error = record.exc_info[1]
-            record.msg = f"{record.getMessage()}: {error or type(error).__name__}"
-            record.args = None
-            record.exc_info = None
-            record.exc_text = None
-        return True
-
-
-_one_line = _OneLine()
