@@ -134,6 +134,7 @@ class Callboard:
             store=None if store_path is None else JsonFileStore(store_path),
             broker=broker,
             metrics=metrics.push,
+            private_networks=config.events.bus.push_private_networks,
         )
         self.ready = False
         self._started: list[ModuleContext] = []

@@ -275,6 +275,9 @@ class Bus(Section):
     grants: tuple[BusGrant, ...] = ()
     #: Whether callers without credentials may manage push targets (``docs/bus-api.md``).
     anonymous_push: bool = Field(default=False, alias="anonymousPush")
+    #: Whether push targets made over the API may reach loopback, private, link-local and
+    #: reserved addresses (``docs/bridges.md``); the configured ones always may.
+    push_private_networks: bool = Field(default=False, alias="pushPrivateNetworks")
     max_topics_per_subscription: int = Field(default=1_000, alias="maxTopicsPerSubscription", ge=1)
 
 

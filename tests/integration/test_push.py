@@ -224,7 +224,11 @@ def api_config(url: str, store: Path | None, database: Path) -> dict[str, Any]:
     if store is not None:
         data["events"]["pushStorePath"] = str(store)
     # The caller may see the configured target, and still not change it (409).
-    data["events"]["bus"] = {"grants": [{"subject": "ops", "subscriptions": ["push.billing"]}]}
+    # The receiver is on loopback, which a target made over the API may reach only so.
+    data["events"]["bus"] = {
+        "grants": [{"subject": "ops", "subscriptions": ["push.billing"]}],
+        "pushPrivateNetworks": True,
+    }
     data["backend"] = {
         "auth": {
             "externalAccess": [{"type": "static", "options": {"token": TOKEN, "subject": "ops"}}]
@@ -327,3 +331,43 @@ async def test_a_store_that_cannot_be_written_is_a_json_503_and_changes_nothing(
         assert "events.pushStorePath" in refused.json()["error"]["message"]
         missing = await client.get("/api/events/bus/v1/push/a", headers=AUTH)
         assert missing.status_code == 404
+
+
+async def test_a_target_made_over_the_api_does_not_reach_private_addresses(
+    receiver: tuple[Receiver, str], tmp_path: Path
+) -> None:
+    """The receiver listens on loopback: a configured target reaches it; one made over the API
+    is refused at once on ``127.0.0.1`` (an IP literal) and dead-lettered on ``localhost`` (a
+    name resolved to loopback when connecting), until ``pushPrivateNetworks`` allows it."""
+    app, url = receiver
+    named = url.replace("127.0.0.1", "localhost")
+    data = api_config(named, tmp_path / "push.json", tmp_path / "events.db")
+    del data["events"]["bus"]["pushPrivateNetworks"]
+    target = {"url": named, "topics": ["crm.*"], "secret": SECRET, "concurrency": 1}
+    base = "/api/events/bus/v1/push"
+    server = create_app(parse_config(data), use_entry_points=False)
+    async with served(server) as address, httpx.AsyncClient(base_url=address) as client:
+        literal = await client.put(f"{base}/crm", json={**target, "url": url}, headers=AUTH)
+        assert literal.status_code == 400, literal.text
+        message = literal.json()["error"]["message"]
+        assert "127.0.0.1 is a loopback address" in message
+        assert "events.bus.pushPrivateNetworks" in message
+        made = await client.put(f"{base}/crm", json=target, headers=AUTH)
+        assert made.status_code == 201, made.text
+        board = server.board
+        await board.events.publish(Event(topic="crm.lead", payload={"n": 1}))
+        (letter,) = await dead_letters(board, "push.crm")
+        await board.events.publish(Event(topic="billing.paid", payload={"n": 2}))
+        (delivered,) = await app.wait_for(1)
+    assert letter.attempts == FAST["attempts"]
+    assert "not sent to localhost: 127.0.0.1 is a loopback address" in letter.error
+    assert "events.bus.pushPrivateNetworks" in letter.error
+    assert orjson.loads(delivered.body) == {"n": 2}  # the configured target, same URL
+
+    data["events"]["bus"]["pushPrivateNetworks"] = True
+    allowed = create_app(parse_config(data), use_entry_points=False)
+    async with served(allowed) as address, httpx.AsyncClient(base_url=address) as client:
+        await allowed.board.events.publish(Event(topic="crm.lead", payload={"n": 3}))
+        second = (await app.wait_for(2))[1]
+    assert orjson.loads(second.body) == {"n": 3}
+    assert second.headers["callboard-topic"] == "crm.lead"

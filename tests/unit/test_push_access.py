@@ -169,3 +169,36 @@ async def test_a_method_not_allowed_names_the_allowed_ones(tmp_path: Path) -> No
     assert (listed.status_code, listed.headers.get("allow")) == (405, "GET")
     assert (one.status_code, one.headers.get("allow")) == (405, "GET, PUT, DELETE")
     assert one.json()["error"]["name"] == "MethodNotAllowedError"
+
+
+async def test_a_stored_target_that_cannot_be_read_is_shown_broken_to_its_owner_only(
+    tmp_path: Path,
+) -> None:
+    store = tmp_path / "push.json"
+    data = config(store)
+    async with client(data) as http:
+        assert (await http.put(f"{BASE}/crm", json=TARGET, headers=OPS)).status_code == 201
+    document = json.loads(store.read_text())
+    document["push"]["crm"]["topics"] = []  # no longer a target
+    store.write_text(json.dumps(document))
+    async with client(data) as http:
+        listed = (await http.get(BASE, headers=OPS)).json()["push"]
+        assert [(t["name"], t["source"]) for t in listed] == [("crm", "api")]
+        assert "push.crm.topics" in listed[0]["broken"]
+        one = await http.get(f"{BASE}/crm", headers=OPS)
+        assert one.json()["broken"] == listed[0]["broken"]
+        assert await names(http, TEAM) == []
+        taken = await http.put(f"{BASE}/crm", json=TARGET, headers=TEAM)
+        assert taken.status_code == 403
+        fixed = await http.put(f"{BASE}/crm", json=TARGET, headers=OPS)
+        assert fixed.status_code == 200
+        assert "broken" not in fixed.json()
+
+
+async def test_the_urls_credentials_are_not_shown(tmp_path: Path) -> None:
+    async with client(config(tmp_path / "push.json")) as http:
+        url = "https://ops:hunter2@crm.example.com/hooks"
+        made = await http.put(f"{BASE}/crm", json={**TARGET, "url": url}, headers=OPS)
+        assert made.status_code == 201
+        assert made.json()["url"] == "https://***@crm.example.com/hooks"
+        assert "hunter2" not in (await http.get(BASE, headers=OPS)).text

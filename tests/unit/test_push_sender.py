@@ -1,10 +1,14 @@
-"""The push sender reads an answer's body only up to a bound: a receiver cannot make it read on."""
+"""The push sender: it reads an answer's body only up to a bound, a guarded request never
+connects to a private address, and no failure repeats a URL's credentials."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 
+import pytest
+
+from callboard.errors import PushFailed
 from callboard.push.sender import MAX_READ, Sender
 
 
@@ -72,3 +76,63 @@ async def test_the_time_limits_kept_ready_stay_bounded() -> None:
     finally:
         await sender.close()
         server.close()
+
+
+async def _count_requests(served: list[bytes]) -> asyncio.Server:
+    async def no_content(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        served.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(no_content, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+async def test_a_guarded_request_does_not_connect_to_a_private_address(host: str) -> None:
+    served: list[bytes] = []
+    server = await _count_requests(served)
+    port = server.sockets[0].getsockname()[1]
+    sender = Sender()
+    try:
+        with pytest.raises(PushFailed) as refused:
+            await sender.post(f"http://{host}:{port}/", b"{}", {}, 10.0, guarded=True)
+        message = str(refused.value)
+        assert "is a loopback address" in message
+        assert "events.bus.pushPrivateNetworks: true" in message
+        assert refused.value.status is None
+        assert not refused.value.timed_out
+        assert served == []
+        # Unguarded (a configured target), the same endpoint is reached.
+        answer = await sender.post(f"http://{host}:{port}/", b"{}", {}, 10.0)
+        assert answer.status == 204
+        assert len(served) == 1
+        # The unguarded pool's connection is not lent to a guarded request either.
+        with pytest.raises(PushFailed, match="loopback"):
+            await sender.post(f"http://{host}:{port}/", b"{}", {}, 10.0, guarded=True)
+        assert len(served) == 1
+    finally:
+        await sender.close()
+        server.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://ops:hunter2-secret@127.0.0.1:99999/",  # an invalid URL: aiohttp repeats it
+        "http://ops:hunter2-secret@[::1:1/",
+        "http://ops:hunter2-secret@127.0.0.1:1/",  # nobody listens
+        "http://ops:hunter2%2Dsecret@127.0.0.1:1/",
+    ],
+)
+async def test_a_failure_never_repeats_the_urls_credentials(url: str) -> None:
+    sender = Sender()
+    try:
+        for guarded in (False, True):
+            with pytest.raises(PushFailed) as failed:
+                await sender.post(url, b"{}", {}, 10.0, guarded=guarded)
+            message = str(failed.value)
+            assert "hunter2" not in message
+            assert "ops:" not in message
+    finally:
+        await sender.close()

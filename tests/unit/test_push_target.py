@@ -40,7 +40,13 @@ class ScriptedSender(Sender):
         self.sent: list[Sent] = []
 
     async def post(
-        self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout: float,
+        *,
+        guarded: bool = False,
     ) -> Answer:
         self.sent.append(Sent(url, body, dict(headers), timeout))
         step = self.script.pop(0) if self.script else Answer(204)
@@ -185,7 +191,13 @@ async def test_an_event_that_cannot_be_written_leaves_the_breaker_alone() -> Non
 
 class HangingSender(Sender):
     async def post(
-        self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout: float,
+        *,
+        guarded: bool = False,
     ) -> Answer:
         await asyncio.Event().wait()
         raise AssertionError("never answered")
@@ -247,11 +259,17 @@ class GatedSender(ScriptedSender):
         self.gate = asyncio.Event()
 
     async def post(
-        self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout: float,
+        *,
+        guarded: bool = False,
     ) -> Answer:
         if not self.sent:
             await self.gate.wait()
-        return await super().post(url, body, headers, timeout)
+        return await super().post(url, body, headers, timeout, guarded=guarded)
 
 
 async def test_deliveries_wait_for_the_half_open_trial_without_spending_an_attempt() -> None:

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from callboard.errors import RequestRejected
-from callboard.push.spec import PushSpec
+from callboard.push.spec import Source
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,14 +34,25 @@ class Caller:
     anonymous: bool = False
 
 
-def may(caller: Caller, spec: PushSpec, owner: str | None) -> bool:
+class Guarded(Protocol):
+    """What access is judged on: a target's spec, or a stored target that could not be read."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def source(self) -> Source: ...
+    @property
+    def subscription(self) -> str: ...
+
+
+def may(caller: Caller, spec: Guarded, owner: str | None) -> bool:
     """Whether ``caller`` may see and manage ``spec``, whose recorded owner is ``owner``."""
     if spec.source == "api" and owner is not None and owner == caller.name:
         return True
     return caller.granted(spec.subscription)
 
 
-def check(caller: Caller, spec: PushSpec, owner: str | None) -> None:
+def check(caller: Caller, spec: Guarded, owner: str | None) -> None:
     """Raise the ``403`` that tells ``caller`` why it may not change ``spec``, if it may not.
 
     As the bus's, the answer names the target and who may manage it, never another caller.

@@ -2,10 +2,13 @@
 
 Mounted at ``/api/events/bus/v1/push``:
 
-- ``GET /push``: the targets the caller may see, secrets and header values left out;
+- ``GET /push``: the targets the caller may see, secrets, header values and the URL's
+  credentials left out; a stored target that no longer reads as one is listed with
+  ``"broken"``, the reason;
 - ``GET /push/{name}``: one (``404`` when unknown or not the caller's to see);
 - ``PUT /push/{name}``: create (``201``) or replace (``200``) a target from a JSON object with
-  the keys of ``events.push.<name>``; ``403`` for another caller's, ``409`` for a configured
+  the keys of ``events.push.<name>``; ``400`` for a wrong key, or a URL whose host is a private
+  IP address (``push/addresses.py``); ``403`` for another caller's, ``409`` for a configured
   one, ``501`` without a store;
 - ``DELETE /push/{name}``: ``204``, ``404`` when unknown, ``403`` and ``409`` as for ``PUT``.
 
@@ -33,7 +36,8 @@ from callboard.errors import ConfigError, PushStoreError, RequestRejected, Subsc
 from callboard.http_errors import error_body
 from callboard.push.access import Caller, may
 from callboard.push.registry import PushTargets
-from callboard.push.spec import PushSpec, name_problem
+from callboard.push.spec import BrokenTarget, PushSpec, name_problem
+from callboard.push.urls import redacted
 
 BODY_LIMIT = 64 * 1024
 _JSON = [(b"content-type", b"application/json; charset=utf-8")]
@@ -76,14 +80,22 @@ class _Refusal(Exception):
         self.allow = allow
 
 
-def describe(spec: PushSpec) -> dict[str, Any]:
-    """A target as the API shows it: no secret, header names only (their values may be keys)."""
+def describe(spec: PushSpec | BrokenTarget) -> dict[str, Any]:
+    """A target as the API shows it: no secret, no credentials of the URL, header names only
+    (their values may be keys)."""
+    if isinstance(spec, BrokenTarget):
+        return {
+            "name": spec.name,
+            "subscription": spec.subscription,
+            "source": spec.source,
+            "broken": spec.reason,
+        }
     limit = spec.rate_limit
     return {
         "name": spec.name,
         "subscription": spec.subscription,
         "source": spec.source,
-        "url": spec.url,
+        "url": redacted(spec.url),
         "topics": list(spec.topics),
         "enabled": spec.enabled,
         "format": spec.format,
@@ -153,13 +165,18 @@ class PushApi:
                 raise _Refusal(
                     405, f"{method} is not allowed here; GET lists the push targets", allow=b"GET"
                 )
-            shown = [describe(s) for s in self.targets.targets() if self._sees(verdict, s)]
+            every: list[PushSpec | BrokenTarget] = [
+                *self.targets.targets(),
+                *self.targets.broken(),
+            ]
+            every.sort(key=lambda target: target.name)
+            shown = [describe(s) for s in every if self._sees(verdict, s)]
             return 200, orjson.dumps({"push": shown})
         problem = name_problem(rest)
         if problem is not None:
             raise _Refusal(400, problem)
         if method == "GET":
-            spec = self.targets.get(rest)
+            spec = self.targets.get(rest) or self.targets.get_broken(rest)
             # Not the caller's to see: answered as if unknown, as the list leaves it out.
             if spec is None or not self._sees(verdict, spec):
                 raise _Refusal(404, f"no push target {rest!r}")
@@ -204,7 +221,7 @@ class PushApi:
             raise _Refusal(404, f"no push target {name!r}")
         return 204, b""
 
-    def _sees(self, caller: Caller, spec: PushSpec) -> bool:
+    def _sees(self, caller: Caller, spec: PushSpec | BrokenTarget) -> bool:
         return may(caller, spec, self.targets.owner(spec.name))
 
     def _check_store(self) -> None:

@@ -10,6 +10,14 @@ lock too, so no change made through the API meanwhile is half done or outlives `
 one closes its
 subscription and forgets its consumer group (position and dead letters), so a target created
 again later under the same name starts from the newest events instead of a stale backlog.
+
+A stored target that no longer reads as one is kept as a ``BrokenTarget``, logged once at the
+start: it sends nothing, its owner sees it with the reason and may replace or delete it, and
+nobody else may take its name.
+
+Targets made over the API are guarded (``push/addresses.py``): their requests may not reach a
+private address unless ``events.bus.pushPrivateNetworks`` allows it, and a ``put`` whose URL's
+host is such an address written as an IP literal is refused at once.
 """
 
 from __future__ import annotations
@@ -23,10 +31,12 @@ from callboard.brokers.base import Broker, BrokerAdmin
 from callboard.errors import ConfigError, SubscriptionError
 from callboard.metrics import PushMetrics
 from callboard.push.access import Caller, check
+from callboard.push.addresses import refusal, refused_kind
 from callboard.push.sender import Sender
-from callboard.push.spec import PushSpec
+from callboard.push.spec import BrokenTarget, PushSpec
 from callboard.push.store import PushStore, StoredTarget
 from callboard.push.target import Pusher
+from callboard.push.urls import ip_literal, without_credentials
 from callboard.service import EventsService, Subscription
 
 logger = logging.getLogger("callboard.push")
@@ -47,9 +57,12 @@ class PushTargets:
         broker: Broker,
         metrics: PushMetrics,
         sender: Sender | None = None,
+        private_networks: bool = False,
     ) -> None:
         self._configured = {spec.name: spec for spec in configured}
         self._specs: dict[str, PushSpec] = dict(self._configured)
+        #: Stored targets that could not be read, by name: kept for their owners.
+        self._broken: dict[str, BrokenTarget] = {}
         #: The owners of the targets made through the API (``None``: stored without one).
         self._owners: dict[str, str | None] = {}
         self._parse = parse
@@ -57,6 +70,8 @@ class PushTargets:
         self._broker = broker
         self._metrics = metrics
         self.sender = sender if sender is not None else Sender()
+        #: Whether targets made over the API may reach private addresses (``addresses.py``).
+        self.private_networks = private_networks
         self._running: dict[str, Subscription] = {}
         self._events: EventsService | None = None
         self._lock = asyncio.Lock()
@@ -71,6 +86,13 @@ class PushTargets:
 
     def get(self, name: str) -> PushSpec | None:
         return self._specs.get(name)
+
+    def broken(self) -> list[BrokenTarget]:
+        """The stored targets that could not be read, by name."""
+        return [self._broken[name] for name in sorted(self._broken)]
+
+    def get_broken(self, name: str) -> BrokenTarget | None:
+        return self._broken.get(name)
 
     def owner(self, name: str) -> str | None:
         """The caller that made the target ``name`` through the API (``None``: none recorded)."""
@@ -92,11 +114,23 @@ class PushTargets:
                         name,
                     )
                     continue
+                self._owners[name] = stored.owner
                 try:
                     self._specs[name] = self._parse(name, stored.section)
-                    self._owners[name] = stored.owner
                 except ConfigError as error:
-                    logger.error("the stored push target %r is left out: %s", name, error)
+                    url = stored.section.get("url")
+                    reason = (
+                        str(error)
+                        if not isinstance(url, str)
+                        else without_credentials(str(error), url)
+                    )
+                    self._broken[name] = BrokenTarget(name, reason)
+                    logger.error(
+                        "the stored push target %r cannot be read, so it sends nothing; its "
+                        "owner sees why in the API, and may replace or delete it: %s",
+                        name,
+                        reason,
+                    )
         for spec in self._specs.values():
             if spec.enabled:
                 await self._run(events, spec)
@@ -121,21 +155,23 @@ class PushTargets:
         """Create or replace the runtime target ``name``: it, and whether it was created.
 
         A new target belongs to ``by``; a replaced one keeps its owner. Raises ``ConfigError``
-        for a wrong section, ``RequestRejected`` (403) when the target is not ``by``'s to
-        replace, ``SubscriptionError`` for a configured name.
+        for a wrong section or a URL whose IP literal is private, ``RequestRejected`` (403)
+        when the target is not ``by``'s to replace, ``SubscriptionError`` for a configured name.
         """
         spec = self._parse(name, section)
         async with self._lock:
-            current = self._specs.get(name)
+            current = self._specs.get(name) or self._broken.get(name)
             if current is not None:
                 check(by, current, self.owner(name))
             store = self._writable(name)
+            self._check_address(spec)
             owner = by.name if current is None else self.owner(name)
             stored = await store.load()
             stored[name] = StoredTarget(dict(section), owner)
             await store.save(stored)
             await self._halt(name)
             self._specs[name] = spec
+            self._broken.pop(name, None)
             self._owners[name] = owner
             if spec.enabled and self._events is not None:
                 await self._run(self._events, spec)
@@ -149,7 +185,7 @@ class PushTargets:
         Raises as ``put`` does when the target is not ``by``'s or is configured.
         """
         async with self._lock:
-            spec = self._specs.get(name)
+            spec = self._specs.get(name) or self._broken.get(name)
             if spec is None:
                 return False
             check(by, spec, self.owner(name))
@@ -158,7 +194,8 @@ class PushTargets:
             stored.pop(name, None)
             await store.save(stored)
             await self._halt(name)
-            del self._specs[name]
+            self._specs.pop(name, None)
+            self._broken.pop(name, None)
             self._owners.pop(name, None)
             self._forget_metrics(name)
             if isinstance(self._broker, BrokerAdmin):
@@ -182,6 +219,16 @@ class PushTargets:
         metrics.duration.remove(label)
         metrics.breaker.remove(label)
 
+    def _check_address(self, spec: PushSpec) -> None:
+        """Refuse at once a URL whose host is an IP literal the target may not reach; a name
+        is judged when its request connects, on the addresses it resolves to then."""
+        if self.private_networks:
+            return
+        literal = ip_literal(spec.url)
+        kind = None if literal is None else refused_kind(literal)
+        if literal is not None and kind is not None:
+            raise ConfigError(f"push.{spec.name}.url", refusal(literal, kind))
+
     def _writable(self, name: str) -> PushStore:
         if name in self._configured:
             raise SubscriptionError(
@@ -194,7 +241,8 @@ class PushTargets:
         return self._store
 
     async def _run(self, events: EventsService, spec: PushSpec) -> None:
-        pusher = Pusher(spec, self.sender, self._metrics)
+        guarded = spec.source == "api" and not self.private_networks
+        pusher = Pusher(spec, self.sender, self._metrics, guarded=guarded)
         self._running[spec.name] = await events.subscribe(
             spec.subscription, spec.topics, pusher, concurrency=spec.concurrency
         )

@@ -4,17 +4,28 @@ The only module that imports aiohttp. One ``Sender`` per process (the applicatio
 hands it to every target): its connections are kept alive and reused across requests and
 targets, so a push costs a request, not a connection. Redirects are not followed (a signed
 request goes where it was configured to go, or fails). aiohttp's exceptions end here, turned
-into ``PushFailed`` that names what went wrong without the request's body or headers.
+into ``PushFailed`` that names what went wrong without the request's body, headers or the URL's
+credentials.
+
+A request may be ``guarded`` (a target made over the API, ``push/addresses.py``): it goes over a
+second pool whose every socket is made by ``_guarded_socket``, which sees the address about to
+be connected to (after DNS resolution, an IP literal included) and refuses a private one. The
+pools are apart so that a connection kept alive for a configured target is never lent to a
+guarded request for the same host.
 """
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
 from callboard.errors import PushFailed
+from callboard.push.addresses import refusal, refused_kind
+from callboard.push.urls import without_credentials
 
 #: A response body longer than this is not read: the connection is closed instead of reused.
 MAX_READ = 64 * 1024
@@ -31,30 +42,60 @@ class Answer:
     retry_after: str | None = None
 
 
+class _PrivateAddress(OSError):
+    """A guarded connection refused before it was made. Its text is the same for every
+    address, so that aiohappyeyeballs, trying each address of a name, raises the first refusal
+    itself rather than a text joining them all; the address is an attribute."""
+
+    def __init__(self, address: str, kind: str) -> None:
+        super().__init__("refused: a private address")
+        self.address = address
+        self.kind = kind
+
+
+def _guarded_socket(addr_info: tuple[Any, ...]) -> socket.socket:
+    """The socket for ``addr_info`` (a ``getaddrinfo`` entry), unless its address is one a
+    guarded request may not reach."""
+    family, type_, proto, _, sockaddr = addr_info
+    address = str(sockaddr[0])
+    kind = refused_kind(address)
+    if kind is not None:
+        raise _PrivateAddress(address, kind)
+    return socket.socket(family=family, type=type_, proto=proto)
+
+
 class Sender:
-    """POSTs requests over one pooled, keep-alive aiohttp session (opened on first use)."""
+    """POSTs requests over pooled, keep-alive aiohttp sessions (each opened on first use)."""
 
     def __init__(self) -> None:
-        self._session: aiohttp.ClientSession | None = None
+        self._sessions: dict[bool, aiohttp.ClientSession] = {}
         self._timeouts: dict[float, aiohttp.ClientTimeout] = {}
 
-    def _open(self) -> aiohttp.ClientSession:
+    def _open(self, guarded: bool) -> aiohttp.ClientSession:
         # No pool-wide bound: each target bounds its own requests in flight (its concurrency).
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300)
-        self._session = aiohttp.ClientSession(
+        connector = aiohttp.TCPConnector(
+            limit=0, ttl_dns_cache=300, socket_factory=_guarded_socket if guarded else None
+        )
+        session = self._sessions[guarded] = aiohttp.ClientSession(
             connector=connector,
             headers={"user-agent": USER_AGENT},
             skip_auto_headers=("accept-encoding",),
             auto_decompress=False,
         )
-        return self._session
+        return session
 
     async def post(
-        self, url: str, body: bytes, headers: Mapping[str, str], timeout: float
+        self,
+        url: str,
+        body: bytes,
+        headers: Mapping[str, str],
+        timeout: float,
+        *,
+        guarded: bool = False,
     ) -> Answer:
-        """POST ``body``; the answer, whatever its status. Raises ``PushFailed`` on a timeout
-        or when the endpoint cannot be reached."""
-        session = self._session or self._open()
+        """POST ``body``; the answer, whatever its status. Raises ``PushFailed`` on a timeout,
+        when the endpoint cannot be reached, or (``guarded``) when its address is private."""
+        session = self._sessions.get(guarded) or self._open(guarded)
         limit = self._timeouts.get(timeout)
         if limit is None:
             limit = aiohttp.ClientTimeout(total=timeout)
@@ -69,13 +110,25 @@ class Sender:
         except TimeoutError:
             raise PushFailed(f"no answer within {timeout:g}s", timed_out=True) from None
         except aiohttp.ClientError as error:
-            raise PushFailed(f"the endpoint cannot be reached: {error}") from None
+            raise PushFailed(without_credentials(_failure(error), url)) from None
 
     async def close(self) -> None:
         """Close the pooled connections."""
-        session, self._session = self._session, None
-        if session is not None:
+        sessions, self._sessions = self._sessions, {}
+        for session in sessions.values():
             await session.close()
+
+
+def _failure(error: aiohttp.ClientError) -> str:
+    """What went wrong, in words; the URL is not repeated (it may hold credentials)."""
+    if isinstance(error, aiohttp.ClientConnectorError):
+        cause = error.os_error
+        if isinstance(cause, _PrivateAddress):
+            return f"not sent to {error.host}: {refusal(cause.address, cause.kind)}"
+    if isinstance(error, aiohttp.InvalidURL):
+        detail = error.description
+        return "the URL is not valid" + (f": {detail}" if detail else "")
+    return f"the endpoint cannot be reached: {error}"
 
 
 async def _drain(response: aiohttp.ClientResponse) -> None:

@@ -77,3 +77,19 @@ class PushSpec:
     @property
     def subscription(self) -> str:
         return subscription_id(self.name)
+
+
+@dataclass(frozen=True, slots=True)
+class BrokenTarget:
+    """A target stored from the API that no longer reads as one (the rules changed since, or
+    the file was edited by hand). It sends nothing, and its name stays its owner's: left out, it
+    could be claimed by another caller, who would then inherit its consumer group."""
+
+    name: str
+    #: Why it could not be read: the configuration's error, naming the key.
+    reason: str
+    source: Source = "api"
+
+    @property
+    def subscription(self) -> str:
+        return subscription_id(self.name)

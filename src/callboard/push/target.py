@@ -78,9 +78,12 @@ class Pusher:
         metrics: PushMetrics,
         *,
         clock: Callable[[], float] = monotonic,
+        guarded: bool = False,
     ) -> None:
         self.spec = spec
         self._sender = sender
+        #: Whether the endpoint's address is checked (``push/addresses.py``).
+        self._guarded = guarded
         self._keys = tuple(signing_key(secret) for secret in spec.secrets)
         self._extra = dict(spec.headers)
         self._encode = encoder(spec)
@@ -125,7 +128,9 @@ class Pusher:
                     await asyncio.sleep(pause)
                     began = monotonic()
             headers.update(signed_headers(self._keys, event.id, int(time()), body))
-            answer = await self._sender.post(spec.url, body, headers, spec.timeout)
+            answer = await self._sender.post(
+                spec.url, body, headers, spec.timeout, guarded=self._guarded
+            )
         except PushFailed as error:
             self._duration.observe(monotonic() - began)
             self._outcomes["timeout" if error.timed_out else "unreachable"].inc()
