@@ -136,3 +136,19 @@ async def test_a_failure_never_repeats_the_urls_credentials(url: str) -> None:
             assert "ops:" not in message
     finally:
         await sender.close()
+
+
+async def test_credentials_in_the_url_beside_an_authorization_header_fail_as_a_push() -> None:
+    sender = Sender()
+    try:
+        with pytest.raises(PushFailed) as failed:
+            await sender.post(
+                "http://ops:hunter2-secret@127.0.0.1:1/",
+                b"{}",
+                {"authorization": "Bearer x"},
+                10.0,
+            )
+        assert "cannot be made" in str(failed.value)
+        assert "hunter2" not in str(failed.value)
+    finally:
+        await sender.close()

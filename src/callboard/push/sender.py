@@ -111,6 +111,13 @@ class Sender:
             raise PushFailed(f"no answer within {timeout:g}s", timed_out=True) from None
         except aiohttp.ClientError as error:
             raise PushFailed(without_credentials(_failure(error), url)) from None
+        except ValueError as error:
+            # The request cannot be built: credentials in the URL beside an Authorization
+            # header, a header value HTTP cannot carry. Not the endpoint's fault, and retried
+            # like any failure until it is a dead letter; the message never repeats the URL.
+            raise PushFailed(
+                without_credentials(f"the request cannot be made: {error}", url)
+            ) from None
 
     async def close(self) -> None:
         """Close the pooled connections."""
