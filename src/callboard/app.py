@@ -253,40 +253,40 @@ class Callboard:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reading
         await self.push.stop()
+        # The modules' subscriptions first, all at once: a handler still running may need what
+        # a stop hook closes (an outbound bridge's producer). One time limit for the whole stop.
         timeout = self.config.events.shutdown_timeout_ms / 1000
+        deadline = time.monotonic() + timeout
+        await _close_within(
+            [s for c in reversed(self._started) for s in self._subscribed.pop(c.name, [])],
+            timeout,
+        )
         for context in reversed(self._started):
-            # Its subscriptions first: a handler still running may need what a stop hook closes
-            # (an outbound bridge's producer), and an event it could not finish comes again.
-            for subscription in reversed(self._subscribed.pop(context.name, [])):
-                await _close_within(subscription, timeout, context.name)
             for hook in reversed(context.lifecycle.stop_hooks):
                 try:
                     await hook()
                 except Exception:
                     logger.exception("module %r failed to stop cleanly", context.name)
         self._started.clear()
-        await self.events.close()
+        await self.events.close(max(0.0, deadline - time.monotonic()))
 
 
-async def _close_within(subscription: Subscription, timeout: float, module: str) -> None:
-    """Close a module's subscription, waiting ``timeout`` seconds at most for its handlers: one
-    still running then is left to the service's own close, which cancels it."""
-    closing = asyncio.ensure_future(subscription.close())
-    done, _ = await asyncio.wait([closing], timeout=timeout)
-    if not done:
+async def _close_within(subscriptions: list[Subscription], timeout: float) -> None:
+    """Close ``subscriptions`` together, waiting ``timeout`` seconds at most for their handlers:
+    one still running then is left to the service's own close, which cancels it."""
+    if not subscriptions:
+        return
+    closing = {asyncio.ensure_future(s.close()): s for s in subscriptions}
+    done, pending = await asyncio.wait(closing, timeout=timeout)
+    for future in pending:
         logger.warning(
-            "module %r: subscription %r still handling after %gs; it is cancelled",
-            module,
-            subscription.id,
-            timeout,
+            "subscription %r still handling after %gs; it is cancelled", closing[future].id, timeout
         )
-    elif closing.exception() is not None:
-        logger.error(
-            "module %r: subscription %r failed to stop",
-            module,
-            subscription.id,
-            exc_info=closing.exception(),
-        )
+    for future in done:
+        if future.exception() is not None:
+            logger.error(
+                "subscription %r failed to stop", closing[future].id, exc_info=future.exception()
+            )
 
 
 def build(
