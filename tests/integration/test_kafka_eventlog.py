@@ -149,3 +149,21 @@ async def test_taken_dead_letters_are_no_longer_found(
     assert (await broker.find_events(letters)).events == ()
     # Taken (redriven or dropped): the event itself tells again, never fetched by the group.
     assert (await outcome_of(broker, "mailer", sent.id)).state == "pending"
+
+
+async def test_retention_of_an_event_stored_twice_keeps_the_log_read(
+    opened: Opener,
+) -> None:
+    broker = await opened(retention=RetentionPolicy(min_age=0, max_count=1))
+    await broker.consume("indexer", ["github.push"])
+    twice = event(n=1)
+    await broker.publish(twice)
+    await broker.deliver_to("indexer", twice)  # one event id, two records
+    await broker.publish(event(n=2))
+    assert await broker.clean() == 2
+    assert (await broker.find_events(EventQuery(event_id=twice.id))).events == ()
+    # The copy is still read after the floor passed both records of the one id.
+    later = event(n=3)
+    await broker.publish(later)
+    (found,) = (await broker.find_events(EventQuery(event_id=later.id))).events
+    assert found.event == later

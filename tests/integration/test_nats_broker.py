@@ -179,6 +179,7 @@ def test_the_ack_subject_tells_the_stream_sequence_and_the_deliveries() -> None:
     newer = "$JS.ACK._.ACCHASH.cb_events.gabc.1.88.7.1733450000000000000.0.tok"
     assert ack_position(newer) == (88, 1)
     assert ack_position(newer.rpartition(".")[0]) == (88, 1)
+    assert ack_position(newer + ".reserved") == (88, 1)
     with pytest.raises(ValueError, match="not the ack subject"):
         ack_position("_INBOX.abc.def")
 

@@ -142,12 +142,13 @@ class EventIndex:
     def trim(self, floor: int) -> None:
         """Retention moved the log's floor up: forget the records below it."""
         cut = bisect_left(self._log, floor, key=_offset)
-        for stored in self._log[:cut]:
-            kept = [s for s in self._ids[stored.event.id] if s.offset >= floor]
+        # One id may have several records below the floor (``deliver_to`` copies, republishes).
+        for event_id in {stored.event.id for stored in self._log[:cut]}:
+            kept = [s for s in self._ids[event_id] if s.offset >= floor]
             if kept:
-                self._ids[stored.event.id] = kept
+                self._ids[event_id] = kept
             else:
-                del self._ids[stored.event.id]
+                del self._ids[event_id]
         del self._log[:cut], self._latest[:cut]
 
     def rows(self, event_id: str) -> list[Stored]:

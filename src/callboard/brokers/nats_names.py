@@ -138,12 +138,13 @@ def ack_position(reply: str) -> tuple[int, int]:
 
     The subject is ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>
     .<pending>``, or that with a domain and an account hash after ``$JS.ACK`` (and a random token
-    at the end) on newer servers. Two numbers of a split, rather than the client's ``metadata``
+    at the end, tokens after which are reserved: nats-server and nats-py accept them) on newer
+    servers. Two numbers of a split, rather than the client's ``metadata``
     (nine fields, a timestamp and three objects): this is read once per event delivered.
     """
     tokens = reply.split(".")
     count = len(tokens)
-    if tokens[:2] == ["$JS", "ACK"] and count in (9, 11, 12):
+    if tokens[:2] == ["$JS", "ACK"] and (count == 9 or count >= 11):
         first = 4 if count == 9 else 6
         return int(tokens[first + 1]), int(tokens[first])
     raise ValueError(f"{reply!r} is not the ack subject of a JetStream message")
