@@ -7,6 +7,7 @@ made; outages go through ``servers.TcpProxy``, so the shared server is never tou
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 import uuid
@@ -336,7 +337,10 @@ async def _publish_until_accepted(broker: Broker, sent: Event, within: float) ->
             await asyncio.sleep(0.2)
 
 
-async def test_an_outage_fails_publishes_quickly_and_fetch_recovers(open_rabbit: Opener) -> None:
+async def test_an_outage_fails_publishes_quickly_and_fetch_recovers(
+    open_rabbit: Opener, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="callboard.brokers.rabbitmq_group")
     proxy = TcpProxy("127.0.0.1", 5672)
     await proxy.start()
     try:
@@ -352,8 +356,11 @@ async def test_an_outage_fails_publishes_quickly_and_fetch_recovers(open_rabbit:
             await broker.publish(event(n=2))
         assert time.monotonic() - began < 3
         waiting = asyncio.create_task(fetch(consumer, 1, timeout=30))
-        await asyncio.sleep(1)
+        other = asyncio.create_task(fetch(consumer, 1, timeout=30))
+        await asyncio.sleep(2.5)
         assert not waiting.done()  # fetch waits through the outage instead of raising
+        assert not other.done()
+        other.cancel()  # loses nothing
 
         await proxy.restore()
         await _publish_until_accepted(broker, event(n=3), within=20)
@@ -364,6 +371,12 @@ async def test_an_outage_fails_publishes_quickly_and_fetch_recovers(open_rabbit:
             await consumer.ack(got)
             got = await fetch(consumer, 1, timeout=10)
         await consumer.ack(got)
+        # Two fetches retrying every second through the outage: one warning, one recovery.
+        said = [r.getMessage() for r in caplog.records if r.name.endswith("rabbitmq_group")]
+        warned = [m for m in said if "unreachable" in m]
+        assert len(warned) == 1, warned
+        assert warned[0].startswith("group workers: RabbitMQ unreachable (")
+        assert [m for m in said if "reachable again" in m] != []
     finally:
         await proxy.close()
 
@@ -538,6 +551,93 @@ async def test_backlog_figures_stay_exact_as_each_queue_is_trimmed(open_rabbit: 
         }, round_
     for name, consumer in consumers.items():
         assert numbers(await fetch(consumer, len(waiting[name]), timeout=20)) == waiting[name]
+
+
+# -- consumers: leaving, rejoining, outages --------------------------------------------------------
+
+
+async def test_a_consumer_closed_while_its_fetch_starts_consuming_leaves_nothing_held(
+    open_rabbit: Opener,
+) -> None:
+    """The last member closes while its fetch is starting the consumer: no consumer may be
+    left behind it, holding the group's events in a process nobody reads them from."""
+    first = await open_rabbit()
+    second = await open_rabbit()
+    leaving = await first.consume("workers", ["github.push"])
+    fetching = asyncio.create_task(leaving.fetch(10))
+    hub = first._hubs["workers"]
+    for _ in range(10_000):
+        if hub._lock.locked():  # the consumer is being started
+            break
+        await asyncio.sleep(0)
+    else:
+        pytest.fail("the fetch never started the consumer")
+    await leaving.close()
+    assert tuple(await asyncio.wait_for(fetching, 5)) == ()
+    staying = await second.consume("workers", ["github.push"])
+    for n in range(6):
+        await first.publish(event(n=n))
+    assert numbers(await fetch(staying, 6, timeout=5)) == list(range(6))
+
+
+async def test_a_group_deleted_by_another_server_can_be_subscribed_again(
+    open_rabbit: Opener,
+) -> None:
+    reader = await open_rabbit()
+    admin = await open_rabbit()
+    consumer = await reader.consume("workers", ["github.push"])
+    waiting = asyncio.create_task(consumer.fetch(1))
+    await asyncio.sleep(0.3)  # consuming
+    assert await admin.delete_subscription("workers") is True
+    with pytest.raises(SubscriptionError, match="no longer exists"):
+        await asyncio.wait_for(waiting, 5)
+    await consumer.close()
+    again = await reader.consume("workers", ["github.push"])
+    await reader.publish(event(n=1))
+    assert numbers(await fetch(again)) == [1]
+
+
+async def test_a_batch_acknowledged_across_a_reconnection_acknowledges_its_live_events(
+    open_rabbit: Opener,
+) -> None:
+    """A delivery fetched before an outage (its channel is gone, RabbitMQ requeued it) and
+    deliveries fetched after, acknowledged together: the live ones are acknowledged."""
+    proxy = TcpProxy("127.0.0.1", 5672)
+    await proxy.start()
+    try:
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+        broker = await open_rabbit(url, timeout="2")
+        consumer = await broker.consume("workers", ["github.push"])
+        await broker.publish(event(n=1))
+        before = await fetch(consumer)
+        await proxy.cut()
+        await proxy.restore()
+        await _publish_until_accepted(broker, event(n=2), within=20)
+        after = await fetch(consumer, 2, timeout=20)
+        assert sorted(numbers(after)) == [1, 2]  # 1 again: its first channel is gone
+        await consumer.ack([*before, *after])
+        await consumer.close()
+        again = await broker.consume("workers", ["github.push"])
+        with pytest.raises(TimeoutError):
+            await fetch(again, 1, timeout=1)
+    finally:
+        await proxy.close()
+
+
+async def test_fetches_wider_than_amqps_prefetch_window_still_consume(
+    open_rabbit: Opener,
+) -> None:
+    broker = await open_rabbit()
+    consumer = await broker.consume("workers", ["github.push"])
+    await broker.publish(event(n=1))
+    assert numbers(await fetch(consumer, 1)) == [1]
+    waiting = [asyncio.create_task(consumer.fetch(40_000)) for _ in range(2)]
+    await asyncio.sleep(0.3)
+    await broker.publish(event(n=2))
+    done, _ = await asyncio.wait(waiting, timeout=5, return_when=asyncio.FIRST_COMPLETED)
+    assert [numbers(list(task.result())) for task in done] == [[2]]
+    await consumer.close()
+    await asyncio.gather(*waiting)
 
 
 # -- real servers -------------------------------------------------------------------------------

@@ -392,6 +392,10 @@ class RabbitBroker:
         connection = self._live()
         queue = queue_name(self.settings.prefix, "group", group)
         hub = self._hubs.get(group)
+        if hub is not None and hub.gone and not hub.members:
+            # Deleted by another process since this one read it: subscribing makes it afresh.
+            del self._hubs[group]
+            hub = None
         if hub is not None and hub.topics != patterns:
             raise self._other_topics(group, hub.topics)
         async with self._boundary(f"joining subscription {group!r}"):

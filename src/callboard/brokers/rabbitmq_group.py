@@ -66,6 +66,8 @@ TRANSIENT = (AMQPError, ChannelInvalidStateError, ConnectionError, OSError, Time
 RETRY = 1.0
 #: Looks ``Hub.settle`` takes at most for two that agree.
 _SETTLE_TRIES = 10
+#: The largest prefetch window AMQP carries (``basic.qos`` takes a 16-bit count).
+_MAX_WINDOW = 65_535
 
 
 @dataclass(slots=True, eq=False)
@@ -155,10 +157,17 @@ class Hub:
         #: Events the fetches waiting now ask for.
         self._demand = 0
         self._gone = False
+        #: RabbitMQ could not be reached since the last consumer started (said once).
+        self._unreachable = False
         self._lock = asyncio.Lock()
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._starting: asyncio.Task[None] | None = None
+
+    @property
+    def gone(self) -> bool:
+        """The group's queue was deleted (by another process): this hub can never read it."""
+        return self._gone
 
     @property
     def backlog(self) -> int:
@@ -206,7 +215,8 @@ class Hub:
         woken = self._wake
         self._demand += max_count
         try:
-            while self._starved():
+            # Once the last member left, nothing may consume: what came would be held here.
+            while self._starved() and self.members:
                 task = self._starting
                 if task is None or task.done():
                     task = self._starting = self._spawn(self._start())
@@ -227,8 +237,8 @@ class Hub:
         """Consume with a window of what the waiting fetches ask for (a new consumer when the
         running one's window is full)."""
         async with self._lock:
-            window = self._demand
-            if not window or not self._starved():
+            window = min(self._demand, _MAX_WINDOW)
+            if not window or not self.members or not self._starved():
                 return
             channel = await self._open()
             underlay = await channel.get_underlay_channel()
@@ -244,6 +254,20 @@ class Hub:
                 self._gone = True
                 raise self._gone_error() from None
             self._tag, self._window = consumed.consumer_tag, window
+            if self._unreachable:
+                self._unreachable = False
+                logger.info("group %s: RabbitMQ reachable again, consuming", self.name)
+
+    def unreachable(self, error: BaseException) -> None:
+        """A fetch could not consume: said once per outage, however many fetches retry."""
+        if not self._unreachable:
+            self._unreachable = True
+            logger.warning(
+                "group %s: RabbitMQ unreachable (%s); retrying every %gs",
+                self.name,
+                error or type(error).__name__,
+                RETRY,
+            )
 
     async def settle(self, ready: Callable[[], Awaitable[int | None]]) -> int | None:
         """The queue's ready count (``ready()``) once it and what this process holds agree
@@ -511,11 +535,7 @@ class RabbitConsumer:
             except SubscriptionError:
                 raise
             except TRANSIENT as error:
-                logger.warning(
-                    "group %s: RabbitMQ unreachable (%s); retrying",
-                    hub.name,
-                    error or type(error),
-                )
+                hub.unreachable(error)
                 await asyncio.sleep(RETRY)
         return ()
 
@@ -523,20 +543,27 @@ class RabbitConsumer:
         taken = [held for delivery in deliveries if (held := self._take(delivery)) is not None]
         for held in taken:
             self._hub.settled(held)
-        for index, held in enumerate(taken):
+        # Those on a channel that closed were requeued by RabbitMQ; skipping them, not stopping
+        # at them, acknowledges the others of the batch (fetched on the channel open now).
+        live = [held for held in taken if held.alive()]
+        dropped, reason = len(taken) - len(live), "the channel closed"
+        for index, held in enumerate(live):
             message = held.message
             try:
                 # Written without waiting for the socket but the last: AMQP confirms no ack.
                 await message.channel.basic_ack(
-                    message.delivery_tag or 0, wait=index == len(taken) - 1
+                    message.delivery_tag or 0, wait=index == len(live) - 1
                 )
             except TRANSIENT as error:
-                logger.warning(
-                    "group %s: acknowledgement dropped (%s); the event comes again",
-                    self._hub.name,
-                    error or type(error),
-                )
-                return
+                dropped, reason = dropped + len(live) - index, str(error) or type(error).__name__
+                break
+        if dropped:
+            logger.warning(
+                "group %s: %d acknowledgement(s) dropped (%s); those events come again",
+                self._hub.name,
+                dropped,
+                reason,
+            )
 
     def _take(self, delivery: Delivery) -> Held | None:
         token = delivery.token
