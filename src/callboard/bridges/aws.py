@@ -1,4 +1,4 @@
-"""What the AWS bridges share: the client settings, making a client, and durations.
+"""What the AWS bridges share: the client settings and making a client.
 
 The SDK (aiobotocore, the ``aws`` extra) is imported lazily, when a bridge opens its client:
 callboard without the extra loads, and a configuration that names an AWS bridge is refused at
@@ -12,11 +12,10 @@ at LocalStack or moto instead of AWS.
 from __future__ import annotations
 
 import importlib.util
-import re
 from contextlib import AbstractAsyncContextManager
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BeforeValidator, Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 
 from callboard.errors import ModuleError
 from callboard.settings import Section
@@ -30,66 +29,6 @@ READ_TIMEOUT = 30.0
 #: Calls the SDK makes per request, the first included (its ``standard`` retry mode), before the
 #: bridge's own back-off or the delivery policy takes over.
 SDK_ATTEMPTS = 2
-
-_UNIT_SECONDS = {
-    "ms": 0.001,
-    "millisecond": 0.001,
-    "s": 1.0,
-    "sec": 1.0,
-    "second": 1.0,
-    "m": 60.0,
-    "min": 60.0,
-    "minute": 60.0,
-    "h": 3600.0,
-    "hour": 3600.0,
-    "d": 86400.0,
-    "day": 86400.0,
-}
-_OBJECT_KEYS = {
-    "milliseconds": 0.001,
-    "seconds": 1.0,
-    "minutes": 60.0,
-    "hours": 3600.0,
-    "days": 86400.0,
-}
-_SPOKEN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-z]+)\s*$", re.IGNORECASE)
-_ISO = re.compile(
-    r"^P(?:(?P<d>\d+(?:\.\d+)?)D)?(?:T(?:(?P<h>\d+(?:\.\d+)?)H)?(?:(?P<m>\d+(?:\.\d+)?)M)?"
-    r"(?:(?P<s>\d+(?:\.\d+)?)S)?)?$",
-    re.IGNORECASE,
-)
-_DURATION_FORMS = "{seconds: 20}, '20s', '1 minute' or 'PT20S'"
-
-
-def _seconds(value: Any) -> Any:
-    """A duration as Backstage writes one (a HumanDuration object or a string), in seconds."""
-    if isinstance(value, dict):
-        unknown = sorted(set(value) - set(_OBJECT_KEYS))
-        if unknown or not value:
-            raise ValueError(f"expected a duration such as {_DURATION_FORMS}")
-        total = 0.0
-        for key, amount in value.items():
-            if isinstance(amount, bool) or not isinstance(amount, int | float):
-                raise ValueError(f"{key} must be a number, not {amount!r}")
-            total += amount * _OBJECT_KEYS[key]
-        return total
-    if isinstance(value, str):
-        spoken = _SPOKEN.match(value)
-        if spoken is not None:
-            unit = spoken.group(2).lower()
-            factor = _UNIT_SECONDS.get(unit) or _UNIT_SECONDS.get(unit.removesuffix("s"))
-            if factor is not None:
-                return float(spoken.group(1)) * factor
-        iso = _ISO.match(value.strip())
-        if iso is not None and value.strip().upper() not in ("P", "PT"):
-            parts = {key: float(found or 0) for key, found in iso.groupdict().items()}
-            return parts["d"] * 86400 + parts["h"] * 3600 + parts["m"] * 60 + parts["s"]
-    raise ValueError(f"expected a duration such as {_DURATION_FORMS}")
-
-
-#: A duration in seconds, written as Backstage writes one: ``{seconds: 20}``, ``'20s'``,
-#: ``'1 minute'`` or ISO 8601 (``'PT20S'``).
-Duration = Annotated[float, BeforeValidator(_seconds)]
 
 
 class ClientSettings(Section):

@@ -41,7 +41,8 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator, model_validator
 
-from callboard.bridges.aws import ClientSettings, Duration, client, require_sdk, sdk_error
+from callboard.bridges.aws import ClientSettings, client, require_sdk, sdk_error
+from callboard.bridges.settings import Duration
 from callboard.deadletters import DeadLetterSink, reason_of, require_sink
 from callboard.errors import BrokerUnavailable, CallboardError, InvalidEventError, InvalidTopicError
 from callboard.events import DELIVERY_ID, Event, MetadataValue

@@ -13,43 +13,24 @@ extra still starts, and a configuration that needs it is refused with the extra 
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from callboard.bridges.kafka_settings import ConsumingPublisher, PublishingConsumer
+from callboard.bridges.settings import DEFAULT_INSTANCE, instances
 from callboard.errors import ConfigError, InvalidTopicError, ModuleError
 from callboard.extensions import ModuleContext
 from callboard.extensions import module as define_module
-from callboard.settings import Section, keys_of, validate_section
+from callboard.settings import Section
 from callboard.topics import normalize_patterns, validate_topic
 
-M = TypeVar("M", bound=BaseModel)
-
 PATH = "events.modules.kafka"
-#: The instance a section written as one instance (its keys at the top) is.
-DEFAULT_INSTANCE = "default"
 
 
 class KafkaSection(Section):
     consuming: dict[str, Any] | None = Field(default=None, alias="kafkaConsumingEventPublisher")
     publishing: dict[str, Any] | None = Field(default=None, alias="kafkaPublishingEventConsumer")
-
-
-def instances(raw: Mapping[str, Any] | None, model: type[M], path: str) -> dict[str, M]:
-    """The instances of a section: one (``default``, when the section holds keys of ``model``)
-    or named ones, each validated."""
-    if not raw:
-        return {}
-    if raw.keys() & set(keys_of(model)):
-        return {DEFAULT_INSTANCE: validate_section(model, raw, path)}
-    found = {}
-    for name, section in raw.items():
-        if not isinstance(section, Mapping):
-            raise ConfigError(f"{path}.{name}", "expected an instance's keys (clientId, ...)")
-        found[name] = validate_section(model, section, f"{path}.{name}")
-    return found
 
 
 def require_driver() -> None:

@@ -29,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from callboard.bridges.aws import Duration
+from callboard.bridges.settings import Duration
 from callboard.settings import Section
 
 _HUMAN = TypeAdapter(Duration)

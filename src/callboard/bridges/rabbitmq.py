@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import orjson
 from pydantic import Field, SecretStr
 
-from callboard.bridges.kafka import DEFAULT_INSTANCE, instances
 from callboard.bridges.kafka_settings import Headers, Millis
+from callboard.bridges.settings import DEFAULT_INSTANCE, instances
 from callboard.brokers import redact_url
 from callboard.cloud_events import STRUCTURED, to_attributes
 from callboard.errors import BridgeFailed, ConfigError, InvalidTopicError, ModuleError
