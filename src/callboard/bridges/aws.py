@@ -11,13 +11,12 @@ at LocalStack or moto instead of AWS.
 
 from __future__ import annotations
 
-import importlib.util
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, model_validator
 
-from callboard.errors import ModuleError
+from callboard.bridges.settings import require_extra
 from callboard.settings import Section
 
 #: The AWS services the bridges talk to, by the SDK's name for each.
@@ -54,12 +53,7 @@ class ClientSettings(Section):
 
 def require_sdk(module: str) -> None:
     """Refuse to register an AWS bridge when the SDK (the ``aws`` extra) is not installed."""
-    if importlib.util.find_spec("aiobotocore") is None:
-        raise ModuleError(
-            module,
-            "needs the AWS SDK (aiobotocore), which the 'aws' extra installs: "
-            "pip install 'callboard[aws]'",
-        )
+    require_extra(module, "aiobotocore", "aws", "needs the AWS SDK (aiobotocore)")
 
 
 def client(service: Service, settings: ClientSettings) -> AbstractAsyncContextManager[Any]:

@@ -12,14 +12,13 @@ extra still starts, and a configuration that needs it is refused with the extra 
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 from pydantic import Field
 
 from callboard.bridges.kafka_settings import ConsumingPublisher, PublishingConsumer
-from callboard.bridges.settings import DEFAULT_INSTANCE, instances
-from callboard.errors import ConfigError, InvalidTopicError, ModuleError
+from callboard.bridges.settings import DEFAULT_INSTANCE, instances, require_extra
+from callboard.errors import ConfigError, InvalidTopicError
 from callboard.extensions import ModuleContext
 from callboard.extensions import module as define_module
 from callboard.settings import Section
@@ -35,12 +34,7 @@ class KafkaSection(Section):
 
 def require_driver() -> None:
     """Refuse a Kafka bridge when aiokafka (the ``kafka`` extra) is not installed."""
-    if importlib.util.find_spec("aiokafka") is None:
-        raise ModuleError(
-            "kafka",
-            "the Kafka bridges need aiokafka, which the 'kafka' extra installs: "
-            "pip install 'callboard[kafka]'",
-        )
+    require_extra("kafka", "aiokafka", "kafka", "the Kafka bridges need aiokafka")
 
 
 def publisher_id(instance: str, topic: str) -> str:

@@ -21,7 +21,6 @@ load without it; a configuration that names this bridge without it is refused at
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -29,10 +28,10 @@ import orjson
 from pydantic import Field, SecretStr
 
 from callboard.bridges.kafka_settings import Headers, Millis
-from callboard.bridges.settings import DEFAULT_INSTANCE, instances
+from callboard.bridges.settings import DEFAULT_INSTANCE, instances, require_extra
 from callboard.brokers import redact_url
 from callboard.cloud_events import STRUCTURED, to_attributes
-from callboard.errors import BridgeFailed, ConfigError, InvalidTopicError, ModuleError
+from callboard.errors import BridgeFailed, ConfigError, InvalidTopicError
 from callboard.events import Event
 from callboard.extensions import ModuleContext
 from callboard.extensions import module as define_module
@@ -209,12 +208,8 @@ class RabbitSection(Section):
 def module(context: ModuleContext) -> None:
     section = context.settings(RabbitSection)
     publishers = instances(section.publishing, PublishingConsumer, PATH)
-    if publishers and importlib.util.find_spec("aio_pika") is None:
-        raise ModuleError(
-            "rabbitmq",
-            "the RabbitMQ bridge needs aio-pika, which the 'rabbitmq' extra installs: "
-            "pip install 'callboard[rabbitmq]'",
-        )
+    if publishers:
+        require_extra("rabbitmq", "aio_pika", "rabbitmq", "the RabbitMQ bridge needs aio-pika")
     for name, settings in publishers.items():
         where = PATH if name == DEFAULT_INSTANCE else f"{PATH}.{name}"
         try:

@@ -1,15 +1,17 @@
-"""What the bridges' settings share: durations written as Backstage writes them, and sections
-that hold one instance or named ones. No driver is imported here."""
+"""What the bridges' settings share: durations written as Backstage writes them, sections that
+hold one instance or named ones, and refusing a bridge whose extra is missing. No driver is
+imported here."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, BeforeValidator
 
-from callboard.errors import ConfigError
+from callboard.errors import ConfigError, ModuleError
 from callboard.settings import keys_of, validate_section
 
 M = TypeVar("M", bound=BaseModel)
@@ -91,3 +93,12 @@ def instances(raw: Mapping[str, Any] | None, model: type[M], path: str) -> dict[
             raise ConfigError(f"{path}.{name}", "expected an instance's keys (clientId, ...)")
         found[name] = validate_section(model, section, f"{path}.{name}")
     return found
+
+
+def require_extra(module: str, package: str, extra: str, needs: str) -> None:
+    """Refuse a bridge at registration when its driver (``package``, installed by ``extra``) is
+    missing, before anything starts; ``needs`` says who needs what."""
+    if importlib.util.find_spec(package) is None:
+        raise ModuleError(
+            module, f"{needs}, which the '{extra}' extra installs: pip install 'callboard[{extra}]'"
+        )
