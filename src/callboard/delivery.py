@@ -24,12 +24,16 @@ per worker; with that many waiting, the worker fetches nothing new until one is 
 Acknowledgements are pipelined: the worker starts an event's acknowledgement and goes on to the
 next event without waiting for it; those of events handled in one turn of the event loop go to
 the broker together (``Consumer.ack``), which records them in one statement and one commit
-instead of one round trip per event. Before the next fetch, and before
-the consumer is closed, the worker waits until every acknowledgement it started is recorded: at
-most one batch (and the retries waiting out of line) is ever unacknowledged, and an event is
-never delivered again because its
-acknowledgement was still on its way when the worker stopped. A crash loses at most those
-acknowledgements, and the broker delivers their events again (at least once).
+instead of one round trip per event. The next fetch goes out while the batch's acknowledgements
+are on their way, so a broker across the network spends one round trip per batch instead of two,
+and the worker waits for them to be recorded before it handles anything fetched: at most two
+batches (the one being acknowledged and the one fetched meanwhile, besides the retries waiting
+out of line) are ever unacknowledged. The next fetch is asked for only once a batch is handled,
+so a worker never holds events a competing member could take while it is busy. Before the
+consumer is closed, stop included, every acknowledgement started is waited for, so an event is
+never delivered again because its acknowledgement was still on its way when the worker stopped.
+A crash loses at most those acknowledgements, and the broker delivers their events again (at
+least once).
 
 A worker stops by itself only when its consumer cannot go on: the broker no longer has the
 subscription's group (an operator deleted it while this process consumed it: a
@@ -184,12 +188,16 @@ class SubscriptionWorker:
         waiting = self._waiting
         try:
             while True:
-                await self._settle()
                 if waiting:
+                    await self._settle()
                     await self._retry_due()
                 if self._stop.is_set():
                     return
+                # The batch's acknowledgements go out now and are recorded while the next batch
+                # is fetched: one round trip for both where the broker is across the network.
+                self._send_acks()
                 batch = await self._fetch()
+                await self._settle()
                 if batch is None:
                     continue  # a retry fell due before new events came
                 if not batch:
@@ -239,7 +247,11 @@ class SubscriptionWorker:
         """Finish the delivery in progress, then stop; an idle worker stops at once."""
         self._stop.set()
         if self._fetching:
-            await self._consumer.close()
+            # Closing hands back what the consumer holds: first let the acknowledgements on
+            # their way be recorded, so nothing handled is handed back and delivered again.
+            await asyncio.gather(*self._acks, return_exceptions=True)
+            if self._fetching:
+                await self._consumer.close()
 
     async def _fetch(self) -> Sequence[Delivery] | None:
         """The next batch; ``None`` when a waiting retry fell due (or room for one is needed)."""
