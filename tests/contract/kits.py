@@ -179,13 +179,14 @@ async def remote_kit(tmp_path: Path) -> BrokerKit:
     return kit
 
 
-def _engine_kit(name: str) -> KitBuilder:
-    """The kit of the broker on a distributed engine, from ``tests.contract.kits_<name>``,
-    imported when a test asks for it (its driver is an optional extra)."""
+def _engine_kit(name: str, kit: str | None = None) -> KitBuilder:
+    """The kit of the broker on a distributed engine, ``<kit>_kit`` (``kit`` defaults to the
+    engine's name) from ``tests.contract.kits_<name>``, imported when a test asks for it (its
+    driver is an optional extra)."""
 
     async def build(tmp_path: Path) -> BrokerKit:
         module = importlib.import_module(f"tests.contract.kits_{name}")
-        builder: KitBuilder = getattr(module, f"{name}_kit")
+        builder: KitBuilder = getattr(module, f"{kit or name}_kit")
         return await builder(tmp_path)
 
     return build
@@ -198,4 +199,6 @@ KITS: dict[str, KitBuilder] = {
     "postgresql": postgres_kit,
     "remote": remote_kit,
     **{name: _engine_kit(name) for name in ("nats", "redis", "rabbitmq", "kafka")},
+    # RabbitMQ with ?history=true: the broker that can replay.
+    "rabbitmq_history": _engine_kit("rabbitmq", "rabbitmq_history"),
 }

@@ -1,8 +1,11 @@
-"""The kit of the RabbitMQ broker: every test on names of its own, deleted at the end.
+"""The kits of the RabbitMQ broker: every test on names of its own, deleted at the end.
 
 RabbitMQ's vhosts cannot be made over AMQP, so a test is isolated by a name prefix
 (``?prefix=cb_test_<random>.``); the teardown deletes the exchange and every queue the test's
 brokers declared, which the kit learns from the registry and the names the broker uses.
+
+``rabbitmq`` is the broker as configured by default; ``rabbitmq_history`` the same with
+``?history=true`` (every event also kept in a stream), the broker that can replay.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ async def drop_namespace(url: str, prefix: str) -> None:
             groups = await read_groups(connection, f"{prefix}registry")
         except aio_pika.exceptions.ChannelNotFoundEntity:  # the test made nothing
             groups = {}
-        names = [f"{prefix}registry", f"{prefix}ledger"]  # the ledger of earlier versions
+        # The ledger of earlier versions, and the history stream.
+        names = [f"{prefix}registry", f"{prefix}ledger", f"{prefix}history"]
         names += [queue_name(prefix, kind, g) for g in groups for kind in ("group", "dead")]
         for name in names:
             channel = await connection.channel()
@@ -49,13 +53,13 @@ async def drop_namespace(url: str, prefix: str) -> None:
         await connection.close()
 
 
-async def rabbitmq_kit(tmp_path: Path) -> BrokerKit:
+async def rabbitmq_kit(tmp_path: Path, *, history: bool = False) -> BrokerKit:
     require_service("RabbitMQ", "127.0.0.1", 5672)
     from callboard.brokers.rabbitmq import RabbitBroker
     from callboard.brokers.rabbitmq_names import parse_url
 
     prefix = f"cb_test_{uuid.uuid4().hex[:12]}."
-    settings = parse_url(f"{RABBITMQ_URL}?prefix={prefix}")
+    settings = parse_url(f"{RABBITMQ_URL}?prefix={prefix}&history={str(history).lower()}")
 
     def factory(*, lease: float, retention: RetentionPolicy | None) -> Broker:
         return RabbitBroker(settings, lease=lease, retention=retention)
@@ -68,7 +72,7 @@ async def rabbitmq_kit(tmp_path: Path) -> BrokerKit:
         await drop_namespace(settings.url, prefix)
 
     kit = BrokerKit(
-        "rabbitmq",
+        "rabbitmq_history" if history else "rabbitmq",
         factory,
         crash=crash,
         deviations={
@@ -79,3 +83,8 @@ async def rabbitmq_kit(tmp_path: Path) -> BrokerKit:
     )
     kit.teardown.append(teardown)
     return kit
+
+
+async def rabbitmq_history_kit(tmp_path: Path) -> BrokerKit:
+    """The RabbitMQ broker with ``?history=true``."""
+    return await rabbitmq_kit(tmp_path, history=True)

@@ -13,8 +13,14 @@ is the connection, kept alive by AMQP heartbeats).
 RabbitMQ has no key-value store and no deduplication: group metadata (patterns, owner, lost
 counts) lives in a registry queue (``rabbitmq_store``); delivery ids are remembered by each
 broker instance (a bounded window), so a redelivery is refused when it reaches the same server
-process, not across processes. Dead letters are a classic queue per group. There is no replay:
-a quorum queue forgets what it delivered (``Capabilities.replay`` is false).
+process, not across processes. Dead letters are a classic queue per group.
+
+A quorum queue forgets what it delivered, so there is no replay unless the URL asks for history
+(``?history=true``): then every event is also kept in a stream, from which a new group that
+starts at the beginning or at a time is filled before it is bound (``rabbitmq_history``), and
+``Capabilities.replay`` is true. Making a group (its queue, then its registry record as
+complete) is done by one server at a time, under a lock of the group's; a group never recorded
+complete, its making cut off, is made afresh by the next subscribe.
 
 Each event is stored once per group that takes it, and nowhere else: retention trims each
 group's queue from its head, counting ``max_count`` per queue (``Hub.trim``), which a server
@@ -30,8 +36,10 @@ import contextlib
 import functools
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
-from typing import cast
+from datetime import datetime
+from typing import Literal, cast
 
 import aio_pika
 import aiormq
@@ -49,12 +57,26 @@ from callboard.brokers.base import (
     name_problem,
 )
 from callboard.brokers.rabbitmq_group import TRANSIENT, Hub, RabbitConsumer, plain_channel
+from callboard.brokers.rabbitmq_history import (
+    SEGMENT_BYTES,
+    Copy,
+    Filling,
+    HistoryReader,
+    PastStart,
+    Selection,
+    fill,
+    stream_arguments,
+    stream_offset,
+)
 from callboard.brokers.rabbitmq_names import (
+    MARKER,
     STAMP,
     TARGET,
     RabbitSettings,
     binding_key,
     encode_event,
+    history_name,
+    making_name,
     parse_url,
     queue_name,
     routing_key,
@@ -62,6 +84,7 @@ from callboard.brokers.rabbitmq_names import (
 from callboard.brokers.rabbitmq_store import (
     DeliveryWindow,
     dead_letters,
+    exclusive,
     forget_group,
     group_fact,
     read_groups,
@@ -75,6 +98,11 @@ from callboard.topics import normalize_patterns
 logger = logging.getLogger(__name__)
 
 _QUORUM: FieldTable = {"x-queue-type": "quorum"}
+#: What ``RabbitBroker._join`` found of a group.
+_Found = Literal["joined", "left", "none"]
+#: Seconds at most between two tries of the lock of a group another server is making (filling
+#: a replaying group from the history can take long).
+_MAKING_RETRY = 0.5
 
 
 class RabbitBroker:
@@ -97,6 +125,11 @@ class RabbitBroker:
         self._registry = f"{prefix}registry"
         #: The queue earlier versions copied every event to, deleted where it remains.
         self._ledger = f"{prefix}ledger"
+        #: The stream of every event, with ``?history=true``.
+        self._history = history_name(prefix)
+        #: The largest segment of that stream, in bytes (a plain attribute, read when the stream
+        #: is declared): age retention deletes whole segments.
+        self.history_segment = SEGMENT_BYTES
         self._connection: AbstractRobustConnection | None = None
         self._channel: AbstractChannel | None = None
         self._hubs: dict[str, Hub] = {}
@@ -111,7 +144,7 @@ class RabbitBroker:
 
     @property
     def capabilities(self) -> Capabilities:
-        return Capabilities(durable=True, shared=True, replay=False)
+        return Capabilities(durable=True, shared=True, replay=self.settings.history)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -199,10 +232,11 @@ class RabbitBroker:
         return self._connection
 
     @contextlib.asynccontextmanager
-    async def _boundary(self, doing: str) -> AsyncIterator[None]:
-        """Driver errors become callboard's; a wait longer than the timeout is unavailability."""
+    async def _boundary(self, doing: str, *, bounded: bool = True) -> AsyncIterator[None]:
+        """Driver errors become callboard's; a wait longer than the timeout is unavailability
+        (with ``bounded`` false, only each wait the work bounds itself, not the whole)."""
         try:
-            async with asyncio.timeout(self.settings.timeout):
+            async with asyncio.timeout(self.settings.timeout if bounded else None):
                 yield
         except TimeoutError as error:
             raise BrokerUnavailable(
@@ -218,8 +252,9 @@ class RabbitBroker:
     async def _declare(
         self, connection: AbstractRobustConnection, channel: AbstractChannel
     ) -> list[str]:
-        """Declare the exchange and registry and delete the ledger of earlier versions; what
-        was done (nothing when everything was already in place)."""
+        """Declare the exchange, the registry and (with history on) the history stream, and
+        delete the ledger of earlier versions; what was done (nothing when everything was
+        already in place)."""
         done = [
             f"declared {name}"
             for name, exchange in ((self._exchange_name, True), (self._registry, False))
@@ -229,6 +264,7 @@ class RabbitBroker:
             self._exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
         )
         await channel.declare_queue(self._registry, durable=True)
+        done += await self._declare_history(connection)
         if await self._probe(connection, self._ledger) is not None:
             # Every event's second copy, which no version reads any more and none would trim.
             async with self._plain(connection) as deleting:
@@ -236,6 +272,42 @@ class RabbitBroker:
             logger.info("deleted %s, the copy of every event earlier versions kept", self._ledger)
             done.append(f"deleted {self._ledger} (retention now trims each subscription's queue)")
         return done
+
+    async def _declare_history(self, connection: AbstractRobustConnection) -> list[str]:
+        """With history on, declare the stream and bind it to every event; what was done.
+        With it off, a stream left from when it was on is only reported: it still takes a copy
+        of every event, and deleting it is the operator's call (it holds what replays read)."""
+        name = self._history
+        found = await self._probe(connection, name) is not None
+        if not self.settings.history:
+            if found:
+                logger.warning(
+                    "%s exists but ?history is not on: RabbitMQ still copies every event to it. "
+                    "Turn history on (?history=true in events.broker) or delete it "
+                    "(rabbitmqctl delete_queue %s)",
+                    name,
+                    name,
+                )
+            return []
+        arguments = stream_arguments(self.retention, self.history_segment)
+        async with self._plain(connection) as declaring:
+            try:
+                await declaring.declare_queue(name, durable=True, arguments=arguments)
+            except aio_pika.exceptions.ChannelPreconditionFailed as error:
+                # Arguments cannot change once declared: it keeps those it was declared with.
+                logger.warning(
+                    "%s keeps the arguments it was declared with (%s); to apply events.retention."
+                    "maxAge (%s), delete it (rabbitmqctl delete_queue %s: what it held is lost) "
+                    "and start a server",
+                    name,
+                    error,
+                    arguments["x-max-age"],
+                    name,
+                )
+        async with self._plain(connection) as binding:
+            stream = await binding.get_queue(name, ensure=False)
+            await stream.bind(self._exchange_name, "#")
+        return [] if found else [f"declared {name} (the history replays read)"]
 
     @staticmethod
     async def _probe(
@@ -399,24 +471,173 @@ class RabbitBroker:
         if hub is not None and hub.topics != patterns:
             raise self._other_topics(group, hub.topics)
         async with self._boundary(f"joining subscription {group!r}"):
-            exists = await self._ready(queue) is not None
-            if not exists and start != "end":
-                raise SubscriptionError(
-                    f"subscription {group!r} cannot start at {start!r}: RabbitMQ queues keep no "
-                    "history to replay; subscribe with start='end'"
-                )
-            records = await read_groups(connection, self._registry)
-            record = records.get(group)
-            if record is not None and record.topics and record.topics != patterns:
-                raise self._other_topics(group, record.topics)
-            if not exists:
-                await self._make_group(queue, patterns)
-            if record is None or (record.owner is None and owner is not None):
-                await self._record(group_fact(group, topics=patterns, owner=owner))
+            found = await self._join(group, queue, patterns, owner)
+        if found != "joined":
+            self._check_start(group, start)
+            await self._make(group, queue, patterns, start, owner)
         hub = self._hubs.get(group)
         if hub is None:
             hub = self._hubs[group] = Hub(connection, group, queue, patterns)
         return RabbitConsumer(hub)
+
+    async def _join(
+        self, group: str, queue: str, patterns: tuple[str, ...], owner: str | None
+    ) -> _Found:
+        """``joined`` when the group is there, made to the end (recorded complete, its queue
+        present), ``owner`` then recorded if it has none yet; otherwise whether anything of it
+        is ``left`` (a queue or records of a making cut off, or records of a vanished queue)."""
+        exists = await self._ready(queue) is not None
+        record = (await read_groups(self._live(), self._registry)).get(group)
+        if record is not None and record.complete:
+            if record.topics != patterns:
+                raise self._other_topics(group, record.topics)
+            if exists:
+                if record.owner is None and owner is not None:
+                    await self._record(group_fact(group, topics=patterns, owner=owner))
+                return "joined"
+        return "left" if exists or record is not None else "none"
+
+    def _check_start(self, group: str, start: Start) -> None:
+        if start == "end":
+            return
+        if not self.settings.history:
+            raise SubscriptionError(
+                f"subscription {group!r} cannot start at {start!r}: this RabbitMQ broker keeps "
+                "no history to replay. Turn history on with ?history=true in events.broker "
+                "(every event is then also kept in a stream, for events.retention.maxAge), or "
+                "subscribe with start='end'"
+            )
+        if isinstance(start, datetime):
+            if start.utcoffset() is None:
+                raise SubscriptionError(
+                    f"subscription {group!r}: a start time must be timezone-aware, not {start}"
+                )
+        elif start != "beginning":
+            raise SubscriptionError(
+                f"subscription {group!r}: start must be 'end', 'beginning' or a datetime, "
+                f"not {start!r}"
+            )
+
+    async def _make(
+        self,
+        group: str,
+        queue: str,
+        patterns: tuple[str, ...],
+        start: Start,
+        owner: str | None,
+    ) -> None:
+        """Make the group, one server at a time: under the group's lock, join it if another
+        server made it meanwhile; otherwise forget what a making cut off left, record the
+        group as being made, make its queue (filled from the history for a start in the past)
+        and only then record it complete. A lock held by a server that died is freed with its
+        connection; the wait for a live one is as long as its making takes."""
+        lock = making_name(self.settings.prefix, group)
+        async with (
+            self._boundary(f"making subscription {group!r}", bounded=False),
+            exclusive(self._live(), lock, longest_wait=_MAKING_RETRY),
+        ):
+            async with self._boundary(f"making subscription {group!r}"):
+                found = await self._join(group, queue, patterns, owner)
+                if found == "joined":
+                    return
+                if found == "left":
+                    await self._forget_unmade(group, queue)
+                await self._record(group_fact(group, topics=patterns, owner=owner, making=True))
+                async with self._plain() as channel:
+                    await channel.declare_queue(queue, durable=True, arguments=_QUORUM)
+            try:
+                if start == "end":
+                    async with self._boundary(f"binding subscription {group!r}"):
+                        await self._bind(queue, patterns)
+                else:
+                    await self._fill(group, queue, patterns, start)
+                async with self._boundary(f"recording subscription {group!r}"):
+                    await self._record(group_fact(group, topics=patterns, owner=owner))
+            except BaseException:
+                # Not made: nothing of it should wait for the next subscribe (a replay's
+                # reading group would never be subscribed again).
+                with contextlib.suppress(Exception):
+                    async with self._boundary(f"discarding subscription {group!r}"):
+                        await self._forget_unmade(group, queue)
+                raise
+
+    async def _forget_unmade(self, group: str, queue: str) -> None:
+        """Delete the queue and the records of a group not made to the end."""
+        connection = self._live()
+        forgotten = await forget_group(connection, self._registry, group)
+        if await self._ready(queue) is not None:
+            async with self._plain() as channel:
+                await channel.queue_delete(queue)
+            forgotten = True
+        if forgotten:
+            logger.info(
+                "subscription %s was not made to the end (its making was cut off, or its queue "
+                "is gone); making it afresh",
+                group,
+            )
+
+    async def _bind(self, queue: str, patterns: Sequence[str]) -> None:
+        async with self._plain() as channel:
+            declared = await channel.get_queue(queue, ensure=False)
+            for pattern in patterns:
+                await declared.bind(self._exchange_name, binding_key(pattern))
+
+    async def _fill(
+        self, group: str, queue: str, patterns: tuple[str, ...], start: PastStart
+    ) -> None:
+        """Fill the group's queue with the kept events of its patterns since ``start``, then
+        bind it (``rabbitmq_history``). Each wait is bounded by the timeout, not the whole."""
+        doing = f"filling subscription {group!r} from {self._history}"
+        async with self._boundary(doing):
+            if await self._ready(self._history) is None:
+                raise BrokerError(
+                    f"the history stream {self._history!r} is gone, so {group!r} cannot start "
+                    f"at {start!r}: run callboard migrate (or restart the server) to declare "
+                    "it again; it holds the events published from then on"
+                )
+        timeout = self.settings.timeout
+        connect = functools.partial(
+            aio_pika.connect,
+            self.settings.url,
+            heartbeat=max(1, round(self.lease)),
+            timeout=timeout,
+            client_properties={"connection_name": "callboard history"},
+        )
+        reader = HistoryReader(connect, self._history, stream_offset(start), timeout)
+
+        async def send(copies: Sequence[Copy]) -> None:
+            # Started in order, so written in order on the confirm channel; confirmed together.
+            async with asyncio.timeout(timeout):
+                answers = await asyncio.gather(
+                    *(self._confirmed("", queue, c.body, c.properties) for c in copies),
+                    return_exceptions=True,
+                )
+            for answer in answers:
+                if isinstance(answer, BaseException):
+                    raise answer
+
+        async def bind() -> None:
+            async with asyncio.timeout(timeout):
+                await self._bind(queue, patterns)
+
+        async with self._boundary(doing, bounded=False):
+            try:
+                async with asyncio.timeout(timeout):
+                    await reader.open()
+                steps = Filling(mark=self._mark, send=send, bind=bind)
+                copied = await fill(reader, Selection(patterns, start, self.retention), steps)
+            finally:
+                with contextlib.suppress(*TRANSIENT):
+                    await reader.close()
+        logger.info("subscription %s starts with %d kept events (since %s)", group, copied, start)
+
+    async def _mark(self) -> str:
+        """Publish a marker into the history stream; its token."""
+        token = uuid.uuid4().hex
+        properties = Basic.Properties(delivery_mode=2, headers={MARKER: token})
+        async with asyncio.timeout(self.settings.timeout):
+            await self._confirmed("", self._history, b"", properties)
+        return token
 
     @staticmethod
     def _other_topics(group: str, topics: Sequence[str]) -> SubscriptionError:
@@ -424,12 +645,6 @@ class RabbitBroker:
             f"subscription {group!r} already reads {list(topics)}; delete it first to change "
             "its topics"
         )
-
-    async def _make_group(self, queue: str, patterns: Sequence[str]) -> None:
-        async with self._plain() as channel:
-            declared = await channel.declare_queue(queue, durable=True, arguments=_QUORUM)
-            for pattern in patterns:
-                await declared.bind(self._exchange_name, binding_key(pattern))
 
     async def _record(self, fact: bytes) -> None:
         await self._confirmed("", self._registry, fact, Basic.Properties(delivery_mode=2))

@@ -28,11 +28,15 @@ MAX_AMQP_NAME = 255
 STAMP = "cb-stamp"
 #: The header naming the only group an event goes to (``deliver_to``).
 TARGET = "cb-target"
+#: The header of a marker in the history stream (``rabbitmq_history``): not an event, skipped by
+#: every reader; its value tells the reader that published it that it has read up to it.
+MARKER = "cb-marker"
 
 _KEY = "events.broker"
 _DEFAULT_PREFIX = "callboard."
 #: Query parameters the broker reads itself; the others go to aio-pika (``heartbeat``...).
-_OWN = {"prefix", "timeout", "heartbeat"}
+_OWN = {"prefix", "timeout", "heartbeat", "history"}
+_FLAGS = {"true": True, "1": True, "false": False, "0": False}
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +52,9 @@ class RabbitSettings:
     #: AMQP heartbeat in seconds: how soon a silent peer is taken for dead, which is the lease
     #: of what a consumer holds when its process hangs or the network is cut.
     heartbeat: float = 30.0
+    #: Keep every event in a stream (``<prefix>history``) as well, so a new group can start at
+    #: the beginning or at a time (``?history=true``): replay, at the cost of a second write.
+    history: bool = False
 
 
 def _seconds(name: str, value: str) -> float:
@@ -58,6 +65,13 @@ def _seconds(name: str, value: str) -> float:
     if not 0 < seconds <= 3600:
         raise ConfigError(_KEY, f"?{name}= must be a number of seconds in (0, 3600], not {value!r}")
     return seconds
+
+
+def _flag(name: str, value: str) -> bool:
+    flag = _FLAGS.get(value.lower())
+    if flag is None:
+        raise ConfigError(_KEY, f"?{name}= must be true or false, not {value!r}")
+    return flag
 
 
 def parse_url(url: str) -> RabbitSettings:
@@ -88,6 +102,7 @@ def parse_url(url: str) -> RabbitSettings:
         prefix=prefix,
         timeout=_seconds("timeout", own["timeout"]) if "timeout" in own else 5.0,
         heartbeat=_seconds("heartbeat", own["heartbeat"]) if "heartbeat" in own else 30.0,
+        history=_flag("history", own["history"]) if "history" in own else False,
     )
 
 
@@ -129,6 +144,17 @@ def queue_name(prefix: str, kind: str, group: str) -> str:
     if len(name.encode()) <= MAX_AMQP_NAME:
         return name
     return f"{prefix}{kind}#{hashlib.sha256(group.encode()).hexdigest()}"
+
+
+def history_name(prefix: str) -> str:
+    """The stream that keeps every event when history is on."""
+    return f"{prefix}history"
+
+
+def making_name(prefix: str, group: str) -> str:
+    """What the lock of making ``group`` is named after (``rabbitmq_store.exclusive`` adds
+    ``.lock``): a digest, so that no group's own queue can bear the name, whatever its length."""
+    return f"{prefix}making#{hashlib.sha256(group.encode()).hexdigest()}"
 
 
 def encode_event(event: Event) -> bytes:

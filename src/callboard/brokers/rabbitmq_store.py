@@ -9,6 +9,12 @@ first-wins: the first patterns and the first owner recorded stand, lost counts a
 servers recording the same group at once never contradict each other. Deleting a group
 acknowledges (removes) its records.
 
+A group is complete once a record names its patterns without saying ``making``: the server
+that makes a group records it as ``making`` first (so a group whose making was cut off is
+listed, and can be deleted) and as complete only once its queue holds what it should (bound,
+and for a replaying group filled from the history stream). A group never recorded complete is
+made afresh by the next subscribe.
+
 Dead letters are a classic queue per group, listed the same way. The delivery ids a broker
 instance accepted are kept in memory (``DeliveryWindow``), bounded by the retention policy's
 count and age: RabbitMQ has no deduplication of its own.
@@ -41,6 +47,8 @@ class GroupRecord:
     topics: tuple[str, ...]
     owner: str | None = None
     lost: int = 0
+    #: A record says the group was made to the end (not only that its making began).
+    complete: bool = False
     records: list[AbstractIncomingMessage] = field(default_factory=list)
 
 
@@ -53,13 +61,17 @@ _LOCK_RETRY = 0.02
 
 
 @contextlib.asynccontextmanager
-async def exclusive(connection: AbstractConnection, queue: str) -> AsyncIterator[None]:
+async def exclusive(
+    connection: AbstractConnection, queue: str, *, longest_wait: float = _LOCK_RETRY
+) -> AsyncIterator[None]:
     """Read ``queue`` alone: a reader takes every message, so a second reader at the same time
     would see none of them. Across processes the lock is an exclusive queue, which one
     connection at a time may declare and RabbitMQ deletes when that connection drops (a crashed
-    holder frees it); within the process, an ``asyncio.Lock``."""
+    holder frees it); within the process, an ``asyncio.Lock``. A lock held long (a group being
+    made) is tried less and less often, up to every ``longest_wait`` seconds."""
     local = _LOCAL_LOCKS.setdefault(connection, {}).setdefault(queue, asyncio.Lock())
     name = f"{queue}.lock"
+    wait = _LOCK_RETRY
     async with local:
         while True:
             channel = await plain_channel(connection)
@@ -67,7 +79,8 @@ async def exclusive(connection: AbstractConnection, queue: str) -> AsyncIterator
                 await channel.declare_queue(name, exclusive=True)
                 break
             except ChannelLockedResource:
-                await asyncio.sleep(_LOCK_RETRY)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, max(longest_wait, _LOCK_RETRY))
             finally:
                 if not channel.is_closed:
                     await channel.close()
@@ -125,6 +138,8 @@ def fold(taken: Sequence[tuple[AbstractIncomingMessage, bytes]]) -> dict[str, Gr
             record = groups[name] = GroupRecord(tuple(fact.get("topics") or ()))
         if not record.topics and fact.get("topics"):
             record.topics = tuple(fact["topics"])
+        if fact.get("topics") and not fact.get("making"):
+            record.complete = True
         if record.owner is None and fact.get("owner"):
             record.owner = fact["owner"]
         record.lost += int(fact.get("lost", 0))
@@ -133,9 +148,18 @@ def fold(taken: Sequence[tuple[AbstractIncomingMessage, bytes]]) -> dict[str, Gr
 
 
 def group_fact(
-    group: str, *, topics: Sequence[str] = (), owner: str | None = None, lost: int = 0
+    group: str,
+    *,
+    topics: Sequence[str] = (),
+    owner: str | None = None,
+    lost: int = 0,
+    making: bool = False,
 ) -> bytes:
-    return orjson.dumps({"group": group, "topics": list(topics), "owner": owner, "lost": lost})
+    """A record of ``group``; ``making``: its making began and is not done yet."""
+    fact: dict[str, object] = {"group": group, "topics": list(topics), "owner": owner, "lost": lost}
+    if making:
+        fact["making"] = True
+    return orjson.dumps(fact)
 
 
 async def read_groups(connection: AbstractConnection, registry: str) -> dict[str, GroupRecord]:

@@ -188,7 +188,11 @@ async def replay(
     group is deleted at the end.
     """
     if not broker.capabilities.replay:
-        raise SubscriptionError("this broker keeps no history to replay")
+        raise SubscriptionError(
+            f"this broker ({type(broker).__name__}) keeps no history to replay: the memory "
+            "broker never does, and RabbitMQ does with ?history=true in events.broker "
+            "(docs/brokers.md)"
+        )
     operations = admin(broker)
     info = await require_subscription(broker, subscription)
     if topics is None:
