@@ -21,6 +21,14 @@ broker keeps it leased to this consumer (the SQL brokers renew the leases of eve
 whatever it holds), so no other consumer gets it meanwhile. At most ``batch_size`` events wait so
 per worker; with that many waiting, the worker fetches nothing new until one is settled.
 
+A worker fetches ``batch_size`` events at once, and more while its handler is quick: after a
+full batch handled in less than ``QUICK_BATCH`` seconds the next fetch asks for twice as many, up
+to ``GROWTH`` times ``batch_size``, and after a batch that took longer (a slow handler, retries
+waited out in line) it asks for ``batch_size`` again. A fast handler so pays a broker's round
+trip for many events instead of a few, while what a worker holds beyond ``batch_size`` is never
+more than it handles in ``QUICK_BATCH``: a slow handler does not sit on events a competing member
+could take. The broker in memory has no round trip to save and keeps to ``batch_size``.
+
 Acknowledgements are pipelined: the worker starts an event's acknowledgement and goes on to the
 next event without waiting for it; those of events handled in one turn of the event loop go to
 the broker together (``Consumer.ack``), which records them in one statement and one commit
@@ -70,6 +78,12 @@ _Waiting = tuple[float, int, Delivery, int, float]
 
 #: The configuration key that sets the handlers' time limit, named in what is logged.
 TIMEOUT_KEY = "events.delivery.handlerTimeoutMs"
+
+#: A full batch handled in less than this many seconds doubles the next fetch (see ``GROWTH``):
+#: then a round trip to the broker (a fraction of a millisecond) is a good share of a batch.
+QUICK_BATCH = 0.01
+#: How many times ``batch_size`` a worker with a quick handler fetches at most.
+GROWTH = 8
 
 
 #: What a call ended by the time limit raised, before it is told as a ``HandlerTimeoutError``.
@@ -155,6 +169,8 @@ class SubscriptionWorker:
         self._policy = policy
         self._metrics = metrics
         self._batch_size = batch_size
+        #: What the next fetch asks for: ``batch_size``, more while the handler is quick.
+        self._take = batch_size
         self._stop = asyncio.Event()
         self._fetching = False
         # A durable broker records an acknowledgement in its store: those are pipelined. A
@@ -200,14 +216,8 @@ class SubscriptionWorker:
                 await self._settle()
                 if batch is None:
                     continue  # a retry fell due before new events came
-                if not batch:
+                if not batch or not await self._handle(batch):
                     return
-                for delivery in batch:
-                    if self._stop.is_set():
-                        return
-                    await self._deliver(delivery)
-                    if waiting and waiting[0][0] <= monotonic():
-                        await self._retry_due()
         except Exception as error:
             self._stopped_by(error)
         finally:
@@ -253,13 +263,34 @@ class SubscriptionWorker:
             if self._fetching:
                 await self._consumer.close()
 
+    async def _handle(self, batch: Sequence[Delivery]) -> bool:
+        """Deliver a batch (and the retries falling due meanwhile); ``False`` when stopped."""
+        waiting = self._waiting
+        began = monotonic()
+        for delivery in batch:
+            if self._stop.is_set():
+                return False
+            await self._deliver(delivery)
+            if waiting and waiting[0][0] <= monotonic():
+                await self._retry_due()
+        if self._pipeline:
+            self._size_next(len(batch), monotonic() - began)
+        return True
+
+    def _size_next(self, handled: int, seconds: float) -> None:
+        """Set what the next fetch asks for from how long a batch of ``handled`` took."""
+        if seconds >= QUICK_BATCH:
+            self._take = self._batch_size
+        elif handled >= self._take:
+            self._take = min(self._take * 2, self._batch_size * GROWTH)
+
     async def _fetch(self) -> Sequence[Delivery] | None:
         """The next batch; ``None`` when a waiting retry fell due (or room for one is needed)."""
         waiting = self._waiting
         self._fetching = True
         try:
             if not waiting:
-                return await self._consumer.fetch(self._batch_size)
+                return await self._consumer.fetch(self._take)
             wait = max(0.0, waiting[0][0] - monotonic())
             if len(waiting) >= self._batch_size:
                 # As many events set aside as a batch holds: take no more until one is settled.
@@ -269,7 +300,7 @@ class SubscriptionWorker:
             try:
                 # Cancelling a fetch loses nothing (``Consumer.fetch``): what it took comes next.
                 async with asyncio.timeout(wait):
-                    return await self._consumer.fetch(self._batch_size)
+                    return await self._consumer.fetch(self._take)
             except TimeoutError:
                 return None
         finally:
