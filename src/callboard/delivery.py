@@ -22,12 +22,14 @@ whatever it holds), so no other consumer gets it meanwhile. At most ``batch_size
 per worker; with that many waiting, the worker fetches nothing new until one is settled.
 
 A worker fetches ``batch_size`` events at once, and more while its handler is quick: after a
-full batch handled in less than ``QUICK_BATCH`` seconds the next fetch asks for twice as many, up
-to ``GROWTH`` times ``batch_size``, and after a batch that took longer (a slow handler, retries
-waited out in line) it asks for ``batch_size`` again. A fast handler so pays a broker's round
-trip for many events instead of a few, while what a worker holds beyond ``batch_size`` is never
-more than it handles in ``QUICK_BATCH``: a slow handler does not sit on events a competing member
-could take. The broker in memory has no round trip to save and keeps to ``batch_size``.
+full batch handled in less than ``QUICK_BATCH`` seconds, every event of it at the first attempt,
+the next fetch asks for twice as many, up to ``GROWTH`` times ``batch_size``; after a batch that
+took longer or had a failure it asks for ``batch_size`` again. A fast handler so pays a broker's
+round trip for many events instead of a few, and a slow one keeps to ``batch_size``, so it does
+not sit on events a competing member could take (a handler that turns slow holds one grown batch
+before its worker goes back to ``batch_size``). Only an ordered subscription on a durable broker
+grows its batch: the broker in memory has no round trip to save, and out of line every event of
+a grown batch could be set aside.
 
 Acknowledgements are pipelined: the worker starts an event's acknowledgement and goes on to the
 next event without waiting for it; those of events handled in one turn of the event loop go to
@@ -36,12 +38,13 @@ instead of one round trip per event. The next fetch goes out while the batch's a
 are on their way, so a broker across the network spends one round trip per batch instead of two,
 and the worker waits for them to be recorded before it handles anything fetched: at most two
 batches (the one being acknowledged and the one fetched meanwhile, besides the retries waiting
-out of line) are ever unacknowledged. The next fetch is asked for only once a batch is handled,
-so a worker never holds events a competing member could take while it is busy. Before the
-consumer is closed, stop included, every acknowledgement started is waited for, so an event is
-never delivered again because its acknowledgement was still on its way when the worker stopped.
-A crash loses at most those acknowledgements, and the broker delivers their events again (at
-least once).
+out of line) are ever unacknowledged. The next fetch is asked for only once a batch is handled.
+An acknowledgement that fails cuts the fetch short and stops the worker at once. Stopping cuts
+the fetch short too (a fetch cut short loses nothing); the worker then waits, within its
+subscription's closing time, until every acknowledgement it started is recorded before it closes
+the consumer, so an event is never delivered again because its acknowledgement was still on its
+way when the worker stopped. A crash loses at most those acknowledgements, and the broker
+delivers their events again (at least once).
 
 A worker stops by itself only when its consumer cannot go on: the broker no longer has the
 subscription's group (an operator deleted it while this process consumed it: a
@@ -171,8 +174,15 @@ class SubscriptionWorker:
         self._batch_size = batch_size
         #: What the next fetch asks for: ``batch_size``, more while the handler is quick.
         self._take = batch_size
+        #: The batch grows only on a durable broker (one with a round trip to save) and for an
+        #: ordered subscription: out of line, every event of a grown batch could be set aside.
+        self._grows = broker.capabilities.durable and ordered
         self._stop = asyncio.Event()
-        self._fetching = False
+        #: The time limit of the fetch under way (none, or a waiting retry's due time), which
+        #: ``_interrupt`` moves to now.
+        self._fetching: asyncio.Timeout | None = None
+        #: Failed handler calls so far: a batch with one does not grow the next.
+        self._failures = 0
         # A durable broker records an acknowledgement in its store: those are pipelined. A
         # broker in memory records it at once, cheaper than starting a task for it.
         self._pipeline = broker.capabilities.durable
@@ -256,16 +266,19 @@ class SubscriptionWorker:
     async def stop(self) -> None:
         """Finish the delivery in progress, then stop; an idle worker stops at once."""
         self._stop.set()
-        if self._fetching:
-            # Closing hands back what the consumer holds: first let the acknowledgements on
-            # their way be recorded, so nothing handled is handed back and delivered again.
-            await asyncio.gather(*self._acks, return_exceptions=True)
-            if self._fetching:
-                await self._consumer.close()
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        """End the fetch under way, if any (``stop``, or an acknowledgement that failed): a
+        fetch cut short loses nothing (``Consumer.fetch``), what it took comes with the next
+        one or goes back to the group when the consumer closes."""
+        if self._fetching is not None:
+            self._fetching.reschedule(asyncio.get_running_loop().time())
 
     async def _handle(self, batch: Sequence[Delivery]) -> bool:
         """Deliver a batch (and the retries falling due meanwhile); ``False`` when stopped."""
         waiting = self._waiting
+        failures = self._failures
         began = monotonic()
         for delivery in batch:
             if self._stop.is_set():
@@ -273,8 +286,9 @@ class SubscriptionWorker:
             await self._deliver(delivery)
             if waiting and waiting[0][0] <= monotonic():
                 await self._retry_due()
-        if self._pipeline:
-            self._size_next(len(batch), monotonic() - began)
+        if self._grows:
+            clean = self._failures == failures
+            self._size_next(len(batch), monotonic() - began if clean else QUICK_BATCH)
         return True
 
     def _size_next(self, handled: int, seconds: float) -> None:
@@ -285,26 +299,27 @@ class SubscriptionWorker:
             self._take = min(self._take * 2, self._batch_size * GROWTH)
 
     async def _fetch(self) -> Sequence[Delivery] | None:
-        """The next batch; ``None`` when a waiting retry fell due (or room for one is needed)."""
+        """The next batch; ``[]`` once stopped, ``None`` when a waiting retry fell due (or room
+        for one is needed) or an acknowledgement failed."""
         waiting = self._waiting
-        self._fetching = True
-        try:
-            if not waiting:
-                return await self._consumer.fetch(self._take)
+        loop = asyncio.get_running_loop()
+        deadline = None
+        if waiting:
             wait = max(0.0, waiting[0][0] - monotonic())
             if len(waiting) >= self._batch_size:
                 # As many events set aside as a batch holds: take no more until one is settled.
-                self._fetching = False
                 await self._stopped_within(wait)
                 return None
-            try:
-                # Cancelling a fetch loses nothing (``Consumer.fetch``): what it took comes next.
-                async with asyncio.timeout(wait):
-                    return await self._consumer.fetch(self._take)
-            except TimeoutError:
-                return None
+            deadline = loop.time() + wait
+        if self._stop.is_set():
+            return []
+        try:
+            async with asyncio.timeout_at(deadline) as self._fetching:
+                return await self._consumer.fetch(self._take)
+        except TimeoutError:
+            return [] if self._stop.is_set() else None
         finally:
-            self._fetching = False
+            self._fetching = None
 
     async def _retry_due(self) -> None:
         waiting = self._waiting
@@ -362,6 +377,7 @@ class SubscriptionWorker:
         That is when the event became a dead letter, was set aside to be retried out of line,
         or the worker is stopping (the event is left unacknowledged, delivered again later).
         """
+        self._failures += 1
         event = delivery.event
         policy = self._policy
         metrics = self._metrics
@@ -516,7 +532,15 @@ class SubscriptionWorker:
         """Send the acknowledgements gathered in this turn of the loop, together."""
         if self._unsent:
             unsent, self._unsent = self._unsent, []
-            self._acks.append(asyncio.ensure_future(self._acknowledge(unsent)))
+            acknowledging = asyncio.ensure_future(self._acknowledge(unsent))
+            acknowledging.add_done_callback(self._acknowledged)
+            self._acks.append(acknowledging)
+
+    def _acknowledged(self, acknowledging: asyncio.Future[None]) -> None:
+        """An acknowledgement that failed stops the worker now, not when events next come:
+        the fetch under way is cut short, and ``_settle`` raises the failure."""
+        if not acknowledging.cancelled() and acknowledging.exception() is not None:
+            self._interrupt()
 
     async def _acknowledge(self, acks: list[_Handled]) -> None:
         await self._consumer.ack([delivery for delivery, _, _ in acks])

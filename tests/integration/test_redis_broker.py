@@ -455,3 +455,19 @@ async def test_a_killed_server_loses_nothing_and_its_event_goes_to_the_other(
     prefix: str, tmp_path: Path, fleet: Fleet, client: httpx.AsyncClient
 ) -> None:
     await killed_instance(f"{REDIS_URL}?prefix={prefix}", tmp_path, fleet, client)
+
+
+async def test_one_acknowledgement_of_more_events_than_lua_unpacks_at_once(
+    broker: RedisBroker,
+) -> None:
+    # ``batchSize`` goes up to 10,000; Lua's unpack takes a few thousand values at most.
+    consumer = await broker.consume("large", ["github.push"])
+    count = 9_000
+    await asyncio.gather(*(broker.publish(event(n=n)) for n in range(count)))
+    held: list[Delivery] = []
+    while len(held) < count:
+        held += await consumer.fetch(count - len(held))
+    await consumer.ack(held)
+    (info,) = [s for s in await broker.subscriptions() if s.name == "large"]
+    assert (info.in_flight, info.backlog) == (0, 0)
+    await consumer.close()

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 
-from callboard import DefaultEventsService, Event, MemoryBroker
+from callboard import DefaultEventsService, Event, MemoryBroker, RetryPolicy
 from callboard.brokers.base import Capabilities, Delivery
 from callboard.brokers.memory import MemoryConsumer
 from callboard.delivery import GROWTH, QUICK_BATCH
@@ -84,3 +85,86 @@ async def test_a_slow_batch_brings_the_batch_back_to_its_size(asked: list[int]) 
 async def test_the_memory_broker_keeps_to_the_batch_size(asked: list[int]) -> None:
     await drain(MemoryBroker(), 200)
     assert set(asked) == {4}
+
+
+async def test_out_of_line_failures_do_not_grow_the_batch(asked: list[int]) -> None:
+    # Every event set aside at once takes no time: a batch of them is quick, yet growing it
+    # would let a worker hold many times batchSize out of line.
+    calls = 0
+
+    async def failing(event: Event) -> None:
+        nonlocal calls
+        calls += 1
+        raise ValueError("downstream is down")
+
+    policy = RetryPolicy(attempts=2, initial_delay=0.01, max_delay=0.01, jitter=0)
+    broker = AcrossTheNetwork()
+    async with DefaultEventsService(broker, batch_size=4, retry=policy, ordered=False) as events:
+        holder = await broker.consume("s", ["t"])
+        for n in range(100):
+            await events.publish(Event(topic="t", payload=n))
+        await events.subscribe("s", "t", failing)
+        for _ in range(500):
+            if calls >= 200:
+                break
+            await asyncio.sleep(0.01)
+        await holder.close()
+    assert calls >= 200
+    assert set(asked) == {4}
+
+
+async def test_a_failed_acknowledgement_stops_an_idle_worker_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def broken(self: MemoryConsumer, deliveries: Sequence[Delivery]) -> None:
+        raise RuntimeError("the store refused the acknowledgement")
+
+    monkeypatch.setattr(MemoryConsumer, "ack", broken)
+    handled = asyncio.Event()
+
+    async def handler(event: Event) -> None:
+        handled.set()
+
+    async with DefaultEventsService(AcrossTheNetwork(), batch_size=4) as events:
+        subscription = await events.subscribe("s", "t", handler)
+        await events.publish(Event(topic="t", payload=1))
+        await asyncio.wait_for(handled.wait(), 5)
+        # No more events come: the worker must not wait for one to say its consumer failed.
+        worker = subscription.workers[0]
+        for _ in range(200):
+            if worker.failure is not None:
+                break
+            await asyncio.sleep(0.01)
+        assert worker.failure is not None
+        assert "refused the acknowledgement" in worker.failure
+
+
+async def test_closing_keeps_its_time_limit_while_an_acknowledgement_hangs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A store down at shutdown: the SQL brokers retry an acknowledgement for a whole lease.
+    release = asyncio.Event()
+    ack = MemoryConsumer.ack
+
+    async def hanging(self: MemoryConsumer, deliveries: Sequence[Delivery]) -> None:
+        await release.wait()
+        await ack(self, deliveries)
+
+    monkeypatch.setattr(MemoryConsumer, "ack", hanging)
+    handled = asyncio.Event()
+
+    async def handler(event: Event) -> None:
+        handled.set()
+
+    events = DefaultEventsService(AcrossTheNetwork(), batch_size=4)
+    await events.start()
+    try:
+        await events.subscribe("s", "t", handler)
+        await events.publish(Event(topic="t", payload=1))
+        await asyncio.wait_for(handled.wait(), 5)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        await asyncio.wait_for(events.close(timeout=0.2), 5)
+        assert loop.time() - began < 2
+    finally:
+        release.set()

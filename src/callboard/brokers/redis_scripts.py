@@ -171,9 +171,11 @@ end
 ACK = (
     _HELD
     + """
-if #held > 0 then
-  redis.call('XACK', q, g, unpack(held))
-  redis.call('XDEL', q, unpack(held))
+-- In chunks: Lua unpacks at most a few thousand values into one call.
+for i = 1, #held, 500 do
+  local last = math.min(i + 499, #held)
+  redis.call('XACK', q, g, unpack(held, i, last))
+  redis.call('XDEL', q, unpack(held, i, last))
 end
 return #held
 """
