@@ -485,3 +485,44 @@ async def test_callboard_replay_delivers_the_kept_events_since_a_time_again(
             await fleet.stop_all()
     finally:
         fleet.kill_all()
+
+
+@pytest.mark.parametrize("history", ["true", "false"])
+async def test_a_queue_with_no_record_is_adopted_with_its_events(
+    open_rabbit: Opener, history: str
+) -> None:
+    """What an earlier version left when killed between making a queue and recording it, or
+    what every queue looks like once the registry queue is lost: kept, never deleted."""
+    broker = await open_rabbit(history=history)
+    queue = queue_name(broker.settings.prefix, "group", "workers")
+    connection = await aio_pika.connect(RABBITMQ_URL)
+    try:
+        channel = await connection.channel()
+        made = await channel.declare_queue(
+            queue, durable=True, arguments={"x-queue-type": "quorum"}
+        )
+        await made.bind(f"{broker.settings.prefix}events", "github.push")
+        for n in range(5):
+            await broker.publish(event(n=n))
+        consumer = await broker.consume("workers", ["github.push"])
+        got: list[Delivery] = []
+        while len(got) < 5:
+            got += await asyncio.wait_for(consumer.fetch(5 - len(got)), 10)
+        assert sorted(numbers(got)) == list(range(5))
+        await consumer.ack(got)
+        await consumer.close()
+        (listed,) = [s for s in await broker.subscriptions() if s.name == "workers"]
+        assert listed.topics == ("github.push",)
+    finally:
+        await connection.close()
+
+
+async def test_a_made_subscription_leaves_one_record(open_rabbit: Opener) -> None:
+    """Every read takes every record: the ``making`` record of a complete subscription is
+    removed, so the registry holds one per subscription, as before making was recorded."""
+    broker = await open_rabbit(history="false")
+    for n in range(5):
+        consumer = await broker.consume(f"g{n}", ["github.push"], owner="service=a")
+        await consumer.close()
+    await broker.subscriptions()  # a read, which drops the records said again since
+    assert await broker._ready(f"{broker.settings.prefix}registry") == 5

@@ -99,7 +99,7 @@ logger = logging.getLogger(__name__)
 
 _QUORUM: FieldTable = {"x-queue-type": "quorum"}
 #: What ``RabbitBroker._join`` found of a group.
-_Found = Literal["joined", "left", "none"]
+_Found = Literal["joined", "adopt", "left", "none"]
 #: Seconds at most between two tries of the lock of a group another server is making (filling
 #: a replaying group from the history can take long).
 _MAKING_RETRY = 0.5
@@ -472,8 +472,9 @@ class RabbitBroker:
             raise self._other_topics(group, hub.topics)
         async with self._boundary(f"joining subscription {group!r}"):
             found = await self._join(group, queue, patterns, owner)
-        if found != "joined":
+        if found in ("left", "none"):
             self._check_start(group, start)
+        if found != "joined":
             await self._make(group, queue, patterns, start, owner)
         hub = self._hubs.get(group)
         if hub is None:
@@ -484,8 +485,10 @@ class RabbitBroker:
         self, group: str, queue: str, patterns: tuple[str, ...], owner: str | None
     ) -> _Found:
         """``joined`` when the group is there, made to the end (recorded complete, its queue
-        present), ``owner`` then recorded if it has none yet; otherwise whether anything of it
-        is ``left`` (a queue or records of a making cut off, or records of a vanished queue)."""
+        present), ``owner`` then recorded if it has none yet; ``adopt`` for a queue no server of
+        this version began making (an earlier version made it, or the registry lost its
+        records): it holds events, so it is kept; otherwise whether anything of it is ``left``
+        (a queue or records of a making cut off, or records of a vanished queue)."""
         exists = await self._ready(queue) is not None
         record = (await read_groups(self._live(), self._registry)).get(group)
         if record is not None and record.complete:
@@ -495,6 +498,10 @@ class RabbitBroker:
                 if record.owner is None and owner is not None:
                     await self._record(group_fact(group, topics=patterns, owner=owner))
                 return "joined"
+        if exists and (record is None or not record.making):
+            if record is not None and record.topics and record.topics != patterns:
+                raise self._other_topics(group, record.topics)
+            return "adopt"
         return "left" if exists or record is not None else "none"
 
     def _check_start(self, group: str, start: Start) -> None:
@@ -540,6 +547,10 @@ class RabbitBroker:
                 found = await self._join(group, queue, patterns, owner)
                 if found == "joined":
                     return
+                if found == "adopt":
+                    await self._adopt(group, queue, patterns, owner)
+                    return
+                self._check_start(group, start)
                 if found == "left":
                     await self._forget_unmade(group, queue)
                 await self._record(group_fact(group, topics=patterns, owner=owner, making=True))
@@ -561,14 +572,30 @@ class RabbitBroker:
                         await self._forget_unmade(group, queue)
                 raise
 
+    async def _adopt(
+        self, group: str, queue: str, patterns: tuple[str, ...], owner: str | None
+    ) -> None:
+        """Keep a queue that has no complete record and was not being made by this version,
+        with its events: bind it (again: binding is idempotent) and record it complete."""
+        await self._bind(queue, patterns)
+        await self._record(group_fact(group, topics=patterns, owner=owner))
+        logger.info(
+            "subscription %s: its queue had no complete record (made by an earlier version, or "
+            "the registry lost it); kept with its events and recorded",
+            group,
+        )
+
     async def _forget_unmade(self, group: str, queue: str) -> None:
-        """Delete the queue and the records of a group not made to the end."""
+        """Delete the queue and then the records of a group not made to the end (the queue
+        first: a queue left without records would be adopted, records without a queue are
+        only made afresh)."""
         connection = self._live()
-        forgotten = await forget_group(connection, self._registry, group)
+        forgotten = False
         if await self._ready(queue) is not None:
             async with self._plain() as channel:
                 await channel.queue_delete(queue)
             forgotten = True
+        forgotten = await forget_group(connection, self._registry, group) or forgotten
         if forgotten:
             logger.info(
                 "subscription %s was not made to the end (its making was cut off, or its queue "
@@ -694,13 +721,16 @@ class RabbitBroker:
         self._hubs.pop(group, None)
         connection = self._live()
         async with self._boundary(f"deleting subscription {group!r}"):
-            forgotten = await forget_group(connection, self._registry, group)
+            # The queues first: a queue left without its records (a server killed in between)
+            # would be adopted as a subscription by the next subscribe.
+            forgotten = False
             for kind in ("group", "dead"):
                 name = queue_name(self.settings.prefix, kind, group)
                 if await self._ready(name) is not None:
                     async with self._plain() as channel:
                         await channel.queue_delete(name)
                     forgotten = True
+            forgotten = await forget_group(connection, self._registry, group) or forgotten
         return forgotten
 
     async def take_dead_letters(

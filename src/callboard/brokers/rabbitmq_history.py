@@ -63,7 +63,9 @@ if TYPE_CHECKING:
 #: The largest segment of the stream, in bytes: RabbitMQ deletes by age whole segments, once a
 #: newer one was started, so an event older than ``max_age`` stays until about this much more
 #: was written after it.
-SEGMENT_BYTES = 1 << 20
+#: 16 MiB: small enough for age retention to bite on a small installation, large enough that a
+#: day of a busy one is hundreds of segment files, not tens of thousands.
+SEGMENT_BYTES = 16 << 20
 #: Seconds read before a start time: the stream is read from the chunk RabbitMQ stamped with its
 #: own clock, events are taken by the publisher's stamp, and the two clocks may differ.
 CLOCK_SLACK = 60.0
@@ -94,6 +96,9 @@ def stream_arguments(retention: RetentionPolicy, segment_bytes: int = SEGMENT_BY
 def stream_offset(start: PastStart) -> str | datetime:
     """Where reading the stream begins for ``start`` (``x-stream-offset``)."""
     if isinstance(start, datetime):
+        # An AMQP timestamp cannot be before the epoch: nothing was stored before it anyway.
+        if start - _EPOCH <= timedelta(seconds=CLOCK_SLACK):
+            return "first"
         return start - timedelta(seconds=CLOCK_SLACK)
     return "first"
 

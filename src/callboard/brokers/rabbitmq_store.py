@@ -12,8 +12,11 @@ acknowledges (removes) its records.
 A group is complete once a record names its patterns without saying ``making``: the server
 that makes a group records it as ``making`` first (so a group whose making was cut off is
 listed, and can be deleted) and as complete only once its queue holds what it should (bound,
-and for a replaying group filled from the history stream). A group never recorded complete is
-made afresh by the next subscribe.
+and for a replaying group filled from the history stream); the next read of the registry
+removes the ``making`` record of a complete group. A group recorded as ``making`` and never as
+complete is made afresh by the next subscribe; a queue with no ``making`` record and no
+complete one (made by an earlier version, or its records lost with the registry) is adopted
+as it is.
 
 Dead letters are a classic queue per group, listed the same way. The delivery ids a broker
 instance accepted are kept in memory (``DeliveryWindow``), bounded by the retention policy's
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 import weakref
 from collections import OrderedDict
@@ -39,6 +43,8 @@ from callboard.brokers.rabbitmq_group import plain_channel
 from callboard.brokers.rabbitmq_names import decode_event
 from callboard.events import Event
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass(slots=True)
 class GroupRecord:
@@ -49,6 +55,8 @@ class GroupRecord:
     lost: int = 0
     #: A record says the group was made to the end (not only that its making began).
     complete: bool = False
+    #: A record says its making began (a server of this version made it, or is making it).
+    making: bool = False
     records: list[AbstractIncomingMessage] = field(default_factory=list)
 
 
@@ -58,6 +66,8 @@ _LOCAL_LOCKS: weakref.WeakKeyDictionary[AbstractConnection, dict[str, asyncio.Lo
 )
 #: Seconds between two tries of a lock another process holds.
 _LOCK_RETRY = 0.02
+#: Seconds between two warnings while a lock stays held by another process.
+_LOCK_TELL = 30.0
 
 
 @contextlib.asynccontextmanager
@@ -72,6 +82,8 @@ async def exclusive(
     local = _LOCAL_LOCKS.setdefault(connection, {}).setdefault(queue, asyncio.Lock())
     name = f"{queue}.lock"
     wait = _LOCK_RETRY
+    since = time.monotonic()
+    told = since
     async with local:
         while True:
             channel = await plain_channel(connection)
@@ -81,6 +93,19 @@ async def exclusive(
             except ChannelLockedResource:
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, max(longest_wait, _LOCK_RETRY))
+                if time.monotonic() - told >= _LOCK_TELL:
+                    told = time.monotonic()
+                    logger.warning(
+                        "waiting %.0fs for %s: another server holds it (making that "
+                        "subscription, or reading the registry); a server that died frees it",
+                        told - since,
+                        name,
+                    )
+            except asyncio.CancelledError:
+                # RabbitMQ may have granted the lock before the cancellation came: let go of it,
+                # or it stays held as long as this connection lives.
+                await asyncio.shield(_let_go(connection, name))
+                raise
             finally:
                 if not channel.is_closed:
                     await channel.close()
@@ -93,6 +118,17 @@ async def exclusive(
             finally:
                 if not channel.is_closed:
                     await channel.close()
+
+
+async def _let_go(connection: AbstractConnection, name: str) -> None:
+    """Delete the lock ``name`` if this connection holds it (else RabbitMQ refuses: ignored)."""
+    with contextlib.suppress(Exception):
+        channel = await plain_channel(connection)
+        try:
+            await channel.queue_delete(name)
+        finally:
+            if not channel.is_closed:
+                await channel.close()
 
 
 async def take_all(
@@ -138,7 +174,9 @@ def fold(taken: Sequence[tuple[AbstractIncomingMessage, bytes]]) -> dict[str, Gr
             record = groups[name] = GroupRecord(tuple(fact.get("topics") or ()))
         if not record.topics and fact.get("topics"):
             record.topics = tuple(fact["topics"])
-        if fact.get("topics") and not fact.get("making"):
+        if fact.get("making"):
+            record.making = True
+        elif fact.get("topics"):
             record.complete = True
         if record.owner is None and fact.get("owner"):
             record.owner = fact["owner"]
@@ -167,7 +205,13 @@ async def read_groups(connection: AbstractConnection, registry: str) -> dict[str
 
     def keep(taken: list[tuple[AbstractIncomingMessage, bytes]]) -> set[int]:
         found.update(fold(taken))
-        return set()
+        # A complete group's ``making`` record says nothing more: removed while the registry
+        # is held, so records do not pile up (every read takes them all).
+        return {
+            i
+            for i, (_, body) in enumerate(taken)
+            if (fact := orjson.loads(body)).get("making") and found[fact["group"]].complete
+        }
 
     await take_all(connection, registry, keep)
     return found

@@ -106,3 +106,16 @@ def test_a_copy_keeps_the_body_id_and_stamp_and_leaves_the_streams_headers() -> 
     assert copy.properties.headers == {STAMP: NOW}
     assert copy.properties.message_id == "m"
     assert copy.properties.delivery_mode == 2
+
+
+@pytest.mark.parametrize(
+    "start",
+    [
+        datetime.min.replace(tzinfo=UTC),
+        datetime(1960, 1, 1, tzinfo=UTC),
+        datetime(1970, 1, 1, tzinfo=UTC),
+    ],
+)
+def test_a_start_before_the_epoch_reads_the_stream_from_its_first_event(start: datetime) -> None:
+    assert stream_offset(start) == "first"
+    assert Selection([">"], start, RetentionPolicy()).take(stored(stamp=NOW)) is not None
