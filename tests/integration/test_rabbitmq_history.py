@@ -301,13 +301,15 @@ async def test_a_making_cut_off_is_made_afresh_by_the_next_subscribe(
     if freeze == "copying":
         confirmed, copies = doomed._confirmed, 0
 
-        async def copy_some(exchange: str, key: str, body: bytes, properties: Any) -> None:
+        async def copy_some(
+            exchange: str, key: str, body: bytes, properties: Any, channel: Any = None
+        ) -> None:
             nonlocal copies
             if key == queue:
                 copies += 1
                 if copies > PREFETCH // 2:
                     await forever()
-            await confirmed(exchange, key, body, properties)
+            await confirmed(exchange, key, body, properties, channel)
 
         doomed._confirmed = copy_some  # type: ignore[method-assign]
     else:
