@@ -180,7 +180,7 @@ class SubscriptionWorker:
         self._stop = asyncio.Event()
         #: The time limit of the fetch under way (none, or a waiting retry's due time), which
         #: ``_interrupt`` moves to now.
-        self._fetching: asyncio.Timeout | None = None
+        self._fetch_limit: asyncio.Timeout | None = None
         #: Failed handler calls so far: a batch with one does not grow the next.
         self._failures = 0
         # A durable broker records an acknowledgement in its store: those are pipelined. A
@@ -272,8 +272,8 @@ class SubscriptionWorker:
         """End the fetch under way, if any (``stop``, or an acknowledgement that failed): a
         fetch cut short loses nothing (``Consumer.fetch``), what it took comes with the next
         one or goes back to the group when the consumer closes."""
-        if self._fetching is not None:
-            self._fetching.reschedule(asyncio.get_running_loop().time())
+        if self._fetch_limit is not None:
+            self._fetch_limit.reschedule(asyncio.get_running_loop().time())
 
     async def _handle(self, batch: Sequence[Delivery]) -> bool:
         """Deliver a batch (and the retries falling due meanwhile); ``False`` when stopped."""
@@ -287,15 +287,16 @@ class SubscriptionWorker:
             if waiting and waiting[0][0] <= monotonic():
                 await self._retry_due()
         if self._grows:
-            clean = self._failures == failures
-            self._size_next(len(batch), monotonic() - began if clean else QUICK_BATCH)
+            quick = self._failures == failures and monotonic() - began < QUICK_BATCH
+            self._size_next(full=len(batch) >= self._take, quick=quick)
         return True
 
-    def _size_next(self, handled: int, seconds: float) -> None:
-        """Set what the next fetch asks for from how long a batch of ``handled`` took."""
-        if seconds >= QUICK_BATCH:
+    def _size_next(self, *, full: bool, quick: bool) -> None:
+        """Set what the next fetch asks for: twice as much after a full quick batch (up to
+        ``GROWTH`` times ``batch_size``), ``batch_size`` after one that was not quick."""
+        if not quick:
             self._take = self._batch_size
-        elif handled >= self._take:
+        elif full:
             self._take = min(self._take * 2, self._batch_size * GROWTH)
 
     async def _fetch(self) -> Sequence[Delivery] | None:
@@ -314,12 +315,12 @@ class SubscriptionWorker:
         if self._stop.is_set():
             return []
         try:
-            async with asyncio.timeout_at(deadline) as self._fetching:
+            async with asyncio.timeout_at(deadline) as self._fetch_limit:
                 return await self._consumer.fetch(self._take)
         except TimeoutError:
             return [] if self._stop.is_set() else None
         finally:
-            self._fetching = None
+            self._fetch_limit = None
 
     async def _retry_due(self) -> None:
         waiting = self._waiting

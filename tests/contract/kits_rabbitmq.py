@@ -10,8 +10,11 @@ brokers declared, which the kit learns from the registry and the names the broke
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from callboard.brokers.base import Broker, RetentionPolicy
@@ -51,6 +54,29 @@ async def drop_namespace(url: str, prefix: str) -> None:
         await channel.close()
     finally:
         await connection.close()
+
+
+@contextlib.contextmanager
+def served_namespace(query: str = "") -> Iterator[str]:
+    """A broker URL (with ``query`` added) on a prefix of its own, for ``callboard serve``
+    processes; what the prefix names is deleted at the end (in the caller's thread: the
+    servers are gone by then). Skips when the amqp entry point is not installed yet."""
+    require_service("RabbitMQ", "127.0.0.1", 5672)
+    import pytest
+
+    from callboard.brokers import open_broker
+    from callboard.errors import ConfigError
+
+    prefix = f"cb_serve_{uuid.uuid4().hex[:12]}."
+    url = f"{RABBITMQ_URL}?prefix={prefix}{query}"
+    try:
+        open_broker(url)
+    except ConfigError as error:
+        pytest.skip(f"the amqp entry point is not installed yet: {error}")
+    try:
+        yield url
+    finally:
+        asyncio.run(drop_namespace(RABBITMQ_URL, prefix))
 
 
 async def rabbitmq_kit(tmp_path: Path, *, history: bool = False) -> BrokerKit:

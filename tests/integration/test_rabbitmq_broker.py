@@ -23,7 +23,7 @@ from callboard.deadletters import dead_letter_event
 from callboard.errors import BrokerUnavailable, ConfigError, SubscriptionError
 from callboard.events import DELIVERY_ID, Event
 from callboard.topics import TopicMatcher
-from tests.contract.kits_rabbitmq import RABBITMQ_URL, drop_namespace
+from tests.contract.kits_rabbitmq import RABBITMQ_URL, drop_namespace, served_namespace
 from tests.integration.servers import (
     Fleet,
     TcpProxy,
@@ -644,19 +644,10 @@ async def test_fetches_wider_than_amqps_prefetch_window_still_consume(
 
 
 @pytest.fixture
-def amqp_url(tmp_path: Path) -> Iterator[str]:
+def amqp_url() -> Iterator[str]:
     """A broker URL on a prefix of this test's own, deleted once its servers are gone."""
-    require_service("RabbitMQ", "127.0.0.1", 5672)
-    from callboard.brokers import open_broker
-
-    prefix = f"cb_serve_{uuid.uuid4().hex[:12]}."
-    url = f"{RABBITMQ_URL}?prefix={prefix}"
-    try:
-        open_broker(url)
-    except ConfigError as error:
-        pytest.skip(f"the amqp entry point is not installed yet: {error}")
-    yield url
-    asyncio.run(drop_namespace(RABBITMQ_URL, prefix))
+    with served_namespace() as url:
+        yield url
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ from callboard.deadletters import dead_letter_event
 from callboard.errors import ConfigError, SubscriptionError
 from callboard.events import Event
 from tests.acceptance.test_console import BEARER, Inbox, console_app, running, until
-from tests.contract.kits_rabbitmq import RABBITMQ_URL, drop_namespace
+from tests.contract.kits_rabbitmq import RABBITMQ_URL, drop_namespace, served_namespace
 from tests.integration.servers import ROOT, Fleet, handled, read_records, write_config
 from tests.services import require_service
 
@@ -407,19 +407,10 @@ async def test_the_consoles_replay_delivers_the_kept_events_again() -> None:
 
 
 @pytest.fixture
-def history_url(tmp_path: Path) -> Iterator[str]:
+def history_url() -> Iterator[str]:
     """A broker URL with history on, on a prefix of this test's own, deleted at the end."""
-    require_service("RabbitMQ", "127.0.0.1", 5672)
-    from callboard.brokers import open_broker
-
-    prefix = f"cb_serve_{uuid.uuid4().hex[:12]}."
-    url = f"{RABBITMQ_URL}?prefix={prefix}&history=true"
-    try:
-        open_broker(url)
-    except ConfigError as error:
-        pytest.skip(f"the amqp entry point is not installed yet: {error}")
-    yield url
-    asyncio.run(drop_namespace(RABBITMQ_URL, prefix))
+    with served_namespace("&history=true") as url:
+        yield url
 
 
 def callboard(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

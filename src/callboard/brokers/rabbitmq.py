@@ -478,8 +478,6 @@ class RabbitBroker:
             raise self._other_topics(group, hub.topics)
         async with self._boundary(f"joining subscription {group!r}"):
             found = await self._join(group, queue, patterns, owner)
-        if found in ("left", "none"):
-            self._check_start(group, start)
         if found != "joined":
             await self._make(group, queue, patterns, start, owner)
         hub = self._hubs.get(group)
